@@ -1,0 +1,40 @@
+#pragma once
+// Note [Error policy]
+// fastdcp reports every failure by throwing fastdcp::Error (derived from std::runtime_error).
+// The message names what went wrong and what to change: the key path, the option, the file or
+// the CUDA call. ErrorCode classifies the failure so that bindings can map it onto their own
+// exception types (Python: ValueError for kInvalidArgument, MemoryError for kResourceExhausted,
+// ...). Asynchronous work delivers the same exceptions through fastdcp::Future.
+// Destructors never throw; they release what they own and report nothing.
+
+#include <stdexcept>
+#include <string>
+
+namespace fastdcp {
+
+enum class ErrorCode {
+  kInvalidArgument,     // the caller passed something we cannot use (names the key/option)
+  kFailedPrecondition,  // the object is in the wrong state (closed, not ready)
+  kResourceExhausted,   // memory budget, shared memory or address space exhausted
+  kUnavailable,         // an optional facility (CUDA, a device) is absent
+  kCudaError,           // a CUDA runtime call failed (names the call and the code)
+  kIoError,             // an operating-system call failed (names the call and errno)
+  kCancelled,           // the work was abandoned before it ran
+  kInternal,            // a broken invariant inside fastdcp
+};
+
+const char* to_string(ErrorCode code) noexcept;
+
+class Error : public std::runtime_error {
+ public:
+  Error(ErrorCode code, const std::string& message);
+  ErrorCode code() const noexcept { return code_; }
+
+ private:
+  ErrorCode code_;
+};
+
+// Throws Error(kIoError) with "<what>: <strerror(errnum)>".
+[[noreturn]] void throw_system_error(const std::string& what, int errnum);
+
+}  // namespace fastdcp

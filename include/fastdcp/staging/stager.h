@@ -1,0 +1,111 @@
+#pragma once
+// Staging: a training-safe host copy of a state dict, made synchronously or in the background.
+//
+// Note [Staging semantics] (matching torch.distributed.checkpoint._experimental's DefaultStager)
+//  - The staged tree has the source's structure, keys, container kinds and scalar values; every
+//    tensor is a CPU tensor with the source's dtype, shape, strides and storage offset.
+//  - Within one call, all views of one source storage become views of one staged buffer, whose
+//    bytes are copied once. Storage sharing in the input is reproduced exactly, and only that.
+//  - Across calls, staged buffers are cached by source storage: staging the same live storages
+//    again copies into the same buffers (so earlier staged results see the new values, as
+//    upstream). A storage whose size changed gets a new buffer. Cache entries of storages that no
+//    longer exist are dropped at the next stage call.
+//  - Staged bytes never change when the source changes later (always a copy).
+//
+// Note [Staging engine]
+// A stage call walks the tree once with an explicit stack, deduplicates storages in a reusable
+// open-addressing index, and collects one copy per storage. Host copies are split by bytes across
+// the copy threads (a 1 GiB tensor is cut into equal parts; 100,000 small tensors are dealt out in
+// runs), so cost grows with bytes, not tensor count. Device-to-host copies go on a dedicated
+// stream per device that first waits, through an event recorded when stage() is called, on the
+// producer's stream; they are chunked, land in pinned buffers, and are completed by an event on
+// the copy stream, never by a device-wide synchronize.
+
+#include <cstddef>
+#include <cstdint>
+#include <memory>
+#include <utility>
+#include <vector>
+
+#include "fastdcp/common/future.h"
+#include "fastdcp/memory/cuda_runtime.h"
+#include "fastdcp/memory/host_pool.h"
+#include "fastdcp/tensor/value.h"
+
+namespace fastdcp {
+
+struct StagingOptions {
+  // Upstream's four flags, with upstream's defaults.
+  bool use_pinned_memory = true;      // register staged buffers with CUDA (downgraded, with a warning, without it)
+  bool use_shared_memory = true;      // stage into memfd-backed memory another process can map
+  bool use_async_staging = true;      // stage() returns at once; a background worker fills the future
+  bool use_non_blocking_copy = true;  // queue all device-to-host copies, then wait once (needs CUDA)
+
+  uint64_t pin_memory_min_bytes = 5;  // smaller storages are not pinned (upstream's default)
+  unsigned copy_threads = 0;          // host copy threads; 0: one per hardware thread
+  uint64_t memory_budget_bytes = 0;   // 0: unlimited
+  uint64_t cuda_copy_chunk_bytes = uint64_t{32} << 20;
+};
+
+// Where the producer (training) queued the work that writes the tensors being staged.
+struct ProducerStream {
+  int device = 0;
+  CudaStream stream = nullptr;  // nullptr: the legacy default stream
+};
+
+struct StageCallOptions {
+  // Copies of tensors on these devices wait for everything queued on these streams before the
+  // stage() call. Empty: the legacy default stream of the calling thread's current device.
+  std::vector<ProducerStream> producer_streams;
+};
+
+class CheckpointStager {
+ public:
+  virtual ~CheckpointStager() = default;
+  // Stages `state_dict`. The returned future is already complete when staging is synchronous.
+  // The tree must not be mutated until the future is ready; it is kept alive until then.
+  virtual Future<Value> stage(std::shared_ptr<const Value> state_dict, const StageCallOptions& call = {}) = 0;
+  // Releases threads and cached buffers. Staged trees already returned stay valid.
+  virtual void close() = 0;
+};
+
+struct StagerStats {
+  uint64_t stage_calls = 0;
+  uint64_t cache_hits = 0;     // storages staged into an existing cached buffer (over all calls)
+  uint64_t cache_misses = 0;   // storages that needed a new buffer
+  uint64_t cache_entries = 0;
+  uint64_t bytes_copied = 0;   // over all calls
+};
+
+class DefaultStager final : public CheckpointStager {
+ public:
+  // Throws Error(kInvalidArgument) naming use_non_blocking_copy when it is set and `cuda` has no
+  // device. Pinned memory without CUDA is downgraded with a warning (pinning_downgraded()).
+  explicit DefaultStager(StagingOptions options = {},
+                         std::shared_ptr<const CudaRuntime> cuda = CudaRuntime::instance());
+  ~DefaultStager() override;
+  DefaultStager(const DefaultStager&) = delete;
+  DefaultStager& operator=(const DefaultStager&) = delete;
+
+  Future<Value> stage(std::shared_ptr<const Value> state_dict, const StageCallOptions& call = {}) override;
+  // Stages on the calling thread whatever use_async_staging says.
+  Value stage_now(const Value& state_dict, const StageCallOptions& call = {});
+  // Waits for queued staging, then releases threads, streams and cached buffers. Idempotent.
+  void close() override;
+  bool closed() const;
+
+  // Drops cache entries of storages that no longer exist and trims unused pool memory.
+  void release_unused_memory();
+
+  const StagingOptions& options() const;
+  bool pinning_downgraded() const;
+  StagerStats stats() const;
+  HostMemoryStats memory_stats() const;
+
+  struct Impl;
+
+ private:
+  std::unique_ptr<Impl> impl_;
+};
+
+}  // namespace fastdcp

@@ -1,0 +1,59 @@
+#pragma once
+// A Tensor is a strided view on a Storage: dtype, shape, strides and storage offset, the latter
+// two in elements, as in PyTorch. Tensors are cheap handles: copying one shares the storage.
+
+#include <cstdint>
+#include <string>
+
+#include "fastdcp/tensor/dims.h"
+#include "fastdcp/tensor/dtype.h"
+#include "fastdcp/tensor/storage.h"
+
+namespace fastdcp {
+
+class Tensor {
+ public:
+  Tensor() = default;
+  // Validates that every element lies inside the storage; throws Error(kInvalidArgument).
+  Tensor(Storage storage, DType dtype, Dims shape, Dims strides, int64_t storage_offset = 0);
+  // A C-contiguous view.
+  static Tensor contiguous(Storage storage, DType dtype, Dims shape, int64_t storage_offset = 0);
+  // Allocates a new contiguous CPU tensor (zeroed).
+  static Tensor empty_cpu(DType dtype, Dims shape);
+
+  bool defined() const { return storage_.defined(); }
+  const Storage& storage() const { return storage_; }
+  DType dtype() const { return dtype_; }
+  const Dims& shape() const { return shape_; }
+  const Dims& strides() const { return strides_; }
+  int64_t storage_offset() const { return storage_offset_; }
+  Device device() const { return storage_.device(); }
+  size_t dim() const { return shape_.size(); }
+  int64_t numel() const;
+  // Bytes of the elements themselves (numel * element size).
+  uint64_t nbytes() const;
+  bool is_contiguous() const;
+  // Address of element 0 (storage data + offset).
+  void* data_ptr() const;
+  // [begin, end) byte range of the storage that this view touches; empty views give begin == end.
+  std::pair<uint64_t, uint64_t> byte_extent() const;
+
+  // A new view of the same storage: what `view`, `narrow` and slicing produce in frameworks.
+  Tensor view_as(Dims shape, Dims strides, int64_t storage_offset) const;
+
+  std::string describe() const;  // "F32[10, 10] strides [10, 1] offset 0 on cpu"
+
+ private:
+  Storage storage_;
+  DType dtype_ = DType::kF32;
+  Dims shape_;
+  Dims strides_;
+  int64_t storage_offset_ = 0;
+};
+
+Dims contiguous_strides(const Dims& shape);
+// [begin, end) bytes that a view touches, relative to the start of its storage.
+std::pair<uint64_t, uint64_t> view_byte_extent(DType dtype, const Dims& shape, const Dims& strides,
+                                               int64_t storage_offset);
+
+}  // namespace fastdcp

@@ -1,0 +1,154 @@
+#pragma once
+// The state-dict model: a tree of values. Leaves are none, bool, int64, double, string, bytes and
+// tensors; containers are list, tuple and dict. Dicts keep insertion order and have string or
+// integer keys (optimizer state is keyed by parameter index).
+//
+// Note [Deep trees]
+// Values are move-only and destroyed iteratively, and every traversal in fastdcp uses an explicit
+// stack, so trees nested tens of thousands of levels deep neither overflow the stack nor take
+// quadratic time. Copy a tree explicitly with clone().
+
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <string_view>
+#include <unordered_map>
+#include <utility>
+#include <variant>
+#include <vector>
+
+#include "fastdcp/tensor/tensor.h"
+
+namespace fastdcp {
+
+// A dict key: an integer or an immutable, shared string (copying a key never allocates).
+class DictKey {
+ public:
+  DictKey(int64_t index) : key_(index) {}  // NOLINT(google-explicit-constructor)
+  DictKey(int index) : key_(int64_t{index}) {}  // NOLINT
+  DictKey(std::string_view name) : key_(std::make_shared<const std::string>(name)) {}  // NOLINT
+  DictKey(const char* name) : DictKey(std::string_view(name)) {}  // NOLINT
+  DictKey(const std::string& name) : DictKey(std::string_view(name)) {}  // NOLINT
+
+  bool is_int() const { return std::holds_alternative<int64_t>(key_); }
+  bool is_string() const { return !is_int(); }
+  int64_t as_int() const;
+  const std::string& as_string() const;
+  std::string str() const;  // the key as it appears in a key path
+  size_t hash() const;
+  friend bool operator==(const DictKey& a, const DictKey& b);
+
+ private:
+  std::variant<int64_t, std::shared_ptr<const std::string>> key_;
+};
+
+struct DictKeyHash {
+  size_t operator()(const DictKey& key) const { return key.hash(); }
+};
+
+class Value;
+struct Bytes {
+  std::string data;
+  friend bool operator==(const Bytes&, const Bytes&) = default;
+};
+using ValueList = std::vector<Value>;
+using DictEntries = std::vector<std::pair<DictKey, Value>>;
+
+class Value {
+ public:
+  enum class Kind : uint8_t { kNone, kBool, kInt, kDouble, kString, kBytes, kTensor, kList, kTuple, kDict };
+
+  Value() = default;
+  Value(std::nullptr_t) {}              // NOLINT
+  Value(bool v) : data_(v) {}           // NOLINT
+  Value(int v) : data_(int64_t{v}) {}   // NOLINT
+  Value(int64_t v) : data_(v) {}        // NOLINT
+  Value(double v) : data_(v) {}         // NOLINT
+  Value(std::string v) : data_(std::move(v)) {}  // NOLINT
+  Value(const char* v) : data_(std::string(v)) {}  // NOLINT
+  Value(Bytes v) : data_(std::move(v)) {}  // NOLINT
+  Value(Tensor v) : data_(std::move(v)) {}  // NOLINT
+  static Value list(ValueList items = {});
+  static Value tuple(ValueList items = {});
+  static Value dict(DictEntries entries = {});
+
+  Value(Value&&) noexcept = default;
+  Value& operator=(Value&& other) noexcept;
+  Value(const Value&) = delete;
+  Value& operator=(const Value&) = delete;
+  ~Value();
+
+  // A deep copy of the tree; tensors are shared handles (their storage is not copied).
+  Value clone() const;
+
+  Kind kind() const;
+  bool is_none() const { return kind() == Kind::kNone; }
+  bool is_tensor() const { return kind() == Kind::kTensor; }
+  bool is_container() const;
+
+  bool as_bool() const;
+  int64_t as_int() const;
+  double as_double() const;
+  const std::string& as_string() const;
+  const Bytes& as_bytes() const;
+  const Tensor& as_tensor() const;
+  Tensor& as_tensor();
+
+  // List and tuple items.
+  const ValueList& items() const;
+  ValueList& items();
+  // Dict entries, in insertion order.
+  const DictEntries& entries() const;
+  DictEntries& entries();
+  // Number of items or entries of a container.
+  size_t size() const;
+
+  // Appends to a list or tuple; returns the new item.
+  Value& append(Value item);
+  // Inserts a new dict entry; a key that is already present is an error naming it.
+  Value& insert(DictKey key, Value value);
+  // Dict lookup; nullptr if absent. Dicts with many entries keep a hash index, rebuilt after
+  // entries() was used for writing (a const lookup falls back to a linear scan until then).
+  const Value* find(const DictKey& key) const;
+  Value* find(const DictKey& key);
+  // Dict lookup that throws naming the key if absent.
+  const Value& at(const DictKey& key) const;
+  const Value& operator[](size_t index) const { return items().at(index); }
+
+  static const char* kind_name(Kind kind);
+
+ private:
+  struct Sequence {
+    bool is_tuple = false;
+    ValueList items;
+  };
+  // Dicts of at least kIndexThreshold entries keep a hash index, valid unless entries() handed
+  // out mutable access since it was built.
+  static constexpr size_t kIndexThreshold = 16;
+  struct Dict {
+    DictEntries entries;
+    std::unordered_map<DictKey, size_t, DictKeyHash> index;
+    bool index_valid = false;
+
+    bool indexed() const { return index_valid && entries.size() >= kIndexThreshold; }
+    void rebuild_index();
+    const Value* find(const DictKey& key) const;
+    Value* find_mutable(const DictKey& key);  // rebuilds a stale index first
+  };
+  using Data = std::variant<std::monostate, bool, int64_t, double, std::string, Bytes, Tensor,
+                            std::unique_ptr<Sequence>, std::unique_ptr<Dict>>;
+  [[noreturn]] void wrong_kind(const char* wanted) const;
+  Sequence& sequence(const char* wanted) const;
+  Dict& dict_node(const char* wanted) const;
+  // Moves the children of every container below into a flat list, so destruction never recurses.
+  void release_iteratively() noexcept;
+
+  Data data_;
+};
+
+// Appends one step to a key path, as upstream spells them: dict keys (string or integer) joined by
+// '.', sequence indices in brackets: "state.0.exp_avg", "param_groups[0].lr".
+void append_key_path(std::string& path, const DictKey& key);
+void append_index_path(std::string& path, size_t index);
+
+}  // namespace fastdcp

@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# Installs what fastdcp needs to build and test, where it is missing: a C++20 compiler, CMake,
+# Ninja, GoogleTest and Google Benchmark. Idempotent; needs root (or sudo) only to install.
+set -euo pipefail
+
+need_apt=()
+command -v g++ >/dev/null || need_apt+=(g++)
+command -v cmake >/dev/null || need_apt+=(cmake)
+command -v ninja >/dev/null || need_apt+=(ninja-build)
+[ -f /usr/include/gtest/gtest.h ] || need_apt+=(libgtest-dev)
+[ -f /usr/include/gmock/gmock.h ] || need_apt+=(libgmock-dev)
+[ -f /usr/include/benchmark/benchmark.h ] || need_apt+=(libbenchmark-dev)
+
+if [ ${#need_apt[@]} -gt 0 ]; then
+  echo "fastdcp setup: installing ${need_apt[*]}"
+  sudo_cmd=""
+  [ "$(id -u)" -eq 0 ] || sudo_cmd="sudo"
+  $sudo_cmd apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $sudo_cmd apt-get install -y -qq "${need_apt[@]}" >/dev/null
+fi

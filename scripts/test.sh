@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# Runs every test: the whole suite in Release, again under AddressSanitizer + UndefinedBehavior-
+# Sanitizer, and the concurrent components (staging, memory, common) under ThreadSanitizer.
+# The CUDA code paths are tested against a fake CUDA runtime built by the tests; the real-GPU
+# tests (label gpu) skip without a GPU. Set FASTDCP_QUICK=1 to skip the sanitizer builds.
+set -euo pipefail
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$root"
+bash scripts/setup.sh
+
+run_suite() {  # run_suite NAME BUILD_DIR CTEST_ARGS... -- CMAKE_ARGS...
+  local name="$1" dir="$2"
+  shift 2
+  local ctest_args=()
+  while [ "$1" != "--" ]; do ctest_args+=("$1"); shift; done
+  shift
+  echo "=== fastdcp tests: $name ==="
+  bash scripts/build.sh "$dir" -DFASTDCP_BUILD_BENCHMARKS=OFF -DFASTDCP_BUILD_EXAMPLES=OFF "$@"
+  (cd "$dir" && ctest --output-on-failure "${ctest_args[@]}")
+}
+
+# The release build also compiles the benchmarks and examples, so that CI keeps them building.
+run_suite release build -- -DCMAKE_BUILD_TYPE=Release -DFASTDCP_BUILD_BENCHMARKS=ON -DFASTDCP_BUILD_EXAMPLES=ON
+if [ "${FASTDCP_QUICK:-0}" != "1" ]; then
+  # The sanitizer runs use only the fake CUDA runtime: the real libcudart is not instrumented.
+  export FASTDCP_DISABLE_CUDA=1
+  UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 ASAN_OPTIONS=detect_leaks=1 \
+    run_suite "address+undefined sanitizers" build-asan -LE gpu -- \
+    -DCMAKE_BUILD_TYPE=RelWithDebInfo "-DFASTDCP_SANITIZE=address;undefined"
+  TSAN_OPTIONS=halt_on_error=1:second_deadlock_stack=1 \
+    run_suite "thread sanitizer" build-tsan -L "staging|memory|common" -- \
+    -DCMAKE_BUILD_TYPE=RelWithDebInfo -DFASTDCP_SANITIZE=thread
+fi
+echo "fastdcp: all test suites passed"

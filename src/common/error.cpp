@@ -1,0 +1,30 @@
+#include "fastdcp/common/error.h"
+
+#include <cstring>
+
+namespace fastdcp {
+
+const char* to_string(ErrorCode code) noexcept {
+  switch (code) {
+    case ErrorCode::kInvalidArgument: return "invalid argument";
+    case ErrorCode::kFailedPrecondition: return "failed precondition";
+    case ErrorCode::kResourceExhausted: return "resource exhausted";
+    case ErrorCode::kUnavailable: return "unavailable";
+    case ErrorCode::kCudaError: return "CUDA error";
+    case ErrorCode::kIoError: return "I/O error";
+    case ErrorCode::kCancelled: return "cancelled";
+    case ErrorCode::kInternal: return "internal error";
+  }
+  return "unknown error";
+}
+
+Error::Error(ErrorCode code, const std::string& message) : std::runtime_error(message), code_(code) {}
+
+void throw_system_error(const std::string& what, int errnum) {
+  char buffer[256];
+  // GNU strerror_r may return a static string instead of filling the buffer.
+  const char* text = strerror_r(errnum, buffer, sizeof buffer);
+  throw Error(ErrorCode::kIoError, what + ": " + text + " (errno " + std::to_string(errnum) + ")");
+}
+
+}  // namespace fastdcp

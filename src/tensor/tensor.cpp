@@ -1,0 +1,113 @@
+#include "fastdcp/tensor/tensor.h"
+
+#include <sstream>
+
+#include "fastdcp/common/error.h"
+
+namespace fastdcp {
+namespace {
+std::string dims_str(const Dims& dims) {
+  std::string out = "[";
+  for (size_t i = 0; i < dims.size(); ++i) out += (i ? ", " : "") + std::to_string(dims[i]);
+  return out + "]";
+}
+}  // namespace
+
+Dims contiguous_strides(const Dims& shape) {
+  Dims strides;
+  strides.resize(shape.size());
+  int64_t stride = 1;
+  for (size_t i = shape.size(); i-- > 0;) {
+    strides[i] = stride;
+    stride *= std::max<int64_t>(shape[i], 1);
+  }
+  return strides;
+}
+
+Tensor::Tensor(Storage storage, DType dtype, Dims shape, Dims strides, int64_t storage_offset)
+    : storage_(std::move(storage)), dtype_(dtype), shape_(std::move(shape)), strides_(std::move(strides)),
+      storage_offset_(storage_offset) {
+  auto fail = [&](const std::string& why) {
+    throw Error(ErrorCode::kInvalidArgument, "invalid tensor view " + describe() + ": " + why);
+  };
+  if (!storage_.defined()) fail("no storage");
+  if (shape_.size() != strides_.size()) fail("shape and strides differ in rank");
+  if (storage_offset_ < 0) fail("negative storage offset");
+  for (size_t i = 0; i < shape_.size(); ++i) {
+    if (shape_[i] < 0) fail("negative size in dimension " + std::to_string(i));
+    if (strides_[i] < 0) fail("negative stride in dimension " + std::to_string(i));
+  }
+  if (dtype_is_sub_byte(dtype_)) {
+    if (!is_contiguous()) fail("sub-byte dtypes must be contiguous");
+    if ((storage_offset_ * dtype_bits(dtype_)) % 8 != 0) fail("sub-byte view must start on a byte boundary");
+  }
+  auto [begin, end] = byte_extent();
+  if (end > storage_.nbytes()) {
+    fail("needs bytes [" + std::to_string(begin) + ", " + std::to_string(end) + ") but the storage has " +
+         std::to_string(storage_.nbytes()));
+  }
+}
+
+Tensor Tensor::contiguous(Storage storage, DType dtype, Dims shape, int64_t storage_offset) {
+  Dims strides = contiguous_strides(shape);
+  return Tensor(std::move(storage), dtype, std::move(shape), std::move(strides), storage_offset);
+}
+
+Tensor Tensor::empty_cpu(DType dtype, Dims shape) {
+  int64_t numel = 1;
+  for (int64_t d : shape) numel *= d;
+  return contiguous(Storage::allocate_cpu(dtype_storage_bytes(dtype, static_cast<uint64_t>(numel))), dtype,
+                    std::move(shape));
+}
+
+int64_t Tensor::numel() const {
+  int64_t n = 1;
+  for (int64_t d : shape_) n *= d;
+  return n;
+}
+
+uint64_t Tensor::nbytes() const { return dtype_storage_bytes(dtype_, static_cast<uint64_t>(numel())); }
+
+bool Tensor::is_contiguous() const {
+  int64_t expected = 1;
+  for (size_t i = shape_.size(); i-- > 0;) {
+    if (shape_[i] == 1) continue;
+    if (strides_[i] != expected) return false;
+    expected *= shape_[i];
+  }
+  return true;
+}
+
+void* Tensor::data_ptr() const {
+  return static_cast<char*>(storage_.data()) + storage_offset_ * dtype_bits(dtype_) / 8;
+}
+
+std::pair<uint64_t, uint64_t> view_byte_extent(DType dtype, const Dims& shape, const Dims& strides,
+                                               int64_t storage_offset) {
+  const uint64_t bits = static_cast<uint64_t>(dtype_bits(dtype));
+  const uint64_t begin = static_cast<uint64_t>(storage_offset) * bits / 8;
+  uint64_t numel = 1;
+  for (int64_t d : shape) numel *= static_cast<uint64_t>(d);
+  if (numel == 0) return {begin, begin};
+  if (dtype_is_sub_byte(dtype)) return {begin, begin + dtype_storage_bytes(dtype, numel)};
+  uint64_t last = static_cast<uint64_t>(storage_offset);
+  for (size_t i = 0; i < shape.size(); ++i) last += static_cast<uint64_t>((shape[i] - 1) * strides[i]);
+  return {begin, (last + 1) * bits / 8};
+}
+
+std::pair<uint64_t, uint64_t> Tensor::byte_extent() const {
+  return view_byte_extent(dtype_, shape_, strides_, storage_offset_);
+}
+
+Tensor Tensor::view_as(Dims shape, Dims strides, int64_t storage_offset) const {
+  return Tensor(storage_, dtype_, std::move(shape), std::move(strides), storage_offset);
+}
+
+std::string Tensor::describe() const {
+  std::ostringstream out;
+  out << dtype_name(dtype_) << dims_str(shape_) << " strides " << dims_str(strides_) << " offset "
+      << storage_offset_ << " on " << storage_.device().str();
+  return out.str();
+}
+
+}  // namespace fastdcp
