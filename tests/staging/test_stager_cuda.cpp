@@ -105,13 +105,17 @@ class StagerCudaFake : public ::testing::Test {
 
   // Checks a staged tensor against its source: same layout, on the CPU, same storage bytes.
   void expect_staged_copy(const Tensor& staged, const Tensor& source) {
+    // Read the staged bytes before any CUDA call: reading the device flushes the fake's queue and
+    // would hide a stager that returned without waiting for its copies.
+    const auto staged_bytes = host_bytes(staged.storage());
+    EXPECT_EQ(fake().pending_copies(), 0u) << "stage() returned with device-to-host copies still queued";
     EXPECT_TRUE(staged.device().is_cpu());
     EXPECT_EQ(staged.dtype(), source.dtype());
     EXPECT_EQ(staged.shape(), source.shape());
     EXPECT_EQ(staged.strides(), source.strides());
     EXPECT_EQ(staged.storage_offset(), source.storage_offset());
     ASSERT_EQ(staged.storage().nbytes(), source.storage().nbytes());
-    EXPECT_EQ(host_bytes(staged.storage()), device_bytes(source.storage()));
+    EXPECT_EQ(staged_bytes, device_bytes(source.storage()));
   }
 
   std::string log_since(size_t offset) { return fake().call_log().substr(offset); }
