@@ -25,6 +25,9 @@ void HostCopyEngine::begin() {
 }
 
 void HostCopyEngine::add(void* dst, const void* src, size_t nbytes) {
+  // A large copy is cut into one piece per thread (but not below kPieceBytes): memcpy streams
+  // past the cache only for large calls, which is what makes big copies fast.
+  const size_t piece_limit = std::max(kPieceBytes, (nbytes + threads() - 1) / threads());
   while (nbytes > 0) {
     if (used_ == sealed_) {  // open a batch, reusing one from an earlier run when possible
       std::lock_guard lock(mutex_);
@@ -34,7 +37,7 @@ void HostCopyEngine::add(void* dst, const void* src, size_t nbytes) {
       ++used_;
     }
     Batch& batch = batches_[used_ - 1];  // open: only this thread touches it
-    const size_t piece = std::min({nbytes, kPieceBytes, kBatchBytes - batch.bytes});
+    const size_t piece = std::min(nbytes, piece_limit);
     batch.ops.push_back({dst, src, piece});
     batch.bytes += piece;
     dst = static_cast<char*>(dst) + piece;

@@ -2,6 +2,7 @@
 #include <atomic>
 #include <bit>
 #include <deque>
+#include <optional>
 #include <thread>
 #include <unordered_map>
 
@@ -68,7 +69,7 @@ struct DefaultStager::Impl {
   bool pin = false;
   bool pinning_downgraded = false;
   HostMemoryPool pool;
-  detail::HostCopyEngine copier;
+  std::optional<detail::HostCopyEngine> copier;  // reset by close() to release its threads
 
   // Staging state: one stage at a time.
   mutable std::mutex stage_mutex;
@@ -97,7 +98,7 @@ struct DefaultStager::Impl {
       : options(opts),
         cuda(runtime ? std::move(runtime) : CudaRuntime::unavailable("no CUDA runtime given")),
         pool(pool_options(opts.memory_budget_bytes), cuda),
-        copier(opts.copy_threads) {
+        copier(std::in_place, opts.copy_threads) {
     has_cuda = cuda->available();
     if (options.use_non_blocking_copy && !has_cuda) {
       throw Error(ErrorCode::kInvalidArgument,
@@ -217,7 +218,7 @@ struct DefaultStager::Impl {
     ++storages_this_call;
     if (nbytes != 0) {
       if (source.device().is_cpu()) {
-        copier.add(entry.staged.data(), source.data(), nbytes);  // starts while the walk goes on
+        copier->add(entry.staged.data(), source.data(), nbytes);  // starts while the walk goes on
         host_bytes_this_call += nbytes;
       } else {
         if (!has_cuda) {
@@ -352,18 +353,18 @@ struct DefaultStager::Impl {
     ++call_epoch;
     storages_this_call = 0;
     host_bytes_this_call = 0;
-    copier.begin();
+    copier->begin();
     Value staged;
     std::vector<int> devices;
     try {
       staged = plan(src);
       devices = issue_device_copies(producers);
     } catch (...) {
-      copier.finish();  // never leave copies running into buffers we may release
+      copier->finish();  // never leave copies running into buffers we may release
       drain_copy_streams();
       throw;
     }
-    copier.finish();  // overlaps with the device-to-host DMA
+    copier->finish();  // overlaps with the device-to-host DMA
     for (int device : devices) cuda->event_synchronize(copy_done[device]);
     drop_dead_entries();
 
@@ -427,6 +428,7 @@ struct DefaultStager::Impl {
     }
     copy_streams.clear();
     copy_done.clear();
+    copier.reset();
     pool.trim();
     std::lock_guard queue_lock(queue_mutex);
     closed = true;
