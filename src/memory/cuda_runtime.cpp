@@ -170,11 +170,16 @@ CudaStream CudaRuntime::create_stream(int device) const {
 }
 
 void CudaRuntime::destroy_stream(int device, CudaStream stream) const noexcept {
-  if (!api_ || !stream) return;
+  if (api_) destroy_on_device(device, api_->StreamDestroy, stream);
+}
+
+// Destructors' path: errors are ignored and the caller's device is restored.
+void CudaRuntime::destroy_on_device(int device, int (*destroy)(void*), void* handle) const noexcept {
+  if (!handle) return;
   int previous = 0;
   api_->GetDevice(&previous);
   api_->SetDevice(device);
-  api_->StreamDestroy(stream);
+  destroy(handle);
   api_->SetDevice(previous);
 }
 
@@ -186,12 +191,7 @@ CudaEvent CudaRuntime::create_event(int device) const {
 }
 
 void CudaRuntime::destroy_event(int device, CudaEvent event) const noexcept {
-  if (!api_ || !event) return;
-  int previous = 0;
-  api_->GetDevice(&previous);
-  api_->SetDevice(device);
-  api_->EventDestroy(event);
-  api_->SetDevice(previous);
+  if (api_) destroy_on_device(device, api_->EventDestroy, event);
 }
 
 void CudaRuntime::record_event(CudaEvent event, CudaStream stream) const {

@@ -176,30 +176,29 @@ Tensor DLPackImporter::import_view(const DLTensor& dl, std::shared_ptr<const voi
   return Tensor(it->second, *dtype, std::move(shape), std::move(strides), offset);
 }
 
-DLManagedTensorVersioned* to_dlpack_versioned(const Tensor& tensor, bool read_only) {
+namespace {
+// Both capsule kinds own an ExportContext and free it, and themselves, in their deleter.
+template <class Managed>
+Managed* make_capsule(const Tensor& tensor) {
   auto ctx = std::make_unique<ExportContext>(ExportContext{tensor, tensor.shape(), tensor.strides()});
-  auto out = std::make_unique<DLManagedTensorVersioned>();
+  auto out = std::make_unique<Managed>();
+  fill_dltensor(out->dl_tensor, *ctx);
+  out->manager_ctx = ctx.release();
+  out->deleter = [](Managed* self) {
+    delete static_cast<ExportContext*>(self->manager_ctx);
+    delete self;
+  };
+  return out.release();
+}
+}  // namespace
+
+DLManagedTensorVersioned* to_dlpack_versioned(const Tensor& tensor, bool read_only) {
+  DLManagedTensorVersioned* out = make_capsule<DLManagedTensorVersioned>(tensor);
   out->version = {kDLPackMajorVersion, kDLPackMinorVersion};
   out->flags = read_only ? kDLPackFlagReadOnly : 0;
-  fill_dltensor(out->dl_tensor, *ctx);
-  out->manager_ctx = ctx.release();
-  out->deleter = [](DLManagedTensorVersioned* self) {
-    delete static_cast<ExportContext*>(self->manager_ctx);
-    delete self;
-  };
-  return out.release();
+  return out;
 }
 
-DLManagedTensor* to_dlpack_legacy(const Tensor& tensor) {
-  auto ctx = std::make_unique<ExportContext>(ExportContext{tensor, tensor.shape(), tensor.strides()});
-  auto out = std::make_unique<DLManagedTensor>();
-  fill_dltensor(out->dl_tensor, *ctx);
-  out->manager_ctx = ctx.release();
-  out->deleter = [](DLManagedTensor* self) {
-    delete static_cast<ExportContext*>(self->manager_ctx);
-    delete self;
-  };
-  return out.release();
-}
+DLManagedTensor* to_dlpack_legacy(const Tensor& tensor) { return make_capsule<DLManagedTensor>(tensor); }
 
 }  // namespace fastdcp

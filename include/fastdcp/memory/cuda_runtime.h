@@ -62,6 +62,7 @@ class CudaRuntime {
   struct Api;
   CudaRuntime() = default;
   void check(int status, const char* call) const;
+  void destroy_on_device(int device, int (*destroy)(void*), void* handle) const noexcept;
 
   void* handle_ = nullptr;  // dlopen handle (not owned when the library was already loaded)
   bool owns_handle_ = false;
