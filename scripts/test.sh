@@ -19,8 +19,19 @@ run_suite() {  # run_suite NAME BUILD_DIR CTEST_ARGS... -- CMAKE_ARGS...
   (cd "$dir" && ctest --output-on-failure "${ctest_args[@]}")
 }
 
+# The Python package, built by pip from the same CMake project into a virtual environment, and its
+# pytest suite (against torch 2.13.0, the CPU build).
+python_suite() {
+  echo "=== fastdcp tests: python ==="
+  [ -x .venv/bin/python ] || python3 -m venv .venv
+  .venv/bin/pip install -q torch==2.13.0 numpy pytest hypothesis "nanobind>=2.4" "scikit-build-core>=0.10" cmake ninja
+  .venv/bin/pip install -q --no-build-isolation .
+  (cd tests/python && ../../.venv/bin/python -m pytest -q -p no:cacheprovider .)
+}
+
 # The release build also compiles the benchmarks and examples, so that CI keeps them building.
 run_suite release build -- -DCMAKE_BUILD_TYPE=Release -DFASTDCP_BUILD_BENCHMARKS=ON -DFASTDCP_BUILD_EXAMPLES=ON
+python_suite
 if [ "${FASTDCP_QUICK:-0}" != "1" ]; then
   # The sanitizer runs use only the fake CUDA runtime: the real libcudart is not instrumented.
   export FASTDCP_DISABLE_CUDA=1

@@ -1,0 +1,45 @@
+"""fastdcp: fast, asynchronous, distributed checkpointing.
+
+The framework-neutral API stages trees of numpy arrays; ``fastdcp.torch`` is the drop-in
+replacement for ``torch.distributed.checkpoint._experimental``.
+"""
+
+from fastdcp._adapters import NumpyAdapter
+from fastdcp._C import StagingOptions, cuda_available
+from fastdcp._C import Stager as _NativeStager
+
+__all__ = ["Stager", "StagingOptions", "cuda_available"]
+
+
+class Stager:
+    """Stages trees (dict/list/tuple, scalars, numpy arrays) into reusable host buffers.
+
+    Views of one array stay views of one staged buffer; buffers are cached and reused across
+    calls, so a second ``stage`` of the same arrays copies into the same memory.
+    """
+
+    def __init__(self, *, use_pinned_memory=False, use_shared_memory=False, copy_threads=0,
+                 memory_budget_bytes=0):
+        options = StagingOptions()
+        options.use_pinned_memory = use_pinned_memory
+        options.use_shared_memory = use_shared_memory
+        options.use_async_staging = False
+        options.use_non_blocking_copy = False
+        options.copy_threads = copy_threads
+        options.memory_budget_bytes = memory_budget_bytes
+        self._native = _NativeStager(options, use_pinned_memory and cuda_available(), NumpyAdapter())
+
+    def stage(self, tree):
+        return self._native.stage(tree)
+
+    def stats(self):
+        return self._native.stats()
+
+    def close(self):
+        self._native.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()

@@ -1,0 +1,67 @@
+"""Glue between torch tensors and the native stager (see fastdcp/_adapters.py)."""
+
+import copy
+
+import torch
+
+from fastdcp._adapters import _CPU, _CUDA, _rebuild_container
+
+# fastdcp dtype names; dtypes without one travel as raw bytes of the same width and come back
+# with their own torch dtype (the staged view is made from the source tensor's dtype).
+_NAMES = {
+    torch.bool: "BOOL", torch.uint8: "U8", torch.int8: "I8", torch.int16: "I16",
+    torch.uint16: "U16", torch.int32: "I32", torch.uint32: "U32", torch.int64: "I64",
+    torch.uint64: "U64", torch.float16: "F16", torch.bfloat16: "BF16", torch.float32: "F32",
+    torch.float64: "F64", torch.complex64: "C64", torch.complex128: "C128",
+    torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2",
+    torch.float8_e4m3fnuz: "F8_E4M3FNUZ", torch.float8_e5m2fnuz: "F8_E5M2FNUZ",
+    torch.float8_e8m0fnu: "F8_E8M0",
+}
+_RAW_BY_WIDTH = {1: "U8", 2: "U16", 4: "U32", 8: "U64", 16: "C128"}
+
+
+class TorchAdapter:
+    rebuild_container = staticmethod(_rebuild_container)
+    deepcopy = staticmethod(copy.deepcopy)
+    # The native fast path: tensors of this type with these dtypes are described in C++, and
+    # staged views are made with as_strided on one typed view of each staged buffer.
+    tensor_type = torch.Tensor
+    dtype_names = _NAMES
+    as_strided = staticmethod(torch.as_strided)
+
+    @staticmethod
+    def view_dtype(byte_tensor, dtype):
+        return byte_tensor.view(dtype)
+
+    @staticmethod
+    def is_tensor(obj):
+        return isinstance(obj, torch.Tensor)
+
+    @staticmethod
+    def describe(t):
+        storage = t.untyped_storage()
+        device = t.device
+        name = _NAMES.get(t.dtype) or _RAW_BY_WIDTH.get(t.element_size())
+        if name is None:
+            raise ValueError(f"unsupported tensor dtype {t.dtype}")
+        if device.type == "cpu":
+            kind, index = _CPU, 0
+        elif device.type == "cuda":
+            kind, index = _CUDA, device.index or 0
+        else:
+            raise ValueError(f"tensors on {device} cannot be staged (CPU and CUDA can)")
+        return (storage.data_ptr(), storage.nbytes(), kind, index, name, tuple(t.shape), t.stride(),
+                t.storage_offset())
+
+    @staticmethod
+    def wrap_storage(capsule, shared, pinned):
+        # A uint8 tensor over the whole staged buffer; its storage is the staged tensors' storage.
+        return torch.utils.dlpack.from_dlpack(capsule)
+
+    @staticmethod
+    def make_view(byte_tensor, source, shape, strides, offset):
+        staged = torch.empty(0, dtype=source.dtype).set_(byte_tensor.untyped_storage(), offset, shape, strides)
+        if source.__dict__:  # Python attributes on the tensor, deep-copied as upstream
+            for name, value in source.__dict__.items():
+                setattr(staged, name, copy.deepcopy(value))
+        return staged

@@ -1,0 +1,100 @@
+"""Staging: a training-safe host copy of a state dict, as in
+torch.distributed.checkpoint._experimental.staging, backed by fastdcp's native stager."""
+
+import abc
+import threading
+import warnings
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from fastdcp import _C
+from fastdcp.torch._adapter import TorchAdapter
+from fastdcp.torch.types import STATE_DICT
+
+__all__ = ["CheckpointStager", "CheckpointStagerConfig", "DefaultStager"]
+
+_C.set_warning_handler(lambda message: warnings.warn(message, UserWarning, stacklevel=3))
+
+
+class CheckpointStager(abc.ABC):
+    """Stages a state dict for checkpointing."""
+
+    @abc.abstractmethod
+    def stage(self, state_dict: STATE_DICT, **kwargs: Any) -> STATE_DICT | Future[STATE_DICT]:
+        ...
+
+    @abc.abstractmethod
+    def close(self) -> None:
+        ...
+
+
+@dataclass
+class CheckpointStagerConfig:
+    """Upstream's four staging flags, with upstream's defaults."""
+
+    use_pinned_memory: bool = True
+    use_shared_memory: bool = True
+    use_async_staging: bool = True
+    use_non_blocking_copy: bool = True
+
+
+class DefaultStager(CheckpointStager):
+    """Copies a state dict into cached host buffers, synchronously or on a background thread.
+
+    Views of one storage stay views of one buffer; the same live storages are staged into the same
+    buffers on every call (so an earlier staged result shows the newer values); staged tensors are
+    CPU tensors backed by fastdcp's buffers. Usable as a context manager.
+    """
+
+    def __init__(self, config: CheckpointStagerConfig = CheckpointStagerConfig()):
+        self._config = config
+        accelerator = torch.cuda.is_available()
+        if config.use_non_blocking_copy and not accelerator:
+            raise AssertionError(
+                "Non-blocking copy requires that the current accelerator is available. "
+                "Set CheckpointStagerConfig(use_non_blocking_copy=False) to stage on a CPU-only host."
+            )
+        options = _C.StagingOptions()
+        options.use_pinned_memory = config.use_pinned_memory
+        options.use_shared_memory = config.use_shared_memory
+        options.use_async_staging = False  # the executor below provides the asynchrony
+        options.use_non_blocking_copy = config.use_non_blocking_copy
+        self._native = _C.Stager(options, accelerator, TorchAdapter())
+        self._lock = threading.Lock()
+        self._closed = False
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fastdcp-staging") \
+            if config.use_async_staging else None
+
+    def stage(self, state_dict: STATE_DICT, **kwargs: Any) -> STATE_DICT | Future[STATE_DICT]:
+        if kwargs:
+            raise TypeError(f"DefaultStager.stage() got unexpected keyword arguments: {sorted(kwargs)}")
+        if self._closed:
+            raise RuntimeError("DefaultStager.stage() called after close()")
+        if self._executor is not None:
+            return self._executor.submit(self._stage, state_dict)
+        return self._stage(state_dict)
+
+    def _stage(self, state_dict: STATE_DICT) -> STATE_DICT:
+        with self._lock, torch.no_grad():
+            return self._native.stage(state_dict)
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        if self._executor is not None:
+            self._executor.shutdown(wait=True)
+        self._native.close()
+
+    def stats(self) -> dict:
+        """Cache hits and misses, bytes copied, and host memory by kind."""
+        return self._native.stats()
+
+    def __enter__(self) -> "DefaultStager":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()

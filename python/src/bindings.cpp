@@ -1,0 +1,430 @@
+// Python bindings: conversion between Python state dicts and fastdcp::Value, and the stager.
+//
+// Note [Python conversion]
+// The Python tree is walked here, in C++, with an explicit stack: containers (dict and its
+// subclasses, list, tuple), scalars, and tensors. A tensor is anything the TensorAdapter (given by
+// the Python package: torch or DLPack/numpy) recognises; its storage is resolved through a table
+// kept by the stager, so that the same framework storage maps to the same fastdcp Storage across
+// calls and the C++ stager's buffer cache hits. Objects of any other type are "opaque": they are
+// deep-copied by a Python callable, as upstream's deepcopy would. The staged Value is turned back
+// into Python objects by walking it beside the source tree, so container types (OrderedDict, ...)
+// and their instance attributes (module state dicts' `_metadata`) are kept.
+
+#include <nanobind/nanobind.h>
+#include <nanobind/stl/string.h>
+
+#include <unordered_map>
+#include <vector>
+
+#include "fastdcp/common/logging.h"
+#include "fastdcp/staging/stager.h"
+#include "fastdcp/tensor/dlpack_interop.h"
+
+namespace nb = nanobind;
+using namespace fastdcp;
+
+namespace {
+
+// Error codes become Python exception types; see Note [Error policy].
+void translate_errors() {
+  nb::register_exception_translator([](const std::exception_ptr& p, void*) {
+    try {
+      std::rethrow_exception(p);
+    } catch (const Error& e) {
+      switch (e.code()) {
+        case ErrorCode::kInvalidArgument: PyErr_SetString(PyExc_ValueError, e.what()); break;
+        case ErrorCode::kResourceExhausted: PyErr_SetString(PyExc_MemoryError, e.what()); break;
+        case ErrorCode::kFailedPrecondition: PyErr_SetString(PyExc_RuntimeError, e.what()); break;
+        case ErrorCode::kIoError: PyErr_SetString(PyExc_OSError, e.what()); break;
+        default: PyErr_SetString(PyExc_RuntimeError, e.what()); break;
+      }
+    }
+  });
+}
+
+struct StorageKey {
+  int device_type;
+  int device_index;
+  uintptr_t data;
+  uint64_t nbytes;
+  bool operator==(const StorageKey&) const = default;
+};
+struct StorageKeyHash {
+  size_t operator()(const StorageKey& k) const {
+    return std::hash<uintptr_t>()(k.data) ^ (std::hash<uint64_t>()(k.nbytes) * 31) ^ (k.device_index * 131);
+  }
+};
+
+class PyStager {
+ public:
+  // adapter: the framework glue, a Python object with
+  //   is_tensor(obj) -> bool
+  //   describe(t) -> (storage_ptr, storage_nbytes, device_type (0 cpu, 1 cuda), device_index,
+  //                   dtype_name, shape tuple, strides tuple, storage_offset)
+  //   wrap_storage(dlpack_capsule_of_bytes, shared, pinned) -> framework storage
+  //   make_view(storage, source_tensor, shape, strides, storage_offset) -> staged tensor
+  //   deepcopy(obj) -> copy of an opaque leaf
+  //   rebuild_container(source, items) -> a container of source's type (tuple, dict subclass)
+  PyStager(StagingOptions options, bool use_cuda, nb::object adapter)
+      : adapter_(std::move(adapter)),
+        stager_(options, use_cuda ? CudaRuntime::instance() : CudaRuntime::unavailable("CUDA disabled by the caller")) {
+    is_tensor_ = adapter_.attr("is_tensor");
+    // Frameworks may name a tensor type and dtype table: then tensors are described here, without a
+    // Python-level call per tensor (see Note [Python conversion]).
+    if (nb::hasattr(adapter_, "tensor_type")) {
+      tensor_type_ = adapter_.attr("tensor_type");
+      for (auto [dtype, name] : nb::cast<nb::dict>(adapter_.attr("dtype_names"))) {
+        auto parsed = dtype_from_name(nb::cast<std::string>(name));
+        if (!parsed) throw Error(ErrorCode::kInvalidArgument, "adapter names an unknown dtype");
+        dtype_codes_.emplace(dtype.ptr(), *parsed);
+        fast_dtypes_.push_back(nb::borrow(dtype));
+      }
+      as_strided_ = adapter_.attr("as_strided");
+      view_dtype_ = adapter_.attr("view_dtype");
+    }
+    describe_ = adapter_.attr("describe");
+    wrap_storage_ = adapter_.attr("wrap_storage");
+    make_view_ = adapter_.attr("make_view");
+    deepcopy_ = adapter_.attr("deepcopy");
+    rebuild_container_ = adapter_.attr("rebuild_container");
+  }
+
+  nb::object stage(nb::handle state_dict) {
+    auto source = std::make_shared<Value>(from_python(state_dict));
+    Value staged;
+    {
+      nb::gil_scoped_release release;
+      staged = stager_.stage_now(*source);
+    }
+    return to_python(state_dict, staged);
+  }
+
+  void close() {
+    nb::gil_scoped_release release;
+    stager_.close();
+  }
+  bool pinning_downgraded() const { return stager_.pinning_downgraded(); }
+  nb::dict stats() const {
+    StagerStats s = stager_.stats();
+    HostMemoryStats m = stager_.memory_stats();
+    nb::dict d;
+    d["stage_calls"] = s.stage_calls;
+    d["cache_hits"] = s.cache_hits;
+    d["cache_misses"] = s.cache_misses;
+    d["cache_entries"] = s.cache_entries;
+    d["bytes_copied"] = s.bytes_copied;
+    d["reserved_bytes"] = m.total_reserved();
+    d["pinned_bytes"] = m.pinned_bytes();
+    d["shared_bytes"] = m.shared_bytes();
+    return d;
+  }
+
+ private:
+  // Python -> Value, iteratively. Key paths are built only for error messages.
+  Value from_python(nb::handle root) {
+    ++epoch_;
+    opaque_.clear();
+    Value out;
+    struct Frame {
+      nb::handle src;
+      Value* dst;
+    };
+    std::vector<Frame> stack;
+    convert_leaf(root, out, stack, "");
+    while (!stack.empty()) {
+      Frame f = stack.back();
+      stack.pop_back();
+      if (PyDict_Check(f.src.ptr())) {
+        PyObject *key, *value;
+        Py_ssize_t pos = 0;
+        auto& entries = f.dst->entries();
+        while (PyDict_Next(f.src.ptr(), &pos, &key, &value)) {
+          DictKey k = to_key(key);
+          entries.emplace_back(std::move(k), Value());
+          convert_leaf(value, entries.back().second, stack, "");
+        }
+      } else {
+        nb::handle seq = f.src;
+        const Py_ssize_t n = PySequence_Fast_GET_SIZE(seq.ptr());
+        PyObject** items = PySequence_Fast_ITEMS(seq.ptr());
+        auto& out_items = f.dst->items();
+        out_items.resize(static_cast<size_t>(n));
+        for (Py_ssize_t i = 0; i < n; ++i) convert_leaf(items[i], out_items[i], stack, "");
+      }
+    }
+    std::erase_if(storages_, [&](const auto& e) { return e.second.last_seen != epoch_; });
+    return out;
+  }
+
+  static DictKey to_key(PyObject* key) {
+    if (PyUnicode_Check(key)) {
+      Py_ssize_t size = 0;
+      const char* data = PyUnicode_AsUTF8AndSize(key, &size);
+      if (!data) throw nb::python_error();
+      return DictKey(std::string_view(data, static_cast<size_t>(size)));
+    }
+    if (PyLong_Check(key) && !PyBool_Check(key)) return DictKey(static_cast<int64_t>(PyLong_AsLongLong(key)));
+    throw Error(ErrorCode::kInvalidArgument, "state dict keys must be str or int, got " +
+                                                 std::string(Py_TYPE(key)->tp_name) + " key " +
+                                                 nb::cast<std::string>(nb::repr(key)));
+  }
+
+  template <class Stack>
+  void convert_leaf(nb::handle obj, Value& dst, Stack& stack, const char*) {
+    PyObject* p = obj.ptr();
+    if (p == Py_None) {
+      dst = Value();
+    } else if (PyBool_Check(p)) {
+      dst = Value(p == Py_True);
+    } else if (PyLong_CheckExact(p)) {
+      int overflow = 0;
+      const long long v = PyLong_AsLongLongAndOverflow(p, &overflow);
+      if (overflow) {
+        dst = opaque(obj);
+      } else {
+        dst = Value(static_cast<int64_t>(v));
+      }
+    } else if (PyFloat_CheckExact(p)) {
+      dst = Value(PyFloat_AS_DOUBLE(p));
+    } else if (PyUnicode_CheckExact(p)) {
+      Py_ssize_t size = 0;
+      const char* data = PyUnicode_AsUTF8AndSize(p, &size);
+      if (!data) throw nb::python_error();
+      dst = Value(std::string(data, static_cast<size_t>(size)));
+    } else if (PyBytes_CheckExact(p)) {
+      dst = Value(Bytes{std::string(PyBytes_AS_STRING(p), static_cast<size_t>(PyBytes_GET_SIZE(p)))});
+    } else if (PyDict_Check(p)) {
+      DictEntries entries;
+      entries.reserve(static_cast<size_t>(PyDict_Size(p)));
+      dst = Value::dict(std::move(entries));
+      stack.push_back({obj, &dst});
+    } else if (PyList_CheckExact(p)) {
+      dst = Value::list();
+      stack.push_back({obj, &dst});
+    } else if (PyTuple_Check(p)) {
+      dst = Value::tuple();
+      stack.push_back({obj, &dst});
+    } else if (tensor_type_.is_valid() && PyObject_TypeCheck(p, reinterpret_cast<PyTypeObject*>(tensor_type_.ptr()))) {
+      dst = Value(to_tensor_fast(obj));
+    } else if (nb::cast<bool>(is_tensor_(obj))) {
+      dst = Value(to_tensor(obj));
+    } else {
+      dst = opaque(obj);
+    }
+  }
+
+  // Opaque leaves travel as an index into Conversion::opaque.
+  Value opaque(nb::handle obj) {
+    Value v = Value::tuple();
+    v.append(Value(static_cast<int64_t>(opaque_.size())));
+    opaque_.push_back(nb::borrow(obj));
+    return v;
+  }
+
+  // The torch path: attribute calls from C++ instead of a Python function per tensor.
+  Tensor to_tensor_fast(nb::handle obj) {
+    auto dtype_it = dtype_codes_.find(obj.attr(names_.dtype).ptr());
+    if (dtype_it == dtype_codes_.end()) return to_tensor(obj);  // unusual dtype: the adapter knows
+    nb::object storage = obj.attr(names_.untyped_storage)();
+    const auto data = nb::cast<uintptr_t>(storage.attr(names_.data_ptr)());
+    const auto nbytes = nb::cast<uint64_t>(storage.attr(names_.nbytes)());
+    const int device = nb::cast<int>(obj.attr(names_.get_device)());  // -1: CPU
+    nb::object shape_t = obj.attr(names_.shape);
+    nb::object strides_t = obj.attr(names_.stride)();
+    const auto offset = nb::cast<int64_t>(obj.attr(names_.storage_offset)());
+    return make_source_tensor(data, nbytes, device < 0 ? 0 : 1, std::max(device, 0), dtype_it->second, shape_t,
+                              strides_t, offset);
+  }
+
+  Tensor make_source_tensor(uintptr_t data, uint64_t nbytes, int device_type, int device_index, DType dtype,
+                            nb::handle shape_t, nb::handle strides_t, int64_t offset) {
+    const Py_ssize_t rank = PySequence_Fast_GET_SIZE(shape_t.ptr());
+    if (!PyTuple_Check(shape_t.ptr()) || !PyTuple_Check(strides_t.ptr()) || PyTuple_GET_SIZE(strides_t.ptr()) != rank) {
+      throw Error(ErrorCode::kInvalidArgument, "tensor shape and strides must be tuples of one length");
+    }
+    Dims shape, strides;
+    shape.resize(static_cast<size_t>(rank));
+    strides.resize(static_cast<size_t>(rank));
+    for (Py_ssize_t i = 0; i < rank; ++i) {
+      shape[i] = PyLong_AsLongLong(PyTuple_GET_ITEM(shape_t.ptr(), i));
+      strides[i] = PyLong_AsLongLong(PyTuple_GET_ITEM(strides_t.ptr(), i));
+    }
+    if (PyErr_Occurred()) throw nb::python_error();
+    const StorageKey key{device_type, device_index, data, nbytes};
+    auto [it, inserted] = storages_.try_emplace(key);
+    if (inserted) {
+      const Device device = device_type == 0 ? Device::cpu() : Device::cuda(device_index);
+      it->second.storage = Storage::wrap(reinterpret_cast<void*>(data), nbytes, device);
+    }
+    it->second.last_seen = epoch_;
+    return Tensor(it->second.storage, dtype, std::move(shape), std::move(strides), offset);
+  }
+
+  Tensor to_tensor(nb::handle obj) {
+    nb::tuple d = nb::cast<nb::tuple>(describe_(obj));
+    const auto data = nb::cast<uintptr_t>(d[0]);
+    const auto nbytes = nb::cast<uint64_t>(d[1]);
+    const auto dtype = dtype_from_name(nb::cast<std::string>(d[4]));
+    if (!dtype) throw Error(ErrorCode::kInvalidArgument, "unsupported dtype " + nb::cast<std::string>(d[4]));
+    return make_source_tensor(data, nbytes, nb::cast<int>(d[2]), nb::cast<int>(d[3]), *dtype, d[5], d[6],
+                              nb::cast<int64_t>(d[7]));
+  }
+
+  // Framework storages (and wrappers of staged buffers) not used by the latest call are
+  // forgotten, so that the stager's cache entries for them can go too.
+  nb::object to_python(nb::handle source, const Value& staged) {
+    nb::object out = build(source, staged);
+    std::erase_if(wrapped_, [&](const auto& e) { return e.second.last_seen != epoch_; });
+    return out;
+  }
+
+  nb::object build(nb::handle src, const Value& v) {
+    // Recursion over containers only (leaves are handled inline); see the iterative note in
+    // value.h: Python itself caps nesting at its recursion limit when building objects.
+    switch (v.kind()) {
+      case Value::Kind::kNone: return nb::none();
+      case Value::Kind::kBool: return nb::bool_(v.as_bool());
+      case Value::Kind::kInt: return nb::int_(v.as_int());
+      case Value::Kind::kDouble: return nb::float_(v.as_double());
+      case Value::Kind::kString: return nb::str(v.as_string().c_str(), v.as_string().size());
+      case Value::Kind::kBytes:
+        return nb::steal(PyBytes_FromStringAndSize(v.as_bytes().data.data(), v.as_bytes().data.size()));
+      case Value::Kind::kTensor: return tensor_to_python(src, v.as_tensor());
+      case Value::Kind::kTuple: {
+        if (!PyTuple_Check(src.ptr())) {  // an opaque leaf
+          return deepcopy_(opaque_.at(static_cast<size_t>(v[0].as_int())));
+        }
+        nb::list items;
+        PyObject** srcs = PySequence_Fast_ITEMS(src.ptr());
+        for (size_t i = 0; i < v.size(); ++i) items.append(build(srcs[i], v[i]));
+        return rebuild_container_(src, items);
+      }
+      case Value::Kind::kList: {
+        nb::list items;
+        PyObject** srcs = PySequence_Fast_ITEMS(src.ptr());
+        for (size_t i = 0; i < v.size(); ++i) items.append(build(srcs[i], v[i]));
+        return std::move(items);
+      }
+      case Value::Kind::kDict: {
+        nb::dict items;
+        PyObject *key, *value;
+        Py_ssize_t pos = 0;
+        size_t i = 0;
+        const auto& entries = v.entries();
+        while (PyDict_Next(src.ptr(), &pos, &key, &value)) {
+          PyDict_SetItem(items.ptr(), key, build(value, entries[i++].second).ptr());
+        }
+        if (PyDict_CheckExact(src.ptr())) return std::move(items);
+        return rebuild_container_(src, items);
+      }
+    }
+    return nb::none();
+  }
+
+  nb::object tensor_to_python(nb::handle src, const Tensor& t) {
+    const Storage& s = t.storage();
+    auto [it, inserted] = wrapped_.try_emplace(s.identity());
+    if (inserted || it->second.storage != s) {
+      // One framework storage per staged buffer, made once and reused while the buffer is cached.
+      Tensor bytes = Tensor::contiguous(s, DType::kU8, {static_cast<int64_t>(s.nbytes())});
+      DLManagedTensor* capsule = to_dlpack_legacy(bytes);
+      // A consumer renames the capsule it took ownership of; only an unused one is ours to free.
+      nb::object py_capsule = nb::steal(PyCapsule_New(capsule, "dltensor", [](PyObject* c) {
+        if (PyCapsule_IsValid(c, "dltensor")) {
+          static_cast<DLManagedTensor*>(PyCapsule_GetPointer(c, "dltensor"))->deleter(
+              static_cast<DLManagedTensor*>(PyCapsule_GetPointer(c, "dltensor")));
+        }
+      }));
+      it->second.storage = s;
+      it->second.typed_views.clear();
+      it->second.py_storage = wrap_storage_(py_capsule, s.host_info().shared, s.host_info().pinned);
+    }
+    it->second.last_seen = epoch_;
+    WrappedStorage& wrapped = it->second;
+    nb::tuple shape = nb::steal<nb::tuple>(PyTuple_New(static_cast<Py_ssize_t>(t.dim())));
+    nb::tuple strides = nb::steal<nb::tuple>(PyTuple_New(static_cast<Py_ssize_t>(t.dim())));
+    for (size_t i = 0; i < t.dim(); ++i) {
+      PyTuple_SET_ITEM(shape.ptr(), i, PyLong_FromLongLong(t.shape()[i]));
+      PyTuple_SET_ITEM(strides.ptr(), i, PyLong_FromLongLong(t.strides()[i]));
+    }
+    if (as_strided_.is_valid() && !dtype_is_sub_byte(t.dtype()) &&
+        t.storage().nbytes() % (dtype_bits(t.dtype()) / 8) == 0) {
+      // One typed view of the whole buffer per dtype, then as_strided: a few µs per tensor.
+      nb::handle dtype = src.attr(names_.dtype);
+      nb::object& typed = wrapped.typed_views[dtype.ptr()];
+      if (!typed.is_valid()) typed = view_dtype_(wrapped.py_storage, dtype);
+      nb::object out = as_strided_(typed, shape, strides, t.storage_offset());
+      copy_tensor_attributes(src, out);
+      return out;
+    }
+    return make_view_(wrapped.py_storage, src, shape, strides, t.storage_offset());
+  }
+
+  struct KnownStorage {
+    Storage storage;
+    uint64_t last_seen = 0;
+  };
+  struct WrappedStorage {
+    Storage storage;
+    nb::object py_storage;
+    std::unordered_map<PyObject*, nb::object> typed_views;  // by dtype object (a singleton)
+    uint64_t last_seen = 0;
+  };
+
+  // Python attributes set on a source tensor are deep-copied onto the staged one, as upstream.
+  void copy_tensor_attributes(nb::handle src, nb::handle out) {
+    PyObject** dict_ptr = _PyObject_GetDictPtr(src.ptr());
+    if (!dict_ptr || !*dict_ptr || PyDict_Size(*dict_ptr) == 0) return;
+    PyObject *key, *value;
+    Py_ssize_t pos = 0;
+    while (PyDict_Next(*dict_ptr, &pos, &key, &value)) {
+      if (PyObject_SetAttr(out.ptr(), key, deepcopy_(nb::handle(value)).ptr()) != 0) throw nb::python_error();
+    }
+  }
+
+  // Interned attribute names, looked up once.
+  struct Names {
+    nb::str dtype{"dtype"}, untyped_storage{"untyped_storage"}, data_ptr{"data_ptr"}, nbytes{"nbytes"},
+        get_device{"get_device"}, shape{"shape"}, stride{"stride"}, storage_offset{"storage_offset"};
+  } names_;
+  nb::object tensor_type_, as_strided_, view_dtype_;
+  std::unordered_map<PyObject*, DType> dtype_codes_;
+  std::vector<nb::object> fast_dtypes_;  // keeps the dtype objects keyed above alive
+
+  nb::object adapter_, is_tensor_, describe_, wrap_storage_, make_view_, deepcopy_, rebuild_container_;
+  DefaultStager stager_;
+  uint64_t epoch_ = 0;
+  std::unordered_map<StorageKey, KnownStorage, StorageKeyHash> storages_;
+  std::unordered_map<const StorageImpl*, WrappedStorage> wrapped_;
+  std::vector<nb::object> opaque_;  // this call's leaves to deep-copy in Python
+};
+
+}  // namespace
+
+NB_MODULE(_C, m) {
+  translate_errors();
+  nb::class_<StagingOptions>(m, "StagingOptions")
+      .def(nb::init<>())
+      .def_rw("use_pinned_memory", &StagingOptions::use_pinned_memory)
+      .def_rw("use_shared_memory", &StagingOptions::use_shared_memory)
+      .def_rw("use_async_staging", &StagingOptions::use_async_staging)
+      .def_rw("use_non_blocking_copy", &StagingOptions::use_non_blocking_copy)
+      .def_rw("pin_memory_min_bytes", &StagingOptions::pin_memory_min_bytes)
+      .def_rw("copy_threads", &StagingOptions::copy_threads)
+      .def_rw("memory_budget_bytes", &StagingOptions::memory_budget_bytes);
+  nb::class_<PyStager>(m, "Stager")
+      .def(nb::init<StagingOptions, bool, nb::object>(), nb::arg("options"), nb::arg("use_cuda"), nb::arg("adapter"))
+      .def("stage", &PyStager::stage, nb::arg("state_dict"))
+      .def("close", &PyStager::close)
+      .def_prop_ro("pinning_downgraded", &PyStager::pinning_downgraded)
+      .def("stats", &PyStager::stats);
+  m.def("cuda_available", [] { return CudaRuntime::instance()->available(); });
+  m.def("set_warning_handler", [](nb::object handler) {
+    set_warning_sink([handler](const std::string& message) {
+      nb::gil_scoped_acquire gil;
+      handler(message);
+    });
+  });
+  // The sink holds a Python object: release it while the interpreter still exists.
+  nb::module_::import_("atexit").attr("register")(nb::cpp_function([] { set_warning_sink({}); }));
+}

@@ -1,0 +1,255 @@
+"""fastdcp.torch's staging API against PyTorch's own experimental DefaultStager, value by value and
+view by view, on the same inputs."""
+
+import collections
+import dataclasses
+import warnings
+from concurrent.futures import Future
+
+import pytest
+import torch
+import torch.distributed.checkpoint._experimental.staging as upstream
+
+import fastdcp.torch as fdt
+from fastdcp.torch import CheckpointStagerConfig, DefaultStager, RankInfo, wrap_future
+from fastdcp.torch.staging import CheckpointStager
+from fastdcp.torch.types import STATE_DICT
+from fastdcp.torch.utils import wrap_future as wrap_future_from_module
+
+CPU = dict(use_pinned_memory=False, use_shared_memory=False, use_async_staging=False, use_non_blocking_copy=False)
+
+
+def ours(**overrides):
+    return DefaultStager(CheckpointStagerConfig(**{**CPU, **overrides}))
+
+
+def theirs():
+    return upstream.DefaultStager(upstream.CheckpointStagerConfig(**CPU))
+
+
+@dataclasses.dataclass(frozen=True)
+class Frozen:
+    name: str
+    scale: float
+
+
+def sample_state_dict():
+    base = torch.arange(100, dtype=torch.float32).reshape(10, 10)
+    model = collections.OrderedDict()
+    model["weight"] = base
+    model["flat"] = base.view(100)
+    model["inner"] = base[2:8, 2:8]
+    model["left"] = base[:, :5]
+    model["flat_mid"] = base.view(100)[10:60]
+    model["transposed"] = base.t()
+    model["bias"] = torch.randn(7, dtype=torch.bfloat16)
+    model["scalar"] = torch.tensor(3.5, dtype=torch.float64)
+    model["empty"] = torch.empty(0, 4)
+    model._metadata = {"": {"version": 2}}
+    optim = {
+        "state": {0: {"exp_avg": torch.randn(3, 3), "step": torch.tensor(5)}, 1: {"exp_avg": torch.randn(2)}},
+        "param_groups": [{"lr": 1e-3, "betas": (0.9, 0.999), "params": [0, 1], "name": None}],
+    }
+    return {"model": model, "optim": optim, "step": 11, "tag": "run-1", "blob": b"\x00\x01",
+            "config": Frozen("adam", 0.5), "pair": (torch.ones(2), "x")}
+
+
+def leaves(tree, path=""):
+    """(path, value) for every leaf, in order."""
+    if isinstance(tree, dict):
+        for k, v in tree.items():
+            yield from leaves(v, f"{path}.{k}")
+    elif isinstance(tree, (list, tuple)):
+        for i, v in enumerate(tree):
+            yield from leaves(v, f"{path}[{i}]")
+    else:
+        yield path, tree
+
+
+def storage_groups(tree):
+    """Which tensor leaves share a storage, as a partition of their paths."""
+    groups = collections.defaultdict(list)
+    for path, v in leaves(tree):
+        if isinstance(v, torch.Tensor):
+            groups[v.untyped_storage().data_ptr()].append(path)
+    return sorted(sorted(g) for g in groups.values())
+
+
+def assert_same_staging(mine, reference, source):
+    assert type(mine) is type(reference)
+    mine_leaves, ref_leaves = list(leaves(mine)), list(leaves(reference))
+    assert [p for p, _ in mine_leaves] == [p for p, _ in ref_leaves]
+    for (path, a), (_, b) in zip(mine_leaves, ref_leaves):
+        assert type(a) is type(b), path
+        if isinstance(a, torch.Tensor):
+            assert a.device.type == "cpu", path
+            assert a.dtype == b.dtype and a.shape == b.shape, path
+            assert a.stride() == b.stride() and a.storage_offset() == b.storage_offset(), path
+            assert torch.equal(a, b), path
+        else:
+            assert a == b, path
+    assert storage_groups(mine) == storage_groups(reference)
+    # Nothing staged aliases the source.
+    source_ptrs = {v.untyped_storage().data_ptr() for _, v in leaves(source) if isinstance(v, torch.Tensor)}
+    assert not source_ptrs & {v.untyped_storage().data_ptr() for _, v in mine_leaves if isinstance(v, torch.Tensor)}
+
+
+def test_matches_torch_value_by_value_and_view_by_view():
+    sd = sample_state_dict()
+    with ours() as stager:
+        mine = stager.stage(sd)
+    assert_same_staging(mine, theirs().stage(sd), sd)
+    assert mine["model"]._metadata == {"": {"version": 2}}
+    assert mine["model"]._metadata is not sd["model"]._metadata  # deep-copied
+    assert isinstance(mine["model"], collections.OrderedDict)
+    assert list(mine["optim"]["state"].keys()) == [0, 1]
+    assert mine["config"] == Frozen("adam", 0.5)
+
+
+def test_six_views_of_one_base_are_one_staged_storage():
+    sd = sample_state_dict()["model"]
+    with ours() as stager:
+        staged = stager.stage(sd)
+    views = ["weight", "flat", "inner", "left", "flat_mid", "transposed"]
+    assert len({staged[k].untyped_storage().data_ptr() for k in views}) == 1
+    assert staged["weight"].untyped_storage().nbytes() == 400
+
+
+def test_cache_reuses_buffers_and_shows_new_values():
+    t = torch.randn(1000)
+    sd = {"t": t}
+    with ours() as stager:
+        first = stager.stage(sd)
+        t.add_(1)
+        second = stager.stage(sd)
+        assert first["t"].data_ptr() == second["t"].data_ptr()
+        assert torch.equal(second["t"], t)
+        assert torch.equal(first["t"], t)  # same buffer, as upstream
+        assert stager.stats()["cache_hits"] == 1
+
+
+def test_staged_copy_is_independent_of_later_changes():
+    t = torch.randn(64)
+    with ours() as stager:
+        staged = stager.stage({"t": t})
+        expected = t.clone()
+        t.zero_()
+        assert torch.equal(staged["t"], expected)
+
+
+@pytest.mark.parametrize("dtype", [
+    torch.bool, torch.uint8, torch.int8, torch.int16, torch.uint16, torch.int32, torch.uint32, torch.int64,
+    torch.uint64, torch.float16, torch.bfloat16, torch.float32, torch.float64, torch.complex64, torch.complex128,
+    torch.float8_e4m3fn, torch.float8_e5m2, torch.float8_e4m3fnuz, torch.float8_e5m2fnuz, torch.float8_e8m0fnu,
+    torch.complex32,
+])
+def test_every_dtype_round_trips_bit_exactly(dtype):
+    raw = torch.randint(0, 255, (6, 4), dtype=torch.uint8)
+    width = torch.empty(0, dtype=dtype).element_size()
+    t = raw.view(-1)[: 24 // width * width].view(dtype) if width > 1 else raw.view(dtype)
+    with ours() as stager:
+        staged = stager.stage({"t": t})["t"]
+    assert staged.dtype == dtype
+    assert torch.equal(staged.view(torch.uint8), t.view(torch.uint8))
+
+
+def test_nn_parameter_and_tensor_attributes_like_torch():
+    p = torch.nn.Parameter(torch.randn(3))
+    t = torch.randn(2)
+    t.note = {"kind": "custom"}
+    sd = {"p": p, "t": t}
+    with ours() as stager:
+        mine = stager.stage(sd)
+    reference = theirs().stage(sd)
+    assert type(mine["p"]) is type(reference["p"])
+    assert torch.equal(mine["p"], p.detach())
+    assert mine["t"].note == {"kind": "custom"} and mine["t"].note is not t.note
+
+
+def test_resized_storage_gets_a_new_buffer_where_torch_asserts():
+    t = torch.randn(16)
+    sd = {"t": t}
+    with ours() as stager:
+        stager.stage(sd)
+        t.resize_(64).normal_()
+        staged = stager.stage(sd)
+    assert torch.equal(staged["t"], t)
+
+
+def test_async_staging_returns_a_future_and_wrap_future_hides_the_value():
+    sd = {"t": torch.randn(100)}
+    with ours(use_async_staging=True) as stager:
+        future = stager.stage(sd)
+        assert isinstance(future, Future)
+        staged = future.result()
+        assert torch.equal(staged["t"], sd["t"])
+        assert wrap_future(future).result() is None
+    assert wrap_future({"not": "a future"}).result() is None
+
+
+def test_wrap_future_propagates_errors():
+    failed = Future()
+    wrapped = wrap_future(failed)
+    failed.set_exception(ValueError("boom"))
+    with pytest.raises(ValueError, match="boom"):
+        wrapped.result()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="CPU-only behaviour")
+def test_default_config_without_accelerator_raises_assertion_error_saying_what_to_change():
+    with pytest.raises(AssertionError, match="use_non_blocking_copy=False"):
+        DefaultStager()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="CPU-only behaviour")
+def test_pinned_memory_without_cuda_warns_like_torch():
+    with pytest.warns(UserWarning, match="Ignoring pin_memory flag for checkpoint staging"):
+        stager = ours(use_pinned_memory=True)
+    staged = stager.stage({"t": torch.randn(100)})
+    assert not staged["t"].is_pinned()
+    stager.close()
+
+
+def test_keyword_arguments_and_use_after_close_are_clear_errors():
+    stager = ours()
+    with pytest.raises(TypeError, match="unexpected keyword"):
+        stager.stage({"t": torch.ones(1)}, path="/tmp/x")
+    stager.close()
+    stager.close()
+    with pytest.raises(RuntimeError, match="after close"):
+        stager.stage({"t": torch.ones(1)})
+
+
+def test_bad_keys_are_named():
+    with ours() as stager, pytest.raises(ValueError, match=r"str or int.*\(1, 2\)"):
+        stager.stage({(1, 2): torch.ones(1)})
+
+
+def test_many_small_tensors_and_deep_nesting():
+    sd = {f"layer{i}": torch.full((4,), float(i)) for i in range(20000)}
+    with ours() as stager:
+        staged = stager.stage(sd)
+        staged = stager.stage(sd)
+    assert all(staged[f"layer{i}"][0].item() == i for i in range(0, 20000, 997))
+    deep = cursor = {}
+    for _ in range(500):
+        cursor["next"] = {}
+        cursor = cursor["next"]
+    cursor["leaf"] = torch.ones(3)
+    with ours() as stager:
+        out = stager.stage(deep)
+    for _ in range(500):
+        out = out["next"]
+    assert torch.equal(out["leaf"], torch.ones(3))
+
+
+def test_names_and_modules_match_upstream():
+    assert issubclass(DefaultStager, CheckpointStager)
+    assert wrap_future_from_module is wrap_future
+    assert RankInfo(global_rank=1, global_world_size=2) == RankInfo(1, 2)
+    assert STATE_DICT == dict[str, object] or STATE_DICT is not None
+    assert set(fdt.__all__) >= {"CheckpointStager", "CheckpointStagerConfig", "DefaultStager", "RankInfo",
+                                "STATE_DICT", "wrap_future"}
+    defaults = CheckpointStagerConfig()
+    assert (defaults.use_pinned_memory, defaults.use_shared_memory, defaults.use_async_staging,
+            defaults.use_non_blocking_copy) == (True, True, True, True)
