@@ -4,6 +4,7 @@ See Note [Python conversion] in python/src/bindings.cpp for the protocol.
 """
 
 import copy
+import dataclasses
 
 import numpy as np
 
@@ -24,6 +25,22 @@ def _rebuild_container(source, items):
     out.update(items)
     for name, value in vars(source).items():
         setattr(out, name, copy.deepcopy(value))
+    return out
+
+
+def _object_state(obj):
+    """The attributes through which an object is staged (so that tensors inside it are staged
+    too), or None to deep-copy it whole. Dataclass instances with a ``__dict__`` qualify."""
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type) and hasattr(obj, "__dict__"):
+        return vars(obj)
+    return None
+
+
+def _rebuild_object(source, attributes):
+    """A new instance of ``source``'s class with ``attributes``, bypassing ``__init__`` and frozen
+    ``__setattr__``, as deepcopy's reduce path does."""
+    out = object.__new__(type(source))
+    vars(out).update(attributes)
     return out
 
 
@@ -53,6 +70,8 @@ class NumpyAdapter:
     is_tensor = staticmethod(lambda obj: isinstance(obj, np.ndarray))
     deepcopy = staticmethod(copy.deepcopy)
     rebuild_container = staticmethod(_rebuild_container)
+    object_state = staticmethod(_object_state)
+    rebuild_object = staticmethod(_rebuild_object)
 
     @staticmethod
     def describe(array):

@@ -13,6 +13,8 @@
 #include <nanobind/nanobind.h>
 #include <nanobind/stl/string.h>
 
+#include <array>
+#include <chrono>
 #include <unordered_map>
 #include <vector>
 
@@ -87,16 +89,26 @@ class PyStager {
     make_view_ = adapter_.attr("make_view");
     deepcopy_ = adapter_.attr("deepcopy");
     rebuild_container_ = adapter_.attr("rebuild_container");
+    object_state_ = adapter_.attr("object_state");
+    rebuild_object_ = adapter_.attr("rebuild_object");
   }
 
   nb::object stage(nb::handle state_dict) {
+    using Clock = std::chrono::steady_clock;
+    const auto t0 = Clock::now();
     auto source = std::make_shared<Value>(from_python(state_dict));
+    const auto t1 = Clock::now();
     Value staged;
     {
       nb::gil_scoped_release release;
       staged = stager_.stage_now(*source);
     }
-    return to_python(state_dict, staged);
+    const auto t2 = Clock::now();
+    nb::object out = to_python(state_dict, staged);
+    const auto t3 = Clock::now();
+    auto seconds = [](auto d) { return std::chrono::duration<double>(d).count(); };
+    last_phases_ = {seconds(t1 - t0), seconds(t2 - t1), seconds(t3 - t2)};
+    return out;
   }
 
   void close() {
@@ -116,6 +128,11 @@ class PyStager {
     d["reserved_bytes"] = m.total_reserved();
     d["pinned_bytes"] = m.pinned_bytes();
     d["shared_bytes"] = m.shared_bytes();
+    // Where the last stage() spent its time: reading the Python tree (GIL held), staging
+    // (GIL released), building the staged Python tree (GIL held).
+    d["last_from_python_s"] = last_phases_[0];
+    d["last_native_s"] = last_phases_[1];
+    d["last_to_python_s"] = last_phases_[2];
     return d;
   }
 
@@ -124,6 +141,7 @@ class PyStager {
   Value from_python(nb::handle root) {
     ++epoch_;
     opaque_.clear();
+    keep_alive_.clear();
     Value out;
     struct Frame {
       nb::handle src;
@@ -208,6 +226,11 @@ class PyStager {
       dst = Value(to_tensor_fast(obj));
     } else if (nb::cast<bool>(is_tensor_(obj))) {
       dst = Value(to_tensor(obj));
+    } else if (nb::object state = object_state_(obj); !state.is_none()) {
+      // An object staged through its attributes (a dataclass): tensors in it are staged too.
+      dst = Value::dict();
+      stack.push_back({state, &dst});
+      keep_alive_.push_back(std::move(state));
     } else {
       dst = opaque(obj);
     }
@@ -273,6 +296,7 @@ class PyStager {
   // Framework storages (and wrappers of staged buffers) not used by the latest call are
   // forgotten, so that the stager's cache entries for them can go too.
   nb::object to_python(nb::handle source, const Value& staged) {
+    path_.clear();
     nb::object out = build(source, staged);
     std::erase_if(wrapped_, [&](const auto& e) { return e.second.last_seen != epoch_; });
     return out;
@@ -291,34 +315,64 @@ class PyStager {
         return nb::steal(PyBytes_FromStringAndSize(v.as_bytes().data.data(), v.as_bytes().data.size()));
       case Value::Kind::kTensor: return tensor_to_python(src, v.as_tensor());
       case Value::Kind::kTuple: {
-        if (!PyTuple_Check(src.ptr())) {  // an opaque leaf
-          return deepcopy_(opaque_.at(static_cast<size_t>(v[0].as_int())));
-        }
+        if (!PyTuple_Check(src.ptr())) return copy_opaque(src);
         nb::list items;
         PyObject** srcs = PySequence_Fast_ITEMS(src.ptr());
-        for (size_t i = 0; i < v.size(); ++i) items.append(build(srcs[i], v[i]));
+        for (size_t i = 0; i < v.size(); ++i) {
+          path_.push_back({nullptr, i});
+          items.append(build(srcs[i], v[i]));
+          path_.pop_back();
+        }
         return rebuild_container_(src, items);
       }
       case Value::Kind::kList: {
         nb::list items;
         PyObject** srcs = PySequence_Fast_ITEMS(src.ptr());
-        for (size_t i = 0; i < v.size(); ++i) items.append(build(srcs[i], v[i]));
+        for (size_t i = 0; i < v.size(); ++i) {
+          path_.push_back({nullptr, i});
+          items.append(build(srcs[i], v[i]));
+          path_.pop_back();
+        }
         return std::move(items);
       }
       case Value::Kind::kDict: {
+        const bool is_object = !PyDict_Check(src.ptr());  // staged through its attributes
+        nb::object source_items = is_object ? object_state_(src) : nb::borrow(src);
         nb::dict items;
         PyObject *key, *value;
         Py_ssize_t pos = 0;
         size_t i = 0;
         const auto& entries = v.entries();
-        while (PyDict_Next(src.ptr(), &pos, &key, &value)) {
+        while (PyDict_Next(source_items.ptr(), &pos, &key, &value)) {
+          path_.push_back({key, 0});
           PyDict_SetItem(items.ptr(), key, build(value, entries[i++].second).ptr());
+          path_.pop_back();
         }
+        if (is_object) return rebuild_object_(src, items);
         if (PyDict_CheckExact(src.ptr())) return std::move(items);
         return rebuild_container_(src, items);
       }
     }
     return nb::none();
+  }
+
+  // Opaque leaves are deep-copied by Python; a failure names the leaf's key path.
+  nb::object copy_opaque(nb::handle src) {
+    try {
+      return deepcopy_(src);
+    } catch (nb::python_error& e) {
+      std::string path;
+      for (const auto& step : path_) {
+        if (step.key) {
+          append_key_path(path, DictKey(nb::cast<std::string>(nb::str(step.key))));
+        } else {
+          append_index_path(path, step.index);
+        }
+      }
+      const std::string message = "cannot copy the state dict value at '" + path + "' (a " +
+                                  Py_TYPE(src.ptr())->tp_name + ")";
+      nb::raise_from(e, e.type().ptr(), "%s", message.c_str());
+    }
   }
 
   nb::object tensor_to_python(nb::handle src, const Tensor& t) {
@@ -391,12 +445,20 @@ class PyStager {
   std::unordered_map<PyObject*, DType> dtype_codes_;
   std::vector<nb::object> fast_dtypes_;  // keeps the dtype objects keyed above alive
 
-  nb::object adapter_, is_tensor_, describe_, wrap_storage_, make_view_, deepcopy_, rebuild_container_;
+  nb::object adapter_, is_tensor_, describe_, wrap_storage_, make_view_, deepcopy_, rebuild_container_, object_state_,
+      rebuild_object_;
+  std::vector<nb::object> keep_alive_;  // attribute dicts walked in this call
+  struct PathStep {
+    PyObject* key;  // a dict key, or nullptr for a sequence index
+    size_t index;
+  };
+  std::vector<PathStep> path_;  // where build() is, for error messages
   DefaultStager stager_;
   uint64_t epoch_ = 0;
   std::unordered_map<StorageKey, KnownStorage, StorageKeyHash> storages_;
   std::unordered_map<const StorageImpl*, WrappedStorage> wrapped_;
   std::vector<nb::object> opaque_;  // this call's leaves to deep-copy in Python
+  std::array<double, 3> last_phases_{};
 };
 
 }  // namespace

@@ -106,6 +106,28 @@ def test_matches_torch_value_by_value_and_view_by_view():
     assert mine["config"] == Frozen("adam", 0.5)
 
 
+@dataclasses.dataclass(frozen=True)
+class FrozenWithTensor:
+    weight: torch.Tensor
+    label: str
+
+
+def test_tensors_inside_dataclasses_are_staged_like_torch():
+    t = torch.randn(8)
+    sd = {"holder": FrozenWithTensor(t, "w"), "same": t}
+    with ours() as stager:
+        first = stager.stage(sd)
+        second = stager.stage(sd)
+    reference = theirs().stage(sd)
+    assert type(first["holder"]) is FrozenWithTensor and first["holder"].label == "w"
+    assert torch.equal(first["holder"].weight, t)
+    # Staged into the cached buffer and aliased with the other reference to the same tensor, as
+    # torch's deepcopy-based stager does.
+    assert first["holder"].weight.data_ptr() == second["holder"].weight.data_ptr() != t.data_ptr()
+    assert first["holder"].weight.data_ptr() == first["same"].data_ptr()
+    assert (reference["holder"].weight.data_ptr() == reference["same"].data_ptr())
+
+
 def test_six_views_of_one_base_are_one_staged_storage():
     sd = sample_state_dict()["model"]
     with ours() as stager:
@@ -253,3 +275,14 @@ def test_names_and_modules_match_upstream():
     defaults = CheckpointStagerConfig()
     assert (defaults.use_pinned_memory, defaults.use_shared_memory, defaults.use_async_staging,
             defaults.use_non_blocking_copy) == (True, True, True, True)
+
+
+class Uncopyable:
+    def __deepcopy__(self, memo):
+        raise TypeError("no copies of me")
+
+
+def test_uncopyable_value_is_named_by_its_key_path():
+    sd = {"optim": {"param_groups": [{"lr": 0.1, "hook": Uncopyable()}]}}
+    with ours() as stager, pytest.raises(TypeError, match=r"optim\.param_groups\[0\]\.hook"):
+        stager.stage(sd)

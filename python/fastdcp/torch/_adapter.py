@@ -4,7 +4,7 @@ import copy
 
 import torch
 
-from fastdcp._adapters import _CPU, _CUDA, _rebuild_container
+from fastdcp._adapters import _CPU, _CUDA, _object_state, _rebuild_container, _rebuild_object
 
 # fastdcp dtype names; dtypes without one travel as raw bytes of the same width and come back
 # with their own torch dtype (the staged view is made from the source tensor's dtype).
@@ -23,6 +23,8 @@ _RAW_BY_WIDTH = {1: "U8", 2: "U16", 4: "U32", 8: "U64", 16: "C128"}
 class TorchAdapter:
     rebuild_container = staticmethod(_rebuild_container)
     deepcopy = staticmethod(copy.deepcopy)
+    object_state = staticmethod(_object_state)
+    rebuild_object = staticmethod(_rebuild_object)
     # The native fast path: tensors of this type with these dtypes are described in C++, and
     # staged views are made with as_strided on one typed view of each staged buffer.
     tensor_type = torch.Tensor
