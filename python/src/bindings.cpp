@@ -236,7 +236,7 @@ class PyStager {
     }
   }
 
-  // Opaque leaves travel as an index into Conversion::opaque.
+  // Opaque leaves travel as an index into opaque_.
   Value opaque(nb::handle obj) {
     Value v = Value::tuple();
     v.append(Value(static_cast<int64_t>(opaque_.size())));
@@ -245,16 +245,28 @@ class PyStager {
   }
 
   // The torch path: attribute calls from C++ instead of a Python function per tensor.
+  // Method calls without building bound-method objects: this runs once per tensor.
+  static nb::object call_method(nb::handle obj, const nb::str& name) {
+    PyObject* result = PyObject_CallMethodNoArgs(obj.ptr(), name.ptr());
+    if (!result) throw nb::python_error();
+    return nb::steal(result);
+  }
+  static long long as_integer(const nb::object& value) {
+    const long long v = PyLong_AsLongLong(value.ptr());
+    if (v == -1 && PyErr_Occurred()) throw nb::python_error();
+    return v;
+  }
+
   Tensor to_tensor_fast(nb::handle obj) {
     auto dtype_it = dtype_codes_.find(obj.attr(names_.dtype).ptr());
     if (dtype_it == dtype_codes_.end()) return to_tensor(obj);  // unusual dtype: the adapter knows
-    nb::object storage = obj.attr(names_.untyped_storage)();
-    const auto data = nb::cast<uintptr_t>(storage.attr(names_.data_ptr)());
-    const auto nbytes = nb::cast<uint64_t>(storage.attr(names_.nbytes)());
-    const int device = nb::cast<int>(obj.attr(names_.get_device)());  // -1: CPU
+    nb::object storage = call_method(obj, names_.untyped_storage);
+    const auto data = static_cast<uintptr_t>(as_integer(call_method(storage, names_.data_ptr)));
+    const auto nbytes = static_cast<uint64_t>(as_integer(call_method(storage, names_.nbytes)));
+    const auto device = static_cast<int>(as_integer(call_method(obj, names_.get_device)));  // -1: CPU
     nb::object shape_t = obj.attr(names_.shape);
-    nb::object strides_t = obj.attr(names_.stride)();
-    const auto offset = nb::cast<int64_t>(obj.attr(names_.storage_offset)());
+    nb::object strides_t = call_method(obj, names_.stride);
+    const auto offset = static_cast<int64_t>(as_integer(call_method(obj, names_.storage_offset)));
     return make_source_tensor(data, nbytes, device < 0 ? 0 : 1, std::max(device, 0), dtype_it->second, shape_t,
                               strides_t, offset);
   }
@@ -404,10 +416,14 @@ class PyStager {
     if (as_strided_.is_valid() && !dtype_is_sub_byte(t.dtype()) &&
         t.storage().nbytes() % (dtype_bits(t.dtype()) / 8) == 0) {
       // One typed view of the whole buffer per dtype, then as_strided: a few µs per tensor.
-      nb::handle dtype = src.attr(names_.dtype);
+      nb::object dtype = src.attr(names_.dtype);
       nb::object& typed = wrapped.typed_views[dtype.ptr()];
       if (!typed.is_valid()) typed = view_dtype_(wrapped.py_storage, dtype);
-      nb::object out = as_strided_(typed, shape, strides, t.storage_offset());
+      nb::object offset = nb::steal(PyLong_FromLongLong(t.storage_offset()));
+      PyObject* args[] = {typed.ptr(), shape.ptr(), strides.ptr(), offset.ptr()};
+      PyObject* result = PyObject_Vectorcall(as_strided_.ptr(), args, 4, nullptr);
+      if (!result) throw nb::python_error();
+      nb::object out = nb::steal(result);
       copy_tensor_attributes(src, out);
       return out;
     }

@@ -41,8 +41,9 @@ Tensor::Tensor(Storage storage, DType dtype, Dims shape, Dims strides, int64_t s
     if (!is_contiguous()) fail("sub-byte dtypes must be contiguous");
     if ((storage_offset_ * dtype_bits(dtype_)) % 8 != 0) fail("sub-byte view must start on a byte boundary");
   }
+  // An empty view touches no bytes, so any offset is valid (frameworks allow offsets past the end).
   auto [begin, end] = byte_extent();
-  if (end > storage_.nbytes()) {
+  if (begin != end && end > storage_.nbytes()) {
     fail("needs bytes [" + std::to_string(begin) + ", " + std::to_string(end) + ") but the storage has " +
          std::to_string(storage_.nbytes()));
   }

@@ -74,6 +74,13 @@ TEST(Tensor, EmptyAndZeroDim) {
   EXPECT_EQ(empty.byte_extent().first, empty.byte_extent().second);
 }
 
+TEST(Tensor, EmptyViewMayStartPastTheEnd) {
+  Tensor base = Tensor::empty_cpu(DType::kF32, {0});
+  Tensor view = base.view_as({0, 0}, {1, 1}, 1);
+  EXPECT_EQ(view.numel(), 0);
+  EXPECT_THROW(base.view_as({1}, {1}, 1), Error);
+}
+
 TEST(Tensor, OverlappingStrideZeroViewIsAllowed) {
   Tensor base = Tensor::empty_cpu(DType::kI64, {4});
   Tensor expanded = base.view_as({3, 4}, {0, 1}, 0);
