@@ -236,7 +236,9 @@ class PyStager {
     }
   }
 
-  // Opaque leaves travel as an index into opaque_.
+  // An opaque leaf travels through staging as a one-item tuple holding its index in opaque_;
+  // build() recognises it because the source object at that position is not a tuple, and
+  // deep-copies the source object instead.
   Value opaque(nb::handle obj) {
     Value v = Value::tuple();
     v.append(Value(static_cast<int64_t>(opaque_.size())));
