@@ -148,7 +148,7 @@ class PyStager {
       Value* dst;
     };
     std::vector<Frame> stack;
-    convert_leaf(root, out, stack, "");
+    convert_leaf(root, out, stack);
     while (!stack.empty()) {
       Frame f = stack.back();
       stack.pop_back();
@@ -156,10 +156,12 @@ class PyStager {
         PyObject *key, *value;
         Py_ssize_t pos = 0;
         auto& entries = f.dst->entries();
+        // Children pushed on the stack point into `entries`: it must not reallocate.
+        entries.reserve(static_cast<size_t>(PyDict_Size(f.src.ptr())));
         while (PyDict_Next(f.src.ptr(), &pos, &key, &value)) {
           DictKey k = to_key(key);
           entries.emplace_back(std::move(k), Value());
-          convert_leaf(value, entries.back().second, stack, "");
+          convert_leaf(value, entries.back().second, stack);
         }
       } else {
         nb::handle seq = f.src;
@@ -167,7 +169,7 @@ class PyStager {
         PyObject** items = PySequence_Fast_ITEMS(seq.ptr());
         auto& out_items = f.dst->items();
         out_items.resize(static_cast<size_t>(n));
-        for (Py_ssize_t i = 0; i < n; ++i) convert_leaf(items[i], out_items[i], stack, "");
+        for (Py_ssize_t i = 0; i < n; ++i) convert_leaf(items[i], out_items[i], stack);
       }
     }
     std::erase_if(storages_, [&](const auto& e) { return e.second.last_seen != epoch_; });
@@ -181,14 +183,18 @@ class PyStager {
       if (!data) throw nb::python_error();
       return DictKey(std::string_view(data, static_cast<size_t>(size)));
     }
-    if (PyLong_Check(key) && !PyBool_Check(key)) return DictKey(static_cast<int64_t>(PyLong_AsLongLong(key)));
+    if (PyLong_Check(key) && !PyBool_Check(key)) {
+      const long long index = PyLong_AsLongLong(key);
+      if (index == -1 && PyErr_Occurred()) throw nb::python_error();
+      return DictKey(static_cast<int64_t>(index));
+    }
     throw Error(ErrorCode::kInvalidArgument, "state dict keys must be str or int, got " +
                                                  std::string(Py_TYPE(key)->tp_name) + " key " +
                                                  nb::cast<std::string>(nb::repr(key)));
   }
 
   template <class Stack>
-  void convert_leaf(nb::handle obj, Value& dst, Stack& stack, const char*) {
+  void convert_leaf(nb::handle obj, Value& dst, Stack& stack) {
     PyObject* p = obj.ptr();
     if (p == Py_None) {
       dst = Value();
@@ -212,9 +218,7 @@ class PyStager {
     } else if (PyBytes_CheckExact(p)) {
       dst = Value(Bytes{std::string(PyBytes_AS_STRING(p), static_cast<size_t>(PyBytes_GET_SIZE(p)))});
     } else if (PyDict_Check(p)) {
-      DictEntries entries;
-      entries.reserve(static_cast<size_t>(PyDict_Size(p)));
-      dst = Value::dict(std::move(entries));
+      dst = Value::dict();
       stack.push_back({obj, &dst});
     } else if (PyList_CheckExact(p)) {
       dst = Value::list();

@@ -62,6 +62,9 @@ def leaves(tree, path=""):
     elif isinstance(tree, (list, tuple)):
         for i, v in enumerate(tree):
             yield from leaves(v, f"{path}[{i}]")
+    elif dataclasses.is_dataclass(tree) and not isinstance(tree, type):
+        yield path, type(tree)
+        yield from leaves(vars(tree), path)
     else:
         yield path, tree
 
@@ -126,6 +129,22 @@ def test_tensors_inside_dataclasses_are_staged_like_torch():
     assert first["holder"].weight.data_ptr() == second["holder"].weight.data_ptr() != t.data_ptr()
     assert first["holder"].weight.data_ptr() == first["same"].data_ptr()
     assert (reference["holder"].weight.data_ptr() == reference["same"].data_ptr())
+
+
+@dataclasses.dataclass
+class Nested:
+    first: dict
+    second: dict
+    third: list
+
+
+def test_dataclass_with_several_container_fields():
+    sd = {"n": Nested({"a": torch.ones(2)}, {"b": torch.zeros(3), "c": {"d": torch.full((1,), 7.0)}},
+                      [torch.arange(4), {"e": 1}])}
+    with ours() as stager:
+        mine = stager.stage(sd)
+    assert_same_staging(mine, theirs().stage(sd), sd)
+    assert mine["n"].second["c"]["d"].item() == 7.0
 
 
 def test_six_views_of_one_base_are_one_staged_storage():
