@@ -332,27 +332,11 @@ class PyStager {
       case Value::Kind::kBytes:
         return nb::steal(PyBytes_FromStringAndSize(v.as_bytes().data.data(), v.as_bytes().data.size()));
       case Value::Kind::kTensor: return tensor_to_python(src, v.as_tensor());
-      case Value::Kind::kTuple: {
+      case Value::Kind::kTuple:
         if (!PyTuple_Check(src.ptr())) return copy_opaque(src);
-        nb::list items;
-        PyObject** srcs = PySequence_Fast_ITEMS(src.ptr());
-        for (size_t i = 0; i < v.size(); ++i) {
-          path_.push_back({nullptr, i});
-          items.append(build(srcs[i], v[i]));
-          path_.pop_back();
-        }
-        return rebuild_container_(src, items);
-      }
-      case Value::Kind::kList: {
-        nb::list items;
-        PyObject** srcs = PySequence_Fast_ITEMS(src.ptr());
-        for (size_t i = 0; i < v.size(); ++i) {
-          path_.push_back({nullptr, i});
-          items.append(build(srcs[i], v[i]));
-          path_.pop_back();
-        }
-        return std::move(items);
-      }
+        return rebuild_container_(src, build_items(src, v));
+      case Value::Kind::kList:
+        return build_items(src, v);
       case Value::Kind::kDict: {
         const bool is_object = !PyDict_Check(src.ptr());  // staged through its attributes
         nb::object source_items = is_object ? object_state_(src) : nb::borrow(src);
@@ -372,6 +356,18 @@ class PyStager {
       }
     }
     return nb::none();
+  }
+
+  // The items of a list or tuple, as a list.
+  nb::list build_items(nb::handle src, const Value& v) {
+    nb::list items;
+    PyObject** srcs = PySequence_Fast_ITEMS(src.ptr());
+    for (size_t i = 0; i < v.size(); ++i) {
+      path_.push_back({nullptr, i});
+      items.append(build(srcs[i], v[i]));
+      path_.pop_back();
+    }
+    return items;
   }
 
   // Opaque leaves are deep-copied by Python; a failure names the leaf's key path.
