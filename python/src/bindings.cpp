@@ -57,6 +57,21 @@ struct StorageKeyHash {
   }
 };
 
+// Building tens of thousands of staged tensors would trigger many cyclic collections, each walking
+// the whole heap (the training state included); none of the objects made here form cycles.
+class CyclicGcPause {
+ public:
+  CyclicGcPause() : was_enabled_(PyGC_Disable() == 1) {}
+  ~CyclicGcPause() {
+    if (was_enabled_) PyGC_Enable();
+  }
+  CyclicGcPause(const CyclicGcPause&) = delete;
+  CyclicGcPause& operator=(const CyclicGcPause&) = delete;
+
+ private:
+  bool was_enabled_;
+};
+
 class PyStager {
  public:
   // adapter: the framework glue, a Python object with
@@ -64,7 +79,8 @@ class PyStager {
   //   describe(t) -> (storage_ptr, storage_nbytes, device_type (0 cpu, 1 cuda), device_index,
   //                   dtype_name, shape tuple, strides tuple, storage_offset)
   //   wrap_storage(dlpack_capsule_of_bytes, shared, pinned) -> framework storage
-  //   make_view(storage, source_tensor, shape, strides, storage_offset) -> staged tensor
+  //   make_view(storage, source_tensor, shape, strides, storage_offset) -> staged tensor (the
+  //     source's Python attributes are then deep-copied onto it here)
   //   deepcopy(obj) -> copy of an opaque leaf
   //   rebuild_container(source, items) -> a container of source's type (tuple, dict subclass)
   PyStager(StagingOptions options, bool use_cuda, nb::object adapter)
@@ -95,13 +111,14 @@ class PyStager {
 
   nb::object stage(nb::handle state_dict) {
     using Clock = std::chrono::steady_clock;
+    CyclicGcPause gc_pause;
     const auto t0 = Clock::now();
-    auto source = std::make_shared<Value>(from_python(state_dict));
+    const Value source = from_python(state_dict);
     const auto t1 = Clock::now();
     Value staged;
     {
       nb::gil_scoped_release release;
-      staged = stager_.stage_now(*source);
+      staged = stager_.stage_now(source);
     }
     const auto t2 = Clock::now();
     nb::object out = to_python(state_dict, staged);
@@ -279,10 +296,11 @@ class PyStager {
 
   Tensor make_source_tensor(uintptr_t data, uint64_t nbytes, int device_type, int device_index, DType dtype,
                             nb::handle shape_t, nb::handle strides_t, int64_t offset) {
-    const Py_ssize_t rank = PySequence_Fast_GET_SIZE(shape_t.ptr());
-    if (!PyTuple_Check(shape_t.ptr()) || !PyTuple_Check(strides_t.ptr()) || PyTuple_GET_SIZE(strides_t.ptr()) != rank) {
+    if (!PyTuple_Check(shape_t.ptr()) || !PyTuple_Check(strides_t.ptr()) ||
+        PyTuple_GET_SIZE(strides_t.ptr()) != PyTuple_GET_SIZE(shape_t.ptr())) {
       throw Error(ErrorCode::kInvalidArgument, "tensor shape and strides must be tuples of one length");
     }
+    const Py_ssize_t rank = PyTuple_GET_SIZE(shape_t.ptr());
     Dims shape, strides;
     shape.resize(static_cast<size_t>(rank));
     strides.resize(static_cast<size_t>(rank));
@@ -321,8 +339,8 @@ class PyStager {
   }
 
   nb::object build(nb::handle src, const Value& v) {
-    // Recursion over containers only (leaves are handled inline); see the iterative note in
-    // value.h: Python itself caps nesting at its recursion limit when building objects.
+    // Recursive over containers (from_python, which meets untrusted depth first, is iterative):
+    // the C++ stack bounds the nesting here to tens of thousands of levels.
     switch (v.kind()) {
       case Value::Kind::kNone: return nb::none();
       case Value::Kind::kBool: return nb::bool_(v.as_bool());
@@ -347,7 +365,9 @@ class PyStager {
         const auto& entries = v.entries();
         while (PyDict_Next(source_items.ptr(), &pos, &key, &value)) {
           path_.push_back({key, 0});
-          PyDict_SetItem(items.ptr(), key, build(value, entries[i++].second).ptr());
+          if (PyDict_SetItem(items.ptr(), key, build(value, entries[i++].second).ptr()) != 0) {
+            throw nb::python_error();
+          }
           path_.pop_back();
         }
         if (is_object) return rebuild_object_(src, items);
@@ -398,10 +418,9 @@ class PyStager {
       DLManagedTensor* capsule = to_dlpack_legacy(bytes);
       // A consumer renames the capsule it took ownership of; only an unused one is ours to free.
       nb::object py_capsule = nb::steal(PyCapsule_New(capsule, "dltensor", [](PyObject* c) {
-        if (PyCapsule_IsValid(c, "dltensor")) {
-          static_cast<DLManagedTensor*>(PyCapsule_GetPointer(c, "dltensor"))->deleter(
-              static_cast<DLManagedTensor*>(PyCapsule_GetPointer(c, "dltensor")));
-        }
+        if (!PyCapsule_IsValid(c, "dltensor")) return;
+        auto* unused = static_cast<DLManagedTensor*>(PyCapsule_GetPointer(c, "dltensor"));
+        unused->deleter(unused);
       }));
       it->second.storage = s;
       it->second.typed_views.clear();
@@ -429,7 +448,9 @@ class PyStager {
       copy_tensor_attributes(src, out);
       return out;
     }
-    return make_view_(wrapped.py_storage, src, shape, strides, t.storage_offset());
+    nb::object out = make_view_(wrapped.py_storage, src, shape, strides, t.storage_offset());
+    copy_tensor_attributes(src, out);
+    return out;
   }
 
   struct KnownStorage {

@@ -20,9 +20,9 @@ struct CopyOp {
 // Copies byte ranges with `threads` threads (the caller is one of them) while the caller is still
 // producing them. Large copies are cut into one piece per thread (at least kPieceBytes each) and
 // small ones grouped into batches of about kBatchBytes (or kBatchOps); each sealed batch is taken
-// by the next free worker. So the copy of a tree overlaps with its walk, one huge tensor is shared evenly between
-// threads, and 100,000 tiny tensors cost a few dozen hand-offs, not one each. Batches are reused
-// across runs: a warm run allocates nothing.
+// by the next free worker. So the copy of a tree overlaps with its walk, one huge tensor is shared
+// evenly between threads, and 100,000 tiny tensors cost a few dozen hand-offs, not one each.
+// Batches are reused across runs: a warm run allocates nothing.
 class HostCopyEngine {
  public:
   static constexpr size_t kPieceBytes = size_t{8} << 20;

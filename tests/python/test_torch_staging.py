@@ -207,6 +207,19 @@ def test_nn_parameter_and_tensor_attributes_like_torch():
     assert mine["t"].note == {"kind": "custom"} and mine["t"].note is not t.note
 
 
+def test_view_whose_storage_is_not_a_whole_number_of_elements():
+    # A float32 view of a 6-byte storage cannot come from a typed view of the whole buffer: the
+    # staged tensor takes the other path and must still carry values and attributes.
+    storage = torch.arange(6, dtype=torch.uint8).untyped_storage()
+    t = torch.empty(0, dtype=torch.float32).set_(storage, 0, (1,), (1,))
+    t.note = [1, 2]
+    with ours() as stager:
+        staged = stager.stage({"t": t})["t"]
+    assert staged.dtype == torch.float32 and staged.untyped_storage().nbytes() == 6
+    assert torch.equal(staged.view(torch.uint8), t.view(torch.uint8))
+    assert staged.note == [1, 2] and staged.note is not t.note
+
+
 def test_resized_storage_gets_a_new_buffer_where_torch_asserts():
     t = torch.randn(16)
     sd = {"t": t}

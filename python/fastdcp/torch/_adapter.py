@@ -62,8 +62,5 @@ class TorchAdapter:
 
     @staticmethod
     def make_view(byte_tensor, source, shape, strides, offset):
-        staged = torch.empty(0, dtype=source.dtype).set_(byte_tensor.untyped_storage(), offset, shape, strides)
-        if source.__dict__:  # Python attributes on the tensor, deep-copied as upstream
-            for name, value in source.__dict__.items():
-                setattr(staged, name, copy.deepcopy(value))
-        return staged
+        # The native side copies the source's Python attributes onto the result.
+        return torch.empty(0, dtype=source.dtype).set_(byte_tensor.untyped_storage(), offset, shape, strides)

@@ -2,8 +2,6 @@
 torch.distributed.checkpoint._experimental.staging, backed by fastdcp's native stager."""
 
 import abc
-import contextlib
-import gc
 import threading
 import warnings
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -19,19 +17,6 @@ from fastdcp.torch.types import STATE_DICT
 __all__ = ["CheckpointStager", "CheckpointStagerConfig", "DefaultStager"]
 
 _C.set_warning_handler(lambda message: warnings.warn(message, UserWarning, stacklevel=3))
-
-
-@contextlib.contextmanager
-def _gc_paused():
-    """Building tens of thousands of staged tensors would trigger many cyclic collections, each
-    walking the whole heap (the training state included); none of these objects form cycles."""
-    was_enabled = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if was_enabled:
-            gc.enable()
 
 
 class CheckpointStager(abc.ABC):
@@ -93,7 +78,7 @@ class DefaultStager(CheckpointStager):
         return self._stage(state_dict)
 
     def _stage(self, state_dict: STATE_DICT) -> STATE_DICT:
-        with self._lock, torch.no_grad(), _gc_paused():
+        with self._lock, torch.no_grad():
             return self._native.stage(state_dict)
 
     def close(self) -> None:
