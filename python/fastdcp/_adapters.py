@@ -66,28 +66,61 @@ _NUMPY_NAMES = {
 }
 
 
+def _as_numpy(obj):
+    """A numpy view of a DLPack producer's host memory; a clear error for anything else."""
+    if isinstance(obj, np.ndarray):
+        return obj
+    device_type, device_id = obj.__dlpack_device__()
+    if device_type not in (1, 3):  # kDLCPU, kDLCUDAHost
+        raise ValueError(f"cannot stage a {type(obj).__name__} on DLPack device ({device_type}, {device_id}): "
+                         "fastdcp.Stager stages host memory; stage CUDA tensors with fastdcp.torch")
+    try:
+        return np.from_dlpack(obj)
+    except (TypeError, BufferError, RuntimeError) as e:
+        raise ValueError(f"cannot stage a {type(obj).__name__} through DLPack: {e}") from e
+
+
+def _extent(array):
+    """Bytes from an array's first element to one past its last (non-negative strides)."""
+    if array.size == 0:
+        return 0
+    return sum((n - 1) * s for n, s in zip(array.shape, array.strides)) + array.itemsize
+
+
 class NumpyAdapter:
-    is_tensor = staticmethod(lambda obj: isinstance(obj, np.ndarray))
+    """numpy arrays, and any other DLPack producer of host memory (staged as numpy arrays).
+
+    Views of one numpy array stay views of one staged buffer; another producer's arrays are staged
+    each on its own, since DLPack does not say which ones share memory."""
+
     deepcopy = staticmethod(copy.deepcopy)
     rebuild_container = staticmethod(_rebuild_container)
     object_state = staticmethod(_object_state)
     rebuild_object = staticmethod(_rebuild_object)
 
     @staticmethod
-    def describe(array):
+    def is_tensor(obj):
+        kind = type(obj)
+        return isinstance(obj, np.ndarray) or (hasattr(kind, "__dlpack__") and hasattr(kind, "__dlpack_device__"))
+
+    @staticmethod
+    def describe(obj):
+        array = _as_numpy(obj)
         name = _NUMPY_NAMES.get(array.dtype)
         if name is None:
             raise ValueError(f"unsupported numpy dtype {array.dtype}")
         root = array
         while isinstance(root.base, np.ndarray):
             root = root.base
+        itemsize = array.itemsize
+        if any(s < 0 or s % itemsize for s in (*array.strides, *root.strides)):
+            raise ValueError("array with negative or unaligned strides; stage np.ascontiguousarray(a)")
         base_ptr = root.__array_interface__["data"][0]
         ptr = array.__array_interface__["data"][0]
-        itemsize = array.itemsize
-        if any(s < 0 or s % itemsize for s in array.strides) or (ptr - base_ptr) % itemsize:
-            raise ValueError("numpy array with negative or unaligned strides; stage np.ascontiguousarray(a)")
+        if (ptr - base_ptr) % itemsize:
+            raise ValueError("array not aligned to its element size in its base; stage np.ascontiguousarray(a)")
         strides = tuple(s // itemsize for s in array.strides)
-        return (base_ptr, root.nbytes, _CPU, 0, name, array.shape, strides, (ptr - base_ptr) // itemsize)
+        return (base_ptr, _extent(root), _CPU, 0, name, array.shape, strides, (ptr - base_ptr) // itemsize)
 
     @staticmethod
     def wrap_storage(capsule, shared, pinned):
@@ -95,6 +128,7 @@ class NumpyAdapter:
 
     @staticmethod
     def make_view(storage, source, shape, strides, offset):
+        source = _as_numpy(source)
         itemsize = source.itemsize
         return np.ndarray(shape, dtype=source.dtype, buffer=storage, offset=offset * itemsize,
                           strides=tuple(s * itemsize for s in strides))

@@ -21,6 +21,7 @@
 #include "fastdcp/common/logging.h"
 #include "fastdcp/staging/stager.h"
 #include "fastdcp/tensor/dlpack_interop.h"
+#include "native_tensor_ops.h"
 
 namespace nb = nanobind;
 using namespace fastdcp;
@@ -83,6 +84,10 @@ class PyStager {
   //     source's Python attributes are then deep-copied onto it here)
   //   deepcopy(obj) -> copy of an opaque leaf
   //   rebuild_container(source, items) -> a container of source's type (tuple, dict subclass)
+  //   copy_attributes (optional, default False) -> copy a source tensor's Python attributes
+  //     (its __dict__) onto the staged one, as torch's stager does
+  //   finish_view(source, view) (optional) -> fixes up a view made on the Python path
+  //   native_ops (optional) -> a capsule of NativeTensorOps, see Note [Native tensor ops]
   PyStager(StagingOptions options, bool use_cuda, nb::object adapter)
       : adapter_(std::move(adapter)),
         stager_(options, use_cuda ? CudaRuntime::instance() : CudaRuntime::unavailable("CUDA disabled by the caller")) {
@@ -100,6 +105,17 @@ class PyStager {
       as_strided_ = adapter_.attr("as_strided");
       view_dtype_ = adapter_.attr("view_dtype");
     }
+    if (nb::hasattr(adapter_, "native_ops")) {
+      nb::object capsule = adapter_.attr("native_ops");
+      if (!capsule.is_none()) {
+        native_ops_ = static_cast<const python::NativeTensorOps*>(
+            PyCapsule_GetPointer(capsule.ptr(), python::kNativeTensorOpsCapsule));
+        if (!native_ops_) throw nb::python_error();
+        native_ops_owner_ = std::move(capsule);
+      }
+    }
+    copy_attributes_ = nb::hasattr(adapter_, "copy_attributes") && nb::cast<bool>(adapter_.attr("copy_attributes"));
+    if (nb::hasattr(adapter_, "finish_view")) finish_view_ = adapter_.attr("finish_view");
     describe_ = adapter_.attr("describe");
     wrap_storage_ = adapter_.attr("wrap_storage");
     make_view_ = adapter_.attr("make_view");
@@ -243,6 +259,10 @@ class PyStager {
     } else if (PyTuple_Check(p)) {
       dst = Value::tuple();
       stack.push_back({obj, &dst});
+    } else if (python::NativeTensorDescription d; native_ops_ && describe_natively(p, d)) {
+      dst = Value(make_source_tensor(d.storage_data, d.storage_nbytes, d.device_type, d.device_index,
+                                     static_cast<DType>(d.dtype), Dims(std::span<const int64_t>(d.shape, static_cast<size_t>(d.ndim))),
+                                     Dims(std::span<const int64_t>(d.strides, static_cast<size_t>(d.ndim))), d.storage_offset));
     } else if (tensor_type_.is_valid() && PyObject_TypeCheck(p, reinterpret_cast<PyTypeObject*>(tensor_type_.ptr()))) {
       dst = Value(to_tensor_fast(obj));
     } else if (nb::cast<bool>(is_tensor_(obj))) {
@@ -265,6 +285,12 @@ class PyStager {
     v.append(Value(static_cast<int64_t>(opaque_.size())));
     opaque_.push_back(nb::borrow(obj));
     return v;
+  }
+
+  bool describe_natively(PyObject* obj, python::NativeTensorDescription& d) const {
+    const int described = native_ops_->describe(obj, &d);
+    if (described < 0) throw nb::python_error();
+    return described == 1;
   }
 
   // The torch path: attribute calls from C++ instead of a Python function per tensor.
@@ -290,25 +316,25 @@ class PyStager {
     nb::object shape_t = obj.attr(names_.shape);
     nb::object strides_t = call_method(obj, names_.stride);
     const auto offset = static_cast<int64_t>(as_integer(call_method(obj, names_.storage_offset)));
-    return make_source_tensor(data, nbytes, device < 0 ? 0 : 1, std::max(device, 0), dtype_it->second, shape_t,
-                              strides_t, offset);
+    return make_source_tensor(data, nbytes, device < 0 ? 0 : 1, std::max(device, 0), dtype_it->second,
+                              dims_from_tuple(shape_t), dims_from_tuple(strides_t), offset);
+  }
+
+  static Dims dims_from_tuple(nb::handle tuple) {
+    if (!PyTuple_Check(tuple.ptr())) throw Error(ErrorCode::kInvalidArgument, "tensor shape and strides must be tuples");
+    const Py_ssize_t rank = PyTuple_GET_SIZE(tuple.ptr());
+    Dims dims;
+    dims.resize(static_cast<size_t>(rank));
+    for (Py_ssize_t i = 0; i < rank; ++i) dims[i] = PyLong_AsLongLong(PyTuple_GET_ITEM(tuple.ptr(), i));
+    if (PyErr_Occurred()) throw nb::python_error();
+    return dims;
   }
 
   Tensor make_source_tensor(uintptr_t data, uint64_t nbytes, int device_type, int device_index, DType dtype,
-                            nb::handle shape_t, nb::handle strides_t, int64_t offset) {
-    if (!PyTuple_Check(shape_t.ptr()) || !PyTuple_Check(strides_t.ptr()) ||
-        PyTuple_GET_SIZE(strides_t.ptr()) != PyTuple_GET_SIZE(shape_t.ptr())) {
-      throw Error(ErrorCode::kInvalidArgument, "tensor shape and strides must be tuples of one length");
+                            Dims shape, Dims strides, int64_t offset) {
+    if (shape.size() != strides.size()) {
+      throw Error(ErrorCode::kInvalidArgument, "tensor shape and strides must have one length");
     }
-    const Py_ssize_t rank = PyTuple_GET_SIZE(shape_t.ptr());
-    Dims shape, strides;
-    shape.resize(static_cast<size_t>(rank));
-    strides.resize(static_cast<size_t>(rank));
-    for (Py_ssize_t i = 0; i < rank; ++i) {
-      shape[i] = PyLong_AsLongLong(PyTuple_GET_ITEM(shape_t.ptr(), i));
-      strides[i] = PyLong_AsLongLong(PyTuple_GET_ITEM(strides_t.ptr(), i));
-    }
-    if (PyErr_Occurred()) throw nb::python_error();
     const StorageKey key{device_type, device_index, data, nbytes};
     auto [it, inserted] = storages_.try_emplace(key);
     if (inserted) {
@@ -325,8 +351,8 @@ class PyStager {
     const auto nbytes = nb::cast<uint64_t>(d[1]);
     const auto dtype = dtype_from_name(nb::cast<std::string>(d[4]));
     if (!dtype) throw Error(ErrorCode::kInvalidArgument, "unsupported dtype " + nb::cast<std::string>(d[4]));
-    return make_source_tensor(data, nbytes, nb::cast<int>(d[2]), nb::cast<int>(d[3]), *dtype, d[5], d[6],
-                              nb::cast<int64_t>(d[7]));
+    return make_source_tensor(data, nbytes, nb::cast<int>(d[2]), nb::cast<int>(d[3]), *dtype, dims_from_tuple(d[5]),
+                              dims_from_tuple(d[6]), nb::cast<int64_t>(d[7]));
   }
 
   // Framework storages (and wrappers of staged buffers) not used by the latest call are
@@ -428,6 +454,14 @@ class PyStager {
     }
     it->second.last_seen = epoch_;
     WrappedStorage& wrapped = it->second;
+    if (python::NativeTensorDescription d; native_ops_ && describe_natively(src.ptr(), d)) {
+      PyObject* view = native_ops_->make_view(wrapped.py_storage.ptr(), src.ptr(), static_cast<int32_t>(t.dim()),
+                                              t.shape().data(), t.strides().data(), t.storage_offset());
+      if (!view) throw nb::python_error();
+      nb::object out = nb::steal(view);
+      copy_tensor_attributes(src, out);
+      return out;
+    }
     nb::tuple shape = nb::steal<nb::tuple>(PyTuple_New(static_cast<Py_ssize_t>(t.dim())));
     nb::tuple strides = nb::steal<nb::tuple>(PyTuple_New(static_cast<Py_ssize_t>(t.dim())));
     for (size_t i = 0; i < t.dim(); ++i) {
@@ -445,11 +479,11 @@ class PyStager {
       PyObject* result = PyObject_Vectorcall(as_strided_.ptr(), args, 4, nullptr);
       if (!result) throw nb::python_error();
       nb::object out = nb::steal(result);
-      copy_tensor_attributes(src, out);
+      finish_view(src, out);
       return out;
     }
     nb::object out = make_view_(wrapped.py_storage, src, shape, strides, t.storage_offset());
-    copy_tensor_attributes(src, out);
+    finish_view(src, out);
     return out;
   }
 
@@ -464,8 +498,15 @@ class PyStager {
     uint64_t last_seen = 0;
   };
 
+  // The Python path's last step: the adapter's finish_view (if any), then the attributes.
+  void finish_view(nb::handle src, nb::handle out) {
+    if (finish_view_.is_valid()) finish_view_(src, out);
+    copy_tensor_attributes(src, out);
+  }
+
   // Python attributes set on a source tensor are deep-copied onto the staged one, as upstream.
   void copy_tensor_attributes(nb::handle src, nb::handle out) {
+    if (!copy_attributes_) return;
     PyObject** dict_ptr = _PyObject_GetDictPtr(src.ptr());
     if (!dict_ptr || !*dict_ptr || PyDict_Size(*dict_ptr) == 0) return;
     PyObject *key, *value;
@@ -481,6 +522,10 @@ class PyStager {
         get_device{"get_device"}, shape{"shape"}, stride{"stride"}, storage_offset{"storage_offset"};
   } names_;
   nb::object tensor_type_, as_strided_, view_dtype_;
+  const python::NativeTensorOps* native_ops_ = nullptr;
+  nb::object finish_view_;
+  bool copy_attributes_ = false;
+  nb::object native_ops_owner_;  // the capsule (and module) that native_ops_ points into
   std::unordered_map<PyObject*, DType> dtype_codes_;
   std::vector<nb::object> fast_dtypes_;  // keeps the dtype objects keyed above alive
 

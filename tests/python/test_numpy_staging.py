@@ -44,3 +44,34 @@ def test_negative_strides_are_rejected_with_advice():
 def test_budget_exceeded_is_a_memory_error():
     with fastdcp.Stager(memory_budget_bytes=1 << 20) as stager, pytest.raises(MemoryError, match="budget"):
         stager.stage({"a": np.zeros(1 << 20)})
+
+
+class Producer:
+    """A minimal DLPack producer that is not a numpy array."""
+
+    def __init__(self, array, device=(1, 0)):
+        self._array, self._device = array, device
+
+    def __dlpack__(self, **kwargs):
+        return self._array.__dlpack__(**kwargs)
+
+    def __dlpack_device__(self):
+        return self._device
+
+
+def test_any_dlpack_producer_is_staged_as_numpy():
+    import torch
+
+    base = torch.arange(60, dtype=torch.float32).reshape(6, 10)
+    tree = {"torch": base[:, ::3], "producer": Producer(np.arange(12, dtype=np.int16).reshape(3, 4).T)}
+    with fastdcp.Stager() as stager:
+        staged = stager.stage(tree)
+        base += 1  # staged copies are independent of the sources
+    np.testing.assert_array_equal(staged["torch"], (base - 1)[:, ::3].numpy())
+    assert staged["torch"].strides == (40, 12)
+    np.testing.assert_array_equal(staged["producer"], np.arange(12, dtype=np.int16).reshape(3, 4).T)
+
+
+def test_dlpack_producer_on_a_device_is_a_clear_error():
+    with fastdcp.Stager() as stager, pytest.raises(ValueError, match=r"Producer on DLPack device \(2, 0\).*fastdcp.torch"):
+        stager.stage({"x": Producer(np.zeros(3), device=(2, 0))})

@@ -1,6 +1,7 @@
 """Property test: on random nested state dicts with random views of shared bases, fastdcp.torch's
 stager agrees with torch's own, value by value and storage by storage."""
 
+import pytest
 import torch
 import torch.distributed.checkpoint._experimental.staging as upstream
 from hypothesis import HealthCheck, given, settings
@@ -8,6 +9,8 @@ from hypothesis import strategies as st
 
 from fastdcp.torch import CheckpointStagerConfig, DefaultStager
 from test_torch_staging import CPU, assert_same_staging
+
+pytestmark = pytest.mark.usefixtures("tensor_path")
 
 DTYPES = [torch.float32, torch.bfloat16, torch.int64, torch.uint8, torch.bool, torch.complex64]
 

@@ -16,6 +16,9 @@ from fastdcp.torch.staging import CheckpointStager
 from fastdcp.torch.types import STATE_DICT
 from fastdcp.torch.utils import wrap_future as wrap_future_from_module
 
+# Every test runs on both tensor paths (see conftest.py).
+pytestmark = pytest.mark.usefixtures("tensor_path")
+
 CPU = dict(use_pinned_memory=False, use_shared_memory=False, use_async_staging=False, use_non_blocking_copy=False)
 
 
@@ -318,3 +321,25 @@ def test_uncopyable_value_is_named_by_its_key_path():
     sd = {"optim": {"param_groups": [{"lr": 0.1, "hook": Uncopyable()}]}}
     with ours() as stager, pytest.raises(TypeError, match=r"optim\.param_groups\[0\]\.hook"):
         stager.stage(sd)
+
+
+def test_conjugated_and_negated_views_stay_lazy_where_torch_drops_the_bits():
+    z = torch.randn(4, dtype=torch.complex64)
+    source = {"z": z, "conj": z.conj(), "neg": z.conj().imag}
+    with ours() as stager:
+        staged = stager.stage(source)
+    for key, tensor in source.items():
+        assert staged[key].is_conj() == tensor.is_conj() and staged[key].is_neg() == tensor.is_neg(), key
+        assert torch.equal(staged[key], tensor), key
+    # torch's own stager returns the unconjugated values: the defect this fixes.
+    assert not torch.equal(theirs().stage(source)["conj"], z.conj())
+
+
+def test_native_tensor_ops_are_used_only_with_the_torch_they_were_built_for(monkeypatch):
+    from fastdcp import _torch_C
+    from fastdcp.torch import _adapter
+
+    assert _torch_C.torch_version == torch.__version__
+    assert _adapter._native_ops() is not None
+    monkeypatch.setattr(_torch_C, "torch_version", "0.0.0")
+    assert _adapter._native_ops() is None

@@ -20,6 +20,17 @@ _NAMES = {
 _RAW_BY_WIDTH = {1: "U8", 2: "U16", 4: "U32", 8: "U64", 16: "C128"}
 
 
+def _native_ops():
+    """The native tensor ops of fastdcp._torch_C, if it was built for this very torch (see Note
+    [Native tensor ops] in python/src/native_tensor_ops.h); otherwise None, and tensors are read
+    and built through torch's Python API."""
+    try:
+        from fastdcp import _torch_C
+    except ImportError:
+        return None
+    return _torch_C.ops if _torch_C.torch_version == torch.__version__ else None
+
+
 class TorchAdapter:
     rebuild_container = staticmethod(_rebuild_container)
     deepcopy = staticmethod(copy.deepcopy)
@@ -30,6 +41,16 @@ class TorchAdapter:
     tensor_type = torch.Tensor
     dtype_names = _NAMES
     as_strided = staticmethod(torch.as_strided)
+    native_ops = _native_ops()
+    copy_attributes = True  # a tensor's Python attributes are deep-copied onto its staged copy
+
+    @staticmethod
+    def finish_view(source, view):
+        # A lazily conjugated or negated view stays one (torch's own stager drops these bits).
+        if source.is_conj():
+            torch._C._set_conj(view, True)
+        if source.is_neg():
+            torch._C._set_neg(view, True)
 
     @staticmethod
     def view_dtype(byte_tensor, dtype):

@@ -1,0 +1,133 @@
+// fastdcp._torch_C: native describe/make_view for torch tensors. See Note [Native tensor ops] in
+// native_tensor_ops.h. Built against the torch found at build time; the Python adapter uses it only
+// with that exact torch version.
+
+#include <torch/csrc/autograd/python_variable.h>
+
+#include <optional>
+
+#include "fastdcp/tensor/dtype.h"
+#include "native_tensor_ops.h"
+
+namespace {
+
+using fastdcp::DType;
+using fastdcp::python::NativeTensorDescription;
+using fastdcp::python::NativeTensorOps;
+
+// torch dtypes without a fastdcp name travel as raw bytes of their width; the staged view gets the
+// source's own dtype back (make_view reads it from the source).
+std::optional<DType> fastdcp_dtype(const at::Tensor& t) {
+  switch (t.scalar_type()) {
+    case at::kBool: return DType::kBool;
+    case at::kByte: return DType::kU8;
+    case at::kChar: return DType::kI8;
+    case at::kShort: return DType::kI16;
+    case at::kUInt16: return DType::kU16;
+    case at::kInt: return DType::kI32;
+    case at::kUInt32: return DType::kU32;
+    case at::kLong: return DType::kI64;
+    case at::kUInt64: return DType::kU64;
+    case at::kHalf: return DType::kF16;
+    case at::kBFloat16: return DType::kBF16;
+    case at::kFloat: return DType::kF32;
+    case at::kDouble: return DType::kF64;
+    case at::kComplexFloat: return DType::kC64;
+    case at::kComplexDouble: return DType::kC128;
+    case at::kFloat8_e4m3fn: return DType::kF8_E4M3;
+    case at::kFloat8_e5m2: return DType::kF8_E5M2;
+    case at::kFloat8_e4m3fnuz: return DType::kF8_E4M3FNUZ;
+    case at::kFloat8_e5m2fnuz: return DType::kF8_E5M2FNUZ;
+    case at::kFloat8_e8m0fnu: return DType::kF8_E8M0;
+    default: break;
+  }
+  switch (t.element_size()) {
+    case 1: return DType::kU8;
+    case 2: return DType::kU16;
+    case 4: return DType::kU32;
+    case 8: return DType::kU64;
+    case 16: return DType::kC128;
+    default: return std::nullopt;
+  }
+}
+
+int describe(PyObject* obj, NativeTensorDescription* out) {
+  try {
+    if (!THPVariable_Check(obj)) return 0;
+    const at::Tensor& t = THPVariable_Unpack(obj);
+    // Anything but a plain strided tensor with its own storage goes through the adapter, which
+    // gives these cases the same treatment as before this module existed.
+    if (!t.defined() || t.layout() != at::kStrided || !t.has_storage() || t.is_quantized() ||
+        t.key_set().has(c10::DispatchKey::Python)) {
+      return 0;
+    }
+    if (t.is_cpu()) {
+      out->device_type = 0;
+      out->device_index = 0;
+    } else if (t.is_cuda()) {
+      out->device_type = 1;
+      out->device_index = t.get_device();
+    } else {
+      return 0;
+    }
+    const std::optional<DType> dtype = fastdcp_dtype(t);
+    if (!dtype) return 0;
+    const c10::Storage& storage = t.storage();
+    out->storage_data = reinterpret_cast<uintptr_t>(storage.data());
+    out->storage_nbytes = storage.nbytes();
+    out->dtype = static_cast<int32_t>(*dtype);
+    out->ndim = static_cast<int32_t>(t.dim());
+    out->shape = t.sizes().data();
+    out->strides = t.strides().data();
+    out->storage_offset = t.storage_offset();
+    return 1;
+  } catch (const std::exception& e) {
+    PyErr_SetString(PyExc_RuntimeError, e.what());
+    return -1;
+  }
+}
+
+PyObject* make_view(PyObject* byte_tensor, PyObject* source, int32_t ndim, const int64_t* shape,
+                    const int64_t* strides, int64_t storage_offset) {
+  try {
+    if (!THPVariable_Check(byte_tensor) || !THPVariable_Check(source)) {
+      PyErr_SetString(PyExc_TypeError, "fastdcp._torch_C.make_view expects torch tensors");
+      return nullptr;
+    }
+    const at::Tensor& bytes = THPVariable_Unpack(byte_tensor);
+    const at::Tensor& src = THPVariable_Unpack(source);
+    // As at::empty does for CPU tensors: a TensorImpl over an existing storage, without a dispatch.
+    c10::Storage storage = bytes.storage();
+    auto impl = c10::make_intrusive<c10::TensorImpl>(std::move(storage), c10::DispatchKeySet(c10::DispatchKey::CPU),
+                                                     src.dtype());
+    impl->set_sizes_and_strides(c10::IntArrayRef(shape, static_cast<size_t>(ndim)),
+                                c10::IntArrayRef(strides, static_cast<size_t>(ndim)), storage_offset);
+    // A lazily conjugated or negated view stays one (torch's own stager drops these bits).
+    impl->_set_conj(src.is_conj());
+    impl->_set_neg(src.is_neg());
+    return THPVariable_Wrap(at::Tensor(std::move(impl)));
+  } catch (const std::exception& e) {
+    PyErr_SetString(PyExc_RuntimeError, e.what());
+    return nullptr;
+  }
+}
+
+constexpr NativeTensorOps kOps{&describe, &make_view};
+
+PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_torch_C", "Native torch tensor access for fastdcp's stager.",
+                          -1, nullptr, nullptr, nullptr, nullptr, nullptr};
+
+}  // namespace
+
+PyMODINIT_FUNC PyInit__torch_C() {
+  PyObject* module = PyModule_Create(&module_def);
+  if (!module) return nullptr;
+  PyObject* ops = PyCapsule_New(const_cast<NativeTensorOps*>(&kOps), fastdcp::python::kNativeTensorOpsCapsule, nullptr);
+  if (!ops || PyModule_AddObject(module, "ops", ops) != 0 ||
+      PyModule_AddStringConstant(module, "torch_version", FASTDCP_TORCH_VERSION) != 0) {
+    Py_XDECREF(ops);
+    Py_DECREF(module);
+    return nullptr;
+  }
+  return module;
+}
