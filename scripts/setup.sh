@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs what fastdcp needs to build and test, where it is missing: a C++20 compiler, CMake,
-# Ninja, GoogleTest and Google Benchmark. Idempotent; needs root (or sudo) only to install.
+# Ninja, GoogleTest, Google Benchmark, nlohmann-json and ISA-L. Idempotent; needs root (or sudo)
+# only to install.
 set -euo pipefail
 
 need_apt=()
@@ -10,6 +11,8 @@ command -v ninja >/dev/null || need_apt+=(ninja-build)
 [ -f /usr/include/gtest/gtest.h ] || need_apt+=(libgtest-dev)
 [ -f /usr/include/gmock/gmock.h ] || need_apt+=(libgmock-dev)
 [ -f /usr/include/benchmark/benchmark.h ] || need_apt+=(libbenchmark-dev)
+[ -f /usr/include/nlohmann/json.hpp ] || need_apt+=(nlohmann-json3-dev)
+[ -f /usr/include/isa-l/crc.h ] || need_apt+=(libisal-dev)
 
 if [ ${#need_apt[@]} -gt 0 ]; then
   echo "fastdcp setup: installing ${need_apt[*]}"

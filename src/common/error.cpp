@@ -12,6 +12,8 @@ const char* to_string(ErrorCode code) noexcept {
     case ErrorCode::kUnavailable: return "unavailable";
     case ErrorCode::kCudaError: return "CUDA error";
     case ErrorCode::kIoError: return "I/O error";
+    case ErrorCode::kNotFound: return "not found";
+    case ErrorCode::kDataLoss: return "data loss";
     case ErrorCode::kCancelled: return "cancelled";
     case ErrorCode::kInternal: return "internal error";
   }

@@ -1,5 +1,8 @@
 #include "fastdcp/tensor/tensor.h"
 
+#include <cstring>
+#include <vector>
+
 #include <sstream>
 
 #include "fastdcp/common/error.h"
@@ -109,6 +112,49 @@ std::string Tensor::describe() const {
   out << dtype_name(dtype_) << dims_str(shape_) << " strides " << dims_str(strides_) << " offset "
       << storage_offset_ << " on " << storage_.device().str();
   return out.str();
+}
+
+void copy_tensor(const Tensor& dst, const Tensor& src) {
+  if (dst.dtype() != src.dtype() || dst.shape() != src.shape() || !dst.device().is_cpu() || !src.device().is_cpu()) {
+    throw Error(ErrorCode::kInvalidArgument, "copy_tensor: cannot copy " + src.describe() + " into " + dst.describe());
+  }
+  if (src.numel() == 0) return;
+  if (dst.is_contiguous() && src.is_contiguous()) {
+    std::memmove(dst.data_ptr(), src.data_ptr(), src.nbytes());
+    return;
+  }
+  if (dtype_is_sub_byte(src.dtype())) throw Error(ErrorCode::kInvalidArgument, "copy_tensor: sub-byte dtypes must be contiguous");
+  // An odometer over all dimensions but the last; the last is a strided run of elements.
+  const size_t item = static_cast<size_t>(dtype_bits(src.dtype()) / 8);
+  const size_t rank = src.dim();
+  const int64_t inner = src.shape()[rank - 1];
+  const int64_t src_step = src.strides()[rank - 1] * static_cast<int64_t>(item);
+  const int64_t dst_step = dst.strides()[rank - 1] * static_cast<int64_t>(item);
+  std::vector<int64_t> index(rank, 0);
+  auto* s0 = static_cast<const char*>(src.data_ptr());
+  auto* d0 = static_cast<char*>(dst.data_ptr());
+  while (true) {
+    int64_t s_off = 0, d_off = 0;
+    for (size_t k = 0; k + 1 < rank; ++k) {
+      s_off += index[k] * src.strides()[k] * static_cast<int64_t>(item);
+      d_off += index[k] * dst.strides()[k] * static_cast<int64_t>(item);
+    }
+    const char* s = s0 + s_off;
+    char* d = d0 + d_off;
+    if (src_step == static_cast<int64_t>(item) && dst_step == static_cast<int64_t>(item)) {
+      std::memcpy(d, s, static_cast<size_t>(inner) * item);
+    } else {
+      for (int64_t i = 0; i < inner; ++i) std::memcpy(d + i * dst_step, s + i * src_step, item);
+    }
+    size_t k = rank - 1;
+    while (k > 0) {
+      --k;
+      if (++index[k] < src.shape()[k]) break;
+      index[k] = 0;
+      if (k == 0) return;
+    }
+    if (rank == 1) return;
+  }
 }
 
 }  // namespace fastdcp

@@ -19,6 +19,8 @@ enum class ErrorCode {
   kUnavailable,         // an optional facility (CUDA, a device) is absent
   kCudaError,           // a CUDA runtime call failed (names the call and the code)
   kIoError,             // an operating-system call failed (names the call and errno)
+  kNotFound,            // a checkpoint, rank file or key that should exist does not (names it)
+  kDataLoss,            // stored data is truncated or corrupt (names the file, tensor and chunk)
   kCancelled,           // the work was abandoned before it ran
   kInternal,            // a broken invariant inside fastdcp
 };

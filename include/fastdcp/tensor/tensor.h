@@ -52,6 +52,9 @@ class Tensor {
 };
 
 Dims contiguous_strides(const Dims& shape);
+// Copies src's elements into dst (CPU tensors of one dtype and shape, any strides, not
+// overlapping); Error(kInvalidArgument) naming both otherwise.
+void copy_tensor(const Tensor& dst, const Tensor& src);
 // [begin, end) bytes that a view touches, relative to the start of its storage.
 std::pair<uint64_t, uint64_t> view_byte_extent(DType dtype, const Dims& shape, const Dims& strides,
                                                int64_t storage_offset);

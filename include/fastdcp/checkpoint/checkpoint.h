@@ -1,0 +1,132 @@
+#pragma once
+// Writing and reading checkpoints: one directory, one safetensors-compatible data file per rank,
+// and a manifest written last that commits them (docs/format.md).
+//
+// Note [Commit protocol]
+// A save picks generation g = (the committed manifest's generation) + 1, the same on every rank
+// since they read the same manifest. Each rank writes checkpoint_<rank>.g<g>.safetensors, fsyncs
+// it, and writes a receipt (rank_<rank>.g<g>.json: its file's size and header checksum). After
+// pre_commit and the barrier, the committing rank (rank 0) waits for every receipt, then writes
+// manifest.json under a temporary name, fsyncs it, renames it into place and fsyncs the
+// directory: that rename is the commit. Only then are the files of earlier generations removed.
+// A crash at any moment leaves either the previous manifest with all its files, or the new one
+// with all of its own; files no manifest names are never read, and the next save removes them.
+
+#include <chrono>
+#include <functional>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "fastdcp/format/manifest.h"
+#include "fastdcp/tensor/value.h"
+
+namespace fastdcp {
+
+struct RankInfo {
+  int global_rank = 0;
+  int global_world_size = 1;
+};
+
+// What upstream calls a barrier: every rank calls execute(); it returns once all did, or throws.
+class Barrier {
+ public:
+  virtual ~Barrier() = default;
+  virtual void execute(std::chrono::milliseconds timeout) = 0;
+};
+
+// Called around the commit on every rank, with the checkpoint directory.
+class WriterHook {
+ public:
+  virtual ~WriterHook() = default;
+  virtual void pre_commit(const std::string& path) = 0;
+  virtual void post_commit(const std::string& path) = 0;
+};
+
+struct WriterOptions {
+  // Replacing a committed checkpoint must be asked for; the old one stays loadable until the
+  // new one is committed.
+  bool overwrite = false;
+  // Threads writing (and checksumming) in parallel; 0: one per core, at least 2.
+  int io_threads = 0;
+  // O_DIRECT writes through aligned bounce buffers, bypassing the page cache.
+  bool direct_io = false;
+  // How long the barrier, and the committing rank's wait for every rank's receipt, may take.
+  std::chrono::milliseconds barrier_timeout = std::chrono::seconds(600);
+};
+
+struct WriteStats {
+  uint64_t bytes_written = 0;  // this rank's file
+  double seconds_data = 0;     // writing and syncing the data file
+  double seconds_total = 0;    // including the commit
+  std::string file;            // this rank's data file
+};
+
+class CheckpointWriter {
+ public:
+  explicit CheckpointWriter(RankInfo rank = {}, WriterOptions options = {}, std::shared_ptr<Barrier> barrier = nullptr,
+                            std::shared_ptr<WriterHook> hook = nullptr);
+
+  // Writes `state_dict` (CPU tensors: staged ones) as this rank's part of the checkpoint at `path`
+  // and commits it; see Note [Commit protocol]. On failure nothing is committed and the previous
+  // checkpoint at `path`, if any, is untouched.
+  WriteStats write(const std::string& path, const Value& state_dict);
+
+  const RankInfo& rank() const { return rank_; }
+  const WriterOptions& options() const { return options_; }
+
+ private:
+  RankInfo rank_;
+  WriterOptions options_;
+  std::shared_ptr<Barrier> barrier_;
+  std::shared_ptr<WriterHook> hook_;
+};
+
+struct ReadOptions {
+  bool verify_checksums = true;
+  int io_threads = 0;  // 0: one per core, at least 2
+  // Full loads only: tensors view a private, copy-on-write mapping of the file instead of being
+  // read into memory (checksums, if verified, read every page once).
+  bool use_mmap = false;
+};
+
+struct LoadResult {
+  std::vector<std::string> missing_keys;     // in the target, not in the checkpoint
+  std::vector<std::string> unexpected_keys;  // in the checkpoint, not in the target
+};
+
+// Reads `<path>/manifest.json`; Error(kNotFound) for a missing directory, Error(kFailedPrecondition)
+// for a directory without a committed checkpoint, Error(kDataLoss) for a damaged manifest.
+Manifest read_manifest(const std::string& path);
+
+class CheckpointReader {
+ public:
+  explicit CheckpointReader(RankInfo rank = {}, ReadOptions options = {});
+
+  // The whole state dict this rank saved.
+  Value read(const std::string& path) const;
+
+  // Fills `target` in place: every tensor in it whose key path the checkpoint has receives the
+  // saved values (shape and dtype must match; non-contiguous targets are fine); other leaves are
+  // replaced by the saved ones. With `strict`, any missing or unexpected key or any mismatch is an
+  // error raised before anything in `target` changes.
+  LoadResult read_into(const std::string& path, Value& target, bool strict = false) const;
+
+ private:
+  RankInfo rank_;
+  ReadOptions options_;
+};
+
+struct VerifyReport {
+  int files = 0;
+  uint64_t bytes = 0;
+  uint64_t chunks = 0;
+};
+// Checks every rank's file against the manifest and every chunk's checksum; throws
+// Error(kDataLoss) naming the first damaged file, tensor and chunk. `progress(done, total)` is
+// called as bytes are checked.
+VerifyReport verify_checkpoint(const std::string& path,
+                               const std::function<void(uint64_t, uint64_t)>& progress = {});
+
+
+}  // namespace fastdcp

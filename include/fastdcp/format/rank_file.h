@@ -1,0 +1,117 @@
+#pragma once
+// One rank's data file: a safetensors file whose __metadata__ also carries what safetensors
+// cannot say (the state-dict tree, views and aliasing, chunk checksums). Specified in
+// docs/format.md.
+//
+// Note [Rank file layout]
+// Every storage of the staged state dict becomes one safetensors entry. A storage seen through
+// exactly one tensor that covers it whole and contiguously, with a dtype safetensors knows, is a
+// "plain" entry named by the tensor's flattened key path, with its real dtype and shape: other
+// tools read it as they would any safetensors file. Every other storage (views, aliasing,
+// non-contiguous tensors, dtypes safetensors lacks) is a raw U8 entry named
+// "__fastdcp__.storage.<id>", and the tree says which views it holds. Tensor data starts at a
+// 4096-byte aligned file offset (the header is padded with spaces, which JSON allows); raw entries
+// come first, each padded to 64 bytes, then plain entries by element size, largest first, so that
+// every entry is aligned to its element size and safetensors' rule that entries tile the data
+// without gaps holds. Checksums are CRC32C per 4 MiB chunk of each entry, stored as fixed-width hex
+// so that the header can be rendered before the data is written and patched after.
+
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include "fastdcp/tensor/value.h"
+
+namespace fastdcp {
+
+inline constexpr int kRankFileFormatVersion = 1;
+inline constexpr uint64_t kChecksumChunkBytes = uint64_t{4} << 20;
+inline constexpr uint64_t kDataAlignment = 4096;
+// A header longer than this is refused before it is read (safetensors' own limit is 100 MB).
+inline constexpr uint64_t kMaxHeaderBytes = uint64_t{1} << 30;
+
+// One stored byte range: a storage of the state dict.
+struct StoredEntry {
+  std::string name;  // the safetensors key
+  DType dtype;       // as stored: the tensor's dtype for plain entries, U8 for raw ones
+  Dims shape;
+  uint64_t begin = 0;   // [begin, end): offsets from the start of the data, as safetensors' data_offsets
+  uint64_t end = 0;
+  uint64_t nbytes = 0;  // the storage's own size (raw entries are padded beyond it)
+  std::vector<uint32_t> chunk_crc32c;  // one per kChecksumChunkBytes of [begin, begin + nbytes)
+
+  size_t num_chunks() const { return static_cast<size_t>((nbytes + kChecksumChunkBytes - 1) / kChecksumChunkBytes); }
+};
+
+// The plan for writing one rank file: the header (rendered with zero checksums until
+// set_checksums) and, per entry, the storage whose bytes go there.
+class RankFilePlan {
+ public:
+  // Throws Error(kInvalidArgument) naming the key path of a value the format cannot hold (a
+  // non-finite number is fine; a string that is not UTF-8 is not).
+  static RankFilePlan make(const Value& state_dict);
+
+  const std::vector<StoredEntry>& entries() const { return entries_; }
+  const std::vector<Storage>& storages() const { return storages_; }  // parallel to entries()
+  uint64_t data_offset() const { return header_.size(); }  // the 8-byte length prefix included
+  uint64_t file_size() const { return data_offset() + data_size_; }
+  // The file's first data_offset() bytes.
+  const std::string& header() const { return header_; }
+  // Patches the checksums of `entry` into the header (crcs.size() == entries()[entry].num_chunks()).
+  void set_checksums(size_t entry, const std::vector<uint32_t>& crcs);
+
+ private:
+  std::vector<StoredEntry> entries_;
+  std::vector<Storage> storages_;
+  std::string header_;
+  uint64_t data_size_ = 0;
+  uint64_t checksums_at_ = 0;  // offset in header_ of the first hex digit of the checksums
+};
+
+// A parsed rank file header. Parsing checks everything the format promises (types, offsets inside
+// the file, entries tiling the data, views inside their storages) and throws Error(kDataLoss)
+// naming the file and what is wrong, or Error(kFailedPrecondition) for a newer format version.
+class RankFileHeader {
+ public:
+  // Reads the 8-byte length, then the header: `read(offset, size)` returns file bytes.
+  template <class ReadFn>
+  static RankFileHeader read(ReadFn&& read, uint64_t file_size, const std::string& file_name);
+  // Parses the JSON that follows the 8-byte length prefix.
+  static RankFileHeader parse(std::string_view json, uint64_t file_size, const std::string& file_name);
+
+  RankFileHeader(RankFileHeader&&) noexcept;
+  RankFileHeader& operator=(RankFileHeader&&) noexcept;
+  ~RankFileHeader();
+
+  int format_version() const;
+  const std::vector<StoredEntry>& entries() const;
+  uint64_t data_offset() const;
+  // The state dict, with tensors viewing storages[i] for entry i (each at least entries()[i].nbytes).
+  Value build_tree(const std::vector<Storage>& storages) const;
+  // The same tree, tensors described but not loaded: each tensor is replaced by a dict
+  // {"dtype", "shape", "strides", "offset", "entry"}, for inspection.
+  Value describe_tree() const;
+
+  struct Impl;  // defined in rank_file.cpp
+
+ private:
+  explicit RankFileHeader(std::unique_ptr<Impl> impl);
+  std::unique_ptr<Impl> impl_;
+};
+
+// Reads the 8-byte little-endian header length and checks it against the file size.
+uint64_t parse_header_length(const unsigned char (&prefix)[8], uint64_t file_size, const std::string& file_name);
+
+template <class ReadFn>
+RankFileHeader RankFileHeader::read(ReadFn&& read, uint64_t file_size, const std::string& file_name) {
+  unsigned char prefix[8];
+  read(prefix, 0, sizeof prefix);
+  const uint64_t length = parse_header_length(prefix, file_size, file_name);
+  std::string json(length, '\0');
+  read(json.data(), 8, length);
+  return parse(json, file_size, file_name);
+}
+
+}  // namespace fastdcp

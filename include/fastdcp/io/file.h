@@ -1,0 +1,75 @@
+#pragma once
+// Files and directories for checkpoints: an RAII file handle whose every operation either
+// completes fully or throws Error(kIoError) naming the path, the operation and the OS error, and
+// the few directory operations an atomic commit needs.
+//
+// Note [Durable commit]
+// A file is durable once its data was written, fsync'd, renamed into place and its directory
+// fsync'd: a crash before the rename leaves only a temporary name, after it the whole file.
+// fastdcp commits a checkpoint by renaming its manifest into place this way, after every data
+// file it names is durable (docs/format.md).
+
+#include <cstddef>
+#include <cstdint>
+#include <string>
+#include <vector>
+
+namespace fastdcp {
+
+class File {
+ public:
+  enum class Mode {
+    kRead,
+    kCreate,     // write-only; creates or truncates
+    kCreateNew,  // write-only; fails if the file exists
+  };
+  struct Options {
+    bool direct_io = false;  // O_DIRECT: offsets, sizes and buffers aligned to direct_io_alignment()
+  };
+
+  static File open(const std::string& path, Mode mode, Options options);
+  static File open(const std::string& path, Mode mode) { return open(path, mode, Options{}); }
+
+  File() = default;
+  File(File&& other) noexcept;
+  File& operator=(File&& other) noexcept;
+  File(const File&) = delete;
+  File& operator=(const File&) = delete;
+  ~File();
+
+  // Reads exactly `size` bytes at `offset`; a short file is an error naming how much was there.
+  void read_at(void* data, size_t size, uint64_t offset) const;
+  // Writes exactly `size` bytes at `offset` (retrying short writes; ENOSPC and EFBIG are errors
+  // that say the disk or the file-size limit is full).
+  void write_at(const void* data, size_t size, uint64_t offset) const;
+  uint64_t size() const;
+  void truncate(uint64_t size) const;
+  void sync() const;  // fdatasync
+  void close();       // reports a failing close; the destructor closes silently
+
+  int fd() const { return fd_; }
+  const std::string& path() const { return path_; }
+  bool is_open() const { return fd_ >= 0; }
+
+ private:
+  File(int fd, std::string path) : fd_(fd), path_(std::move(path)) {}
+  int fd_ = -1;
+  std::string path_;
+};
+
+// The alignment O_DIRECT needs for files under `directory` (statx STATX_DIOALIGN where the kernel
+// reports it, else 4096).
+size_t direct_io_alignment(const std::string& directory);
+
+bool path_exists(const std::string& path);
+void create_directories(const std::string& path);
+// fsyncs a directory, making renames and creations in it durable.
+void sync_directory(const std::string& path);
+// rename(2): atomic replacement of `to` on one file system.
+void rename_path(const std::string& from, const std::string& to);
+void remove_file(const std::string& path);  // a missing file is not an error
+// Names of the entries of a directory (not . and ..).
+std::vector<std::string> list_directory(const std::string& path);
+std::string join_path(const std::string& directory, const std::string& name);
+
+}  // namespace fastdcp

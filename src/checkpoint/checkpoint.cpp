@@ -1,0 +1,451 @@
+// CheckpointWriter, CheckpointReader and verify_checkpoint. See Note [Commit protocol].
+
+#include "fastdcp/checkpoint/checkpoint.h"
+
+#include <sys/mman.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cstdlib>
+#include <mutex>
+#include <optional>
+#include <thread>
+#include <unordered_map>
+
+#include "checkpoint/rank_file_io.h"
+#include "fastdcp/common/error.h"
+#include "fastdcp/common/parallel.h"
+#include "fastdcp/format/checksum.h"
+#include "fastdcp/io/file.h"
+
+namespace fastdcp {
+namespace {
+
+using Clock = std::chrono::steady_clock;
+
+double seconds_since(Clock::time_point start) {
+  return std::chrono::duration<double>(Clock::now() - start).count();
+}
+
+std::string read_small_file(const std::string& path) {
+  const File file = File::open(path, File::Mode::kRead);
+  std::string text(file.size(), '\0');
+  file.read_at(text.data(), text.size(), 0);
+  return text;
+}
+
+// Writes a small file durably under its final name: temporary name, fsync, rename.
+void write_small_file_atomically(const std::string& directory, const std::string& name, const std::string& text) {
+  const std::string temporary = join_path(directory, "." + name + ".tmp");
+  File file = File::open(temporary, File::Mode::kCreate);
+  file.write_at(text.data(), text.size(), 0);
+  file.sync();
+  file.close();
+  rename_path(temporary, join_path(directory, name));
+}
+
+std::optional<Manifest> committed_manifest(const std::string& path) {
+  const std::string file = join_path(path, kManifestName);
+  if (!path_exists(file)) return std::nullopt;
+  return parse_manifest(read_small_file(file), file);
+}
+
+void check_rank(const RankInfo& rank) {
+  if (rank.global_world_size < 1 || rank.global_rank < 0 || rank.global_rank >= rank.global_world_size) {
+    throw Error(ErrorCode::kInvalidArgument, "invalid rank " + std::to_string(rank.global_rank) + " of world size " +
+                                                 std::to_string(rank.global_world_size));
+  }
+}
+
+// Host memory for a loaded storage, not zeroed (every byte is about to be read into).
+Storage allocate_for_reading(size_t nbytes) {
+  const size_t alignment = nbytes >= (size_t{1} << 20) ? 4096 : 64;
+  const size_t rounded = (std::max<size_t>(nbytes, 1) + alignment - 1) / alignment * alignment;
+  void* data = std::aligned_alloc(alignment, rounded);
+  if (!data) throw Error(ErrorCode::kResourceExhausted, "cannot allocate " + std::to_string(nbytes) + " bytes to load into");
+  std::shared_ptr<void> owner(data, [](void* p) { std::free(p); });
+  return Storage::wrap(data, nbytes, Device::cpu(), std::move(owner));
+}
+
+// An opened, committed rank file: its header checked against the manifest.
+struct OpenedRankFile {
+  File file;
+  RankFileHeader header;
+};
+
+OpenedRankFile open_rank_file(const std::string& path, const Manifest& manifest, int rank) {
+  const ManifestRank& record = manifest.ranks.at(static_cast<size_t>(rank));
+  const std::string file_path = join_path(path, record.file);
+  if (!path_exists(file_path)) {
+    throw Error(ErrorCode::kNotFound, "the data file of rank " + std::to_string(rank) + " is missing: '" + file_path + "'");
+  }
+  File file = File::open(file_path, File::Mode::kRead);
+  const uint64_t size = file.size();
+  if (size != record.size) {
+    throw Error(ErrorCode::kDataLoss, "'" + file_path + "' has " + std::to_string(size) + " bytes; the manifest says " +
+                                          std::to_string(record.size) + " (truncated or replaced)");
+  }
+  std::string head;
+  RankFileHeader header = RankFileHeader::read(
+      [&](void* dst, uint64_t offset, uint64_t n) {
+        file.read_at(dst, n, offset);
+        head.append(static_cast<const char*>(dst), n);
+      },
+      size, file_path);
+  if (crc32c(head.data(), head.size()) != record.header_crc32c) {
+    throw Error(ErrorCode::kDataLoss, "the header of '" + file_path + "' does not match the manifest's checksum");
+  }
+  return {std::move(file), std::move(header)};
+}
+
+}  // namespace
+
+// ---- writing -------------------------------------------------------------------------------
+
+CheckpointWriter::CheckpointWriter(RankInfo rank, WriterOptions options, std::shared_ptr<Barrier> barrier,
+                                   std::shared_ptr<WriterHook> hook)
+    : rank_(rank), options_(options), barrier_(std::move(barrier)), hook_(std::move(hook)) {
+  check_rank(rank_);
+}
+
+WriteStats CheckpointWriter::write(const std::string& path, const Value& state_dict) {
+  const auto start = Clock::now();
+  if (path.empty()) throw Error(ErrorCode::kInvalidArgument, "the checkpoint path is empty");
+  RankFilePlan plan = RankFilePlan::make(state_dict);  // bad values fail before anything is written
+  create_directories(path);
+  const std::optional<Manifest> committed = committed_manifest(path);
+  if (committed && !options_.overwrite) {
+    throw Error(ErrorCode::kFailedPrecondition, "'" + path + "' already holds a committed checkpoint (generation " +
+                                                    std::to_string(committed->generation) +
+                                                    "); pass overwrite=true to replace it");
+  }
+  const uint64_t generation = committed ? committed->generation + 1 : 1;
+  const int rank = rank_.global_rank;
+
+  // This rank's data file: tensor bytes (checksummed on the way), then the header, then fsync.
+  WriteStats stats;
+  stats.file = rank_file_name(rank, generation);
+  {
+    File file = File::open(join_path(path, stats.file), File::Mode::kCreate);
+    const auto crcs = detail::write_entries(file, plan.entries(), plan.storages(), plan.data_offset(),
+                                            resolve_thread_count(options_.io_threads));
+    for (size_t i = 0; i < crcs.size(); ++i) plan.set_checksums(i, crcs[i]);
+    file.write_at(plan.header().data(), plan.header().size(), 0);
+    file.sync();
+    file.close();
+  }
+  stats.bytes_written = plan.file_size();
+  stats.seconds_data = seconds_since(start);
+  const ManifestRank receipt{rank, stats.file, plan.file_size(), crc32c(plan.header().data(), plan.header().size())};
+  write_small_file_atomically(path, receipt_file_name(rank, generation), render_receipt(receipt, generation));
+
+  if (hook_) hook_->pre_commit(path);
+  if (barrier_) barrier_->execute(options_.barrier_timeout);
+  if (rank == 0) {
+    // Every rank's receipt, then the manifest; see Note [Commit protocol].
+    Manifest manifest;
+    manifest.generation = generation;
+    manifest.world_size = rank_.global_world_size;
+    const auto deadline = Clock::now() + options_.barrier_timeout;
+    for (int r = 0; r < rank_.global_world_size; ++r) {
+      const std::string name = join_path(path, receipt_file_name(r, generation));
+      while (!path_exists(name)) {
+        if (Clock::now() > deadline) {
+          throw Error(ErrorCode::kUnavailable, "rank " + std::to_string(r) + " did not finish writing '" + path +
+                                                   "' within the barrier timeout; nothing was committed");
+        }
+        std::this_thread::sleep_for(std::chrono::milliseconds(5));
+      }
+      manifest.ranks.push_back(parse_receipt(read_small_file(name), generation, name));
+    }
+    sync_directory(path);  // every data file's directory entry is durable before the commit
+    write_small_file_atomically(path, kManifestName, render_manifest(manifest));
+    sync_directory(path);
+    // Committed. Files of other generations (the replaced checkpoint, failed saves) go now.
+    for (const std::string& name : list_directory(path)) {
+      const uint64_t g = generation_of(name);
+      const bool receipt_of_this = g == generation && name.starts_with("rank_");
+      if ((g != 0 && g != generation) || receipt_of_this) remove_file(join_path(path, name));
+    }
+  }
+  if (hook_) hook_->post_commit(path);
+  stats.seconds_total = seconds_since(start);
+  return stats;
+}
+
+// ---- reading -------------------------------------------------------------------------------
+
+Manifest read_manifest(const std::string& path) {
+  if (!path_exists(path)) throw Error(ErrorCode::kNotFound, "no checkpoint at '" + path + "': the directory does not exist");
+  std::optional<Manifest> manifest = committed_manifest(path);
+  if (!manifest) {
+    throw Error(ErrorCode::kFailedPrecondition, "'" + path + "' holds no committed checkpoint (no " +
+                                                    std::string(kManifestName) +
+                                                    "): its save did not finish, or it is not a checkpoint");
+  }
+  return std::move(*manifest);
+}
+
+CheckpointReader::CheckpointReader(RankInfo rank, ReadOptions options) : rank_(rank), options_(options) {
+  check_rank(rank_);
+}
+
+namespace {
+
+Manifest manifest_for_rank(const std::string& path, const RankInfo& rank) {
+  Manifest manifest = read_manifest(path);
+  if (manifest.world_size != rank.global_world_size) {
+    throw Error(ErrorCode::kInvalidArgument, "'" + path + "' was written by " + std::to_string(manifest.world_size) +
+                                                 " ranks; it loads on as many ranks, not on " +
+                                                 std::to_string(rank.global_world_size));
+  }
+  return manifest;
+}
+
+// Names an entry in error messages: a plain entry is its tensor; a raw one is named by the key
+// paths of the tensors that view it (found in the described tree: only on the error path).
+std::string describe_entry(const RankFileHeader& header, size_t entry) {
+  const std::string& name = header.entries()[entry].name;
+  if (!name.starts_with("__fastdcp__")) return "tensor '" + name + "'";
+  std::vector<std::string> paths;
+  const Value described = header.describe_tree();
+  std::vector<std::pair<const Value*, std::string>> stack{{&described, ""}};
+  while (!stack.empty()) {
+    auto [v, path] = std::move(stack.back());
+    stack.pop_back();
+    if (v->kind() == Value::Kind::kDict) {
+      const Value* e = v->find("entry");
+      if (e && e->kind() == Value::Kind::kString && e->as_string() == name && v->find("strides")) {
+        paths.push_back(path);
+        continue;
+      }
+      for (const auto& [key, child] : v->entries()) {
+        std::string p = path;
+        append_key_path(p, key);
+        stack.emplace_back(&child, std::move(p));
+      }
+    } else if (v->kind() == Value::Kind::kList || v->kind() == Value::Kind::kTuple) {
+      for (size_t i = 0; i < v->size(); ++i) {
+        std::string p = path;
+        append_index_path(p, i);
+        stack.emplace_back(&v->items()[i], std::move(p));
+      }
+    }
+  }
+  if (paths.empty()) return "storage '" + name + "'";
+  std::sort(paths.begin(), paths.end());
+  std::string out = "tensor '" + paths[0] + "'";
+  if (paths.size() > 1) out += " (and " + std::to_string(paths.size() - 1) + " more views of its storage)";
+  return out;
+}
+
+// Private copy-on-write mapping of a whole file, unmapped when the last tensor viewing it dies.
+std::shared_ptr<void> map_file(const File& file, uint64_t size) {
+  void* base = ::mmap(nullptr, size, PROT_READ | PROT_WRITE, MAP_PRIVATE, file.fd(), 0);
+  if (base == MAP_FAILED) throw_system_error("cannot map '" + file.path() + "'", errno);
+  return std::shared_ptr<void>(base, [size](void* p) { ::munmap(p, size); });
+}
+
+}  // namespace
+
+Value CheckpointReader::read(const std::string& path) const {
+  const Manifest manifest = manifest_for_rank(path, rank_);
+  OpenedRankFile opened = open_rank_file(path, manifest, rank_.global_rank);
+  const RankFileHeader& header = opened.header;
+  const auto& entries = header.entries();
+  std::vector<Storage> storages(entries.size());
+  const int threads = resolve_thread_count(options_.io_threads);
+  auto namer = [&](size_t e) { return describe_entry(header, e); };
+  if (options_.use_mmap && opened.file.size() > 0) {
+    std::shared_ptr<void> mapping = map_file(opened.file, opened.file.size());
+    auto* base = static_cast<char*>(mapping.get()) + header.data_offset();
+    for (size_t i = 0; i < entries.size(); ++i) {
+      storages[i] = Storage::wrap(base + entries[i].begin, entries[i].nbytes, Device::cpu(), mapping);
+    }
+    if (options_.verify_checksums) {
+      const detail::IoPlan plan = detail::plan_io(entries, header.data_offset());
+      parallel_for(plan.pieces.size(), threads, [&](size_t p) {
+        const detail::Piece& piece = plan.pieces[p];
+        const auto* data = static_cast<const char*>(storages[piece.entry].data()) + piece.chunk * kChecksumChunkBytes;
+        const uint32_t actual = crc32c(data, piece.size);
+        const uint32_t expected = entries[piece.entry].chunk_crc32c[piece.chunk];
+        if (actual != expected) {
+          detail::throw_checksum_mismatch(opened.file.path(), namer(piece.entry), piece.chunk,
+                                          entries[piece.entry].num_chunks(), expected, actual);
+        }
+      });
+    }
+  } else {
+    for (size_t i = 0; i < entries.size(); ++i) storages[i] = allocate_for_reading(entries[i].nbytes);
+    detail::read_entries(opened.file, entries, storages, detail::plan_io(entries, header.data_offset()), threads,
+                         options_.verify_checksums, namer);
+  }
+  return header.build_tree(storages);
+}
+
+namespace {
+
+// What read_into does, worked out before anything in the target changes.
+struct LoadPlan {
+  std::vector<std::pair<Tensor, Tensor>> copies;        // (target, source)
+  std::vector<std::pair<Value*, const Value*>> leaves;  // target leaf := source value
+  LoadResult result;
+};
+
+void plan_load(Value& target, const Value& source, LoadPlan& plan) {
+  struct Frame {
+    Value* t;
+    const Value* s;
+    std::string path;
+  };
+  std::vector<Frame> stack{{&target, &source, ""}};
+  while (!stack.empty()) {
+    Frame f = std::move(stack.back());
+    stack.pop_back();
+    Value& t = *f.t;
+    const Value& s = *f.s;
+    auto mismatch = [&](const std::string& what) {
+      throw Error(ErrorCode::kInvalidArgument, "cannot load '" + (f.path.empty() ? std::string("<root>") : f.path) +
+                                                   "': " + what);
+    };
+    if (t.is_tensor()) {
+      if (!s.is_tensor()) mismatch(std::string("the target is a tensor, the checkpoint has a ") + Value::kind_name(s.kind()));
+      const Tensor& tt = t.as_tensor();
+      const Tensor& st = s.as_tensor();
+      if (tt.dtype() != st.dtype() || tt.shape() != st.shape()) {
+        mismatch("the target is " + tt.describe() + ", the checkpoint has " + st.describe());
+      }
+      if (!tt.device().is_cpu()) mismatch("the target tensor is on " + tt.device().str() + "; load into CPU tensors");
+      plan.copies.emplace_back(tt, st);
+    } else if (t.kind() == Value::Kind::kDict) {
+      if (s.kind() != Value::Kind::kDict) mismatch(std::string("the target is a dict, the checkpoint has a ") + Value::kind_name(s.kind()));
+      for (auto& [key, child] : t.entries()) {
+        std::string p = f.path;
+        append_key_path(p, key);
+        if (const Value* sc = s.find(key)) {
+          stack.push_back({&child, sc, std::move(p)});
+        } else {
+          plan.result.missing_keys.push_back(std::move(p));
+        }
+      }
+      for (const auto& [key, child] : s.entries()) {
+        if (!t.find(key)) {
+          std::string p = f.path;
+          append_key_path(p, key);
+          plan.result.unexpected_keys.push_back(std::move(p));
+        }
+      }
+    } else if (t.kind() == Value::Kind::kList || t.kind() == Value::Kind::kTuple) {
+      if (s.kind() != Value::Kind::kList && s.kind() != Value::Kind::kTuple) {
+        mismatch(std::string("the target is a ") + Value::kind_name(t.kind()) + ", the checkpoint has a " +
+                 Value::kind_name(s.kind()));
+      }
+      for (size_t i = 0; i < std::max(t.size(), s.size()); ++i) {
+        std::string p = f.path;
+        append_index_path(p, i);
+        if (i >= s.size()) {
+          plan.result.missing_keys.push_back(std::move(p));
+        } else if (i >= t.size()) {
+          plan.result.unexpected_keys.push_back(std::move(p));
+        } else {
+          stack.push_back({&t.items()[i], &s.items()[i], std::move(p)});
+        }
+      }
+    } else {
+      if (s.is_tensor()) mismatch("the target is not a tensor, the checkpoint has one: pass a tensor to load into");
+      plan.leaves.emplace_back(&t, &s);
+    }
+  }
+}
+
+std::string list_keys(const std::vector<std::string>& keys) {
+  std::string out;
+  for (size_t i = 0; i < keys.size() && i < 10; ++i) out += (i ? ", " : "") + keys[i];
+  if (keys.size() > 10) out += " (and " + std::to_string(keys.size() - 10) + " more)";
+  return out;
+}
+
+}  // namespace
+
+LoadResult CheckpointReader::read_into(const std::string& path, Value& target, bool strict) const {
+  const Manifest manifest = manifest_for_rank(path, rank_);
+  OpenedRankFile opened = open_rank_file(path, manifest, rank_.global_rank);
+  const RankFileHeader& header = opened.header;
+  const auto& entries = header.entries();
+  // Storages are allocated but not touched: only the entries the target needs are read.
+  std::vector<Storage> storages(entries.size());
+  for (size_t i = 0; i < entries.size(); ++i) storages[i] = allocate_for_reading(entries[i].nbytes);
+  const Value source = header.build_tree(storages);
+  LoadPlan plan;
+  plan_load(target, source, plan);
+  if (strict && (!plan.result.missing_keys.empty() || !plan.result.unexpected_keys.empty())) {
+    std::string message = "strict load of '" + path + "' refused; nothing was changed.";
+    if (!plan.result.missing_keys.empty()) message += " Missing from the checkpoint: " + list_keys(plan.result.missing_keys) + ".";
+    if (!plan.result.unexpected_keys.empty()) message += " Not in the target: " + list_keys(plan.result.unexpected_keys) + ".";
+    throw Error(ErrorCode::kInvalidArgument, message);
+  }
+  // Which entries to read, and which of them can land in the target's memory directly: a tensor
+  // that is its storage, whole and contiguous, into a contiguous target.
+  std::unordered_map<const StorageImpl*, size_t> entry_of;
+  for (size_t i = 0; i < storages.size(); ++i) entry_of.emplace(storages[i].identity(), i);
+  std::vector<bool> selected(entries.size(), false);
+  std::vector<bool> direct(plan.copies.size(), false);
+  for (size_t c = 0; c < plan.copies.size(); ++c) {
+    const auto& [t, s] = plan.copies[c];
+    const size_t e = entry_of.at(s.storage().identity());
+    if (!selected[e] && s.is_contiguous() && s.storage_offset() == 0 && s.nbytes() == entries[e].nbytes &&
+        t.is_contiguous() && entries[e].nbytes > 0) {
+      storages[e].reset(t.data_ptr(), entries[e].nbytes, t.storage().weak_identity().lock());
+      direct[c] = true;
+    }
+    selected[e] = true;
+  }
+  detail::read_entries(opened.file, entries, storages, detail::plan_io(entries, header.data_offset(), selected),
+                       resolve_thread_count(options_.io_threads), options_.verify_checksums,
+                       [&](size_t e) { return describe_entry(header, e); });
+  for (size_t c = 0; c < plan.copies.size(); ++c) {
+    if (!direct[c]) copy_tensor(plan.copies[c].first, plan.copies[c].second);
+  }
+  for (auto& [t, s] : plan.leaves) *t = s->clone();
+  return std::move(plan.result);
+}
+
+// ---- verification --------------------------------------------------------------------------
+
+VerifyReport verify_checkpoint(const std::string& path, const std::function<void(uint64_t, uint64_t)>& progress) {
+  const Manifest manifest = read_manifest(path);
+  VerifyReport report;
+  uint64_t total = 0;
+  for (const ManifestRank& r : manifest.ranks) total += r.size;
+  uint64_t done = 0;
+  for (int rank = 0; rank < manifest.world_size; ++rank) {
+    OpenedRankFile opened = open_rank_file(path, manifest, rank);
+    const auto& entries = opened.header.entries();
+    // Checked in slices of storages, so that memory stays bounded for any file size.
+    const detail::IoPlan plan = detail::plan_io(entries, opened.header.data_offset());
+    std::mutex progress_mutex;
+    parallel_for(plan.pieces.size(), resolve_thread_count(0), [&](size_t p) {
+      const detail::Piece& piece = plan.pieces[p];
+      thread_local std::vector<char> buffer;
+      buffer.resize(piece.size);
+      opened.file.read_at(buffer.data(), piece.size, piece.file_offset);
+      const uint32_t actual = crc32c(buffer.data(), piece.size);
+      const uint32_t expected = entries[piece.entry].chunk_crc32c[piece.chunk];
+      if (actual != expected) {
+        detail::throw_checksum_mismatch(opened.file.path(), describe_entry(opened.header, piece.entry), piece.chunk,
+                                        entries[piece.entry].num_chunks(), expected, actual);
+      }
+      if (progress) {
+        std::lock_guard lock(progress_mutex);
+        done += piece.size;
+        progress(done, total);
+      }
+    });
+    report.chunks += plan.pieces.size();
+    report.bytes += manifest.ranks[static_cast<size_t>(rank)].size;
+    ++report.files;
+  }
+  return report;
+}
+
+}  // namespace fastdcp

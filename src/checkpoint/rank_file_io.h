@@ -1,0 +1,58 @@
+#pragma once
+// Moving rank files' bytes between storages and disk, in parallel, with checksums: what the
+// writer, the reader and verify share.
+
+#include <sys/uio.h>
+
+#include <cstdint>
+#include <functional>
+#include <string>
+#include <vector>
+
+#include "fastdcp/format/rank_file.h"
+#include "fastdcp/io/file.h"
+
+namespace fastdcp::detail {
+
+// One checksum chunk of one entry: the unit of checksumming, and of I/O for large entries.
+struct Piece {
+  size_t entry;
+  size_t chunk;
+  uint64_t file_offset;
+  uint64_t size;
+};
+
+// Consecutive pieces that one vectored call moves: up to kBatchBytes and IOV_MAX pieces.
+struct Batch {
+  size_t first_piece;
+  size_t num_pieces;
+};
+
+inline constexpr uint64_t kBatchBytes = uint64_t{16} << 20;
+
+// The pieces of the given entries (all when `selected` is empty), in file order, and their batches.
+// A batch never spans a gap between entries, so its pieces are contiguous in the file (the
+// padding after a raw entry excepted, which writers fill with zeros and readers skip).
+struct IoPlan {
+  std::vector<Piece> pieces;
+  std::vector<Batch> batches;
+};
+IoPlan plan_io(const std::vector<StoredEntry>& entries, uint64_t data_offset, const std::vector<bool>& selected = {});
+
+// Writes the entries' bytes (entry i from storages[i]) with pwritev on `threads` threads,
+// computing each chunk's CRC32C just before it is written; returns the CRCs per entry.
+std::vector<std::vector<uint32_t>> write_entries(const File& file, const std::vector<StoredEntry>& entries,
+                                                 const std::vector<Storage>& storages, uint64_t data_offset,
+                                                 int threads);
+
+// Reads the planned pieces into storages[piece.entry] (whose memory must hold the entry's
+// nbytes) with preadv on `threads` threads, checking each chunk's CRC32C when `verify`.
+// `describe_entry(i)` names an entry in error messages (the tensors it holds).
+void read_entries(const File& file, const std::vector<StoredEntry>& entries, const std::vector<Storage>& storages,
+                  const IoPlan& plan, int threads, bool verify, const std::function<std::string(size_t)>& describe_entry);
+
+// Error(kDataLoss) for a chunk whose checksum does not match.
+[[noreturn]] void throw_checksum_mismatch(const std::string& file, const std::string& entry, size_t chunk,
+                                          size_t num_chunks, uint32_t expected, uint32_t actual);
+
+}  // namespace fastdcp::detail

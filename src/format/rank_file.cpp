@@ -1,0 +1,770 @@
+// The rank file header: planning the layout, rendering and parsing the JSON. nlohmann-json is
+// used only in this file (it is expensive to compile). See Note [Rank file layout].
+
+#include "fastdcp/format/rank_file.h"
+
+#include <algorithm>
+#include <charconv>
+#include <cmath>
+#include <cstring>
+#include <nlohmann/json.hpp>
+#include <unordered_map>
+#include <unordered_set>
+
+#include "fastdcp/common/error.h"
+
+namespace fastdcp {
+namespace {
+
+using json = nlohmann::json;
+
+constexpr std::string_view kVersionKey = "fastdcp.version";
+constexpr std::string_view kTreeKey = "fastdcp.tree";
+constexpr std::string_view kStoragesKey = "fastdcp.storages";
+constexpr std::string_view kChunkBytesKey = "fastdcp.chunk_bytes";
+constexpr std::string_view kChecksumsKey = "fastdcp.crc32c";
+constexpr std::string_view kRawPrefix = "__fastdcp__.storage.";
+constexpr uint64_t kRawPadding = 64;
+
+// dtypes that safetensors' readers (Python, torch) understand; others are stored raw.
+bool safetensors_knows(DType dtype) {
+  switch (dtype) {
+    case DType::kBool: case DType::kU8: case DType::kI8: case DType::kI16: case DType::kU16: case DType::kI32:
+    case DType::kU32: case DType::kI64: case DType::kU64: case DType::kF16: case DType::kBF16: case DType::kF32:
+    case DType::kF64: case DType::kC64: case DType::kF8_E4M3: case DType::kF8_E5M2: case DType::kF8_E4M3FNUZ:
+    case DType::kF8_E5M2FNUZ:
+      return true;
+    default:
+      return false;
+  }
+}
+
+uint64_t round_up(uint64_t n, uint64_t to) { return (n + to - 1) / to * to; }
+
+// ---- small encoders ------------------------------------------------------------------------
+
+constexpr char kBase64[] = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+
+void append_base64(std::string& out, std::string_view in) {
+  size_t i = 0;
+  for (; i + 3 <= in.size(); i += 3) {
+    const uint32_t v = (uint8_t(in[i]) << 16) | (uint8_t(in[i + 1]) << 8) | uint8_t(in[i + 2]);
+    out += kBase64[v >> 18];
+    out += kBase64[(v >> 12) & 63];
+    out += kBase64[(v >> 6) & 63];
+    out += kBase64[v & 63];
+  }
+  if (const size_t rest = in.size() - i; rest > 0) {
+    const uint32_t v = (uint8_t(in[i]) << 16) | (rest == 2 ? uint8_t(in[i + 1]) << 8 : 0);
+    out += kBase64[v >> 18];
+    out += kBase64[(v >> 12) & 63];
+    out += rest == 2 ? kBase64[(v >> 6) & 63] : '=';
+    out += '=';
+  }
+}
+
+std::optional<std::string> decode_base64(std::string_view in) {
+  if (in.size() % 4 != 0) return std::nullopt;
+  std::string out;
+  out.reserve(in.size() / 4 * 3);
+  auto digit = [](char c) -> int {
+    const char* p = std::strchr(kBase64, c);
+    return c != '\0' && p ? static_cast<int>(p - kBase64) : -1;
+  };
+  for (size_t i = 0; i < in.size(); i += 4) {
+    int d[4];
+    int pad = 0;
+    for (int k = 0; k < 4; ++k) {
+      if (in[i + k] == '=' && i + 4 == in.size() && k >= 2) {
+        d[k] = 0;
+        ++pad;
+      } else if (pad > 0 || (d[k] = digit(in[i + k])) < 0) {
+        return std::nullopt;
+      }
+    }
+    const uint32_t v = (d[0] << 18) | (d[1] << 12) | (d[2] << 6) | d[3];
+    out += static_cast<char>(v >> 16);
+    if (pad < 2) out += static_cast<char>((v >> 8) & 0xFF);
+    if (pad < 1) out += static_cast<char>(v & 0xFF);
+  }
+  return out;
+}
+
+bool valid_utf8(std::string_view s) {
+  size_t i = 0;
+  while (i < s.size()) {
+    const auto c = static_cast<unsigned char>(s[i]);
+    size_t n;
+    uint32_t cp;
+    if (c < 0x80) { ++i; continue; }
+    if ((c & 0xE0) == 0xC0) { n = 1; cp = c & 0x1F; }
+    else if ((c & 0xF0) == 0xE0) { n = 2; cp = c & 0x0F; }
+    else if ((c & 0xF8) == 0xF0) { n = 3; cp = c & 0x07; }
+    else return false;
+    if (i + n >= s.size()) return false;
+    for (size_t k = 1; k <= n; ++k) {
+      const auto cc = static_cast<unsigned char>(s[i + k]);
+      if ((cc & 0xC0) != 0x80) return false;
+      cp = (cp << 6) | (cc & 0x3F);
+    }
+    if ((n == 1 && cp < 0x80) || (n == 2 && cp < 0x800) || (n == 3 && cp < 0x10000) || cp > 0x10FFFF ||
+        (cp >= 0xD800 && cp <= 0xDFFF)) {
+      return false;
+    }
+    i += n + 1;
+  }
+  return true;
+}
+
+void append_json_string(std::string& out, std::string_view s) {
+  static constexpr char kHex[] = "0123456789abcdef";
+  out += '"';
+  for (const char ch : s) {
+    const auto c = static_cast<unsigned char>(ch);
+    switch (c) {
+      case '"': out += "\\\""; break;
+      case '\\': out += "\\\\"; break;
+      case '\n': out += "\\n"; break;
+      case '\r': out += "\\r"; break;
+      case '\t': out += "\\t"; break;
+      default:
+        if (c < 0x20) {
+          out += "\\u00";
+          out += kHex[c >> 4];
+          out += kHex[c & 15];
+        } else {
+          out += ch;
+        }
+    }
+  }
+  out += '"';
+}
+
+template <class T>
+void append_number(std::string& out, T v) {
+  char buffer[32];
+  const auto [end, ec] = std::to_chars(buffer, buffer + sizeof buffer, v);
+  out.append(buffer, end);
+}
+
+void append_double(std::string& out, double v) {
+  if (std::isnan(v)) {
+    out += R"({"f":"nan"})";
+  } else if (std::isinf(v)) {
+    out += v > 0 ? R"({"f":"inf"})" : R"({"f":"-inf"})";
+  } else {
+    const size_t start = out.size();
+    append_number(out, v);  // shortest text that reads back to the same double
+    if (out.find_first_of(".eE", start) == std::string::npos) out += ".0";  // stays a float
+  }
+}
+
+void append_dims(std::string& out, const Dims& dims) {
+  out += '[';
+  for (size_t i = 0; i < dims.size(); ++i) {
+    if (i) out += ',';
+    append_number(out, dims[i]);
+  }
+  out += ']';
+}
+
+// ---- planning ------------------------------------------------------------------------------
+
+struct StorageUse {
+  Storage storage;
+  size_t uses = 0;
+  const Tensor* first = nullptr;
+  std::string first_path;
+};
+
+// Calls visit(value, key_path) on every tensor, in tree order, without recursion.
+template <class Visit>
+void for_each_tensor(const Value& root, Visit&& visit) {
+  struct Frame {
+    const Value* v;
+    std::string path;
+  };
+  std::vector<Frame> stack;
+  stack.push_back({&root, ""});
+  while (!stack.empty()) {
+    Frame f = std::move(stack.back());
+    stack.pop_back();
+    switch (f.v->kind()) {
+      case Value::Kind::kTensor: visit(f.v->as_tensor(), f.path); break;
+      case Value::Kind::kList:
+      case Value::Kind::kTuple: {
+        const auto& items = f.v->items();
+        for (size_t i = items.size(); i-- > 0;) {
+          std::string p = f.path;
+          append_index_path(p, i);
+          stack.push_back({&items[i], std::move(p)});
+        }
+        break;
+      }
+      case Value::Kind::kDict: {
+        const auto& entries = f.v->entries();
+        for (size_t i = entries.size(); i-- > 0;) {
+          std::string p = f.path;
+          append_key_path(p, entries[i].first);
+          stack.push_back({&entries[i].second, std::move(p)});
+        }
+        break;
+      }
+      default: break;
+    }
+  }
+}
+
+// Renders the tree (see docs/format.md) without recursion; tensors name their storage's entry.
+std::string render_tree(const Value& root, const std::unordered_map<const StorageImpl*, size_t>& entry_of) {
+  std::string out;
+  struct Frame {
+    const Value* v;
+    size_t next = 0;
+    std::string path;
+  };
+  std::vector<Frame> stack;
+  auto fail = [](const std::string& path, const std::string& what) {
+    throw Error(ErrorCode::kInvalidArgument,
+                "cannot save the value at '" + path + "': " + what);
+  };
+  // Emits a leaf or opens a container (pushing it).
+  auto emit = [&](const Value& v, std::string path) {
+    switch (v.kind()) {
+      case Value::Kind::kNone: out += "null"; break;
+      case Value::Kind::kBool: out += v.as_bool() ? "true" : "false"; break;
+      case Value::Kind::kInt: append_number(out, v.as_int()); break;
+      case Value::Kind::kDouble: append_double(out, v.as_double()); break;
+      case Value::Kind::kString:
+        if (!valid_utf8(v.as_string())) fail(path, "the string is not valid UTF-8 (store it as bytes)");
+        append_json_string(out, v.as_string());
+        break;
+      case Value::Kind::kBytes:
+        out += R"({"b":")";
+        append_base64(out, v.as_bytes().data);
+        out += "\"}";
+        break;
+      case Value::Kind::kTensor: {
+        const Tensor& t = v.as_tensor();
+        out += R"({"T":[)";
+        append_number(out, entry_of.at(t.storage().identity()));
+        out += ",\"";
+        out += dtype_name(t.dtype());
+        out += "\",";
+        append_dims(out, t.shape());
+        out += ',';
+        append_dims(out, t.strides());
+        out += ',';
+        append_number(out, t.storage_offset());
+        out += "]}";
+        break;
+      }
+      case Value::Kind::kList: out += R"({"l":[)"; stack.push_back({&v, 0, std::move(path)}); break;
+      case Value::Kind::kTuple: out += R"({"t":[)"; stack.push_back({&v, 0, std::move(path)}); break;
+      case Value::Kind::kDict: out += R"({"d":[)"; stack.push_back({&v, 0, std::move(path)}); break;
+    }
+  };
+  // A dict entry is written as [key, value]; a marker frame (v == nullptr) below the value closes
+  // the pair once the value is complete: at once for a leaf, when it closes for a container.
+  auto close_pairs = [&] {
+    while (!stack.empty() && stack.back().v == nullptr) {
+      out += ']';
+      stack.pop_back();
+    }
+  };
+  emit(root, "");
+  while (!stack.empty()) {
+    Frame& f = stack.back();
+    if (f.next == f.v->size()) {
+      out += "]}";
+      stack.pop_back();
+      close_pairs();
+      continue;
+    }
+    const size_t i = f.next++;
+    if (i) out += ',';
+    std::string path = f.path;
+    if (f.v->kind() == Value::Kind::kDict) {
+      const auto& [key, value] = f.v->entries()[i];
+      out += '[';
+      if (key.is_int()) {
+        append_number(out, key.as_int());
+      } else {
+        if (!valid_utf8(key.as_string())) fail(path, "a dict key is not valid UTF-8");
+        append_json_string(out, key.as_string());
+      }
+      out += ',';
+      append_key_path(path, key);
+      stack.push_back({nullptr, 0, {}});
+      emit(value, std::move(path));
+    } else {
+      append_index_path(path, i);
+      emit(f.v->items()[i], std::move(path));
+    }
+    close_pairs();
+  }
+  return out;
+}
+
+}  // namespace
+
+RankFilePlan RankFilePlan::make(const Value& state_dict) {
+  // Storages in first-seen order, with how often and where they are used.
+  std::vector<StorageUse> uses;
+  std::unordered_map<const StorageImpl*, size_t> index_of;
+  for_each_tensor(state_dict, [&](const Tensor& t, const std::string& path) {
+    if (!t.device().is_cpu()) {
+      throw Error(ErrorCode::kInvalidArgument,
+                  "cannot save the tensor at '" + path + "': it is on " + t.device().str() + "; stage it first");
+    }
+    auto [it, inserted] = index_of.try_emplace(t.storage().identity(), uses.size());
+    if (inserted) uses.push_back({t.storage(), 0, &t, path});
+    ++uses[it->second].uses;
+  });
+
+  RankFilePlan plan;
+  std::unordered_set<std::string> names;
+  std::vector<bool> plain(uses.size());
+  for (size_t i = 0; i < uses.size(); ++i) {
+    const StorageUse& u = uses[i];
+    const Tensor& t = *u.first;
+    plain[i] = u.uses == 1 && t.is_contiguous() && t.storage_offset() == 0 && t.nbytes() == u.storage.nbytes() &&
+               safetensors_knows(t.dtype()) && !u.first_path.empty() && !u.first_path.starts_with("__") &&
+               names.insert(u.first_path).second;
+  }
+  // Entry i is storage i; its place in the file follows Note [Rank file layout].
+  plan.entries_.resize(uses.size());
+  plan.storages_.resize(uses.size());
+  for (size_t i = 0; i < uses.size(); ++i) {
+    StoredEntry& e = plan.entries_[i];
+    const StorageUse& u = uses[i];
+    e.nbytes = u.storage.nbytes();
+    if (plain[i]) {
+      e.name = u.first_path;
+      e.dtype = u.first->dtype();
+      e.shape = u.first->shape();
+    } else {
+      e.name = std::string(kRawPrefix) + std::to_string(i);
+      e.dtype = DType::kU8;
+      e.shape = Dims{static_cast<int64_t>(round_up(e.nbytes, kRawPadding))};
+    }
+    e.chunk_crc32c.assign(e.num_chunks(), 0);
+    plan.storages_[i] = u.storage;
+  }
+  std::vector<size_t> order(uses.size());
+  for (size_t i = 0; i < order.size(); ++i) order[i] = i;
+  auto alignment = [&](size_t i) { return plain[i] ? std::max(1, dtype_bits(plan.entries_[i].dtype) / 8) : 1024; };
+  std::stable_sort(order.begin(), order.end(), [&](size_t a, size_t b) { return alignment(a) > alignment(b); });
+  uint64_t offset = 0;
+  for (const size_t i : order) {
+    StoredEntry& e = plan.entries_[i];
+    e.begin = offset;
+    e.end = offset + (plain[i] ? e.nbytes : round_up(e.nbytes, kRawPadding));
+    offset = e.end;
+  }
+  plan.data_size_ = offset;
+
+  // The header. Checksums are one fixed-width hex string, patched by set_checksums.
+  std::string storages = "[";
+  size_t total_chunks = 0;
+  for (size_t i = 0; i < uses.size(); ++i) {
+    if (i) storages += ',';
+    storages += '[';
+    append_json_string(storages, plan.entries_[i].name);
+    storages += ',';
+    append_number(storages, plan.entries_[i].nbytes);
+    storages += ']';
+    total_chunks += plan.entries_[i].num_chunks();
+  }
+  storages += ']';
+  json header = json::object();
+  json& metadata = header["__metadata__"];
+  metadata[std::string(kVersionKey)] = std::to_string(kRankFileFormatVersion);
+  metadata[std::string(kChunkBytesKey)] = std::to_string(kChecksumChunkBytes);
+  metadata[std::string(kStoragesKey)] = std::move(storages);
+  metadata[std::string(kTreeKey)] = render_tree(state_dict, index_of);
+  metadata[std::string(kChecksumsKey)] = std::string(total_chunks * 8, '0');
+  for (const StoredEntry& e : plan.entries_) {
+    json shape = json::array();
+    for (const int64_t d : e.shape) shape.push_back(d);
+    header[e.name] = {{"dtype", std::string(dtype_name(e.dtype))}, {"shape", std::move(shape)},
+                      {"data_offsets", {e.begin, e.end}}};
+  }
+  std::string text;
+  try {
+    text = header.dump();
+  } catch (const json::exception& e) {
+    throw Error(ErrorCode::kInvalidArgument, std::string("cannot render the checkpoint header: ") + e.what());
+  }
+  const uint64_t padded = round_up(8 + text.size(), kDataAlignment) - 8;
+  text.resize(padded, ' ');
+  plan.header_.resize(8);
+  for (int k = 0; k < 8; ++k) plan.header_[k] = static_cast<char>((padded >> (8 * k)) & 0xFF);
+  plan.header_ += text;
+  const std::string marker = "\"" + std::string(kChecksumsKey) + "\":\"";
+  const size_t at = plan.header_.find(marker);
+  if (at == std::string::npos) throw Error(ErrorCode::kInternal, "checksum field missing from the header");
+  plan.checksums_at_ = at + marker.size();
+  return plan;
+}
+
+void RankFilePlan::set_checksums(size_t entry, const std::vector<uint32_t>& crcs) {
+  static constexpr char kHex[] = "0123456789abcdef";
+  if (entry >= entries_.size() || crcs.size() != entries_[entry].num_chunks()) {
+    throw Error(ErrorCode::kInternal, "set_checksums: wrong entry or chunk count");
+  }
+  size_t chunk = 0;
+  for (size_t i = 0; i < entry; ++i) chunk += entries_[i].num_chunks();
+  for (size_t k = 0; k < crcs.size(); ++k) {
+    char* digits = header_.data() + checksums_at_ + (chunk + k) * 8;
+    for (int d = 0; d < 8; ++d) digits[d] = kHex[(crcs[k] >> (28 - 4 * d)) & 15];
+  }
+  entries_[entry].chunk_crc32c = crcs;
+}
+
+// ---- parsing -------------------------------------------------------------------------------
+
+struct RankFileHeader::Impl {
+  std::string file;
+  int version = 0;
+  uint64_t data_offset = 0;
+  std::vector<StoredEntry> entries;
+  json tree;  // null for a plain safetensors file: the tree is then a flat dict of its entries
+
+  [[noreturn]] void corrupt(const std::string& what) const {
+    throw Error(ErrorCode::kDataLoss, "corrupt checkpoint header in '" + file + "': " + what);
+  }
+};
+
+namespace {
+
+uint64_t to_u64(const json& j, const char* what, const RankFileHeader::Impl& impl) {
+  if (j.is_number_unsigned()) return j.get<uint64_t>();
+  if (j.is_number_integer() && j.get<int64_t>() >= 0) return static_cast<uint64_t>(j.get<int64_t>());
+  impl.corrupt(std::string(what) + " is not a non-negative integer");
+}
+
+int64_t to_i64(const json& j, const char* what, const RankFileHeader::Impl& impl) {
+  if (j.is_number_integer() && (!j.is_number_unsigned() || j.get<uint64_t>() <= uint64_t(INT64_MAX))) {
+    return j.get<int64_t>();
+  }
+  impl.corrupt(std::string(what) + " is not a 64-bit integer");
+}
+
+Dims to_dims(const json& j, const char* what, const RankFileHeader::Impl& impl) {
+  if (!j.is_array() || j.size() > 64) impl.corrupt(std::string(what) + " is not a list of at most 64 integers");
+  Dims dims;
+  dims.resize(j.size());
+  for (size_t i = 0; i < j.size(); ++i) dims[i] = to_i64(j[i], what, impl);
+  return dims;
+}
+
+const std::string& metadata_string(const json& metadata, std::string_view key, const RankFileHeader::Impl& impl) {
+  const auto it = metadata.find(std::string(key));
+  if (it == metadata.end() || !it->is_string()) impl.corrupt("__metadata__ lacks the string '" + std::string(key) + "'");
+  return it->get_ref<const std::string&>();
+}
+
+}  // namespace
+
+uint64_t parse_header_length(const unsigned char (&prefix)[8], uint64_t file_size, const std::string& file_name) {
+  uint64_t length = 0;
+  for (int k = 7; k >= 0; --k) length = (length << 8) | prefix[k];
+  if (length > kMaxHeaderBytes || 8 + length > file_size) {
+    throw Error(ErrorCode::kDataLoss, "corrupt checkpoint header in '" + file_name + "': it claims " +
+                                          std::to_string(length) + " bytes, the file has " + std::to_string(file_size));
+  }
+  return length;
+}
+
+RankFileHeader::RankFileHeader(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
+RankFileHeader::RankFileHeader(RankFileHeader&&) noexcept = default;
+RankFileHeader& RankFileHeader::operator=(RankFileHeader&&) noexcept = default;
+RankFileHeader::~RankFileHeader() = default;
+
+int RankFileHeader::format_version() const { return impl_->version; }
+const std::vector<StoredEntry>& RankFileHeader::entries() const { return impl_->entries; }
+uint64_t RankFileHeader::data_offset() const { return impl_->data_offset; }
+
+RankFileHeader RankFileHeader::parse(std::string_view text, uint64_t file_size, const std::string& file_name) {
+  auto impl = std::make_unique<Impl>();
+  impl->file = file_name;
+  impl->data_offset = 8 + text.size();
+  json header = json::parse(text.begin(), text.end(), nullptr, /*allow_exceptions=*/false);
+  if (!header.is_object()) impl->corrupt("it is not a JSON object");
+
+  // Entries: every key but __metadata__.
+  std::unordered_map<std::string, size_t> by_name;
+  std::vector<StoredEntry> entries;
+  for (auto& [name, record] : header.items()) {
+    if (name == "__metadata__") continue;
+    if (!record.is_object()) impl->corrupt("entry '" + name + "' is not an object");
+    StoredEntry e;
+    e.name = name;
+    const auto dtype_it = record.find("dtype");
+    std::optional<DType> dtype;
+    if (dtype_it != record.end() && dtype_it->is_string()) dtype = dtype_from_name(dtype_it->get<std::string>());
+    if (!dtype) impl->corrupt("entry '" + name + "' has no known dtype");
+    e.dtype = *dtype;
+    const auto shape_it = record.find("shape");
+    const auto offsets_it = record.find("data_offsets");
+    if (shape_it == record.end() || offsets_it == record.end() || !offsets_it->is_array() || offsets_it->size() != 2) {
+      impl->corrupt("entry '" + name + "' lacks shape or data_offsets");
+    }
+    e.shape = to_dims(*shape_it, "a shape", *impl);
+    e.begin = to_u64((*offsets_it)[0], "a data offset", *impl);
+    e.end = to_u64((*offsets_it)[1], "a data offset", *impl);
+    if (e.begin > e.end) impl->corrupt("entry '" + name + "' ends before it begins");
+    uint64_t numel = 1;
+    for (const int64_t d : e.shape) {
+      if (d < 0 || (d > 0 && numel > UINT64_MAX / 16 / static_cast<uint64_t>(d))) {
+        impl->corrupt("entry '" + name + "' has an invalid shape");
+      }
+      numel *= static_cast<uint64_t>(d);
+    }
+    if ((numel * dtype_bits(e.dtype) + 7) / 8 != e.end - e.begin) {
+      impl->corrupt("entry '" + name + "' has " + std::to_string(e.end - e.begin) + " bytes for its shape and dtype");
+    }
+    e.nbytes = e.end - e.begin;
+    by_name.emplace(name, entries.size());
+    entries.push_back(std::move(e));
+  }
+  // Entries tile the data region, which ends where the file ends.
+  std::vector<const StoredEntry*> sorted;
+  for (const auto& e : entries) sorted.push_back(&e);
+  std::sort(sorted.begin(), sorted.end(), [](auto* a, auto* b) {
+    return a->begin != b->begin ? a->begin < b->begin : a->end < b->end;  // empty entries first
+  });
+  uint64_t offset = 0;
+  for (const StoredEntry* e : sorted) {
+    if (e->begin != offset) impl->corrupt("entry '" + e->name + "' does not start where the previous one ends");
+    offset = e->end;
+  }
+  if (impl->data_offset + offset != file_size) {
+    throw Error(ErrorCode::kDataLoss, "'" + file_name + "' is truncated or has trailing bytes: its header describes " +
+                                          std::to_string(impl->data_offset + offset) + " bytes, the file has " +
+                                          std::to_string(file_size));
+  }
+
+  const auto metadata_it = header.find("__metadata__");
+  const bool is_fastdcp = metadata_it != header.end() && metadata_it->is_object() &&
+                          metadata_it->contains(std::string(kVersionKey));
+  if (!is_fastdcp) {
+    // A plain safetensors file: its entries, in file order, as a flat dict.
+    impl->version = 0;
+    impl->entries.reserve(sorted.size());
+    for (const StoredEntry* e : sorted) impl->entries.push_back(*e);
+    return RankFileHeader(std::move(impl));
+  }
+  const json& metadata = *metadata_it;
+  const std::string& version_text = metadata_string(metadata, kVersionKey, *impl);
+  int version = 0;
+  const auto [vend, vec] = std::from_chars(version_text.data(), version_text.data() + version_text.size(), version);
+  if (vec != std::errc() || vend != version_text.data() + version_text.size() || version < 1) {
+    impl->corrupt("the format version '" + version_text + "' is not a positive integer");
+  }
+  if (version > kRankFileFormatVersion) {
+    throw Error(ErrorCode::kFailedPrecondition, "'" + file_name + "' was written in format version " + version_text +
+                                                    "; this fastdcp reads up to version " +
+                                                    std::to_string(kRankFileFormatVersion) + ": upgrade fastdcp");
+  }
+  impl->version = version;
+  if (metadata_string(metadata, kChunkBytesKey, *impl) != std::to_string(kChecksumChunkBytes)) {
+    impl->corrupt("unsupported checksum chunk size");
+  }
+  // Storages, in id order, name their entries.
+  const json storages = json::parse(metadata_string(metadata, kStoragesKey, *impl), nullptr, false);
+  if (!storages.is_array() || storages.size() != entries.size()) impl->corrupt("the storage list does not match the entries");
+  for (const json& s : storages) {
+    if (!s.is_array() || s.size() != 2 || !s[0].is_string()) impl->corrupt("a storage record is malformed");
+    const auto it = by_name.find(s[0].get<std::string>());
+    if (it == by_name.end()) impl->corrupt("a storage names a missing entry '" + s[0].get<std::string>() + "'");
+    StoredEntry e = entries[it->second];
+    const uint64_t nbytes = to_u64(s[1], "a storage size", *impl);
+    if (nbytes > e.end - e.begin) impl->corrupt("storage '" + e.name + "' is larger than its entry");
+    e.nbytes = nbytes;
+    impl->entries.push_back(std::move(e));
+  }
+  // Checksums: 8 hex digits per chunk, entries in storage order.
+  const std::string& crcs = metadata_string(metadata, kChecksumsKey, *impl);
+  size_t chunk = 0;
+  for (StoredEntry& e : impl->entries) {
+    const size_t n = e.num_chunks();
+    if (crcs.size() < (chunk + n) * 8) impl->corrupt("too few checksums");
+    e.chunk_crc32c.resize(n);
+    for (size_t k = 0; k < n; ++k, ++chunk) {
+      uint32_t v = 0;
+      const char* digits = crcs.data() + chunk * 8;
+      const auto [end, ec] = std::from_chars(digits, digits + 8, v, 16);
+      if (ec != std::errc() || end != digits + 8) impl->corrupt("a checksum is not 8 hex digits");
+      e.chunk_crc32c[k] = v;
+    }
+  }
+  if (crcs.size() != chunk * 8) impl->corrupt("too many checksums");
+  impl->tree = json::parse(metadata_string(metadata, kTreeKey, *impl), nullptr, false);
+  if (impl->tree.is_discarded()) impl->corrupt("the tree is not valid JSON");
+  return RankFileHeader(std::move(impl));
+}
+
+namespace {
+
+// Builds the Value of a tree node without recursion; make_tensor(body, path) makes a tensor leaf.
+template <class MakeTensor>
+Value build_value(const json& root, const RankFileHeader::Impl& impl, MakeTensor&& make_tensor) {
+  Value out;
+  struct Frame {
+    const json* node;
+    Value* dst;
+    std::string path;
+  };
+  std::vector<Frame> stack;
+  stack.push_back({&root, &out, ""});
+  while (!stack.empty()) {
+    Frame f = std::move(stack.back());
+    stack.pop_back();
+    const json& n = *f.node;
+    auto bad = [&](const char* what) { impl.corrupt("the value at '" + f.path + "' " + what); };
+    switch (n.type()) {
+      case json::value_t::null: *f.dst = Value(); break;
+      case json::value_t::boolean: *f.dst = Value(n.get<bool>()); break;
+      case json::value_t::number_integer: *f.dst = Value(n.get<int64_t>()); break;
+      case json::value_t::number_unsigned:
+        if (n.get<uint64_t>() > uint64_t(INT64_MAX)) bad("is an integer out of range");
+        *f.dst = Value(static_cast<int64_t>(n.get<uint64_t>()));
+        break;
+      case json::value_t::number_float: *f.dst = Value(n.get<double>()); break;
+      case json::value_t::string: *f.dst = Value(n.get<std::string>()); break;
+      case json::value_t::object: {
+        if (n.size() != 1) bad("is an object with other than one tag");
+        const auto& [tag, body] = *n.items().begin();
+        if (tag == "f") {
+          const std::string s = body.is_string() ? body.get<std::string>() : "";
+          if (s == "nan") *f.dst = Value(std::nan(""));
+          else if (s == "inf") *f.dst = Value(HUGE_VAL);
+          else if (s == "-inf") *f.dst = Value(-HUGE_VAL);
+          else bad("is a malformed float");
+        } else if (tag == "b") {
+          std::optional<std::string> bytes;
+          if (body.is_string()) bytes = decode_base64(body.get_ref<const std::string&>());
+          if (!bytes) bad("is malformed base64");
+          *f.dst = Value(Bytes{std::move(*bytes)});
+        } else if (tag == "T") {
+          *f.dst = make_tensor(body, f.path);
+        } else if (tag == "l" || tag == "t") {
+          if (!body.is_array()) bad("is a sequence without items");
+          *f.dst = tag == "l" ? Value::list() : Value::tuple();
+          auto& items = f.dst->items();
+          items.resize(body.size());
+          for (size_t i = body.size(); i-- > 0;) {
+            std::string p = f.path;
+            append_index_path(p, i);
+            stack.push_back({&body[i], &items[i], std::move(p)});
+          }
+        } else if (tag == "d") {
+          if (!body.is_array()) bad("is a dict without entries");
+          *f.dst = Value::dict();
+          auto& entries = f.dst->entries();
+          entries.reserve(body.size());
+          for (const json& pair : body) {
+            if (!pair.is_array() || pair.size() != 2) bad("has a malformed dict entry");
+            const json& key = pair[0];
+            if (key.is_string()) {
+              entries.emplace_back(DictKey(key.get_ref<const std::string&>()), Value());
+            } else if (key.is_number_integer()) {
+              entries.emplace_back(DictKey(to_i64(key, "a dict key", impl)), Value());
+            } else {
+              bad("has a dict key that is neither a string nor an integer");
+            }
+          }
+          for (size_t i = entries.size(); i-- > 0;) {
+            std::string p = f.path;
+            append_key_path(p, entries[i].first);
+            stack.push_back({&body[i][1], &entries[i].second, std::move(p)});
+          }
+        } else {
+          bad("has an unknown tag");
+        }
+        break;
+      }
+      default: bad("has an unexpected JSON type");
+    }
+  }
+  return out;
+}
+
+struct TensorRecord {
+  size_t entry;
+  DType dtype;
+  Dims shape, strides;
+  int64_t offset;
+};
+
+TensorRecord parse_tensor(const json& body, const std::string& path, const RankFileHeader::Impl& impl) {
+  if (!body.is_array() || body.size() != 5 || !body[1].is_string()) impl.corrupt("the tensor at '" + path + "' is malformed");
+  TensorRecord r;
+  r.entry = to_u64(body[0], "a tensor's storage", impl);
+  if (r.entry >= impl.entries.size()) impl.corrupt("the tensor at '" + path + "' names a missing storage");
+  const auto dtype = dtype_from_name(body[1].get<std::string>());
+  if (!dtype) impl.corrupt("the tensor at '" + path + "' has an unknown dtype");
+  r.dtype = *dtype;
+  r.shape = to_dims(body[2], "a tensor shape", impl);
+  r.strides = to_dims(body[3], "a tensor's strides", impl);
+  r.offset = to_i64(body[4], "a tensor offset", impl);
+  if (r.shape.size() != r.strides.size()) impl.corrupt("the tensor at '" + path + "' has shape and strides of different lengths");
+  return r;
+}
+
+}  // namespace
+
+Value RankFileHeader::build_tree(const std::vector<Storage>& storages) const {
+  const Impl& impl = *impl_;
+  if (storages.size() != impl.entries.size()) throw Error(ErrorCode::kInternal, "build_tree: one storage per entry");
+  if (impl.version == 0) {
+    Value out = Value::dict();
+    for (size_t i = 0; i < impl.entries.size(); ++i) {
+      const StoredEntry& e = impl.entries[i];
+      out.insert(DictKey(e.name), Value(Tensor::contiguous(storages[i], e.dtype, e.shape)));
+    }
+    return out;
+  }
+  return build_value(impl.tree, impl, [&](const json& body, const std::string& path) {
+    const TensorRecord r = parse_tensor(body, path, impl);
+    try {
+      return Value(Tensor(storages[r.entry], r.dtype, r.shape, r.strides, r.offset));
+    } catch (const Error& e) {
+      impl.corrupt("the tensor at '" + path + "' does not fit its storage: " + e.what());
+    }
+  });
+}
+
+Value RankFileHeader::describe_tree() const {
+  const Impl& impl = *impl_;
+  auto describe = [&](size_t entry, DType dtype, const Dims& shape, const Dims& strides, int64_t offset) {
+    auto dims = [](const Dims& d) {
+      Value list = Value::list();
+      for (const int64_t x : d) list.append(Value(x));
+      return list;
+    };
+    Value v = Value::dict();
+    v.insert("dtype", Value(std::string(dtype_name(dtype))));
+    v.insert("shape", dims(shape));
+    v.insert("strides", dims(strides));
+    v.insert("offset", Value(offset));
+    v.insert("entry", Value(impl.entries[entry].name));
+    return v;
+  };
+  if (impl.version == 0) {
+    Value out = Value::dict();
+    for (size_t i = 0; i < impl.entries.size(); ++i) {
+      const StoredEntry& e = impl.entries[i];
+      out.insert(DictKey(e.name), describe(i, e.dtype, e.shape, contiguous_strides(e.shape), 0));
+    }
+    return out;
+  }
+  return build_value(impl.tree, impl, [&](const json& body, const std::string& path) {
+    const TensorRecord r = parse_tensor(body, path, impl);
+    return describe(r.entry, r.dtype, r.shape, r.strides, r.offset);
+  });
+}
+
+}  // namespace fastdcp

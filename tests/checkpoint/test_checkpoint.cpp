@@ -1,0 +1,285 @@
+#include "fastdcp/checkpoint/checkpoint.h"
+
+#include <gtest/gtest.h>
+#include <sys/resource.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <barrier>
+#include <csignal>
+#include <cstring>
+#include <filesystem>
+#include <fstream>
+#include <thread>
+
+#include "fastdcp/common/error.h"
+#include "fastdcp/format/rank_file.h"
+#include "fastdcp/io/file.h"
+
+namespace fastdcp {
+namespace {
+
+Tensor filled(DType dtype, Dims shape, int seed) {
+  Tensor t = Tensor::empty_cpu(dtype, std::move(shape));
+  auto* bytes = static_cast<unsigned char*>(t.data_ptr());
+  for (uint64_t i = 0; i < t.nbytes(); ++i) bytes[i] = static_cast<unsigned char>(i * 13 + seed);
+  return t;
+}
+
+bool same_bytes(const Tensor& a, const Tensor& b) {
+  if (a.dtype() != b.dtype() || a.shape() != b.shape()) return false;
+  Tensor ca = Tensor::empty_cpu(a.dtype(), a.shape());
+  Tensor cb = Tensor::empty_cpu(b.dtype(), b.shape());
+  copy_tensor(ca, a);
+  copy_tensor(cb, b);
+  return std::memcmp(ca.data_ptr(), cb.data_ptr(), ca.nbytes()) == 0;
+}
+
+Value state(int seed) {
+  Tensor base = filled(DType::kF32, {64, 64}, seed);
+  Value model = Value::dict();
+  model.insert("big", Value(filled(DType::kBF16, {3 << 20}, seed)));  // 6 MiB: two checksum chunks
+  model.insert("w", Value(filled(DType::kF32, {16, 16}, seed + 1)));
+  model.insert("base", Value(base));
+  model.insert("cols", Value(base.view_as({64, 8}, {64, 1}, 3)));
+  Value root = Value::dict();
+  root.insert("model", std::move(model));
+  root.insert("step", Value(int64_t{seed}));
+  root.insert("lr", Value(0.5));
+  return root;
+}
+
+class CheckpointTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    char pattern[] = "/tmp/fastdcp_ckpt_XXXXXX";
+    dir_ = mkdtemp(pattern);
+    path_ = join_path(dir_, "step");
+  }
+  void TearDown() override { std::filesystem::remove_all(dir_); }
+  std::string data_file() const { return join_path(path_, read_manifest(path_).ranks[0].file); }
+  std::string dir_, path_;
+};
+
+template <class F>
+Error expect_error(F&& f) {
+  try {
+    f();
+  } catch (const Error& e) {
+    return e;
+  }
+  ADD_FAILURE() << "expected a fastdcp::Error";
+  return Error(ErrorCode::kInternal, "none");
+}
+
+void expect_contains(const Error& e, const std::string& text) {
+  EXPECT_NE(std::string(e.what()).find(text), std::string::npos) << e.what();
+}
+
+TEST_F(CheckpointTest, RoundTripKeepsValuesViewsAndAliasing) {
+  const Value source = state(1);
+  const WriteStats stats = CheckpointWriter().write(path_, source);
+  EXPECT_GT(stats.bytes_written, 6u << 20);
+  for (const bool mmap : {false, true}) {
+    const Value loaded = CheckpointReader({}, ReadOptions{.use_mmap = mmap}).read(path_);
+    const Value& m = loaded.at("model");
+    for (const char* key : {"big", "w", "base", "cols"}) {
+      EXPECT_TRUE(same_bytes(m.at(key).as_tensor(), source.at("model").at(key).as_tensor())) << key;
+    }
+    EXPECT_EQ(m.at("cols").as_tensor().storage(), m.at("base").as_tensor().storage());
+    EXPECT_EQ(loaded.at("step").as_int(), 1);
+    EXPECT_EQ(loaded.at("lr").as_double(), 0.5);
+  }
+  const VerifyReport report = verify_checkpoint(path_);
+  EXPECT_EQ(report.files, 1);
+  EXPECT_GE(report.chunks, 4u);
+}
+
+TEST_F(CheckpointTest, OverwriteMustBeAskedForAndReplacesTheOldFiles) {
+  CheckpointWriter().write(path_, state(1));
+  const std::string first = data_file();
+  expect_contains(expect_error([&] { CheckpointWriter().write(path_, state(2)); }), "overwrite");
+  EXPECT_EQ(CheckpointReader().read(path_).at("step").as_int(), 1);  // untouched
+  CheckpointWriter({}, WriterOptions{.overwrite = true}).write(path_, state(2));
+  EXPECT_EQ(CheckpointReader().read(path_).at("step").as_int(), 2);
+  EXPECT_FALSE(path_exists(first));
+  EXPECT_EQ(read_manifest(path_).generation, 2u);
+  // Only the manifest and the new data file remain.
+  EXPECT_EQ(list_directory(path_).size(), 2u);
+}
+
+TEST_F(CheckpointTest, MissingAndUncommittedCheckpointsAreClearErrors) {
+  Error e = expect_error([&] { CheckpointReader().read(join_path(dir_, "none")); });
+  EXPECT_EQ(e.code(), ErrorCode::kNotFound);
+  create_directories(path_);
+  e = expect_error([&] { CheckpointReader().read(path_); });
+  EXPECT_EQ(e.code(), ErrorCode::kFailedPrecondition);
+  expect_contains(e, "no committed checkpoint");
+  CheckpointWriter().write(path_, state(1));
+  std::filesystem::remove(data_file());
+  e = expect_error([&] { CheckpointReader().read(path_); });
+  EXPECT_EQ(e.code(), ErrorCode::kNotFound);
+  expect_contains(e, "rank 0");
+}
+
+TEST_F(CheckpointTest, AFlippedByteIsDetectedAndNamesTheTensorAndChunk) {
+  CheckpointWriter().write(path_, state(1));
+  const RankFileHeader header = [&] {
+    File f = File::open(data_file(), File::Mode::kRead);
+    return RankFileHeader::read([&](void* d, uint64_t o, uint64_t n) { f.read_at(d, n, o); }, f.size(), data_file());
+  }();
+  const auto it = std::find_if(header.entries().begin(), header.entries().end(),
+                               [](const StoredEntry& e) { return e.name == "model.big"; });
+  ASSERT_NE(it, header.entries().end());
+  {
+    std::fstream f(data_file(), std::ios::in | std::ios::out | std::ios::binary);
+    f.seekp(static_cast<std::streamoff>(header.data_offset() + it->begin + (5u << 20)));
+    f.put('\x5a');
+  }
+  for (const bool mmap : {false, true}) {
+    const Error e = expect_error([&] { CheckpointReader({}, ReadOptions{.use_mmap = mmap}).read(path_); });
+    EXPECT_EQ(e.code(), ErrorCode::kDataLoss);
+    expect_contains(e, "tensor 'model.big', chunk 1 of 2");
+  }
+  expect_contains(expect_error([&] { verify_checkpoint(path_); }), "model.big");
+  // Without verification the damaged bytes load.
+  EXPECT_NO_THROW(CheckpointReader({}, ReadOptions{.verify_checksums = false}).read(path_));
+}
+
+TEST_F(CheckpointTest, DamageInAViewedStorageNamesItsViews) {
+  CheckpointWriter().write(path_, state(1));
+  const std::string file = data_file();
+  File f = File::open(file, File::Mode::kRead);
+  const RankFileHeader header =
+      RankFileHeader::read([&](void* d, uint64_t o, uint64_t n) { f.read_at(d, n, o); }, f.size(), file);
+  const auto raw = std::find_if(header.entries().begin(), header.entries().end(),
+                                [](const StoredEntry& e) { return e.name.starts_with("__fastdcp__"); });
+  ASSERT_NE(raw, header.entries().end());
+  {
+    std::fstream out(file, std::ios::in | std::ios::out | std::ios::binary);
+    out.seekp(static_cast<std::streamoff>(header.data_offset() + raw->begin + 1));
+    out.put('\x11');
+  }
+  expect_contains(expect_error([&] { CheckpointReader().read(path_); }), "tensor 'model.base' (and 1 more");
+}
+
+TEST_F(CheckpointTest, TruncationAndHeaderDamageAreDetected) {
+  CheckpointWriter().write(path_, state(1));
+  std::filesystem::resize_file(data_file(), std::filesystem::file_size(data_file()) - 1);
+  Error e = expect_error([&] { CheckpointReader().read(path_); });
+  EXPECT_EQ(e.code(), ErrorCode::kDataLoss);
+  expect_contains(e, "truncated");
+  CheckpointWriter({}, WriterOptions{.overwrite = true}).write(path_, state(1));
+  {
+    std::fstream out(data_file(), std::ios::in | std::ios::out | std::ios::binary);
+    out.seekp(20);
+    out.put(' ');
+  }
+  e = expect_error([&] { CheckpointReader().read(path_); });
+  EXPECT_EQ(e.code(), ErrorCode::kDataLoss);
+}
+
+TEST_F(CheckpointTest, PartialLoadFillsTargetsInPlaceAndReportsKeys) {
+  CheckpointWriter().write(path_, state(3));
+  const Value source = state(3);
+  Tensor big = Tensor::empty_cpu(DType::kBF16, {3 << 20});
+  const void* big_memory = big.data_ptr();
+  // A non-contiguous target: the transposed view of a 16x16 buffer.
+  Tensor buffer = Tensor::empty_cpu(DType::kF32, {16, 16});
+  Tensor w_t = buffer.view_as({16, 16}, {1, 16}, 0);
+  Value target = Value::dict();
+  Value model = Value::dict();
+  model.insert("big", Value(big));
+  model.insert("w", Value(w_t));
+  model.insert("extra", Value(int64_t{5}));
+  target.insert("model", std::move(model));
+  target.insert("step", Value());
+  const LoadResult result = CheckpointReader().read_into(path_, target);
+  EXPECT_EQ(target.at("model").at("big").as_tensor().data_ptr(), big_memory);  // in place
+  EXPECT_TRUE(same_bytes(big, source.at("model").at("big").as_tensor()));
+  EXPECT_TRUE(same_bytes(w_t, source.at("model").at("w").as_tensor()));
+  EXPECT_EQ(target.at("step").as_int(), 3);
+  EXPECT_EQ(result.missing_keys, (std::vector<std::string>{"model.extra"}));
+  std::vector<std::string> unexpected = result.unexpected_keys;
+  std::sort(unexpected.begin(), unexpected.end());
+  EXPECT_EQ(unexpected, (std::vector<std::string>{"lr", "model.base", "model.cols"}));
+}
+
+TEST_F(CheckpointTest, StrictLoadAndMismatchesChangeNothing) {
+  CheckpointWriter().write(path_, state(3));
+  Tensor w = Tensor::empty_cpu(DType::kF32, {16, 16});
+  std::memset(w.data_ptr(), 0, w.nbytes());
+  Value target = Value::dict();
+  Value model = Value::dict();
+  model.insert("w", Value(w));
+  target.insert("model", std::move(model));
+  Error e = expect_error([&] { CheckpointReader().read_into(path_, target, /*strict=*/true); });
+  expect_contains(e, "nothing was changed");
+  expect_contains(e, "model.big");
+  EXPECT_EQ(static_cast<const float*>(w.data_ptr())[5], 0.0f);
+  // A shape mismatch names the key, strict or not.
+  Value wrong = Value::dict();
+  Value wrong_model = Value::dict();
+  wrong_model.insert("w", Value(Tensor::empty_cpu(DType::kF32, {4, 4})));
+  wrong.insert("model", std::move(wrong_model));
+  e = expect_error([&] { CheckpointReader().read_into(path_, wrong); });
+  expect_contains(e, "'model.w'");
+}
+
+TEST_F(CheckpointTest, ManyRanksCommitOnceAllHaveWritten) {
+  constexpr int kRanks = 4;
+  struct ThreadBarrier : Barrier {
+    std::barrier<> b{kRanks};
+    void execute(std::chrono::milliseconds) override { b.arrive_and_wait(); }
+  };
+  auto barrier = std::make_shared<ThreadBarrier>();
+  std::vector<std::thread> ranks;
+  for (int r = 0; r < kRanks; ++r) {
+    ranks.emplace_back([&, r] { CheckpointWriter({r, kRanks}, {}, barrier).write(path_, state(10 + r)); });
+  }
+  for (auto& t : ranks) t.join();
+  const Manifest manifest = read_manifest(path_);
+  EXPECT_EQ(manifest.world_size, kRanks);
+  for (int r = 0; r < kRanks; ++r) {
+    EXPECT_EQ(CheckpointReader({r, kRanks}).read(path_).at("step").as_int(), 10 + r);
+  }
+  expect_contains(expect_error([&] { CheckpointReader({0, 2}).read(path_); }), "written by 4 ranks");
+  EXPECT_EQ(verify_checkpoint(path_).files, kRanks);
+}
+
+TEST_F(CheckpointTest, ACommitWaitsForMissingRanksOnlyUntilTheTimeout) {
+  const Error e = expect_error([&] {
+    CheckpointWriter({0, 2}, WriterOptions{.barrier_timeout = std::chrono::milliseconds(50)}).write(path_, state(1));
+  });
+  expect_contains(e, "rank 1 did not finish");
+  EXPECT_THROW(read_manifest(path_), Error);  // nothing committed
+}
+
+TEST_F(CheckpointTest, AFullDiskLeavesThePreviousCheckpointIntact) {
+  CheckpointWriter().write(path_, state(1));
+  const pid_t pid = fork();
+  ASSERT_GE(pid, 0);
+  if (pid == 0) {
+    std::signal(SIGXFSZ, SIG_IGN);
+    rlimit limit{1 << 20, 1 << 20};  // smaller than one data file
+    setrlimit(RLIMIT_FSIZE, &limit);
+    try {
+      CheckpointWriter({}, WriterOptions{.overwrite = true}).write(path_, state(2));
+    } catch (const Error& e) {
+      _exit(std::string(e.what()).find("file-size limit") != std::string::npos ? 0 : 2);
+    }
+    _exit(1);
+  }
+  int status = 0;
+  waitpid(pid, &status, 0);
+  ASSERT_TRUE(WIFEXITED(status));
+  EXPECT_EQ(WEXITSTATUS(status), 0);
+  EXPECT_EQ(CheckpointReader().read(path_).at("step").as_int(), 1);
+  EXPECT_NO_THROW(verify_checkpoint(path_));
+  // The next save cleans up what the failed one left.
+  CheckpointWriter({}, WriterOptions{.overwrite = true}).write(path_, state(3));
+  EXPECT_EQ(list_directory(path_).size(), 2u);
+}
+
+}  // namespace
+}  // namespace fastdcp

@@ -1,0 +1,219 @@
+#include "fastdcp/format/rank_file.h"
+
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <cstring>
+#include <random>
+
+#include "fastdcp/common/error.h"
+
+namespace fastdcp {
+namespace {
+
+Tensor iota(DType dtype, Dims shape) {
+  Tensor t = Tensor::empty_cpu(dtype, std::move(shape));
+  auto* bytes = static_cast<unsigned char*>(t.data_ptr());
+  for (uint64_t i = 0; i < t.nbytes(); ++i) bytes[i] = static_cast<unsigned char>(i * 7 + 1);
+  return t;
+}
+
+// A state dict with every kind of value, views and aliasing.
+Value sample() {
+  Tensor base = iota(DType::kF32, {10, 10});
+  Value model = Value::dict();
+  model.insert("weight", Value(iota(DType::kF32, {4, 8})));
+  model.insert("bias", Value(iota(DType::kBF16, {3})));
+  model.insert("base", Value(base));
+  model.insert("inner", Value(base.view_as({6, 6}, {10, 1}, 22)));
+  model.insert("transposed", Value(base.view_as({10, 10}, {1, 10}, 0)));
+  model.insert("scalar", Value(iota(DType::kF64, {})));
+  model.insert("empty", Value(iota(DType::kF32, {0, 4})));
+  model.insert("complex", Value(iota(DType::kC128, {2})));
+  Value optim = Value::dict();
+  Value state = Value::dict();
+  state.insert(0, Value(iota(DType::kI64, {5})));
+  state.insert(7, Value(iota(DType::kU8, {9})));
+  optim.insert("state", std::move(state));
+  Value groups = Value::list();
+  Value group = Value::dict();
+  group.insert("lr", Value(1e-3));
+  Value betas = Value::tuple();
+  betas.append(Value(0.9));
+  betas.append(Value(0.999));
+  group.insert("betas", std::move(betas));
+  group.insert("nan", Value(std::nan("")));
+  group.insert("inf", Value(-HUGE_VAL));
+  group.insert("whole", Value(2.0));
+  group.insert("name", Value(std::string("adam \"quoted\"\n\x01 ünïcode")));
+  group.insert("blob", Value(Bytes{std::string("\x00\xff\x10", 3)}));
+  group.insert("none", Value());
+  group.insert("flag", Value(true));
+  group.insert("big", Value(int64_t{-9007199254740993}));
+  group.insert("empty_list", Value::list());
+  groups.append(std::move(group));
+  optim.insert("param_groups", std::move(groups));
+  Value root = Value::dict();
+  root.insert("model", std::move(model));
+  root.insert("optim", std::move(optim));
+  root.insert("step", Value(int64_t{11}));
+  return root;
+}
+
+RankFileHeader parse(const RankFilePlan& plan) {
+  return RankFileHeader::parse(std::string_view(plan.header()).substr(8), plan.file_size(), "test.safetensors");
+}
+
+TEST(RankFilePlan, PlainTensorsKeepTheirNamesAndAliasedStoragesAreRaw) {
+  const RankFilePlan plan = RankFilePlan::make(sample());
+  std::vector<std::string> names;
+  for (const auto& e : plan.entries()) names.push_back(e.name);
+  const auto has = [&](const std::string& n) { return std::find(names.begin(), names.end(), n) != names.end(); };
+  EXPECT_TRUE(has("model.weight"));
+  EXPECT_TRUE(has("model.bias"));
+  EXPECT_TRUE(has("optim.state.0"));
+  EXPECT_FALSE(has("model.base"));     // three views of one storage: raw
+  EXPECT_FALSE(has("model.complex"));  // C128 is not a safetensors dtype: raw
+  // 100 F32 base storage + complex + ... : the raw ones are named by storage id.
+  EXPECT_EQ(std::count_if(names.begin(), names.end(), [](auto& n) { return n.starts_with("__fastdcp__"); }), 2);
+}
+
+TEST(RankFilePlan, DataIsPageAlignedAndEveryEntryIsAlignedToItsElementSize) {
+  const RankFilePlan plan = RankFilePlan::make(sample());
+  EXPECT_EQ(plan.data_offset() % kDataAlignment, 0u);
+  uint64_t covered = 0;
+  for (const auto& e : plan.entries()) {
+    const uint64_t item = std::max(1, dtype_bits(e.dtype) / 8);
+    EXPECT_EQ(e.begin % item, 0u) << e.name;
+    covered += e.end - e.begin;
+  }
+  EXPECT_EQ(plan.data_offset() + covered, plan.file_size());
+}
+
+TEST(RankFileHeader, RoundTripsEveryKindOfValueAndTheViews) {
+  const Value source = sample();
+  RankFilePlan plan = RankFilePlan::make(source);
+  for (size_t i = 0; i < plan.entries().size(); ++i) {
+    std::vector<uint32_t> crcs(plan.entries()[i].num_chunks(), 0xdeadbeefu + static_cast<uint32_t>(i));
+    plan.set_checksums(i, crcs);
+  }
+  const RankFileHeader header = parse(plan);
+  EXPECT_EQ(header.format_version(), kRankFileFormatVersion);
+  ASSERT_EQ(header.entries().size(), plan.entries().size());
+  for (size_t i = 0; i < plan.entries().size(); ++i) {
+    EXPECT_EQ(header.entries()[i].name, plan.entries()[i].name);
+    EXPECT_EQ(header.entries()[i].nbytes, plan.entries()[i].nbytes);
+    EXPECT_EQ(header.entries()[i].chunk_crc32c, plan.entries()[i].chunk_crc32c);
+  }
+  // Rebuild over the same storages: the tree is the source tree.
+  const Value rebuilt = header.build_tree(plan.storages());
+  const Value& m = rebuilt.at("model");
+  EXPECT_EQ(m.at("inner").as_tensor().storage(), m.at("base").as_tensor().storage());
+  EXPECT_EQ(m.at("inner").as_tensor().storage_offset(), 22);
+  EXPECT_EQ(m.at("transposed").as_tensor().strides(), (Dims{1, 10}));
+  EXPECT_EQ(m.at("scalar").as_tensor().dim(), 0u);
+  EXPECT_EQ(m.at("complex").as_tensor().dtype(), DType::kC128);
+  const Value& g = rebuilt.at("optim").at("param_groups")[0];
+  EXPECT_EQ(g.at("lr").as_double(), 1e-3);
+  EXPECT_TRUE(std::isnan(g.at("nan").as_double()));
+  EXPECT_EQ(g.at("inf").as_double(), -HUGE_VAL);
+  EXPECT_EQ(g.at("whole").kind(), Value::Kind::kDouble);
+  EXPECT_EQ(g.at("name").as_string(), "adam \"quoted\"\n\x01 ünïcode");
+  EXPECT_EQ(g.at("blob").as_bytes().data, std::string("\x00\xff\x10", 3));
+  EXPECT_TRUE(g.at("none").is_none());
+  EXPECT_EQ(g.at("big").as_int(), int64_t{-9007199254740993});
+  EXPECT_EQ(g.at("betas").kind(), Value::Kind::kTuple);
+  EXPECT_EQ(g.at("empty_list").size(), 0u);
+  EXPECT_TRUE(rebuilt.at("optim").at("state").find(DictKey(7)) != nullptr);
+  EXPECT_EQ(rebuilt.at("step").as_int(), 11);
+}
+
+TEST(RankFileHeader, DeepTreesNeitherRecurseNorOverflow) {
+  Value root = Value::list();
+  Value* leaf = &root;
+  for (int i = 0; i < 50000; ++i) leaf = &leaf->append(Value::list());
+  leaf->append(Value(iota(DType::kF32, {2})));
+  RankFilePlan plan = RankFilePlan::make(root);
+  const Value rebuilt = parse(plan).build_tree(plan.storages());
+  const Value* v = &rebuilt;
+  for (int i = 0; i < 50000; ++i) v = &(*v)[0];
+  EXPECT_TRUE((*v)[0].is_tensor());
+}
+
+TEST(RankFilePlan, ValuesTheFormatCannotHoldAreNamed) {
+  Value root = Value::dict();
+  Value inner = Value::dict();
+  inner.insert("name", Value(std::string("\xff\xfe")));
+  root.insert("cfg", std::move(inner));
+  try {
+    RankFilePlan::make(root);
+    FAIL() << "expected an error";
+  } catch (const Error& e) {
+    EXPECT_EQ(e.code(), ErrorCode::kInvalidArgument);
+    EXPECT_NE(std::string(e.what()).find("'cfg.name'"), std::string::npos) << e.what();
+  }
+}
+
+TEST(RankFileHeader, ANewerFormatVersionIsRefusedWithAdvice) {
+  RankFilePlan plan = RankFilePlan::make(sample());
+  std::string header = plan.header().substr(8);
+  const size_t at = header.find("\"fastdcp.version\":\"1\"");
+  ASSERT_NE(at, std::string::npos);
+  header[at + std::strlen("\"fastdcp.version\":\"")] = '9';
+  try {
+    RankFileHeader::parse(header, plan.file_size(), "f.safetensors");
+    FAIL();
+  } catch (const Error& e) {
+    EXPECT_EQ(e.code(), ErrorCode::kFailedPrecondition);
+    EXPECT_NE(std::string(e.what()).find("version 9"), std::string::npos) << e.what();
+  }
+}
+
+TEST(RankFileHeader, ATruncatedFileIsNamed) {
+  RankFilePlan plan = RankFilePlan::make(sample());
+  try {
+    RankFileHeader::parse(std::string_view(plan.header()).substr(8), plan.file_size() - 1, "f.safetensors");
+    FAIL();
+  } catch (const Error& e) {
+    EXPECT_EQ(e.code(), ErrorCode::kDataLoss);
+    EXPECT_NE(std::string(e.what()).find("'f.safetensors' is truncated"), std::string::npos) << e.what();
+  }
+}
+
+// Random damage to the header: every outcome is a parsed header or an Error, never a crash
+// (the libFuzzer target explores this much further; this keeps a quick check in every build).
+TEST(RankFileHeader, DamagedHeadersGiveErrorsNotCrashes) {
+  RankFilePlan plan = RankFilePlan::make(sample());
+  const std::string good = plan.header().substr(8);
+  std::mt19937 rng(3);
+  int errors = 0;
+  for (int round = 0; round < 2000; ++round) {
+    std::string bad = good;
+    for (int k = 0; k < 1 + round % 4; ++k) bad[rng() % bad.size()] = static_cast<char>(rng());
+    try {
+      const RankFileHeader header = RankFileHeader::parse(bad, plan.file_size(), "f");
+      std::vector<Storage> storages;
+      for (const auto& e : header.entries()) storages.push_back(Storage::allocate_cpu(e.nbytes));
+      (void)header.build_tree(storages);
+      (void)header.describe_tree();
+    } catch (const Error&) {
+      ++errors;
+    }
+  }
+  EXPECT_GT(errors, 500);
+}
+
+TEST(RankFileHeader, APlainSafetensorsFileReadsAsAFlatDict) {
+  const std::string json =
+      R"({"b":{"dtype":"F32","shape":[2],"data_offsets":[4,12]},"a":{"dtype":"I32","shape":[1],"data_offsets":[0,4]}})";
+  const RankFileHeader header = RankFileHeader::parse(json, 8 + json.size() + 12, "plain.safetensors");
+  EXPECT_EQ(header.format_version(), 0);
+  ASSERT_EQ(header.entries().size(), 2u);
+  std::vector<Storage> storages{Storage::allocate_cpu(4), Storage::allocate_cpu(8)};
+  const Value tree = header.build_tree(storages);
+  EXPECT_EQ(tree.entries()[0].first.as_string(), "a");  // file order
+  EXPECT_EQ(tree.at("b").as_tensor().shape(), (Dims{2}));
+}
+
+}  // namespace
+}  // namespace fastdcp

@@ -1,0 +1,106 @@
+#include "fastdcp/io/file.h"
+
+#include <gtest/gtest.h>
+#include <sys/resource.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <csignal>
+#include <cstdlib>
+#include <filesystem>
+#include <string>
+
+#include "fastdcp/common/error.h"
+
+namespace fastdcp {
+namespace {
+
+class FileTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    char pattern[] = "/tmp/fastdcp_io_XXXXXX";
+    dir_ = mkdtemp(pattern);
+  }
+  void TearDown() override { std::filesystem::remove_all(dir_); }
+  std::string dir_;
+};
+
+TEST_F(FileTest, WritesAndReadsAtOffsets) {
+  const std::string path = join_path(dir_, "a");
+  {
+    File f = File::open(path, File::Mode::kCreate);
+    f.write_at("world", 5, 6);
+    f.write_at("hello ", 6, 0);
+    f.sync();
+    f.close();
+  }
+  File f = File::open(path, File::Mode::kRead);
+  EXPECT_EQ(f.size(), 11u);
+  char text[12] = {};
+  f.read_at(text, 11, 0);
+  EXPECT_STREQ(text, "hello world");
+}
+
+TEST_F(FileTest, ReadingPastTheEndIsDataLossNamingTheFile) {
+  const std::string path = join_path(dir_, "short");
+  File::open(path, File::Mode::kCreate).write_at("abc", 3, 0);
+  char buffer[8];
+  try {
+    File::open(path, File::Mode::kRead).read_at(buffer, 8, 0);
+    FAIL();
+  } catch (const Error& e) {
+    EXPECT_EQ(e.code(), ErrorCode::kDataLoss);
+    EXPECT_NE(std::string(e.what()).find(path), std::string::npos) << e.what();
+  }
+}
+
+TEST_F(FileTest, MissingFilesAreNotFoundAndCreateNewRefusesExisting) {
+  try {
+    File::open(join_path(dir_, "nope"), File::Mode::kRead);
+    FAIL();
+  } catch (const Error& e) {
+    EXPECT_EQ(e.code(), ErrorCode::kNotFound);
+  }
+  File::open(join_path(dir_, "x"), File::Mode::kCreate);
+  EXPECT_THROW(File::open(join_path(dir_, "x"), File::Mode::kCreateNew), Error);
+}
+
+TEST_F(FileTest, DirectoryOperations) {
+  create_directories(join_path(dir_, "a/b/c"));
+  File::open(join_path(dir_, "a/f.tmp"), File::Mode::kCreate);
+  rename_path(join_path(dir_, "a/f.tmp"), join_path(dir_, "a/f"));
+  sync_directory(join_path(dir_, "a"));
+  auto names = list_directory(join_path(dir_, "a"));
+  std::sort(names.begin(), names.end());
+  EXPECT_EQ(names, (std::vector<std::string>{"b", "f"}));
+  remove_file(join_path(dir_, "a/f"));
+  remove_file(join_path(dir_, "a/f"));  // already gone: fine
+  EXPECT_FALSE(path_exists(join_path(dir_, "a/f")));
+  EXPECT_GE(direct_io_alignment(dir_), 512u);
+}
+
+TEST_F(FileTest, TheFileSizeLimitIsAClearError) {
+  // In a child process: RLIMIT_FSIZE applies to the whole process.
+  const std::string path = join_path(dir_, "big");
+  const pid_t pid = fork();
+  ASSERT_GE(pid, 0);
+  if (pid == 0) {
+    std::signal(SIGXFSZ, SIG_IGN);
+    rlimit limit{4096, 4096};
+    setrlimit(RLIMIT_FSIZE, &limit);
+    std::string data(8192, 'x');
+    try {
+      File::open(path, File::Mode::kCreate).write_at(data.data(), data.size(), 0);
+    } catch (const Error& e) {
+      _exit(std::string(e.what()).find("file-size limit") != std::string::npos ? 0 : 2);
+    }
+    _exit(1);
+  }
+  int status = 0;
+  waitpid(pid, &status, 0);
+  ASSERT_TRUE(WIFEXITED(status));
+  EXPECT_EQ(WEXITSTATUS(status), 0);
+}
+
+}  // namespace
+}  // namespace fastdcp
