@@ -4,11 +4,12 @@ The framework-neutral API stages trees of numpy arrays; ``fastdcp.torch`` is the
 replacement for ``torch.distributed.checkpoint._experimental``.
 """
 
+from fastdcp import _C
 from fastdcp._adapters import NumpyAdapter
 from fastdcp._C import StagingOptions, cuda_available
 from fastdcp._C import Stager as _NativeStager
 
-__all__ = ["Stager", "StagingOptions", "cuda_available"]
+__all__ = ["Stager", "StagingOptions", "cuda_available", "load", "save", "verify"]
 
 
 class Stager:
@@ -43,3 +44,25 @@ class Stager:
 
     def __exit__(self, *exc):
         self.close()
+
+
+def save(path, tree, *, overwrite=False, io_threads=0):
+    """Writes a tree of numpy arrays (or other host DLPack producers) and plain values as a
+    one-rank fastdcp checkpoint (docs/format.md); a committed checkpoint at ``path`` is replaced
+    only with ``overwrite``."""
+    io = _C.CheckpointIO(NumpyAdapter(), 0, 1)
+    return io.write(str(path), tree, overwrite, io_threads, 600.0, None, None, None)
+
+
+def load(path, template=None, *, strict=False, verify=True, mmap=False, io_threads=0):
+    """Loads a one-rank checkpoint as numpy arrays; with a ``template``, fills its arrays in place
+    and returns ``(template, missing_keys, unexpected_keys)``."""
+    io = _C.CheckpointIO(NumpyAdapter(), 0, 1)
+    if template is None:
+        return io.read(str(path), verify, mmap, io_threads)
+    return io.read_into(str(path), template, strict, verify, io_threads)
+
+
+def verify(path):
+    """Checks every file of a checkpoint against its manifest and every chunk's checksum."""
+    return _C.verify(str(path))

@@ -66,6 +66,9 @@ _NUMPY_NAMES = {
 }
 
 
+_NUMPY_DTYPES = {name: dtype for dtype, name in _NUMPY_NAMES.items()}
+
+
 def _as_numpy(obj):
     """A numpy view of a DLPack producer's host memory; a clear error for anything else."""
     if isinstance(obj, np.ndarray):
@@ -125,6 +128,14 @@ class NumpyAdapter:
     @staticmethod
     def wrap_storage(capsule, shared, pinned):
         return np.from_dlpack(_DLPackBytes(capsule))
+
+    @staticmethod
+    def typed_view(storage, dtype_name, shape, strides, offset):
+        dtype = _NUMPY_DTYPES.get(dtype_name)
+        if dtype is None:
+            raise ValueError(f"numpy has no dtype for fastdcp dtype {dtype_name}; load it with fastdcp.torch")
+        return np.ndarray(shape, dtype=dtype, buffer=storage, offset=offset * dtype.itemsize,
+                          strides=tuple(s * dtype.itemsize for s in strides))
 
     @staticmethod
     def make_view(storage, source, shape, strides, offset):

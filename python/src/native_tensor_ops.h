@@ -17,7 +17,7 @@
 
 namespace fastdcp::python {
 
-inline constexpr const char* kNativeTensorOpsCapsule = "fastdcp.native_tensor_ops.v1";
+inline constexpr const char* kNativeTensorOpsCapsule = "fastdcp.native_tensor_ops.v2";
 
 struct NativeTensorDescription {
   uintptr_t storage_data;
@@ -38,6 +38,10 @@ struct NativeTensorOps {
   // wrap_storage); a new reference, or nullptr with a Python error set.
   PyObject* (*make_view)(PyObject* byte_tensor, PyObject* source, int32_t ndim, const int64_t* shape,
                          const int64_t* strides, int64_t storage_offset);
+  // The same with the dtype given as a fastdcp::DType value (for loaded tensors, which have no
+  // source); a dtype the framework lacks is a Python error.
+  PyObject* (*make_typed_view)(PyObject* byte_tensor, int32_t dtype, int32_t ndim, const int64_t* shape,
+                               const int64_t* strides, int64_t storage_offset);
 };
 
 }  // namespace fastdcp::python

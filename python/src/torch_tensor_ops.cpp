@@ -87,6 +87,43 @@ int describe(PyObject* obj, NativeTensorDescription* out) {
   }
 }
 
+std::optional<at::ScalarType> torch_dtype(DType dtype) {
+  switch (dtype) {
+    case DType::kBool: return at::kBool;
+    case DType::kU8: return at::kByte;
+    case DType::kI8: return at::kChar;
+    case DType::kI16: return at::kShort;
+    case DType::kU16: return at::kUInt16;
+    case DType::kI32: return at::kInt;
+    case DType::kU32: return at::kUInt32;
+    case DType::kI64: return at::kLong;
+    case DType::kU64: return at::kUInt64;
+    case DType::kF16: return at::kHalf;
+    case DType::kBF16: return at::kBFloat16;
+    case DType::kF32: return at::kFloat;
+    case DType::kF64: return at::kDouble;
+    case DType::kC64: return at::kComplexFloat;
+    case DType::kC128: return at::kComplexDouble;
+    case DType::kF8_E4M3: return at::kFloat8_e4m3fn;
+    case DType::kF8_E5M2: return at::kFloat8_e5m2;
+    case DType::kF8_E4M3FNUZ: return at::kFloat8_e4m3fnuz;
+    case DType::kF8_E5M2FNUZ: return at::kFloat8_e5m2fnuz;
+    case DType::kF8_E8M0: return at::kFloat8_e8m0fnu;
+    default: return std::nullopt;
+  }
+}
+
+// A CPU tensor of `dtype` over the storage of `bytes`. As at::empty does for CPU tensors: a
+// TensorImpl over an existing storage, without a dispatch.
+at::Tensor view_of(const at::Tensor& bytes, caffe2::TypeMeta dtype, int32_t ndim, const int64_t* shape,
+                   const int64_t* strides, int64_t storage_offset) {
+  c10::Storage storage = bytes.storage();
+  auto impl = c10::make_intrusive<c10::TensorImpl>(std::move(storage), c10::DispatchKeySet(c10::DispatchKey::CPU), dtype);
+  impl->set_sizes_and_strides(c10::IntArrayRef(shape, static_cast<size_t>(ndim)),
+                              c10::IntArrayRef(strides, static_cast<size_t>(ndim)), storage_offset);
+  return at::Tensor(std::move(impl));
+}
+
 PyObject* make_view(PyObject* byte_tensor, PyObject* source, int32_t ndim, const int64_t* shape,
                     const int64_t* strides, int64_t storage_offset) {
   try {
@@ -94,25 +131,36 @@ PyObject* make_view(PyObject* byte_tensor, PyObject* source, int32_t ndim, const
       PyErr_SetString(PyExc_TypeError, "fastdcp._torch_C.make_view expects torch tensors");
       return nullptr;
     }
-    const at::Tensor& bytes = THPVariable_Unpack(byte_tensor);
     const at::Tensor& src = THPVariable_Unpack(source);
-    // As at::empty does for CPU tensors: a TensorImpl over an existing storage, without a dispatch.
-    c10::Storage storage = bytes.storage();
-    auto impl = c10::make_intrusive<c10::TensorImpl>(std::move(storage), c10::DispatchKeySet(c10::DispatchKey::CPU),
-                                                     src.dtype());
-    impl->set_sizes_and_strides(c10::IntArrayRef(shape, static_cast<size_t>(ndim)),
-                                c10::IntArrayRef(strides, static_cast<size_t>(ndim)), storage_offset);
+    at::Tensor out = view_of(THPVariable_Unpack(byte_tensor), src.dtype(), ndim, shape, strides, storage_offset);
     // A lazily conjugated or negated view stays one (torch's own stager drops these bits).
-    impl->_set_conj(src.is_conj());
-    impl->_set_neg(src.is_neg());
-    return THPVariable_Wrap(at::Tensor(std::move(impl)));
+    out.unsafeGetTensorImpl()->_set_conj(src.is_conj());
+    out.unsafeGetTensorImpl()->_set_neg(src.is_neg());
+    return THPVariable_Wrap(std::move(out));
   } catch (const std::exception& e) {
     PyErr_SetString(PyExc_RuntimeError, e.what());
     return nullptr;
   }
 }
 
-constexpr NativeTensorOps kOps{&describe, &make_view};
+PyObject* make_typed_view(PyObject* byte_tensor, int32_t dtype, int32_t ndim, const int64_t* shape,
+                          const int64_t* strides, int64_t storage_offset) {
+  try {
+    const std::optional<at::ScalarType> type = torch_dtype(static_cast<DType>(dtype));
+    if (!THPVariable_Check(byte_tensor) || !type) {
+      PyErr_Format(PyExc_ValueError, "torch has no dtype for fastdcp dtype %s",
+                   std::string(fastdcp::dtype_name(static_cast<DType>(dtype))).c_str());
+      return nullptr;
+    }
+    return THPVariable_Wrap(view_of(THPVariable_Unpack(byte_tensor), caffe2::TypeMeta::fromScalarType(*type), ndim,
+                                    shape, strides, storage_offset));
+  } catch (const std::exception& e) {
+    PyErr_SetString(PyExc_RuntimeError, e.what());
+    return nullptr;
+  }
+}
+
+constexpr NativeTensorOps kOps{&describe, &make_view, &make_typed_view};
 
 PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_torch_C", "Native torch tensor access for fastdcp's stager.",
                           -1, nullptr, nullptr, nullptr, nullptr, nullptr};

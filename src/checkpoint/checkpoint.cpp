@@ -59,8 +59,9 @@ void check_rank(const RankInfo& rank) {
 
 // Host memory for a loaded storage, not zeroed (every byte is about to be read into).
 Storage allocate_for_reading(size_t nbytes) {
+  if (nbytes == 0) return Storage::wrap(nullptr, 0, Device::cpu());
   const size_t alignment = nbytes >= (size_t{1} << 20) ? 4096 : 64;
-  const size_t rounded = (std::max<size_t>(nbytes, 1) + alignment - 1) / alignment * alignment;
+  const size_t rounded = (nbytes + alignment - 1) / alignment * alignment;
   void* data = std::aligned_alloc(alignment, rounded);
   if (!data) throw Error(ErrorCode::kResourceExhausted, "cannot allocate " + std::to_string(nbytes) + " bytes to load into");
   std::shared_ptr<void> owner(data, [](void* p) { std::free(p); });
@@ -260,7 +261,9 @@ Value CheckpointReader::read(const std::string& path) const {
     std::shared_ptr<void> mapping = map_file(opened.file, opened.file.size());
     auto* base = static_cast<char*>(mapping.get()) + header.data_offset();
     for (size_t i = 0; i < entries.size(); ++i) {
-      storages[i] = Storage::wrap(base + entries[i].begin, entries[i].nbytes, Device::cpu(), mapping);
+      // An empty entry shares its offset with the next one: give it no memory, not an alias.
+      storages[i] = entries[i].nbytes == 0 ? Storage::wrap(nullptr, 0, Device::cpu())
+                                           : Storage::wrap(base + entries[i].begin, entries[i].nbytes, Device::cpu(), mapping);
     }
     if (options_.verify_checksums) {
       const detail::IoPlan plan = detail::plan_io(entries, header.data_offset());

@@ -18,6 +18,7 @@ _NAMES = {
     torch.float8_e8m0fnu: "F8_E8M0",
 }
 _RAW_BY_WIDTH = {1: "U8", 2: "U16", 4: "U32", 8: "U64", 16: "C128"}
+_DTYPES = {name: dtype for dtype, name in _NAMES.items()}
 
 
 def _native_ops():
@@ -80,6 +81,13 @@ class TorchAdapter:
     def wrap_storage(capsule, shared, pinned):
         # A uint8 tensor over the whole staged buffer; its storage is the staged tensors' storage.
         return torch.utils.dlpack.from_dlpack(capsule)
+
+    @staticmethod
+    def typed_view(byte_tensor, dtype_name, shape, strides, offset):
+        dtype = _DTYPES.get(dtype_name)
+        if dtype is None:
+            raise ValueError(f"torch has no dtype for fastdcp dtype {dtype_name}")
+        return torch.empty(0, dtype=dtype).set_(byte_tensor.untyped_storage(), offset, shape, strides)
 
     @staticmethod
     def make_view(byte_tensor, source, shape, strides, offset):

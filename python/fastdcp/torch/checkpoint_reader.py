@@ -1,0 +1,81 @@
+"""Reading one rank's part of a checkpoint, as torch.distributed.checkpoint._experimental
+.checkpoint_reader: whole, or into a template whose tensors are filled in place."""
+
+import logging
+from typing import Any
+
+import torch
+
+from fastdcp import _C
+from fastdcp.torch._adapter import TorchAdapter
+from fastdcp.torch.types import STATE_DICT, RankInfo
+
+__all__ = ["CheckpointReader"]
+
+logger = logging.getLogger(__name__)
+
+
+def _device_tensors(tree, out, parent=None, key=None):
+    """(container, key, tensor) for every non-CPU tensor of a template (dicts and lists)."""
+    if isinstance(tree, torch.Tensor):
+        if tree.device.type != "cpu":
+            out.append((parent, key, tree))
+    elif isinstance(tree, dict):
+        for k, v in tree.items():
+            _device_tensors(v, out, tree, k)
+    elif isinstance(tree, list):
+        for i, v in enumerate(tree):
+            _device_tensors(v, out, tree, i)
+    return out
+
+
+def _to_device(tree, device):
+    if isinstance(tree, torch.Tensor):
+        return tree.to(device)
+    if isinstance(tree, dict):
+        return {k: _to_device(v, device) for k, v in tree.items()}
+    if isinstance(tree, (list, tuple)):
+        items = [_to_device(v, device) for v in tree]
+        return items if isinstance(tree, list) else tuple(items)
+    return tree
+
+
+class CheckpointReader:
+    """``read(path)`` loads this rank's state dict; ``read(path, state_dict)`` fills the
+    template's tensors in place (CPU, GPU, non-contiguous) and returns it with the missing keys.
+
+    fastdcp extras (keywords): ``strict`` refuses, before changing anything, a template whose keys
+    differ from the checkpoint's; ``verify`` (default True) checks every chunk's checksum;
+    ``mmap`` (whole loads) maps the file instead of reading it."""
+
+    def __init__(self, rank_info: RankInfo):
+        self._rank_info = rank_info
+        self._io = _C.CheckpointIO(TorchAdapter(), rank_info.global_rank, rank_info.global_world_size)
+        self.last_unexpected_keys: list[str] = []
+
+    def read(self, path: str, state_dict: STATE_DICT | None = None, *, map_location=None, strict: bool = False,
+             verify: bool = True, mmap: bool = False, io_threads: int = 0,
+             **kwargs: Any) -> tuple[STATE_DICT, list[str]]:
+        path = str(path)
+        if state_dict is None:
+            loaded = self._io.read(path, verify, mmap, io_threads)
+            if map_location is not None and torch.device(map_location).type != "cpu":
+                loaded = _to_device(loaded, map_location)
+            return loaded, []
+        # Device tensors of the template are read into host copies, then copied over.
+        on_device = _device_tensors(state_dict, [])
+        for parent, key, tensor in on_device:
+            parent[key] = torch.empty_like(tensor, device="cpu")
+        try:
+            out, missing, unexpected = self._io.read_into(path, state_dict, strict, verify, io_threads)
+        finally:
+            staged = [(parent, key, parent[key]) for parent, key, _ in on_device]
+            for parent, key, tensor in on_device:
+                parent[key] = tensor
+        for (_, _, tensor), (_, _, host) in zip(on_device, staged):
+            tensor.copy_(host)
+        self.last_unexpected_keys = unexpected
+        if missing:
+            shown = ", ".join(missing[:10]) + (f" (and {len(missing) - 10} more)" if len(missing) > 10 else "")
+            logger.warning("keys missing from checkpoint %s: %s", path, shown)
+        return out, missing

@@ -1,0 +1,66 @@
+"""Writing one rank's part of a checkpoint, as torch.distributed.checkpoint._experimental
+.checkpoint_writer, in fastdcp's format (docs/format.md): safetensors-compatible data files with
+checksums, committed by a manifest written last."""
+
+import abc
+from concurrent.futures import Future
+from dataclasses import dataclass
+from typing import Any
+
+from fastdcp import _C
+from fastdcp.torch._adapter import TorchAdapter
+from fastdcp.torch.types import STATE_DICT, RankInfo
+
+__all__ = ["CheckpointWriter", "CheckpointWriterConfig", "WriterHook"]
+
+
+class WriterHook(abc.ABC):
+    """Called on every rank around the commit: pre_commit after this rank's file is durable and
+    before the barrier, post_commit after it (and, on rank 0, after the manifest is written)."""
+
+    @abc.abstractmethod
+    def pre_commit(self, path: str, **kwargs: Any) -> None:
+        ...
+
+    @abc.abstractmethod
+    def post_commit(self, path: str, **kwargs: Any) -> None:
+        ...
+
+
+@dataclass
+class CheckpointWriterConfig:
+    """``write_barrier_timeout_secs`` bounds the barrier and rank 0's wait for every rank's file
+    (upstream only logs it). ``overwrite`` allows replacing a committed checkpoint (fastdcp
+    refuses by default, where upstream silently overwrites); ``io_threads`` 0 means one per core."""
+
+    write_barrier_timeout_secs: int = 600
+    overwrite: bool = False
+    io_threads: int = 0
+
+
+class CheckpointWriter:
+    """Writes ``<path>/checkpoint_<rank>.g<generation>.safetensors``, then runs
+    ``pre_commit`` -> barrier -> commit (rank 0) -> ``post_commit``, in upstream's order."""
+
+    def __init__(self, config: CheckpointWriterConfig, rank_info: RankInfo, barrier=None,
+                 commit_hook: WriterHook | None = None):
+        self._config = config
+        self._rank_info = rank_info
+        self._barrier = barrier
+        self._commit_hook = commit_hook
+        self._io = _C.CheckpointIO(TorchAdapter(), rank_info.global_rank, rank_info.global_world_size)
+
+    def write(self, path: str, state_dict: STATE_DICT, **kwargs: Any) -> Future[None] | None:
+        hook = self._commit_hook
+        barrier = self._barrier
+        self._last_stats = self._io.write(
+            str(path), state_dict, self._config.overwrite, self._config.io_threads,
+            float(self._config.write_barrier_timeout_secs),
+            None if barrier is None else (lambda timeout: barrier.execute_barrier()),
+            None if hook is None else (lambda p: hook.pre_commit(p, **kwargs)),
+            None if hook is None else (lambda p: hook.post_commit(p, **kwargs)),
+        )
+        return None
+
+    def close(self) -> None:
+        """Nothing to release: files are closed when each write returns."""

@@ -1,0 +1,620 @@
+#pragma once
+// TreeConverter: Python state dicts to fastdcp::Value and back, for the stager and checkpoints.
+//
+// Note [Python conversion]
+// The Python tree is walked here, in C++, with an explicit stack: containers (dict and its
+// subclasses, list, tuple), scalars, and tensors. A tensor is anything the TensorAdapter (given by
+// the Python package: torch or DLPack/numpy) recognises; its storage is resolved through a table
+// kept by the stager, so that the same framework storage maps to the same fastdcp Storage across
+// calls and the C++ stager's buffer cache hits. Objects of any other type are "opaque": they are
+// deep-copied by a Python callable, as upstream's deepcopy would. The staged Value is turned back
+// into Python objects by walking it beside the source tree, so container types (OrderedDict, ...)
+// and their instance attributes (module state dicts' `_metadata`) are kept.
+
+
+#include <nanobind/nanobind.h>
+#include <nanobind/stl/string.h>
+
+#include <array>
+#include <chrono>
+#include <unordered_map>
+#include <vector>
+
+#include "fastdcp/common/logging.h"
+#include "fastdcp/tensor/value.h"
+#include "fastdcp/tensor/dlpack_interop.h"
+#include "native_tensor_ops.h"
+
+namespace fastdcp::python {
+
+namespace nb = nanobind;
+
+struct StorageKey {
+  int device_type;
+  int device_index;
+  uintptr_t data;
+  uint64_t nbytes;
+  bool operator==(const StorageKey&) const = default;
+};
+struct StorageKeyHash {
+  size_t operator()(const StorageKey& k) const {
+    return std::hash<uintptr_t>()(k.data) ^ (std::hash<uint64_t>()(k.nbytes) * 31) ^ (k.device_index * 131);
+  }
+};
+
+// Building tens of thousands of staged tensors would trigger many cyclic collections, each walking
+// the whole heap (the training state included); none of the objects made here form cycles.
+class CyclicGcPause {
+ public:
+  CyclicGcPause() : was_enabled_(PyGC_Disable() == 1) {}
+  ~CyclicGcPause() {
+    if (was_enabled_) PyGC_Enable();
+  }
+  CyclicGcPause(const CyclicGcPause&) = delete;
+  CyclicGcPause& operator=(const CyclicGcPause&) = delete;
+
+ private:
+  bool was_enabled_;
+};
+class TreeConverter {
+ public:
+  // adapter: the framework glue, a Python object with
+  //   is_tensor(obj) -> bool
+  //   describe(t) -> (storage_ptr, storage_nbytes, device_type (0 cpu, 1 cuda), device_index,
+  //                   dtype_name, shape tuple, strides tuple, storage_offset)
+  //   wrap_storage(dlpack_capsule_of_bytes, shared, pinned) -> framework storage
+  //   make_view(storage, source_tensor, shape, strides, storage_offset) -> staged tensor (the
+  //     source's Python attributes are then deep-copied onto it here)
+  //   deepcopy(obj) -> copy of an opaque leaf
+  //   rebuild_container(source, items) -> a container of source's type (tuple, dict subclass)
+  //   copy_attributes (optional, default False) -> copy a source tensor's Python attributes
+  //     (its __dict__) onto the staged one, as torch's stager does
+  //   finish_view(source, view) (optional) -> fixes up a view made on the Python path
+  //   typed_view(storage, dtype_name, shape, strides, storage_offset) (for loading) -> a tensor
+  //     of the named fastdcp dtype
+  //   native_ops (optional) -> a capsule of NativeTensorOps, see Note [Native tensor ops]
+  explicit TreeConverter(nb::object adapter) : adapter_(std::move(adapter)) {
+    is_tensor_ = adapter_.attr("is_tensor");
+    // Frameworks may name a tensor type and dtype table: then tensors are described here, without a
+    // Python-level call per tensor (see Note [Python conversion]).
+    if (nb::hasattr(adapter_, "tensor_type")) {
+      tensor_type_ = adapter_.attr("tensor_type");
+      for (auto [dtype, name] : nb::cast<nb::dict>(adapter_.attr("dtype_names"))) {
+        auto parsed = dtype_from_name(nb::cast<std::string>(name));
+        if (!parsed) throw Error(ErrorCode::kInvalidArgument, "adapter names an unknown dtype");
+        dtype_codes_.emplace(dtype.ptr(), *parsed);
+        fast_dtypes_.push_back(nb::borrow(dtype));
+      }
+      as_strided_ = adapter_.attr("as_strided");
+      view_dtype_ = adapter_.attr("view_dtype");
+    }
+    if (nb::hasattr(adapter_, "native_ops")) {
+      nb::object capsule = adapter_.attr("native_ops");
+      if (!capsule.is_none()) {
+        native_ops_ = static_cast<const python::NativeTensorOps*>(
+            PyCapsule_GetPointer(capsule.ptr(), python::kNativeTensorOpsCapsule));
+        if (!native_ops_) throw nb::python_error();
+        native_ops_owner_ = std::move(capsule);
+      }
+    }
+    copy_attributes_ = nb::hasattr(adapter_, "copy_attributes") && nb::cast<bool>(adapter_.attr("copy_attributes"));
+    if (nb::hasattr(adapter_, "finish_view")) finish_view_ = adapter_.attr("finish_view");
+    describe_ = adapter_.attr("describe");
+    wrap_storage_ = adapter_.attr("wrap_storage");
+    make_view_ = adapter_.attr("make_view");
+    if (nb::hasattr(adapter_, "typed_view")) typed_view_ = adapter_.attr("typed_view");
+    deepcopy_ = adapter_.attr("deepcopy");
+    rebuild_container_ = adapter_.attr("rebuild_container");
+    object_state_ = adapter_.attr("object_state");
+    rebuild_object_ = adapter_.attr("rebuild_object");
+  }
+
+  // Python -> Value, iteratively. Key paths are built only for error messages.
+  Value from_python(nb::handle root) {
+    ++epoch_;
+    opaque_.clear();
+    keep_alive_.clear();
+    Value out;
+    struct Frame {
+      nb::handle src;
+      Value* dst;
+    };
+    std::vector<Frame> stack;
+    convert_leaf(root, out, stack);
+    while (!stack.empty()) {
+      Frame f = stack.back();
+      stack.pop_back();
+      if (PyDict_Check(f.src.ptr())) {
+        PyObject *key, *value;
+        Py_ssize_t pos = 0;
+        auto& entries = f.dst->entries();
+        // Children pushed on the stack point into `entries`: it must not reallocate.
+        entries.reserve(static_cast<size_t>(PyDict_Size(f.src.ptr())));
+        while (PyDict_Next(f.src.ptr(), &pos, &key, &value)) {
+          DictKey k = to_key(key);
+          entries.emplace_back(std::move(k), Value());
+          convert_leaf(value, entries.back().second, stack);
+        }
+      } else {
+        nb::handle seq = f.src;
+        const Py_ssize_t n = PySequence_Fast_GET_SIZE(seq.ptr());
+        PyObject** items = PySequence_Fast_ITEMS(seq.ptr());
+        auto& out_items = f.dst->items();
+        out_items.resize(static_cast<size_t>(n));
+        for (Py_ssize_t i = 0; i < n; ++i) convert_leaf(items[i], out_items[i], stack);
+      }
+    }
+    std::erase_if(storages_, [&](const auto& e) { return e.second.last_seen != epoch_; });
+    return out;
+  }
+
+  // Framework storages (and wrappers of staged buffers) not used by the latest call are
+  // forgotten, so that the stager's cache entries for them can go too.
+  nb::object to_python(nb::handle source, const Value& staged) {
+    path_.clear();
+    nb::object out = build(source, staged);
+    std::erase_if(wrapped_, [&](const auto& e) { return e.second.last_seen != epoch_; });
+    return out;
+  }
+
+  // A loaded tree (no source to mirror) as Python objects: dicts, lists, tuples, scalars, and
+  // tensors over the loaded storages, one framework storage per fastdcp Storage.
+  nb::object loaded_to_python(const Value& v) {
+    ++epoch_;
+    nb::object out = build_loaded(v);
+    std::erase_if(wrapped_, [&](const auto& e) { return e.second.last_seen != epoch_; });
+    return out;
+  }
+
+  // After CheckpointReader::read_into on a tree that from_python made of `template_root`: puts the
+  // non-tensor values the checkpoint replaced back into the Python containers (dicts and lists in
+  // place, tuples rebuilt) and returns the root. Tensors were filled in place already.
+  nb::object write_back(nb::handle template_root, const Value& loaded) {
+    ++epoch_;
+    return write_back_node(template_root, loaded);
+  }
+
+  // Opaque leaves seen by the last from_python (objects no adapter rule covers).
+  const std::vector<nb::object>& opaque_leaves() const { return opaque_; }
+
+  // The key path of `target` (by identity) inside `root`, for error messages; "" if not found.
+  static std::string path_of(nb::handle root, nb::handle target) {
+    struct Frame {
+      nb::handle node;
+      std::string path;
+    };
+    std::vector<Frame> stack{{root, ""}};
+    while (!stack.empty()) {
+      Frame f = std::move(stack.back());
+      stack.pop_back();
+      if (f.node.is(target)) return f.path;
+      if (PyDict_Check(f.node.ptr())) {
+        PyObject *key, *value;
+        Py_ssize_t pos = 0;
+        while (PyDict_Next(f.node.ptr(), &pos, &key, &value)) {
+          std::string p = f.path;
+          append_key_path(p, DictKey(nb::cast<std::string>(nb::str(key))));
+          stack.push_back({value, std::move(p)});
+        }
+      } else if (PyList_Check(f.node.ptr()) || PyTuple_Check(f.node.ptr())) {
+        const Py_ssize_t n = PySequence_Fast_GET_SIZE(f.node.ptr());
+        for (Py_ssize_t i = 0; i < n; ++i) {
+          std::string p = f.path;
+          append_index_path(p, static_cast<size_t>(i));
+          stack.push_back({PySequence_Fast_GET_ITEM(f.node.ptr(), i), std::move(p)});
+        }
+      }
+    }
+    return "";
+  }
+
+ private:
+  static DictKey to_key(PyObject* key) {
+    if (PyUnicode_Check(key)) {
+      Py_ssize_t size = 0;
+      const char* data = PyUnicode_AsUTF8AndSize(key, &size);
+      if (!data) throw nb::python_error();
+      return DictKey(std::string_view(data, static_cast<size_t>(size)));
+    }
+    if (PyLong_Check(key) && !PyBool_Check(key)) {
+      const long long index = PyLong_AsLongLong(key);
+      if (index == -1 && PyErr_Occurred()) throw nb::python_error();
+      return DictKey(static_cast<int64_t>(index));
+    }
+    throw Error(ErrorCode::kInvalidArgument, "state dict keys must be str or int, got " +
+                                                 std::string(Py_TYPE(key)->tp_name) + " key " +
+                                                 nb::cast<std::string>(nb::repr(key)));
+  }
+
+  template <class Stack>
+  void convert_leaf(nb::handle obj, Value& dst, Stack& stack) {
+    PyObject* p = obj.ptr();
+    if (p == Py_None) {
+      dst = Value();
+    } else if (PyBool_Check(p)) {
+      dst = Value(p == Py_True);
+    } else if (PyLong_CheckExact(p)) {
+      int overflow = 0;
+      const long long v = PyLong_AsLongLongAndOverflow(p, &overflow);
+      if (overflow) {
+        dst = opaque(obj);
+      } else {
+        dst = Value(static_cast<int64_t>(v));
+      }
+    } else if (PyFloat_CheckExact(p)) {
+      dst = Value(PyFloat_AS_DOUBLE(p));
+    } else if (PyUnicode_CheckExact(p)) {
+      Py_ssize_t size = 0;
+      const char* data = PyUnicode_AsUTF8AndSize(p, &size);
+      if (!data) throw nb::python_error();
+      dst = Value(std::string(data, static_cast<size_t>(size)));
+    } else if (PyBytes_CheckExact(p)) {
+      dst = Value(Bytes{std::string(PyBytes_AS_STRING(p), static_cast<size_t>(PyBytes_GET_SIZE(p)))});
+    } else if (PyDict_Check(p)) {
+      dst = Value::dict();
+      stack.push_back({obj, &dst});
+    } else if (PyList_CheckExact(p)) {
+      dst = Value::list();
+      stack.push_back({obj, &dst});
+    } else if (PyTuple_Check(p)) {
+      dst = Value::tuple();
+      stack.push_back({obj, &dst});
+    } else if (python::NativeTensorDescription d; native_ops_ && describe_natively(p, d)) {
+      dst = Value(make_source_tensor(d.storage_data, d.storage_nbytes, d.device_type, d.device_index,
+                                     static_cast<DType>(d.dtype), Dims(std::span<const int64_t>(d.shape, static_cast<size_t>(d.ndim))),
+                                     Dims(std::span<const int64_t>(d.strides, static_cast<size_t>(d.ndim))), d.storage_offset));
+    } else if (tensor_type_.is_valid() && PyObject_TypeCheck(p, reinterpret_cast<PyTypeObject*>(tensor_type_.ptr()))) {
+      dst = Value(to_tensor_fast(obj));
+    } else if (nb::cast<bool>(is_tensor_(obj))) {
+      dst = Value(to_tensor(obj));
+    } else if (nb::object state = object_state_(obj); !state.is_none()) {
+      // An object staged through its attributes (a dataclass): tensors in it are staged too.
+      dst = Value::dict();
+      stack.push_back({state, &dst});
+      keep_alive_.push_back(std::move(state));
+    } else {
+      dst = opaque(obj);
+    }
+  }
+
+  // An opaque leaf travels through staging as a one-item tuple holding its index in opaque_;
+  // build() recognises it because the source object at that position is not a tuple, and
+  // deep-copies the source object instead.
+  Value opaque(nb::handle obj) {
+    Value v = Value::tuple();
+    v.append(Value(static_cast<int64_t>(opaque_.size())));
+    opaque_.push_back(nb::borrow(obj));
+    return v;
+  }
+
+  bool describe_natively(PyObject* obj, python::NativeTensorDescription& d) const {
+    const int described = native_ops_->describe(obj, &d);
+    if (described < 0) throw nb::python_error();
+    return described == 1;
+  }
+
+  // The torch path: attribute calls from C++ instead of a Python function per tensor.
+  // Method calls without building bound-method objects: this runs once per tensor.
+  static nb::object call_method(nb::handle obj, const nb::str& name) {
+    PyObject* result = PyObject_CallMethodNoArgs(obj.ptr(), name.ptr());
+    if (!result) throw nb::python_error();
+    return nb::steal(result);
+  }
+  static long long as_integer(const nb::object& value) {
+    const long long v = PyLong_AsLongLong(value.ptr());
+    if (v == -1 && PyErr_Occurred()) throw nb::python_error();
+    return v;
+  }
+
+  Tensor to_tensor_fast(nb::handle obj) {
+    auto dtype_it = dtype_codes_.find(obj.attr(names_.dtype).ptr());
+    if (dtype_it == dtype_codes_.end()) return to_tensor(obj);  // unusual dtype: the adapter knows
+    nb::object storage = call_method(obj, names_.untyped_storage);
+    const auto data = static_cast<uintptr_t>(as_integer(call_method(storage, names_.data_ptr)));
+    const auto nbytes = static_cast<uint64_t>(as_integer(call_method(storage, names_.nbytes)));
+    const auto device = static_cast<int>(as_integer(call_method(obj, names_.get_device)));  // -1: CPU
+    nb::object shape_t = obj.attr(names_.shape);
+    nb::object strides_t = call_method(obj, names_.stride);
+    const auto offset = static_cast<int64_t>(as_integer(call_method(obj, names_.storage_offset)));
+    return make_source_tensor(data, nbytes, device < 0 ? 0 : 1, std::max(device, 0), dtype_it->second,
+                              dims_from_tuple(shape_t), dims_from_tuple(strides_t), offset);
+  }
+
+  static Dims dims_from_tuple(nb::handle tuple) {
+    if (!PyTuple_Check(tuple.ptr())) throw Error(ErrorCode::kInvalidArgument, "tensor shape and strides must be tuples");
+    const Py_ssize_t rank = PyTuple_GET_SIZE(tuple.ptr());
+    Dims dims;
+    dims.resize(static_cast<size_t>(rank));
+    for (Py_ssize_t i = 0; i < rank; ++i) dims[i] = PyLong_AsLongLong(PyTuple_GET_ITEM(tuple.ptr(), i));
+    if (PyErr_Occurred()) throw nb::python_error();
+    return dims;
+  }
+
+  Tensor make_source_tensor(uintptr_t data, uint64_t nbytes, int device_type, int device_index, DType dtype,
+                            Dims shape, Dims strides, int64_t offset) {
+    if (shape.size() != strides.size()) {
+      throw Error(ErrorCode::kInvalidArgument, "tensor shape and strides must have one length");
+    }
+    const StorageKey key{device_type, device_index, data, nbytes};
+    auto [it, inserted] = storages_.try_emplace(key);
+    if (inserted) {
+      const Device device = device_type == 0 ? Device::cpu() : Device::cuda(device_index);
+      it->second.storage = Storage::wrap(reinterpret_cast<void*>(data), nbytes, device);
+    }
+    it->second.last_seen = epoch_;
+    return Tensor(it->second.storage, dtype, std::move(shape), std::move(strides), offset);
+  }
+
+  Tensor to_tensor(nb::handle obj) {
+    nb::tuple d = nb::cast<nb::tuple>(describe_(obj));
+    const auto data = nb::cast<uintptr_t>(d[0]);
+    const auto nbytes = nb::cast<uint64_t>(d[1]);
+    const auto dtype = dtype_from_name(nb::cast<std::string>(d[4]));
+    if (!dtype) throw Error(ErrorCode::kInvalidArgument, "unsupported dtype " + nb::cast<std::string>(d[4]));
+    return make_source_tensor(data, nbytes, nb::cast<int>(d[2]), nb::cast<int>(d[3]), *dtype, dims_from_tuple(d[5]),
+                              dims_from_tuple(d[6]), nb::cast<int64_t>(d[7]));
+  }
+
+  nb::object build(nb::handle src, const Value& v) {
+    // Recursive over containers (from_python, which meets untrusted depth first, is iterative):
+    // the C++ stack bounds the nesting here to tens of thousands of levels.
+    switch (v.kind()) {
+      case Value::Kind::kNone: return nb::none();
+      case Value::Kind::kBool: return nb::bool_(v.as_bool());
+      case Value::Kind::kInt: return nb::int_(v.as_int());
+      case Value::Kind::kDouble: return nb::float_(v.as_double());
+      case Value::Kind::kString: return nb::str(v.as_string().c_str(), v.as_string().size());
+      case Value::Kind::kBytes:
+        return nb::steal(PyBytes_FromStringAndSize(v.as_bytes().data.data(), v.as_bytes().data.size()));
+      case Value::Kind::kTensor: return tensor_to_python(src, v.as_tensor());
+      case Value::Kind::kTuple:
+        if (!PyTuple_Check(src.ptr())) return copy_opaque(src);
+        return rebuild_container_(src, build_items(src, v));
+      case Value::Kind::kList:
+        return build_items(src, v);
+      case Value::Kind::kDict: {
+        const bool is_object = !PyDict_Check(src.ptr());  // staged through its attributes
+        nb::object source_items = is_object ? object_state_(src) : nb::borrow(src);
+        nb::dict items;
+        PyObject *key, *value;
+        Py_ssize_t pos = 0;
+        size_t i = 0;
+        const auto& entries = v.entries();
+        while (PyDict_Next(source_items.ptr(), &pos, &key, &value)) {
+          path_.push_back({key, 0});
+          if (PyDict_SetItem(items.ptr(), key, build(value, entries[i++].second).ptr()) != 0) {
+            throw nb::python_error();
+          }
+          path_.pop_back();
+        }
+        if (is_object) return rebuild_object_(src, items);
+        if (PyDict_CheckExact(src.ptr())) return std::move(items);
+        return rebuild_container_(src, items);
+      }
+    }
+    return nb::none();
+  }
+
+  // The items of a list or tuple, as a list.
+  nb::list build_items(nb::handle src, const Value& v) {
+    nb::list items;
+    PyObject** srcs = PySequence_Fast_ITEMS(src.ptr());
+    for (size_t i = 0; i < v.size(); ++i) {
+      path_.push_back({nullptr, i});
+      items.append(build(srcs[i], v[i]));
+      path_.pop_back();
+    }
+    return items;
+  }
+
+  // Opaque leaves are deep-copied by Python; a failure names the leaf's key path.
+  nb::object copy_opaque(nb::handle src) {
+    try {
+      return deepcopy_(src);
+    } catch (nb::python_error& e) {
+      std::string path;
+      for (const auto& step : path_) {
+        if (step.key) {
+          append_key_path(path, DictKey(nb::cast<std::string>(nb::str(step.key))));
+        } else {
+          append_index_path(path, step.index);
+        }
+      }
+      const std::string message = "cannot copy the state dict value at '" + path + "' (a " +
+                                  Py_TYPE(src.ptr())->tp_name + ")";
+      nb::raise_from(e, e.type().ptr(), "%s", message.c_str());
+    }
+  }
+
+  nb::object build_loaded(const Value& v) {
+    switch (v.kind()) {
+      case Value::Kind::kTensor: return loaded_tensor(v.as_tensor());
+      case Value::Kind::kList:
+      case Value::Kind::kTuple: {
+        nb::list items;
+        for (const Value& item : v.items()) items.append(build_loaded(item));
+        if (v.kind() == Value::Kind::kList) return std::move(items);
+        return nb::steal(PyList_AsTuple(items.ptr()));
+      }
+      case Value::Kind::kDict: {
+        nb::dict out;
+        for (const auto& [key, child] : v.entries()) {
+          nb::object k = key.is_int() ? nb::object(nb::int_(key.as_int()))
+                                      : nb::object(nb::str(key.as_string().c_str(), key.as_string().size()));
+          if (PyDict_SetItem(out.ptr(), k.ptr(), build_loaded(child).ptr()) != 0) throw nb::python_error();
+        }
+        return std::move(out);
+      }
+      default: return build(nb::none(), v);  // scalars
+    }
+  }
+
+  nb::object loaded_tensor(const Tensor& t) {
+    WrappedStorage& wrapped = wrap_storage(t.storage());
+    if (native_ops_) {
+      PyObject* view = native_ops_->make_typed_view(wrapped.py_storage.ptr(), static_cast<int32_t>(t.dtype()),
+                                                    static_cast<int32_t>(t.dim()), t.shape().data(),
+                                                    t.strides().data(), t.storage_offset());
+      if (!view) throw nb::python_error();
+      return nb::steal(view);
+    }
+    return typed_view_(wrapped.py_storage, std::string(dtype_name(t.dtype())), dims_to_tuple(t.shape()),
+                       dims_to_tuple(t.strides()), t.storage_offset());
+  }
+
+  static nb::tuple dims_to_tuple(const Dims& dims) {
+    nb::tuple out = nb::steal<nb::tuple>(PyTuple_New(static_cast<Py_ssize_t>(dims.size())));
+    for (size_t i = 0; i < dims.size(); ++i) PyTuple_SET_ITEM(out.ptr(), i, PyLong_FromLongLong(dims[i]));
+    return out;
+  }
+
+  // See write_back(). Tensor leaves of the template were filled in place; every other leaf takes
+  // the loaded value (a container or tensor, where the template had None).
+  nb::object write_back_node(nb::handle py, const Value& v) {
+    PyObject* p = py.ptr();
+    if (v.is_tensor()) {
+      if (is_tensor_(py).ptr() == Py_True) return nb::borrow(py);
+      return loaded_tensor(v.as_tensor());
+    }
+    if (PyDict_Check(p) && v.kind() == Value::Kind::kDict) {
+      nb::list keys = nb::steal<nb::list>(PyDict_Keys(p));
+      for (nb::handle key : keys) {
+        const Value* child = v.find(to_key(key.ptr()));
+        if (!child) continue;  // a missing key: left as it was
+        PyObject* current = PyDict_GetItem(p, key.ptr());
+        nb::object updated = write_back_node(current, *child);
+        if (!updated.is(current) && PyDict_SetItem(p, key.ptr(), updated.ptr()) != 0) throw nb::python_error();
+      }
+      return nb::borrow(py);
+    }
+    if ((PyList_Check(p) || PyTuple_Check(p)) && (v.kind() == Value::Kind::kList || v.kind() == Value::Kind::kTuple)) {
+      const Py_ssize_t n = PySequence_Fast_GET_SIZE(p);
+      nb::list items;
+      for (Py_ssize_t i = 0; i < n; ++i) {
+        nb::handle item = PySequence_Fast_GET_ITEM(p, i);
+        items.append(static_cast<size_t>(i) < v.size() ? write_back_node(item, v[static_cast<size_t>(i)]) : nb::borrow(item));
+      }
+      if (PyList_Check(p)) {
+        if (PyList_SetSlice(p, 0, n, items.ptr()) != 0) throw nb::python_error();
+        return nb::borrow(py);
+      }
+      return rebuild_container_(py, items);
+    }
+    return build_loaded(v);
+  }
+
+  // The framework storage of a fastdcp Storage: made once from a DLPack capsule of its bytes and
+  // reused while the storage lives (staged buffers stay cached across stage calls).
+  struct WrappedStorage;
+  WrappedStorage& wrap_storage(const Storage& s) {
+    auto [it, inserted] = wrapped_.try_emplace(s.identity());
+    if (inserted || it->second.storage != s) {
+      Tensor bytes = Tensor::contiguous(s, DType::kU8, {static_cast<int64_t>(s.nbytes())});
+      DLManagedTensor* capsule = to_dlpack_legacy(bytes);
+      // A consumer renames the capsule it took ownership of; only an unused one is ours to free.
+      nb::object py_capsule = nb::steal(PyCapsule_New(capsule, "dltensor", [](PyObject* c) {
+        if (!PyCapsule_IsValid(c, "dltensor")) return;
+        auto* unused = static_cast<DLManagedTensor*>(PyCapsule_GetPointer(c, "dltensor"));
+        unused->deleter(unused);
+      }));
+      it->second.storage = s;
+      it->second.typed_views.clear();
+      it->second.py_storage = wrap_storage_(py_capsule, s.host_info().shared, s.host_info().pinned);
+    }
+    it->second.last_seen = epoch_;
+    return it->second;
+  }
+
+  nb::object tensor_to_python(nb::handle src, const Tensor& t) {
+    WrappedStorage& wrapped = wrap_storage(t.storage());
+    if (python::NativeTensorDescription d; native_ops_ && describe_natively(src.ptr(), d)) {
+      PyObject* view = native_ops_->make_view(wrapped.py_storage.ptr(), src.ptr(), static_cast<int32_t>(t.dim()),
+                                              t.shape().data(), t.strides().data(), t.storage_offset());
+      if (!view) throw nb::python_error();
+      nb::object out = nb::steal(view);
+      copy_tensor_attributes(src, out);
+      return out;
+    }
+    nb::tuple shape = nb::steal<nb::tuple>(PyTuple_New(static_cast<Py_ssize_t>(t.dim())));
+    nb::tuple strides = nb::steal<nb::tuple>(PyTuple_New(static_cast<Py_ssize_t>(t.dim())));
+    for (size_t i = 0; i < t.dim(); ++i) {
+      PyTuple_SET_ITEM(shape.ptr(), i, PyLong_FromLongLong(t.shape()[i]));
+      PyTuple_SET_ITEM(strides.ptr(), i, PyLong_FromLongLong(t.strides()[i]));
+    }
+    if (as_strided_.is_valid() && !dtype_is_sub_byte(t.dtype()) &&
+        t.storage().nbytes() % (dtype_bits(t.dtype()) / 8) == 0) {
+      // One typed view of the whole buffer per dtype, then as_strided: a few µs per tensor.
+      nb::object dtype = src.attr(names_.dtype);
+      nb::object& typed = wrapped.typed_views[dtype.ptr()];
+      if (!typed.is_valid()) typed = view_dtype_(wrapped.py_storage, dtype);
+      nb::object offset = nb::steal(PyLong_FromLongLong(t.storage_offset()));
+      PyObject* args[] = {typed.ptr(), shape.ptr(), strides.ptr(), offset.ptr()};
+      PyObject* result = PyObject_Vectorcall(as_strided_.ptr(), args, 4, nullptr);
+      if (!result) throw nb::python_error();
+      nb::object out = nb::steal(result);
+      finish_view(src, out);
+      return out;
+    }
+    nb::object out = make_view_(wrapped.py_storage, src, shape, strides, t.storage_offset());
+    finish_view(src, out);
+    return out;
+  }
+
+  struct KnownStorage {
+    Storage storage;
+    uint64_t last_seen = 0;
+  };
+  struct WrappedStorage {
+    Storage storage;
+    nb::object py_storage;
+    std::unordered_map<PyObject*, nb::object> typed_views;  // by dtype object (a singleton)
+    uint64_t last_seen = 0;
+  };
+
+  // The Python path's last step: the adapter's finish_view (if any), then the attributes.
+  void finish_view(nb::handle src, nb::handle out) {
+    if (finish_view_.is_valid()) finish_view_(src, out);
+    copy_tensor_attributes(src, out);
+  }
+
+  // Python attributes set on a source tensor are deep-copied onto the staged one, as upstream.
+  void copy_tensor_attributes(nb::handle src, nb::handle out) {
+    if (!copy_attributes_) return;
+    PyObject** dict_ptr = _PyObject_GetDictPtr(src.ptr());
+    if (!dict_ptr || !*dict_ptr || PyDict_Size(*dict_ptr) == 0) return;
+    PyObject *key, *value;
+    Py_ssize_t pos = 0;
+    while (PyDict_Next(*dict_ptr, &pos, &key, &value)) {
+      if (PyObject_SetAttr(out.ptr(), key, deepcopy_(nb::handle(value)).ptr()) != 0) throw nb::python_error();
+    }
+  }
+
+  // Interned attribute names, looked up once.
+  struct Names {
+    nb::str dtype{"dtype"}, untyped_storage{"untyped_storage"}, data_ptr{"data_ptr"}, nbytes{"nbytes"},
+        get_device{"get_device"}, shape{"shape"}, stride{"stride"}, storage_offset{"storage_offset"};
+  } names_;
+  nb::object tensor_type_, as_strided_, view_dtype_;
+  const python::NativeTensorOps* native_ops_ = nullptr;
+  nb::object finish_view_;
+  nb::object typed_view_;  // typed_view(byte_storage, dtype_name, shape, strides, offset), for loading
+  bool copy_attributes_ = false;
+  nb::object native_ops_owner_;  // the capsule (and module) that native_ops_ points into
+  std::unordered_map<PyObject*, DType> dtype_codes_;
+  std::vector<nb::object> fast_dtypes_;  // keeps the dtype objects keyed above alive
+
+  nb::object adapter_, is_tensor_, describe_, wrap_storage_, make_view_, deepcopy_, rebuild_container_, object_state_,
+      rebuild_object_;
+  std::vector<nb::object> keep_alive_;  // attribute dicts walked in this call
+  struct PathStep {
+    PyObject* key;  // a dict key, or nullptr for a sequence index
+    size_t index;
+  };
+  std::vector<PathStep> path_;  // where build() is, for error messages
+  uint64_t epoch_ = 0;
+  std::unordered_map<StorageKey, KnownStorage, StorageKeyHash> storages_;
+  std::unordered_map<const StorageImpl*, WrappedStorage> wrapped_;
+  std::vector<nb::object> opaque_;  // this call's leaves to deep-copy in Python
+};
+
+}  // namespace fastdcp::python

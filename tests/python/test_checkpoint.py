@@ -1,0 +1,189 @@
+"""Checkpoint writer and reader from Python: round trips against the source, safetensors
+compatibility, partial loads, hooks and barrier order, and the errors for damaged or missing data."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+import safetensors
+import safetensors.torch
+import torch
+
+import fastdcp
+from fastdcp.torch import CheckpointReader, CheckpointWriter, CheckpointWriterConfig, RankInfo, WriterHook
+from test_torch_staging import leaves, sample_state_dict, storage_groups
+
+RANK = RankInfo(global_rank=0, global_world_size=1)
+
+pytestmark = pytest.mark.usefixtures("tensor_path")
+
+
+def save(path, state_dict, **config):
+    CheckpointWriter(CheckpointWriterConfig(**config), RANK).write(str(path), state_dict)
+
+
+def load(path, template=None, **kwargs):
+    return CheckpointReader(RANK).read(str(path), template, **kwargs)
+
+
+def savable(tree):
+    """sample_state_dict without what the format does not hold (a dataclass)."""
+    tree = dict(tree)
+    tree.pop("config")
+    return tree
+
+
+def data_file(path):
+    manifest = json.loads((path / "manifest.json").read_text())
+    return path / manifest["ranks"][0]["file"]
+
+
+def test_round_trip_keeps_values_views_and_aliasing(tmp_path):
+    source = savable(sample_state_dict())
+    save(tmp_path / "ck", source)
+    for mmap in (False, True):
+        loaded, missing = load(tmp_path / "ck", mmap=mmap)
+        assert missing == []
+        mine, theirs = list(leaves(loaded)), list(leaves(source))
+        assert [p for p, _ in mine] == [p for p, _ in theirs]
+        for (path, a), (_, b) in zip(mine, theirs):
+            if isinstance(b, torch.Tensor):
+                assert a.dtype == b.dtype and a.shape == b.shape and a.stride() == b.stride(), path
+                assert a.storage_offset() == b.storage_offset() and torch.equal(a, b), path
+            else:
+                assert a == b and type(a) is type(b), path
+        assert storage_groups(loaded) == storage_groups(source)
+        # Containers come back as plain dicts, lists and tuples.
+        assert type(loaded["model"]) is dict and type(loaded["pair"]) is tuple
+
+
+@pytest.mark.parametrize("dtype", [torch.bool, torch.uint8, torch.int8, torch.int16, torch.uint16, torch.int32,
+                                   torch.uint32, torch.int64, torch.uint64, torch.float16, torch.bfloat16,
+                                   torch.float32, torch.float64, torch.complex64, torch.complex128,
+                                   torch.float8_e4m3fn, torch.float8_e5m2, torch.float8_e4m3fnuz,
+                                   torch.float8_e5m2fnuz, torch.float8_e8m0fnu])
+def test_every_dtype_round_trips_bit_exactly(tmp_path, dtype):
+    raw = torch.randint(0, 256, (6 * torch.empty(0, dtype=dtype).element_size(),), dtype=torch.uint8)
+    tensor = raw.view(dtype).reshape(2, 3)
+    save(tmp_path / "ck", {"t": tensor, "s": tensor[0, 1]})
+    loaded, _ = load(tmp_path / "ck")
+    assert loaded["t"].dtype == dtype
+    assert torch.equal(loaded["t"].view(torch.uint8), tensor.view(torch.uint8))
+    assert loaded["s"].dim() == 0
+
+
+def test_files_open_with_the_safetensors_library(tmp_path):
+    base = torch.randn(8, 8)
+    source = {"model": {"w": torch.randn(4, 5), "b": torch.randn(5).bfloat16()}, "base": base, "view": base[2:]}
+    save(tmp_path / "ck", source)
+    path = str(data_file(tmp_path / "ck"))
+    flat = safetensors.torch.load_file(path)
+    assert torch.equal(flat["model.w"], source["model"]["w"]) and torch.equal(flat["model.b"], source["model"]["b"])
+    with safetensors.safe_open(path, framework="pt") as f:
+        assert f.get_slice("model.w").get_shape() == [4, 5]
+        assert "fastdcp.tree" in f.metadata()
+    # The aliased storage is one raw entry, not a plain tensor.
+    assert "base" not in flat and any(k.startswith("__fastdcp__.storage.") for k in flat)
+
+
+def test_partial_load_fills_tensors_in_place_and_reports_missing_keys(tmp_path):
+    source = {"model": {"w": torch.randn(6, 4), "b": torch.randn(4)}, "step": 7, "lr": 0.1}
+    save(tmp_path / "ck", source)
+    target_w = torch.zeros(4, 6).t()  # non-contiguous
+    template = {"model": {"w": target_w, "extra": torch.zeros(1)}, "step": None}
+    out, missing = load(tmp_path / "ck", template)
+    assert out is template and out["model"]["w"] is target_w
+    assert torch.equal(target_w, source["model"]["w"])
+    assert out["step"] == 7 and missing == ["model.extra"]
+    reader = CheckpointReader(RANK)
+    reader.read(str(tmp_path / "ck"), {"model": {}})
+    assert sorted(reader.last_unexpected_keys) == ["lr", "model.b", "model.w", "step"]
+
+
+def test_strict_load_and_mismatches_change_nothing(tmp_path):
+    save(tmp_path / "ck", {"w": torch.ones(3), "v": torch.ones(2)})
+    target = torch.zeros(3)
+    with pytest.raises(ValueError, match="nothing was changed.*v"):
+        load(tmp_path / "ck", {"w": target}, strict=True)
+    assert torch.equal(target, torch.zeros(3))
+    with pytest.raises(ValueError, match="'w'.*F32\\[4\\]"):
+        load(tmp_path / "ck", {"w": torch.zeros(4)})
+
+
+class RecordingHook(WriterHook):
+    def __init__(self, log):
+        self.log = log
+
+    def pre_commit(self, path, **kwargs):
+        self.log.append(("pre", path, kwargs, os.path.exists(os.path.join(path, "manifest.json"))))
+
+    def post_commit(self, path, **kwargs):
+        self.log.append(("post", path, kwargs, os.path.exists(os.path.join(path, "manifest.json"))))
+
+
+class RecordingBarrier:
+    def __init__(self, log):
+        self.log = log
+
+    def execute_barrier(self):
+        self.log.append(("barrier",))
+
+
+def test_hooks_and_barrier_run_in_upstreams_order_with_the_commit_between(tmp_path):
+    log = []
+    path = str(tmp_path / "ck")
+    writer = CheckpointWriter(CheckpointWriterConfig(), RANK, barrier=RecordingBarrier(log), commit_hook=RecordingHook(log))
+    assert writer.write(path, {"x": torch.ones(1)}, tag="a") is None
+    assert log == [("pre", path, {"tag": "a"}, False), ("barrier",), ("post", path, {"tag": "a"}, True)]
+
+
+def test_overwriting_must_be_asked_for(tmp_path):
+    save(tmp_path / "ck", {"step": 1})
+    with pytest.raises(RuntimeError, match="overwrite"):
+        save(tmp_path / "ck", {"step": 2})
+    assert load(tmp_path / "ck")[0]["step"] == 1
+    save(tmp_path / "ck", {"step": 2}, overwrite=True)
+    assert load(tmp_path / "ck")[0]["step"] == 2
+
+
+def test_damage_is_detected_and_named(tmp_path):
+    save(tmp_path / "ck", {"model": {"w": torch.randn(1000)}})
+    path = data_file(tmp_path / "ck")
+    data = bytearray(path.read_bytes())
+    data[-10] ^= 0xFF
+    path.write_bytes(bytes(data))
+    with pytest.raises(RuntimeError, match="tensor 'model.w', chunk 0 of 1"):
+        load(tmp_path / "ck")
+    with pytest.raises(RuntimeError, match="model.w"):
+        fastdcp.verify(tmp_path / "ck")
+    path.write_bytes(bytes(data[:-1]))
+    with pytest.raises(RuntimeError, match="has .* bytes; the manifest says"):
+        load(tmp_path / "ck")
+
+
+def test_missing_and_uncommitted_checkpoints_are_clear_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load(tmp_path / "nothing")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(RuntimeError, match="no committed checkpoint"):
+        load(tmp_path / "empty")
+
+
+def test_values_the_format_cannot_hold_are_named_by_key_path(tmp_path):
+    with pytest.raises(ValueError, match=r"'optim.param_groups\[0\].fn' \(a function\)"):
+        save(tmp_path / "ck", {"optim": {"param_groups": [{"fn": lambda: 0}]}})
+    assert not (tmp_path / "ck" / "manifest.json").exists()
+
+
+def test_numpy_trees_save_and_load_through_the_neutral_api(tmp_path):
+    a = np.arange(12, dtype=np.float32).reshape(3, 4)
+    fastdcp.save(tmp_path / "ck", {"a": a, "t": a.T, "n": [1, "x"]})
+    loaded = fastdcp.load(tmp_path / "ck")
+    np.testing.assert_array_equal(loaded["t"], a.T)
+    assert np.shares_memory(loaded["a"], loaded["t"]) and loaded["n"] == [1, "x"]
+    target = np.zeros((3, 4), dtype=np.float32)
+    out, missing, unexpected = fastdcp.load(tmp_path / "ck", {"a": target})
+    np.testing.assert_array_equal(target, a)
+    assert missing == [] and sorted(unexpected) == ["n", "t"]
+    assert fastdcp.verify(tmp_path / "ck")["files"] == 1
