@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Installs what fastdcp needs to build and test, where it is missing: a C++20 compiler, CMake,
-# Ninja, GoogleTest, Google Benchmark, nlohmann-json and ISA-L. Idempotent; needs root (or sudo)
-# only to install.
+# Ninja, GoogleTest, Google Benchmark, nlohmann-json, ISA-L, and clang 14 with libFuzzer.
+# Idempotent; needs root (or sudo) only to install.
 set -euo pipefail
 
 need_apt=()
@@ -13,6 +13,8 @@ command -v ninja >/dev/null || need_apt+=(ninja-build)
 [ -f /usr/include/benchmark/benchmark.h ] || need_apt+=(libbenchmark-dev)
 [ -f /usr/include/nlohmann/json.hpp ] || need_apt+=(nlohmann-json3-dev)
 [ -f /usr/include/isa-l/crc.h ] || need_apt+=(libisal-dev)
+command -v clang++-14 >/dev/null || need_apt+=(clang-14)
+[ -e /usr/lib/llvm-14/lib/clang/14.0.6/lib/linux/libclang_rt.fuzzer-x86_64.a ] || need_apt+=(libclang-rt-14-dev)
 
 if [ ${#need_apt[@]} -gt 0 ]; then
   echo "fastdcp setup: installing ${need_apt[*]}"

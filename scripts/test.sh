@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Runs every test: the whole suite in Release, again under AddressSanitizer + UndefinedBehavior-
-# Sanitizer, and the concurrent components (staging, memory, common) under ThreadSanitizer.
+# Runs every test: the whole suite in Release, the Python suite, again under AddressSanitizer +
+# UndefinedBehaviorSanitizer, the concurrent components (staging, memory, common, checkpoint) under
+# ThreadSanitizer, and a bounded libFuzzer run on the checkpoint metadata parsers.
 # The CUDA code paths are tested against a fake CUDA runtime built by the tests; the real-GPU
 # tests (label gpu) skip without a GPU. Set FASTDCP_QUICK=1 to skip the sanitizer builds.
 set -euo pipefail
@@ -24,7 +25,7 @@ run_suite() {  # run_suite NAME BUILD_DIR CTEST_ARGS... -- CMAKE_ARGS...
 python_suite() {
   echo "=== fastdcp tests: python ==="
   [ -x .venv/bin/python ] || python3 -m venv .venv
-  .venv/bin/pip install -q torch==2.13.0 numpy pytest hypothesis "nanobind>=2.4" "scikit-build-core>=0.10" cmake ninja
+  .venv/bin/pip install -q torch==2.13.0 numpy pytest hypothesis safetensors "nanobind>=2.4" "scikit-build-core>=0.10" cmake ninja
   .venv/bin/pip install -q --no-build-isolation .
   (cd tests/python && ../../.venv/bin/python -m pytest -q -p no:cacheprovider .)
 }
@@ -39,7 +40,15 @@ if [ "${FASTDCP_QUICK:-0}" != "1" ]; then
     run_suite "address+undefined sanitizers" build-asan -LE gpu -- \
     -DCMAKE_BUILD_TYPE=RelWithDebInfo "-DFASTDCP_SANITIZE=address;undefined"
   TSAN_OPTIONS=halt_on_error=1:second_deadlock_stack=1 \
-    run_suite "thread sanitizer" build-tsan -L "staging|memory|common" -- \
+    run_suite "thread sanitizer" build-tsan -L "staging|memory|common|checkpoint" -- \
     -DCMAKE_BUILD_TYPE=RelWithDebInfo -DFASTDCP_SANITIZE=thread
+  # libFuzzer (clang) on the checkpoint header and manifest parsers, for a bounded time.
+  echo "=== fastdcp tests: fuzzing the checkpoint metadata parsers (${FASTDCP_FUZZ_SECONDS:-60} s) ==="
+  bash scripts/build.sh build-fuzz -DCMAKE_CXX_COMPILER=clang++-14 -DCMAKE_BUILD_TYPE=RelWithDebInfo \
+    -DFASTDCP_BUILD_FUZZERS=ON -DFASTDCP_BUILD_TESTS=OFF -DFASTDCP_BUILD_BENCHMARKS=OFF \
+    -DFASTDCP_BUILD_EXAMPLES=OFF -DFASTDCP_BUILD_CLI=OFF
+  rm -rf build-fuzz/corpus && cp -r fuzz/corpus build-fuzz/corpus
+  (cd build-fuzz && ./fuzz/fuzz_checkpoint_metadata -max_total_time="${FASTDCP_FUZZ_SECONDS:-60}" \
+    -rss_limit_mb=2048 -timeout=10 -print_final_stats=1 corpus)
 fi
 echo "fastdcp: all test suites passed"

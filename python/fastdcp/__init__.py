@@ -46,12 +46,12 @@ class Stager:
         self.close()
 
 
-def save(path, tree, *, overwrite=False, io_threads=0):
+def save(path, tree, *, overwrite=False, io_threads=0, direct_io=False):
     """Writes a tree of numpy arrays (or other host DLPack producers) and plain values as a
     one-rank fastdcp checkpoint (docs/format.md); a committed checkpoint at ``path`` is replaced
     only with ``overwrite``."""
     io = _C.CheckpointIO(NumpyAdapter(), 0, 1)
-    return io.write(str(path), tree, overwrite, io_threads, 600.0, None, None, None)
+    return io.write(str(path), tree, overwrite, io_threads, direct_io, 600.0, None, None, None)
 
 
 def load(path, template=None, *, strict=False, verify=True, mmap=False, io_threads=0):

@@ -155,7 +155,7 @@ class PyCheckpointIO {
     CheckpointReader check(rank_);  // validates the rank
   }
 
-  nb::dict write(const std::string& path, nb::handle state_dict, bool overwrite, int io_threads,
+  nb::dict write(const std::string& path, nb::handle state_dict, bool overwrite, int io_threads, bool direct_io,
                  double barrier_timeout_s, nb::object barrier, nb::object pre_commit, nb::object post_commit) {
     Value source;
     {
@@ -172,6 +172,7 @@ class PyCheckpointIO {
     WriterOptions options;
     options.overwrite = overwrite;
     options.io_threads = io_threads;
+    options.direct_io = direct_io;
     options.barrier_timeout = std::chrono::milliseconds(static_cast<int64_t>(barrier_timeout_s * 1000));
     std::shared_ptr<Barrier> native_barrier;
     if (!barrier.is_none()) native_barrier = std::make_shared<PyBarrier>(std::move(barrier));
@@ -257,7 +258,7 @@ NB_MODULE(_C, m) {
   nb::class_<PyCheckpointIO>(m, "CheckpointIO")
       .def(nb::init<nb::object, int, int>(), nb::arg("adapter"), nb::arg("rank"), nb::arg("world_size"))
       .def("write", &PyCheckpointIO::write, nb::arg("path"), nb::arg("state_dict"), nb::arg("overwrite"),
-           nb::arg("io_threads"), nb::arg("barrier_timeout_s"), nb::arg("barrier").none(),
+           nb::arg("io_threads"), nb::arg("direct_io"), nb::arg("barrier_timeout_s"), nb::arg("barrier").none(),
            nb::arg("pre_commit").none(), nb::arg("post_commit").none())
       .def("read", &PyCheckpointIO::read, nb::arg("path"), nb::arg("verify"), nb::arg("use_mmap"), nb::arg("io_threads"))
       .def("read_into", &PyCheckpointIO::read_into, nb::arg("path"), nb::arg("target"), nb::arg("strict"),

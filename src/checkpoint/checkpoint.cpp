@@ -7,6 +7,8 @@
 #include <algorithm>
 #include <chrono>
 #include <cstdlib>
+#include <cstring>
+#include <memory>
 #include <mutex>
 #include <optional>
 #include <thread>
@@ -127,11 +129,26 @@ WriteStats CheckpointWriter::write(const std::string& path, const Value& state_d
   WriteStats stats;
   stats.file = rank_file_name(rank, generation);
   {
-    File file = File::open(join_path(path, stats.file), File::Mode::kCreate);
-    const auto crcs = detail::write_entries(file, plan.entries(), plan.storages(), plan.data_offset(),
-                                            resolve_thread_count(options_.io_threads));
-    for (size_t i = 0; i < crcs.size(); ++i) plan.set_checksums(i, crcs[i]);
-    file.write_at(plan.header().data(), plan.header().size(), 0);
+    const std::string file_path = join_path(path, stats.file);
+    const int threads = resolve_thread_count(options_.io_threads);
+    File file = File::open(file_path, File::Mode::kCreate, File::Options{.direct_io = options_.direct_io});
+    if (options_.direct_io) {
+      const size_t alignment = direct_io_alignment(path);
+      const auto crcs = detail::write_entries_direct(file, plan.entries(), plan.storages(), plan.data_offset(),
+                                                     plan.file_size() - plan.data_offset(), alignment, threads);
+      for (size_t i = 0; i < crcs.size(); ++i) plan.set_checksums(i, crcs[i]);
+      // The header is a whole number of pages; write it from aligned memory too.
+      std::unique_ptr<char, decltype(&std::free)> header(
+          static_cast<char*>(std::aligned_alloc(std::max<size_t>(alignment, 4096), plan.header().size())), &std::free);
+      if (!header) throw Error(ErrorCode::kResourceExhausted, "cannot allocate the header for O_DIRECT");
+      std::memcpy(header.get(), plan.header().data(), plan.header().size());
+      file.write_at(header.get(), plan.header().size(), 0);
+      file.truncate(plan.file_size());  // the last window was padded
+    } else {
+      const auto crcs = detail::write_entries(file, plan.entries(), plan.storages(), plan.data_offset(), threads);
+      for (size_t i = 0; i < crcs.size(); ++i) plan.set_checksums(i, crcs[i]);
+      file.write_at(plan.header().data(), plan.header().size(), 0);
+    }
     file.sync();
     file.close();
   }

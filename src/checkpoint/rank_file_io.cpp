@@ -6,6 +6,10 @@
 #include <algorithm>
 #include <cerrno>
 #include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <memory>
+#include <mutex>
 
 #include "fastdcp/common/error.h"
 #include "fastdcp/common/parallel.h"
@@ -67,6 +71,36 @@ void read_all(const File& file, std::vector<iovec> iov, uint64_t offset) {
 
 const char kZeros[64] = {};
 
+using Bounce = std::unique_ptr<char, decltype(&std::free)>;
+
+// Aligned kBatchBytes buffers for O_DIRECT, one per thread at most, freed with the pool.
+class BouncePool {
+ public:
+  explicit BouncePool(size_t alignment) : alignment_(alignment) {}
+  Bounce acquire() {
+    {
+      std::lock_guard lock(mutex_);
+      if (!free_.empty()) {
+        Bounce b = std::move(free_.back());
+        free_.pop_back();
+        return b;
+      }
+    }
+    Bounce b(static_cast<char*>(std::aligned_alloc(alignment_, kBatchBytes)), &std::free);
+    if (!b) throw Error(ErrorCode::kResourceExhausted, "cannot allocate an O_DIRECT bounce buffer");
+    return b;
+  }
+  void release(Bounce b) {
+    std::lock_guard lock(mutex_);
+    free_.push_back(std::move(b));
+  }
+
+ private:
+  size_t alignment_;
+  std::mutex mutex_;
+  std::vector<Bounce> free_;
+};
+
 }  // namespace
 
 IoPlan plan_io(const std::vector<StoredEntry>& entries, uint64_t data_offset, const std::vector<bool>& selected) {
@@ -122,6 +156,46 @@ std::vector<std::vector<uint32_t>> write_entries(const File& file, const std::ve
       }
     }
     write_all(file, std::move(iov), plan.pieces[batch.first_piece].file_offset);
+  });
+  return crcs;
+}
+
+std::vector<std::vector<uint32_t>> write_entries_direct(const File& file, const std::vector<StoredEntry>& entries,
+                                                        const std::vector<Storage>& storages, uint64_t data_offset,
+                                                        uint64_t data_size, size_t alignment, int threads) {
+  std::vector<std::vector<uint32_t>> crcs(entries.size());
+  for (size_t i = 0; i < entries.size(); ++i) crcs[i].assign(entries[i].num_chunks(), 0);
+  const IoPlan plan = plan_io(entries, data_offset);
+  parallel_for(plan.pieces.size(), threads, [&](size_t p) {
+    const Piece& piece = plan.pieces[p];
+    crcs[piece.entry][piece.chunk] =
+        crc32c(static_cast<const char*>(storages[piece.entry].data()) + piece.chunk * kChecksumChunkBytes, piece.size);
+  });
+  // Entries in file order, to find the ones overlapping each window.
+  std::vector<size_t> order(entries.size());
+  for (size_t i = 0; i < order.size(); ++i) order[i] = i;
+  std::sort(order.begin(), order.end(), [&](size_t a, size_t b) { return entries[a].begin < entries[b].begin; });
+  const uint64_t windows = (data_size + kBatchBytes - 1) / kBatchBytes;
+  BouncePool pool(std::max<size_t>(alignment, 4096));
+  parallel_for(static_cast<size_t>(windows), threads, [&](size_t w) {
+    const uint64_t start = w * kBatchBytes;
+    const uint64_t end = std::min(data_size, start + kBatchBytes);
+    const uint64_t padded = (end - start + alignment - 1) / alignment * alignment;
+    Bounce bounce = pool.acquire();
+    std::memset(bounce.get(), 0, padded);
+    auto first = std::lower_bound(order.begin(), order.end(), start,
+                                  [&](size_t e, uint64_t at) { return entries[e].end <= at; });
+    for (auto it = first; it != order.end() && entries[*it].begin < end; ++it) {
+      const StoredEntry& e = entries[*it];
+      const uint64_t from = std::max(start, e.begin);
+      const uint64_t to = std::min(end, e.begin + e.nbytes);  // padding stays zero
+      if (from < to) {
+        std::memcpy(bounce.get() + (from - start), static_cast<const char*>(storages[*it].data()) + (from - e.begin),
+                    to - from);
+      }
+    }
+    file.write_at(bounce.get(), padded, data_offset + start);
+    pool.release(std::move(bounce));
   });
   return crcs;
 }

@@ -45,6 +45,14 @@ std::vector<std::vector<uint32_t>> write_entries(const File& file, const std::ve
                                                  const std::vector<Storage>& storages, uint64_t data_offset,
                                                  int threads);
 
+// The same through O_DIRECT (`file` opened with it): the data region is cut into aligned windows
+// of kBatchBytes, each assembled in an aligned bounce buffer and written with one pwrite; the
+// last window is padded to `alignment` (the caller truncates the file to its size afterwards).
+// Checksums are computed from the storages in a separate parallel pass.
+std::vector<std::vector<uint32_t>> write_entries_direct(const File& file, const std::vector<StoredEntry>& entries,
+                                                        const std::vector<Storage>& storages, uint64_t data_offset,
+                                                        uint64_t data_size, size_t alignment, int threads);
+
 // Reads the planned pieces into storages[piece.entry] (whose memory must hold the entry's
 // nbytes) with preadv on `threads` threads, checking each chunk's CRC32C when `verify`.
 // `describe_entry(i)` names an entry in error messages (the tensors it holds).

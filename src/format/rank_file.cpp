@@ -636,7 +636,8 @@ Value build_value(const json& root, const RankFileHeader::Impl& impl, MakeTensor
       case json::value_t::string: *f.dst = Value(n.get<std::string>()); break;
       case json::value_t::object: {
         if (n.size() != 1) bad("is an object with other than one tag");
-        const auto& [tag, body] = *n.items().begin();
+        const std::string& tag = n.begin().key();
+        const json& body = n.begin().value();
         if (tag == "f") {
           const std::string s = body.is_string() ? body.get<std::string>() : "";
           if (s == "nan") *f.dst = Value(std::nan(""));

@@ -283,3 +283,26 @@ TEST_F(CheckpointTest, AFullDiskLeavesThePreviousCheckpointIntact) {
 
 }  // namespace
 }  // namespace fastdcp
+
+namespace fastdcp {
+namespace {
+
+std::string file_bytes(const std::string& path) {
+  std::ifstream in(path, std::ios::binary);
+  return std::string(std::istreambuf_iterator<char>(in), {});
+}
+
+TEST_F(CheckpointTest, DirectIoWritesTheSameBytes) {
+  const Value source = state(5);
+  CheckpointWriter().write(path_, source);
+  const std::string buffered = file_bytes(data_file());
+  const std::string direct_path = join_path(dir_, "direct");
+  CheckpointWriter({}, WriterOptions{.direct_io = true}).write(direct_path, source);
+  const std::string direct = file_bytes(join_path(direct_path, read_manifest(direct_path).ranks[0].file));
+  EXPECT_EQ(direct.size(), buffered.size());
+  EXPECT_TRUE(direct == buffered);
+  EXPECT_EQ(CheckpointReader().read(direct_path).at("step").as_int(), 5);
+}
+
+}  // namespace
+}  // namespace fastdcp

@@ -31,11 +31,13 @@ class WriterHook(abc.ABC):
 class CheckpointWriterConfig:
     """``write_barrier_timeout_secs`` bounds the barrier and rank 0's wait for every rank's file
     (upstream only logs it). ``overwrite`` allows replacing a committed checkpoint (fastdcp
-    refuses by default, where upstream silently overwrites); ``io_threads`` 0 means one per core."""
+    refuses by default, where upstream silently overwrites); ``io_threads`` 0 means one per core;
+    ``direct_io`` writes with O_DIRECT, bypassing the page cache."""
 
     write_barrier_timeout_secs: int = 600
     overwrite: bool = False
     io_threads: int = 0
+    direct_io: bool = False
 
 
 class CheckpointWriter:
@@ -54,7 +56,7 @@ class CheckpointWriter:
         hook = self._commit_hook
         barrier = self._barrier
         self._last_stats = self._io.write(
-            str(path), state_dict, self._config.overwrite, self._config.io_threads,
+            str(path), state_dict, self._config.overwrite, self._config.io_threads, self._config.direct_io,
             float(self._config.write_barrier_timeout_secs),
             None if barrier is None else (lambda timeout: barrier.execute_barrier()),
             None if hook is None else (lambda p: hook.pre_commit(p, **kwargs)),

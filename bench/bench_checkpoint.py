@@ -1,0 +1,207 @@
+"""Checkpoint save and load: fastdcp against torch.save/torch.load, safetensors save_file/load_file
+and torch.distributed.checkpoint save/load, same state dicts, same run, beside the raw disk limit
+(O_DIRECT sequential writes and reads of the same size by 4 threads in 16 MiB blocks).
+
+Every save ends durable (fsync of the files); before every load the files are evicted from the
+page cache (posix_fadvise DONTNEED), so loads read the disk. Median of --runs.
+
+Usage: .venv/bin/python bench/bench_checkpoint.py [--runs 3] [--cases 1gib,llama,small] [--dir DIR]
+"""
+
+import argparse
+import mmap
+import os
+import shutil
+import statistics
+import sys
+import tempfile
+import threading
+import time
+
+import safetensors.torch
+import torch
+import torch.distributed.checkpoint as dcp
+
+sys.path.insert(0, os.path.dirname(__file__))
+from bench_torch_staging import CASES  # noqa: E402  (the same state dicts as the staging benchmark)
+
+import fastdcp.torch as fdt  # noqa: E402
+
+RANK = fdt.RankInfo(global_rank=0, global_world_size=1)
+BLOCK = 16 << 20
+
+
+def files_under(path):
+    if os.path.isfile(path):
+        return [path]
+    return [os.path.join(d, f) for d, _, names in os.walk(path) for f in names]
+
+
+def sync_tree(path):
+    for f in files_under(path):
+        fd = os.open(f, os.O_RDONLY)
+        os.fsync(fd)
+        os.close(fd)
+    fd = os.open(path if os.path.isdir(path) else os.path.dirname(path), os.O_RDONLY)
+    os.fsync(fd)
+    os.close(fd)
+
+
+def evict(path):
+    for f in files_under(path):
+        fd = os.open(f, os.O_RDONLY)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        os.close(fd)
+
+
+def remove(path):
+    if os.path.isdir(path):
+        shutil.rmtree(path)
+    elif os.path.exists(path):
+        os.remove(path)
+
+
+def raw_disk(path, nbytes, threads=4):
+    """Seconds to write then read `nbytes` with O_DIRECT, in parallel 16 MiB blocks."""
+    blocks = (nbytes + BLOCK - 1) // BLOCK
+    buffers = [mmap.mmap(-1, BLOCK) for _ in range(threads)]
+    for b in buffers:
+        b.write(os.urandom(4096) * (BLOCK // 4096))
+
+    def run(flags, op):
+        fd = os.open(path, flags | os.O_DIRECT, 0o644)
+        counter = iter(range(blocks))
+        lock = threading.Lock()
+
+        def work(buf):
+            while True:
+                with lock:
+                    i = next(counter, None)
+                if i is None:
+                    return
+                op(fd, buf, i * BLOCK)
+
+        start = time.perf_counter()
+        pool = [threading.Thread(target=work, args=(b,)) for b in buffers]
+        for t in pool:
+            t.start()
+        for t in pool:
+            t.join()
+        if flags & os.O_WRONLY:
+            os.fsync(fd)
+        elapsed = time.perf_counter() - start
+        os.close(fd)
+        return elapsed
+
+    write = run(os.O_WRONLY | os.O_CREAT | os.O_TRUNC, lambda fd, b, off: os.pwritev(fd, [b], off))
+    read = run(os.O_RDONLY, lambda fd, b, off: os.preadv(fd, [b], off))
+    os.remove(path)
+    return write, read
+
+
+def flatten(tree, prefix=""):
+    out = {}
+    if isinstance(tree, dict):
+        for k, v in tree.items():
+            out.update(flatten(v, f"{prefix}{k}."))
+    elif isinstance(tree, (list, tuple)):
+        for i, v in enumerate(tree):
+            out.update(flatten(v, f"{prefix}{i}."))
+    elif isinstance(tree, torch.Tensor):
+        out[prefix[:-1]] = tree
+    return out
+
+
+def tensors_only(tree):
+    """The tensors of a tree in its nesting (what dcp saves and loads in place)."""
+    if isinstance(tree, dict):
+        return {str(k): tensors_only(v) for k, v in tree.items() if not isinstance(v, (list, float, int, str))}
+    return tree
+
+
+def systems(state, flat, workdir):
+    def fastdcp_save(path):
+        fdt.CheckpointWriter(fdt.CheckpointWriterConfig(overwrite=True), RANK).write(path, state)
+
+    def fastdcp_load(path):
+        return fdt.CheckpointReader(RANK).read(path)
+
+    def torch_save(path):
+        torch.save(state, path)
+        sync_tree(path)
+
+    def st_save(path):
+        safetensors.torch.save_file(flat, path)
+        sync_tree(path)
+
+    dcp_state = tensors_only(state)
+
+    def dcp_save(path):
+        dcp.save(dcp_state, checkpoint_id=path)
+        sync_tree(path)
+
+    def dcp_load(path):
+        target = {k: v for k, v in flatten(dcp_state).items()}
+        target = {k: torch.empty_like(v) for k, v in target.items()}
+        dcp.load(target, checkpoint_id=path)
+        return target
+
+    return [
+        ("fastdcp", fastdcp_save, fastdcp_load),
+        ("torch.save", torch_save, lambda p: torch.load(p, weights_only=True)),
+        ("safetensors", st_save, safetensors.torch.load_file),
+        ("dcp", dcp_save, dcp_load),
+    ]
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--cases", default="1gib,llama,small")
+    parser.add_argument("--dir", default=None, help="where to write (default: a temporary directory)")
+    args = parser.parse_args()
+    root = tempfile.mkdtemp(prefix="fastdcp_bench_", dir=args.dir)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, writing under {root}; medians of {args.runs}")
+    print(f"{'case':8} {'GB':>5} | {'system':12} {'save s':>7} {'GB/s':>6} {'vs disk':>7} {'load s':>7} {'GB/s':>6} "
+          f"{'vs disk':>7} | fastdcp save/load speedup")
+    try:
+        for case in args.cases.split(","):
+            state = CASES[case]()
+            flat = flatten(state)
+            nbytes = sum(t.numel() * t.element_size() for t in flat.values())
+            gb = nbytes / 1e9
+            disk = [raw_disk(os.path.join(root, "raw"), nbytes) for _ in range(args.runs)]
+            disk_w = statistics.median(d[0] for d in disk)
+            disk_r = statistics.median(d[1] for d in disk)
+            print(f"{case:8} {gb:5.2f} | {'raw O_DIRECT':12} {disk_w:7.3f} {gb / disk_w:6.2f} {'1.00':>7} "
+                  f"{disk_r:7.3f} {gb / disk_r:6.2f} {'1.00':>7} |")
+            results = {}
+            for name, save, load in systems(state, flat, root):
+                path = os.path.join(root, name.replace(".", "_"))
+                saves, loads = [], []
+                for _ in range(args.runs):
+                    remove(path)
+                    start = time.perf_counter()
+                    save(path)
+                    saves.append(time.perf_counter() - start)
+                    evict(path)
+                    start = time.perf_counter()
+                    loaded = load(path)
+                    loads.append(time.perf_counter() - start)
+                    del loaded
+                remove(path)
+                s, l = statistics.median(saves), statistics.median(loads)
+                results[name] = (s, l)
+                print(f"{case:8} {gb:5.2f} | {name:12} {s:7.3f} {gb / s:6.2f} {disk_w / s:7.2f} "
+                      f"{l:7.3f} {gb / l:6.2f} {disk_r / l:7.2f} |", end="")
+                if name != "fastdcp":
+                    fs, fl = results["fastdcp"]
+                    print(f" {s / fs:5.2f}x / {l / fl:5.2f}x", end="")
+                print(flush=True)
+            del state, flat
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,86 @@
+// The fastdcp command on real checkpoints: what it prints and its exit status.
+
+#include <gtest/gtest.h>
+
+#include <cstdio>
+#include <filesystem>
+#include <fstream>
+#include <string>
+
+#include "fastdcp/checkpoint/checkpoint.h"
+#include "fastdcp/io/file.h"
+
+#ifdef FASTDCP_CLI
+namespace fastdcp {
+namespace {
+
+struct CliRun {
+  int status;
+  std::string output;
+};
+
+CliRun run_cli(const std::string& arguments) {
+  const std::string command = std::string(FASTDCP_CLI) + " " + arguments + " 2>&1";
+  FILE* pipe = ::popen(command.c_str(), "r");
+  CliRun result{-1, ""};
+  char buffer[4096];
+  while (size_t n = std::fread(buffer, 1, sizeof buffer, pipe)) result.output.append(buffer, n);
+  const int status = ::pclose(pipe);
+  result.status = WIFEXITED(status) ? WEXITSTATUS(status) : -1;
+  return result;
+}
+
+class CliTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    char pattern[] = "/tmp/fastdcp_cli_XXXXXX";
+    dir_ = mkdtemp(pattern);
+    path_ = join_path(dir_, "ck");
+    Value root = Value::dict();
+    Value model = Value::dict();
+    model.insert("weight", Value(Tensor::empty_cpu(DType::kBF16, {128, 64})));
+    model.insert("bias", Value(Tensor::empty_cpu(DType::kF32, {64})));
+    root.insert("model", std::move(model));
+    root.insert("step", Value(int64_t{9}));
+    CheckpointWriter().write(path_, root);
+  }
+  void TearDown() override { std::filesystem::remove_all(dir_); }
+  std::string dir_, path_;
+};
+
+TEST_F(CliTest, InspectShowsTheCommitAndEveryTensor) {
+  const CliRun r = run_cli("inspect " + path_);
+  EXPECT_EQ(r.status, 0) << r.output;
+  EXPECT_NE(r.output.find("generation 1, 1 rank"), std::string::npos) << r.output;
+  EXPECT_NE(r.output.find("model.weight"), std::string::npos) << r.output;
+  EXPECT_NE(r.output.find("BF16   [128, 64]  16.4 KB"), std::string::npos) << r.output;
+  EXPECT_NE(r.output.find("model.bias"), std::string::npos) << r.output;
+}
+
+TEST_F(CliTest, VerifyExitsZeroThenOneOnDamageNamingTheTensor) {
+  CliRun r = run_cli("verify " + path_);
+  EXPECT_EQ(r.status, 0) << r.output;
+  EXPECT_NE(r.output.find("OK, 1 file"), std::string::npos) << r.output;
+  const std::string file = join_path(path_, read_manifest(path_).ranks[0].file);
+  {
+    std::fstream f(file, std::ios::in | std::ios::out | std::ios::binary);
+    f.seekp(-3, std::ios::end);
+    f.put('\x7f');
+  }
+  r = run_cli("verify " + path_);
+  EXPECT_EQ(r.status, 1) << r.output;
+  EXPECT_NE(r.output.find("corrupt data"), std::string::npos) << r.output;
+}
+
+TEST_F(CliTest, BadUsageAndMissingCheckpoints) {
+  EXPECT_EQ(run_cli("").status, 2);
+  EXPECT_EQ(run_cli("inspect").status, 2);
+  EXPECT_EQ(run_cli("verify " + path_ + " --bogus").status, 2);
+  const CliRun r = run_cli("inspect " + join_path(dir_, "nothing"));
+  EXPECT_EQ(r.status, 1);
+  EXPECT_NE(r.output.find("does not exist"), std::string::npos) << r.output;
+}
+
+}  // namespace
+}  // namespace fastdcp
+#endif
