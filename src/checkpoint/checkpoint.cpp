@@ -25,6 +25,9 @@ namespace {
 
 using Clock = std::chrono::steady_clock;
 
+// I/O threads: more than cores, so that the disk sees several requests at once.
+int io_thread_count(int requested) { return requested > 0 ? requested : std::max(4, resolve_thread_count(0)); }
+
 double seconds_since(Clock::time_point start) {
   return std::chrono::duration<double>(Clock::now() - start).count();
 }
@@ -130,12 +133,23 @@ WriteStats CheckpointWriter::write(const std::string& path, const Value& state_d
   stats.file = rank_file_name(rank, generation);
   {
     const std::string file_path = join_path(path, stats.file);
-    const int threads = resolve_thread_count(options_.io_threads);
-    File file = File::open(file_path, File::Mode::kCreate, File::Options{.direct_io = options_.direct_io});
-    if (options_.direct_io) {
+    const int threads = io_thread_count(options_.io_threads);
+    File file;
+    bool direct = options_.direct_io;
+    if (direct) {
+      try {
+        file = File::open(file_path, File::Mode::kCreate, File::Options{.direct_io = true});
+      } catch (const Error&) {
+        direct = false;  // a file system without O_DIRECT (tmpfs): buffered writes
+      }
+    }
+    if (!direct) file = File::open(file_path, File::Mode::kCreate);
+    file.reserve(plan.file_size());  // a full disk fails here, before any data is written
+    if (direct) {
       const size_t alignment = direct_io_alignment(path);
-      const auto crcs = detail::write_entries_direct(file, plan.entries(), plan.storages(), plan.data_offset(),
-                                                     plan.file_size() - plan.data_offset(), alignment, threads);
+      const auto crcs = detail::write_entries_direct(
+          file, plan.entries(), plan.storages(), plan.data_offset(), plan.file_size() - plan.data_offset(), alignment,
+          options_.io_threads > 0 ? options_.io_threads : detail::kDirectWritesInFlight);
       for (size_t i = 0; i < crcs.size(); ++i) plan.set_checksums(i, crcs[i]);
       // The header is a whole number of pages; write it from aligned memory too.
       std::unique_ptr<char, decltype(&std::free)> header(
@@ -272,7 +286,7 @@ Value CheckpointReader::read(const std::string& path) const {
   const RankFileHeader& header = opened.header;
   const auto& entries = header.entries();
   std::vector<Storage> storages(entries.size());
-  const int threads = resolve_thread_count(options_.io_threads);
+  const int threads = io_thread_count(options_.io_threads);
   auto namer = [&](size_t e) { return describe_entry(header, e); };
   if (options_.use_mmap && opened.file.size() > 0) {
     std::shared_ptr<void> mapping = map_file(opened.file, opened.file.size());
@@ -296,9 +310,30 @@ Value CheckpointReader::read(const std::string& path) const {
       });
     }
   } else {
-    for (size_t i = 0; i < entries.size(); ++i) storages[i] = allocate_for_reading(entries[i].nbytes);
-    detail::read_entries(opened.file, entries, storages, detail::plan_io(entries, header.data_offset()), threads,
-                         options_.verify_checksums, namer);
+    // Large entries through O_DIRECT where the file system allows it (Note [Direct reads]).
+    std::optional<File> direct;
+    size_t alignment = 4096;
+    if (options_.direct_io) {
+      try {
+        direct = File::open(opened.file.path(), File::Mode::kRead, File::Options{.direct_io = true});
+        alignment = std::max<size_t>(direct_io_alignment(path), 4096);
+      } catch (const Error&) {
+        direct.reset();  // e.g. tmpfs: buffered reads only
+      }
+    }
+    std::vector<bool> large(entries.size(), false), small(entries.size(), false);
+    for (size_t i = 0; i < entries.size(); ++i) {
+      large[i] = direct && entries[i].nbytes >= detail::kDirectReadMinBytes;
+      small[i] = !large[i];
+      storages[i] = large[i] ? detail::allocate_for_direct_read(entries[i], header.data_offset(), alignment)
+                             : allocate_for_reading(entries[i].nbytes);
+    }
+    if (direct) {
+      detail::read_entries_direct(*direct, entries, storages, large, header.data_offset(), alignment, threads,
+                                  options_.verify_checksums, namer);
+    }
+    detail::read_entries(opened.file, entries, storages, detail::plan_io(entries, header.data_offset(), small),
+                         threads, options_.verify_checksums, namer);
   }
   return header.build_tree(storages);
 }
@@ -421,7 +456,7 @@ LoadResult CheckpointReader::read_into(const std::string& path, Value& target, b
     selected[e] = true;
   }
   detail::read_entries(opened.file, entries, storages, detail::plan_io(entries, header.data_offset(), selected),
-                       resolve_thread_count(options_.io_threads), options_.verify_checksums,
+                       io_thread_count(options_.io_threads), options_.verify_checksums,
                        [&](size_t e) { return describe_entry(header, e); });
   for (size_t c = 0; c < plan.copies.size(); ++c) {
     if (!direct[c]) copy_tensor(plan.copies[c].first, plan.copies[c].second);
@@ -444,7 +479,7 @@ VerifyReport verify_checkpoint(const std::string& path, const std::function<void
     // Checked in slices of storages, so that memory stays bounded for any file size.
     const detail::IoPlan plan = detail::plan_io(entries, opened.header.data_offset());
     std::mutex progress_mutex;
-    parallel_for(plan.pieces.size(), resolve_thread_count(0), [&](size_t p) {
+    parallel_for(plan.pieces.size(), io_thread_count(0), [&](size_t p) {
       const detail::Piece& piece = plan.pieces[p];
       thread_local std::vector<char> buffer;
       buffer.resize(piece.size);

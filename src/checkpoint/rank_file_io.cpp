@@ -1,9 +1,11 @@
 #include "checkpoint/rank_file_io.h"
 
+#include <fcntl.h>
 #include <limits.h>
 #include <unistd.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cerrno>
 #include <cstdio>
 #include <cstdlib>
@@ -14,66 +16,18 @@
 #include "fastdcp/common/error.h"
 #include "fastdcp/common/parallel.h"
 #include "fastdcp/format/checksum.h"
+#include "fastdcp/memory/host_buffer.h"
 
 namespace fastdcp::detail {
 namespace {
 
 constexpr size_t kMaxIov = IOV_MAX > 1024 ? 1024 : IOV_MAX;
 
-// The next part of a vectored transfer after `done` bytes of it moved.
-void advance(std::vector<iovec>& iov, size_t& first, size_t done) {
-  while (done > 0 && first < iov.size()) {
-    if (done >= iov[first].iov_len) {
-      done -= iov[first].iov_len;
-      ++first;
-    } else {
-      iov[first].iov_base = static_cast<char*>(iov[first].iov_base) + done;
-      iov[first].iov_len -= done;
-      done = 0;
-    }
-  }
-}
-
-void write_all(const File& file, std::vector<iovec> iov, uint64_t offset) {
-  size_t first = 0;
-  while (first < iov.size()) {
-    const int count = static_cast<int>(std::min(iov.size() - first, kMaxIov));
-    const ssize_t n = ::pwritev(file.fd(), iov.data() + first, count, static_cast<off_t>(offset));
-    if (n < 0) {
-      if (errno == EINTR) continue;
-      std::string what = "cannot write '" + file.path() + "'";
-      if (errno == ENOSPC) what += " (the disk is full)";
-      if (errno == EFBIG) what += " (the file-size limit was reached)";
-      throw_system_error(what, errno);
-    }
-    if (n == 0) throw_system_error("cannot write '" + file.path() + "'", ENOSPC);
-    offset += static_cast<uint64_t>(n);
-    advance(iov, first, static_cast<size_t>(n));
-  }
-}
-
-void read_all(const File& file, std::vector<iovec> iov, uint64_t offset) {
-  size_t first = 0;
-  while (first < iov.size()) {
-    const int count = static_cast<int>(std::min(iov.size() - first, kMaxIov));
-    const ssize_t n = ::preadv(file.fd(), iov.data() + first, count, static_cast<off_t>(offset));
-    if (n < 0) {
-      if (errno == EINTR) continue;
-      throw_system_error("cannot read '" + file.path() + "'", errno);
-    }
-    if (n == 0) {
-      throw Error(ErrorCode::kDataLoss, "'" + file.path() + "' is truncated: it ends at byte " + std::to_string(offset));
-    }
-    offset += static_cast<uint64_t>(n);
-    advance(iov, first, static_cast<size_t>(n));
-  }
-}
-
 const char kZeros[64] = {};
 
 using Bounce = std::unique_ptr<char, decltype(&std::free)>;
 
-// Aligned kBatchBytes buffers for O_DIRECT, one per thread at most, freed with the pool.
+// Aligned kDirectWindowBytes buffers for O_DIRECT, one per thread at most, freed with the pool.
 class BouncePool {
  public:
   explicit BouncePool(size_t alignment) : alignment_(alignment) {}
@@ -86,7 +40,7 @@ class BouncePool {
         return b;
       }
     }
-    Bounce b(static_cast<char*>(std::aligned_alloc(alignment_, kBatchBytes)), &std::free);
+    Bounce b(static_cast<char*>(std::aligned_alloc(alignment_, kDirectWindowBytes)), &std::free);
     if (!b) throw Error(ErrorCode::kResourceExhausted, "cannot allocate an O_DIRECT bounce buffer");
     return b;
   }
@@ -155,7 +109,12 @@ std::vector<std::vector<uint32_t>> write_entries(const File& file, const std::ve
         iov.push_back({const_cast<char*>(kZeros), entry.end - entry.begin - entry.nbytes});
       }
     }
-    write_all(file, std::move(iov), plan.pieces[batch.first_piece].file_offset);
+    const uint64_t offset = plan.pieces[batch.first_piece].file_offset;
+    uint64_t length = 0;
+    for (const iovec& v : iov) length += v.iov_len;
+    file.write_vectored_at(std::move(iov), offset);
+    // Start writing these pages back now, so that the final fdatasync waits only for the tail.
+    ::sync_file_range(file.fd(), static_cast<off_t>(offset), static_cast<off_t>(length), SYNC_FILE_RANGE_WRITE);
   });
   return crcs;
 }
@@ -175,11 +134,11 @@ std::vector<std::vector<uint32_t>> write_entries_direct(const File& file, const 
   std::vector<size_t> order(entries.size());
   for (size_t i = 0; i < order.size(); ++i) order[i] = i;
   std::sort(order.begin(), order.end(), [&](size_t a, size_t b) { return entries[a].begin < entries[b].begin; });
-  const uint64_t windows = (data_size + kBatchBytes - 1) / kBatchBytes;
+  const uint64_t windows = (data_size + kDirectWindowBytes - 1) / kDirectWindowBytes;
   BouncePool pool(std::max<size_t>(alignment, 4096));
   parallel_for(static_cast<size_t>(windows), threads, [&](size_t w) {
-    const uint64_t start = w * kBatchBytes;
-    const uint64_t end = std::min(data_size, start + kBatchBytes);
+    const uint64_t start = w * kDirectWindowBytes;
+    const uint64_t end = std::min(data_size, start + kDirectWindowBytes);
     const uint64_t padded = (end - start + alignment - 1) / alignment * alignment;
     Bounce bounce = pool.acquire();
     std::memset(bounce.get(), 0, padded);
@@ -217,7 +176,7 @@ void read_entries(const File& file, const std::vector<StoredEntry>& entries, con
         iov.push_back({padding, entry.end - entry.begin - entry.nbytes});
       }
     }
-    read_all(file, std::move(iov), plan.pieces[batch.first_piece].file_offset);
+    file.read_vectored_at(std::move(iov), plan.pieces[batch.first_piece].file_offset);
     if (!verify) return;
     for (size_t p = batch.first_piece; p < batch.first_piece + batch.num_pieces; ++p) {
       const Piece& piece = plan.pieces[p];
@@ -227,6 +186,88 @@ void read_entries(const File& file, const std::vector<StoredEntry>& entries, con
       if (actual != entry.chunk_crc32c[piece.chunk]) {
         throw_checksum_mismatch(file.path(), describe_entry(piece.entry), piece.chunk, entry.num_chunks(),
                                 entry.chunk_crc32c[piece.chunk], actual);
+      }
+    }
+  });
+}
+
+Storage allocate_for_direct_read(const StoredEntry& e, uint64_t data_offset, size_t alignment) {
+  const uint64_t start = data_offset + e.begin;
+  const uint64_t head = start % alignment;
+  // Page-aligned, and huge pages where the kernel gives them: a large load would otherwise spend
+  // much of its time faulting in 4 KiB pages.
+  auto buffer = std::make_shared<HostBuffer>(HostBuffer::allocate(head + e.nbytes, HostMemoryTraits{}));
+  if (alignment > page_size()) throw Error(ErrorCode::kInternal, "O_DIRECT alignment above the page size");
+  char* data = static_cast<char*>(buffer->data()) + head;
+  return Storage::wrap(data, e.nbytes, Device::cpu(), std::move(buffer));
+}
+
+void read_entries_direct(const File& direct_file, const std::vector<StoredEntry>& entries,
+                         const std::vector<Storage>& storages, const std::vector<bool>& selected, uint64_t data_offset,
+                         size_t alignment, int threads, bool verify,
+                         const std::function<std::string(size_t)>& describe_entry) {
+  struct Window {
+    size_t entry;
+    uint64_t file_offset;  // aligned
+    uint64_t size;         // aligned
+    char* dst;
+  };
+  // A chunk is verified by the thread that completes the last window it overlaps (one or two),
+  // while its bytes are still warm; chunks_left counts those windows per chunk.
+  std::vector<Window> windows;
+  std::vector<size_t> first_chunk(entries.size() + 1, 0);
+  for (size_t e = 0; e < entries.size(); ++e) {
+    first_chunk[e + 1] = first_chunk[e] + (selected[e] ? entries[e].num_chunks() : 0);
+  }
+  auto chunks_left = std::make_unique<std::atomic<int>[]>(first_chunk.back());
+  const auto window_of = [&](uint64_t aligned_first, uint64_t at) { return (at - aligned_first) / kBatchBytes; };
+  for (size_t e = 0; e < entries.size(); ++e) {
+    if (!selected[e]) continue;
+    const uint64_t start = data_offset + entries[e].begin;
+    const uint64_t first = start / alignment * alignment;
+    const uint64_t last = (start + entries[e].nbytes + alignment - 1) / alignment * alignment;
+    char* base = static_cast<char*>(storages[e].data()) - (start - first);
+    for (uint64_t at = first; at < last; at += kBatchBytes) {
+      windows.push_back({e, at, std::min(kBatchBytes, last - at), base + (at - first)});
+    }
+    for (size_t c = 0; c < entries[e].num_chunks(); ++c) {
+      const uint64_t chunk_begin = start + c * kChecksumChunkBytes;
+      const uint64_t chunk_end = std::min(start + entries[e].nbytes, chunk_begin + kChecksumChunkBytes);
+      chunks_left[first_chunk[e] + c] =
+          static_cast<int>(window_of(first, chunk_end - 1) - window_of(first, chunk_begin) + 1);
+    }
+  }
+  parallel_for(windows.size(), threads, [&](size_t w) {
+    const Window& window = windows[w];
+    const StoredEntry& e = entries[window.entry];
+    const uint64_t start = data_offset + e.begin;
+    const uint64_t needed_end = start + e.nbytes;
+    uint64_t done = 0;
+    while (done < window.size && window.file_offset + done < needed_end) {
+      const ssize_t n = ::pread(direct_file.fd(), window.dst + done, window.size - done,
+                                static_cast<off_t>(window.file_offset + done));
+      if (n < 0) {
+        if (errno == EINTR) continue;
+        throw_system_error("cannot read '" + direct_file.path() + "'", errno);
+      }
+      if (n == 0) {
+        throw Error(ErrorCode::kDataLoss, "'" + direct_file.path() + "' is truncated: it ends at byte " +
+                                              std::to_string(window.file_offset + done));
+      }
+      done += static_cast<uint64_t>(n);
+    }
+    if (!verify) return;
+    // The entry's chunks this window overlaps.
+    const uint64_t from = std::max(window.file_offset, start) - start;
+    const uint64_t to = std::min(window.file_offset + window.size, needed_end) - start;
+    for (uint64_t c = from / kChecksumChunkBytes; c * kChecksumChunkBytes < to; ++c) {
+      if (chunks_left[first_chunk[window.entry] + c].fetch_sub(1) != 1) continue;
+      const uint64_t size = std::min(kChecksumChunkBytes, e.nbytes - c * kChecksumChunkBytes);
+      const uint32_t actual =
+          crc32c(static_cast<const char*>(storages[window.entry].data()) + c * kChecksumChunkBytes, size);
+      if (actual != e.chunk_crc32c[c]) {
+        throw_checksum_mismatch(direct_file.path(), describe_entry(window.entry), c, e.num_chunks(), e.chunk_crc32c[c],
+                                actual);
       }
     }
   });

@@ -2,6 +2,7 @@
 
 #include <dirent.h>
 #include <fcntl.h>
+#include <limits.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -54,36 +55,65 @@ File::~File() {
   if (fd_ >= 0) ::close(fd_);
 }
 
-void File::read_at(void* data, size_t size, uint64_t offset) const {
-  auto* p = static_cast<char*>(data);
-  size_t done = 0;
-  while (done < size) {
-    const ssize_t n = ::pread(fd_, p + done, size - done, static_cast<off_t>(offset + done));
+namespace {
+
+constexpr size_t kMaxIov = IOV_MAX > 1024 ? 1024 : IOV_MAX;
+
+// Moves all of `iov` with preadv/pwritev, retrying short transfers and EINTR.
+void transfer(int fd, const std::string& path, bool write, std::vector<iovec> iov, uint64_t offset) {
+  const uint64_t start = offset;
+  uint64_t wanted = 0;
+  for (const iovec& v : iov) wanted += v.iov_len;
+  size_t first = 0;
+  while (first < iov.size()) {
+    if (iov[first].iov_len == 0) {
+      ++first;
+      continue;
+    }
+    const int count = static_cast<int>(std::min(iov.size() - first, kMaxIov));
+    const ssize_t n = write ? ::pwritev(fd, iov.data() + first, count, static_cast<off_t>(offset))
+                            : ::preadv(fd, iov.data() + first, count, static_cast<off_t>(offset));
     if (n < 0) {
       if (errno == EINTR) continue;
-      fail("cannot read", path_, errno);
+      fail(write ? "cannot write" : "cannot read", path, errno);
     }
     if (n == 0) {
-      throw Error(ErrorCode::kDataLoss, "'" + path_ + "' is truncated: wanted " + std::to_string(size) +
-                                            " bytes at offset " + std::to_string(offset) + ", the file ends after " +
-                                            std::to_string(done));
+      if (write) fail("cannot write", path, ENOSPC);
+      throw Error(ErrorCode::kDataLoss, "'" + path + "' is truncated: it ends at byte " + std::to_string(offset) +
+                                            ", and " + std::to_string(wanted) + " bytes were wanted from byte " +
+                                            std::to_string(start));
     }
-    done += static_cast<size_t>(n);
+    offset += static_cast<uint64_t>(n);
+    // Skip what moved: whole buffers, then part of the next.
+    for (size_t done = static_cast<size_t>(n); done > 0;) {
+      if (done >= iov[first].iov_len) {
+        done -= iov[first].iov_len;
+        ++first;
+      } else {
+        iov[first].iov_base = static_cast<char*>(iov[first].iov_base) + done;
+        iov[first].iov_len -= done;
+        done = 0;
+      }
+    }
   }
 }
 
+}  // namespace
+
+void File::read_at(void* data, size_t size, uint64_t offset) const {
+  transfer(fd_, path_, false, {iovec{data, size}}, offset);
+}
+
 void File::write_at(const void* data, size_t size, uint64_t offset) const {
-  const auto* p = static_cast<const char*>(data);
-  size_t done = 0;
-  while (done < size) {
-    const ssize_t n = ::pwrite(fd_, p + done, size - done, static_cast<off_t>(offset + done));
-    if (n < 0) {
-      if (errno == EINTR) continue;
-      fail("cannot write", path_, errno);
-    }
-    if (n == 0) fail("cannot write", path_, ENOSPC);
-    done += static_cast<size_t>(n);
-  }
+  transfer(fd_, path_, true, {iovec{const_cast<void*>(data), size}}, offset);
+}
+
+void File::read_vectored_at(std::vector<iovec> iov, uint64_t offset) const {
+  transfer(fd_, path_, false, std::move(iov), offset);
+}
+
+void File::write_vectored_at(std::vector<iovec> iov, uint64_t offset) const {
+  transfer(fd_, path_, true, std::move(iov), offset);
 }
 
 uint64_t File::size() const {
@@ -94,6 +124,13 @@ uint64_t File::size() const {
 
 void File::truncate(uint64_t size) const {
   if (::ftruncate(fd_, static_cast<off_t>(size)) != 0) fail("cannot resize", path_, errno);
+}
+
+void File::reserve(uint64_t size) const {
+  if (size == 0) return;
+  if (::fallocate(fd_, 0, 0, static_cast<off_t>(size)) != 0 && errno != EOPNOTSUPP && errno != ENOSYS) {
+    fail("cannot reserve space for", path_, errno);
+  }
 }
 
 void File::sync() const {

@@ -1,12 +1,8 @@
 #include "fastdcp/checkpoint/checkpoint.h"
 
 #include <gtest/gtest.h>
-#include <sys/resource.h>
-#include <sys/wait.h>
-#include <unistd.h>
 
 #include <barrier>
-#include <csignal>
 #include <cstring>
 #include <filesystem>
 #include <fstream>
@@ -15,6 +11,7 @@
 #include "fastdcp/common/error.h"
 #include "fastdcp/format/rank_file.h"
 #include "fastdcp/io/file.h"
+#include "support/test_support.h"
 
 namespace fastdcp {
 namespace {
@@ -51,14 +48,10 @@ Value state(int seed) {
 
 class CheckpointTest : public ::testing::Test {
  protected:
-  void SetUp() override {
-    char pattern[] = "/tmp/fastdcp_ckpt_XXXXXX";
-    dir_ = mkdtemp(pattern);
-    path_ = join_path(dir_, "step");
-  }
-  void TearDown() override { std::filesystem::remove_all(dir_); }
   std::string data_file() const { return join_path(path_, read_manifest(path_).ranks[0].file); }
-  std::string dir_, path_;
+  testing::TempDir temp_{"fastdcp_ckpt"};
+  const std::string& dir_ = temp_.path();
+  const std::string path_ = join_path(dir_, "step");
 };
 
 template <class F>
@@ -80,8 +73,8 @@ TEST_F(CheckpointTest, RoundTripKeepsValuesViewsAndAliasing) {
   const Value source = state(1);
   const WriteStats stats = CheckpointWriter().write(path_, source);
   EXPECT_GT(stats.bytes_written, 6u << 20);
-  for (const bool mmap : {false, true}) {
-    const Value loaded = CheckpointReader({}, ReadOptions{.use_mmap = mmap}).read(path_);
+  for (const ReadOptions options : {ReadOptions{}, ReadOptions{.use_mmap = true}, ReadOptions{.direct_io = false}}) {
+    const Value loaded = CheckpointReader({}, options).read(path_);
     const Value& m = loaded.at("model");
     for (const char* key : {"big", "w", "base", "cols"}) {
       EXPECT_TRUE(same_bytes(m.at(key).as_tensor(), source.at("model").at(key).as_tensor())) << key;
@@ -136,8 +129,8 @@ TEST_F(CheckpointTest, AFlippedByteIsDetectedAndNamesTheTensorAndChunk) {
     f.seekp(static_cast<std::streamoff>(header.data_offset() + it->begin + (5u << 20)));
     f.put('\x5a');
   }
-  for (const bool mmap : {false, true}) {
-    const Error e = expect_error([&] { CheckpointReader({}, ReadOptions{.use_mmap = mmap}).read(path_); });
+  for (const ReadOptions options : {ReadOptions{}, ReadOptions{.use_mmap = true}, ReadOptions{.direct_io = false}}) {
+    const Error e = expect_error([&] { CheckpointReader({}, options).read(path_); });
     EXPECT_EQ(e.code(), ErrorCode::kDataLoss);
     expect_contains(e, "tensor 'model.big', chunk 1 of 2");
   }
@@ -257,23 +250,9 @@ TEST_F(CheckpointTest, ACommitWaitsForMissingRanksOnlyUntilTheTimeout) {
 
 TEST_F(CheckpointTest, AFullDiskLeavesThePreviousCheckpointIntact) {
   CheckpointWriter().write(path_, state(1));
-  const pid_t pid = fork();
-  ASSERT_GE(pid, 0);
-  if (pid == 0) {
-    std::signal(SIGXFSZ, SIG_IGN);
-    rlimit limit{1 << 20, 1 << 20};  // smaller than one data file
-    setrlimit(RLIMIT_FSIZE, &limit);
-    try {
-      CheckpointWriter({}, WriterOptions{.overwrite = true}).write(path_, state(2));
-    } catch (const Error& e) {
-      _exit(std::string(e.what()).find("file-size limit") != std::string::npos ? 0 : 2);
-    }
-    _exit(1);
-  }
-  int status = 0;
-  waitpid(pid, &status, 0);
-  ASSERT_TRUE(WIFEXITED(status));
-  EXPECT_EQ(WEXITSTATUS(status), 0);
+  // A limit smaller than one data file.
+  EXPECT_TRUE(testing::fails_with_file_size_limit(
+      1 << 20, [&] { CheckpointWriter({}, WriterOptions{.overwrite = true}).write(path_, state(2)); }));
   EXPECT_EQ(CheckpointReader().read(path_).at("step").as_int(), 1);
   EXPECT_NO_THROW(verify_checkpoint(path_));
   // The next save cleans up what the failed one left.
@@ -294,14 +273,30 @@ std::string file_bytes(const std::string& path) {
 
 TEST_F(CheckpointTest, DirectIoWritesTheSameBytes) {
   const Value source = state(5);
-  CheckpointWriter().write(path_, source);
+  CheckpointWriter({}, WriterOptions{.direct_io = false}).write(path_, source);
   const std::string buffered = file_bytes(data_file());
   const std::string direct_path = join_path(dir_, "direct");
-  CheckpointWriter({}, WriterOptions{.direct_io = true}).write(direct_path, source);
+  CheckpointWriter().write(direct_path, source);  // O_DIRECT is the default
   const std::string direct = file_bytes(join_path(direct_path, read_manifest(direct_path).ranks[0].file));
   EXPECT_EQ(direct.size(), buffered.size());
   EXPECT_TRUE(direct == buffered);
   EXPECT_EQ(CheckpointReader().read(direct_path).at("step").as_int(), 5);
+}
+
+}  // namespace
+}  // namespace fastdcp
+
+namespace fastdcp {
+namespace {
+
+TEST(CheckpointOnTmpfs, WritesFallBackToBufferedWhereODirectIsRefused) {
+  if (!path_exists("/dev/shm")) GTEST_SKIP() << "no /dev/shm on this machine";
+  char pattern[] = "/dev/shm/fastdcp_tmpfs_XXXXXX";
+  const std::string dir = ::mkdtemp(pattern);
+  const std::string path = join_path(dir, "ck");
+  CheckpointWriter().write(path, state(4));
+  EXPECT_EQ(CheckpointReader().read(path).at("step").as_int(), 4);
+  std::filesystem::remove_all(dir);
 }
 
 }  // namespace

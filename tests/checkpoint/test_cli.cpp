@@ -9,6 +9,7 @@
 
 #include "fastdcp/checkpoint/checkpoint.h"
 #include "fastdcp/io/file.h"
+#include "support/test_support.h"
 
 #ifdef FASTDCP_CLI
 namespace fastdcp {
@@ -33,9 +34,6 @@ CliRun run_cli(const std::string& arguments) {
 class CliTest : public ::testing::Test {
  protected:
   void SetUp() override {
-    char pattern[] = "/tmp/fastdcp_cli_XXXXXX";
-    dir_ = mkdtemp(pattern);
-    path_ = join_path(dir_, "ck");
     Value root = Value::dict();
     Value model = Value::dict();
     model.insert("weight", Value(Tensor::empty_cpu(DType::kBF16, {128, 64})));
@@ -44,8 +42,9 @@ class CliTest : public ::testing::Test {
     root.insert("step", Value(int64_t{9}));
     CheckpointWriter().write(path_, root);
   }
-  void TearDown() override { std::filesystem::remove_all(dir_); }
-  std::string dir_, path_;
+  testing::TempDir temp_{"fastdcp_cli"};
+  const std::string& dir_ = temp_.path();
+  const std::string path_ = join_path(dir_, "ck");
 };
 
 TEST_F(CliTest, InspectShowsTheCommitAndEveryTensor) {

@@ -18,6 +18,7 @@
 #include "fastdcp/checkpoint/checkpoint.h"
 #include "fastdcp/common/error.h"
 #include "fastdcp/io/file.h"
+#include "support/test_support.h"
 
 namespace fastdcp {
 namespace {
@@ -52,9 +53,8 @@ bool matches(const Value& loaded, int64_t step) {
 }
 
 TEST(CrashSafety, KilledWritersNeverDamageOrFakeACommit) {
-  char pattern[] = "/tmp/fastdcp_kill_XXXXXX";
-  const std::string dir = mkdtemp(pattern);
-  const std::string path = join_path(dir, "ck");
+  const testing::TempDir dir("fastdcp_kill");
+  const std::string path = join_path(dir.path(), "ck");
   std::mt19937 rng(std::random_device{}());
   int64_t last_committed = 0;
   int kills = 0, rounds_with_new_commit = 0, rounds_uncommitted = 0;
@@ -93,7 +93,6 @@ TEST(CrashSafety, KilledWritersNeverDamageOrFakeACommit) {
               kills, rounds_with_new_commit, static_cast<long long>(last_committed), rounds_uncommitted);
   EXPECT_EQ(kills, kRounds);
   EXPECT_GT(rounds_with_new_commit, 0);
-  std::filesystem::remove_all(dir);
 }
 
 }  // namespace

@@ -1,28 +1,19 @@
 #include "fastdcp/io/file.h"
 
 #include <gtest/gtest.h>
-#include <sys/resource.h>
-#include <sys/wait.h>
-#include <unistd.h>
 
-#include <csignal>
-#include <cstdlib>
-#include <filesystem>
 #include <string>
 
 #include "fastdcp/common/error.h"
+#include "support/test_support.h"
 
 namespace fastdcp {
 namespace {
 
 class FileTest : public ::testing::Test {
  protected:
-  void SetUp() override {
-    char pattern[] = "/tmp/fastdcp_io_XXXXXX";
-    dir_ = mkdtemp(pattern);
-  }
-  void TearDown() override { std::filesystem::remove_all(dir_); }
-  std::string dir_;
+  testing::TempDir temp_{"fastdcp_io"};
+  const std::string& dir_ = temp_.path();
 };
 
 TEST_F(FileTest, WritesAndReadsAtOffsets) {
@@ -80,26 +71,11 @@ TEST_F(FileTest, DirectoryOperations) {
 }
 
 TEST_F(FileTest, TheFileSizeLimitIsAClearError) {
-  // In a child process: RLIMIT_FSIZE applies to the whole process.
   const std::string path = join_path(dir_, "big");
-  const pid_t pid = fork();
-  ASSERT_GE(pid, 0);
-  if (pid == 0) {
-    std::signal(SIGXFSZ, SIG_IGN);
-    rlimit limit{4096, 4096};
-    setrlimit(RLIMIT_FSIZE, &limit);
-    std::string data(8192, 'x');
-    try {
-      File::open(path, File::Mode::kCreate).write_at(data.data(), data.size(), 0);
-    } catch (const Error& e) {
-      _exit(std::string(e.what()).find("file-size limit") != std::string::npos ? 0 : 2);
-    }
-    _exit(1);
-  }
-  int status = 0;
-  waitpid(pid, &status, 0);
-  ASSERT_TRUE(WIFEXITED(status));
-  EXPECT_EQ(WEXITSTATUS(status), 0);
+  EXPECT_TRUE(testing::fails_with_file_size_limit(4096, [&] {
+    const std::string data(8192, 'x');
+    File::open(path, File::Mode::kCreate).write_at(data.data(), data.size(), 0);
+  }));
 }
 
 }  // namespace

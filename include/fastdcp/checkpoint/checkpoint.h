@@ -47,10 +47,12 @@ struct WriterOptions {
   // Replacing a committed checkpoint must be asked for; the old one stays loadable until the
   // new one is committed.
   bool overwrite = false;
-  // Threads writing (and checksumming) in parallel; 0: one per core, at least 2.
+  // Threads writing (and checksumming) in parallel; 0: one per core, at least 4.
   int io_threads = 0;
-  // O_DIRECT writes through aligned bounce buffers, bypassing the page cache.
-  bool direct_io = false;
+  // O_DIRECT writes through aligned bounce buffers, many in flight, bypassing the page cache
+  // (faster on this project's machines, and a checkpoint does not evict the training job's
+  // cache). Falls back to buffered writes where the file system has no O_DIRECT.
+  bool direct_io = true;
   // How long the barrier, and the committing rank's wait for every rank's receipt, may take.
   std::chrono::milliseconds barrier_timeout = std::chrono::seconds(600);
 };
@@ -84,10 +86,13 @@ class CheckpointWriter {
 
 struct ReadOptions {
   bool verify_checksums = true;
-  int io_threads = 0;  // 0: one per core, at least 2
+  int io_threads = 0;  // 0: one per core, at least 4
   // Full loads only: tensors view a private, copy-on-write mapping of the file instead of being
   // read into memory (checksums, if verified, read every page once).
   bool use_mmap = false;
+  // Full loads only: large tensors are read with O_DIRECT, straight into their memory, where the
+  // file system supports it (see Note [Direct reads]).
+  bool direct_io = true;
 };
 
 struct LoadResult {

@@ -9,6 +9,8 @@
 // fastdcp commits a checkpoint by renaming its manifest into place this way, after every data
 // file it names is durable (docs/format.md).
 
+#include <sys/uio.h>
+
 #include <cstddef>
 #include <cstdint>
 #include <string>
@@ -42,8 +44,15 @@ class File {
   // Writes exactly `size` bytes at `offset` (retrying short writes; ENOSPC and EFBIG are errors
   // that say the disk or the file-size limit is full).
   void write_at(const void* data, size_t size, uint64_t offset) const;
+  // The vectored forms: the buffers of `iov`, in order, from or to consecutive bytes at `offset`,
+  // with the same guarantees and errors (up to IOV_MAX buffers per system call).
+  void read_vectored_at(std::vector<iovec> iov, uint64_t offset) const;
+  void write_vectored_at(std::vector<iovec> iov, uint64_t offset) const;
   uint64_t size() const;
   void truncate(uint64_t size) const;
+  // Reserves disk blocks for [0, size) (fallocate), so that later writes neither extend the file
+  // nor run out of space halfway; a file system without fallocate is left as it is.
+  void reserve(uint64_t size) const;
   void sync() const;  // fdatasync
   void close();       // reports a failing close; the destructor closes silently
 

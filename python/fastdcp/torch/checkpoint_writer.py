@@ -32,12 +32,13 @@ class CheckpointWriterConfig:
     """``write_barrier_timeout_secs`` bounds the barrier and rank 0's wait for every rank's file
     (upstream only logs it). ``overwrite`` allows replacing a committed checkpoint (fastdcp
     refuses by default, where upstream silently overwrites); ``io_threads`` 0 means one per core;
-    ``direct_io`` writes with O_DIRECT, bypassing the page cache."""
+    ``direct_io`` writes with O_DIRECT, bypassing the page cache (buffered where the file system
+    cannot)."""
 
     write_barrier_timeout_secs: int = 600
     overwrite: bool = False
     io_threads: int = 0
-    direct_io: bool = False
+    direct_io: bool = True
 
 
 class CheckpointWriter:
