@@ -17,7 +17,7 @@
 
 namespace fastdcp::python {
 
-inline constexpr const char* kNativeTensorOpsCapsule = "fastdcp.native_tensor_ops.v2";
+inline constexpr const char* kNativeTensorOpsCapsule = "fastdcp.native_tensor_ops.v3";
 
 struct NativeTensorDescription {
   uintptr_t storage_data;
@@ -42,6 +42,10 @@ struct NativeTensorOps {
   // source); a dtype the framework lacks is a Python error.
   PyObject* (*make_typed_view)(PyObject* byte_tensor, int32_t dtype, int32_t ndim, const int64_t* shape,
                                const int64_t* strides, int64_t storage_offset);
+  // A 1-D uint8 CPU tensor over [data, data + nbytes) that calls release(context) when torch frees
+  // its storage: what the adapter's wrap_storage makes from a DLPack capsule, without the capsule
+  // and the Python call (about 1 µs instead of 10, which matters when loading many tensors).
+  PyObject* (*wrap_memory)(void* data, uint64_t nbytes, void* context, void (*release)(void*));
 };
 
 }  // namespace fastdcp::python

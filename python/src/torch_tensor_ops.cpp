@@ -2,6 +2,7 @@
 // native_tensor_ops.h. Built against the torch found at build time; the Python adapter uses it only
 // with that exact torch version.
 
+#include <ATen/ops/from_blob.h>
 #include <torch/csrc/autograd/python_variable.h>
 
 #include <optional>
@@ -160,7 +161,20 @@ PyObject* make_typed_view(PyObject* byte_tensor, int32_t dtype, int32_t ndim, co
   }
 }
 
-constexpr NativeTensorOps kOps{&describe, &make_view, &make_typed_view};
+PyObject* wrap_memory(void* data, uint64_t nbytes, void* context, void (*release)(void*)) {
+  try {
+    at::Tensor bytes = at::from_blob(
+        data, {static_cast<int64_t>(nbytes)}, [context, release](void*) { release(context); },
+        at::TensorOptions().dtype(at::kByte).device(at::kCPU));
+    return THPVariable_Wrap(std::move(bytes));
+  } catch (const std::exception& e) {
+    release(context);
+    PyErr_SetString(PyExc_RuntimeError, e.what());
+    return nullptr;
+  }
+}
+
+constexpr NativeTensorOps kOps{&describe, &make_view, &make_typed_view, &wrap_memory};
 
 PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_torch_C", "Native torch tensor access for fastdcp's stager.",
                           -1, nullptr, nullptr, nullptr, nullptr, nullptr};

@@ -508,7 +508,15 @@ class TreeConverter {
   struct WrappedStorage;
   WrappedStorage& wrap_storage(const Storage& s) {
     auto [it, inserted] = wrapped_.try_emplace(s.identity());
-    if (inserted || it->second.storage != s) {
+    if ((inserted || it->second.storage != s) && native_ops_ && s.device().is_cpu()) {
+      // The native way: torch holds a handle on the fastdcp Storage until it frees the memory.
+      PyObject* bytes = native_ops_->wrap_memory(s.data(), s.nbytes(), new Storage(s),
+                                                 [](void* handle) { delete static_cast<Storage*>(handle); });
+      if (!bytes) throw nb::python_error();
+      it->second.storage = s;
+      it->second.typed_views.clear();
+      it->second.py_storage = nb::steal(bytes);
+    } else if (inserted || it->second.storage != s) {
       Tensor bytes = Tensor::contiguous(s, DType::kU8, {static_cast<int64_t>(s.nbytes())});
       DLManagedTensor* capsule = to_dlpack_legacy(bytes);
       // A consumer renames the capsule it took ownership of; only an unused one is ours to free.

@@ -16,7 +16,6 @@
 #include "fastdcp/common/error.h"
 #include "fastdcp/common/parallel.h"
 #include "fastdcp/format/checksum.h"
-#include "fastdcp/memory/host_buffer.h"
 
 namespace fastdcp::detail {
 namespace {
@@ -196,10 +195,11 @@ Storage allocate_for_direct_read(const StoredEntry& e, uint64_t data_offset, siz
   const uint64_t head = start % alignment;
   // Page-aligned, and huge pages where the kernel gives them: a large load would otherwise spend
   // much of its time faulting in 4 KiB pages.
-  auto buffer = std::make_shared<HostBuffer>(HostBuffer::allocate(head + e.nbytes, HostMemoryTraits{}));
-  if (alignment > page_size()) throw Error(ErrorCode::kInternal, "O_DIRECT alignment above the page size");
-  char* data = static_cast<char*>(buffer->data()) + head;
-  return Storage::wrap(data, e.nbytes, Device::cpu(), std::move(buffer));
+  const uint64_t span = (head + e.nbytes + alignment - 1) / alignment * alignment;
+  void* base = std::aligned_alloc(alignment, span);
+  if (!base) throw Error(ErrorCode::kResourceExhausted, "cannot allocate " + std::to_string(e.nbytes) + " bytes to load into");
+  std::shared_ptr<void> owner(base, [](void* p) { std::free(p); });
+  return Storage::wrap(static_cast<char*>(base) + head, e.nbytes, Device::cpu(), std::move(owner));
 }
 
 void read_entries_direct(const File& direct_file, const std::vector<StoredEntry>& entries,

@@ -367,7 +367,9 @@ RankFilePlan RankFilePlan::make(const Value& state_dict) {
   // The header. Checksums are one fixed-width hex string, patched by set_checksums.
   std::string storages = "[";
   size_t total_chunks = 0;
+  plan.first_chunk_.resize(uses.size());
   for (size_t i = 0; i < uses.size(); ++i) {
+    plan.first_chunk_[i] = total_chunks;
     if (i) storages += ',';
     storages += '[';
     append_json_string(storages, plan.entries_[i].name);
@@ -413,8 +415,7 @@ void RankFilePlan::set_checksums(size_t entry, const std::vector<uint32_t>& crcs
   if (entry >= entries_.size() || crcs.size() != entries_[entry].num_chunks()) {
     throw Error(ErrorCode::kInternal, "set_checksums: wrong entry or chunk count");
   }
-  size_t chunk = 0;
-  for (size_t i = 0; i < entry; ++i) chunk += entries_[i].num_chunks();
+  const size_t chunk = first_chunk_[entry];
   for (size_t k = 0; k < crcs.size(); ++k) {
     char* digits = header_.data() + checksums_at_ + (chunk + k) * 8;
     for (int d = 0; d < 8; ++d) digits[d] = kHex[(crcs[k] >> (28 - 4 * d)) & 15];

@@ -67,7 +67,8 @@ class RankFilePlan {
   std::vector<Storage> storages_;
   std::string header_;
   uint64_t data_size_ = 0;
-  uint64_t checksums_at_ = 0;  // offset in header_ of the first hex digit of the checksums
+  uint64_t checksums_at_ = 0;       // offset in header_ of the first hex digit of the checksums
+  std::vector<size_t> first_chunk_;  // per entry, the index of its first checksum
 };
 
 // A parsed rank file header. Parsing checks everything the format promises (types, offsets inside
