@@ -187,3 +187,19 @@ def test_numpy_trees_save_and_load_through_the_neutral_api(tmp_path):
     np.testing.assert_array_equal(target, a)
     assert missing == [] and sorted(unexpected) == ["n", "t"]
     assert fastdcp.verify(tmp_path / "ck")["files"] == 1
+
+
+def test_the_fastdcp_command_is_installed_with_the_package(tmp_path):
+    import subprocess
+    import sys
+
+    save(tmp_path / "ck", {"model": {"w": torch.randn(3, 4)}})
+    command = os.path.join(os.path.dirname(sys.executable), "fastdcp")
+    inspected = subprocess.run([command, "inspect", str(tmp_path / "ck")], capture_output=True, text=True)
+    assert inspected.returncode == 0 and "model.w" in inspected.stdout and "[3, 4]" in inspected.stdout
+    path = data_file(tmp_path / "ck")
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0xFF
+    path.write_bytes(bytes(data))
+    verified = subprocess.run([command, "verify", str(tmp_path / "ck")], capture_output=True, text=True)
+    assert verified.returncode == 1 and "model.w" in verified.stderr
