@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# The main job: builds fastdcp and runs the staging demo, which stages a model-sized state dict
-# asynchronously while "training", verifies the staged copy and prints blocking time and
-# throughput. Arguments go to the demo (e.g. --gb 3 --steps 30 --every 5).
+# The main job: builds fastdcp and runs the demo, which stages a model-sized state dict
+# asynchronously while "training", verifies the staged copy, writes it as a committed checkpoint,
+# loads it back and verifies that, printing blocking time and throughput. Arguments go to the demo
+# (e.g. --gb 3 --steps 30 --every 5); FASTDCP_DEMO_DIR picks where the checkpoint is written.
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
