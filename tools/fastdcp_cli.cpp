@@ -65,44 +65,17 @@ class ProgressBar {
   std::chrono::steady_clock::time_point last_{};
 };
 
-void print_tensors(const Value& described, int rank) {
-  struct Frame {
-    const Value* v;
-    std::string path;
-  };
-  std::vector<Frame> stack{{&described, ""}};
-  while (!stack.empty()) {
-    Frame f = std::move(stack.back());
-    stack.pop_back();
-    const Value& v = *f.v;
-    if (v.kind() == Value::Kind::kDict && v.find("entry") && v.find("strides")) {
-      std::string shape;
-      int64_t numel = 1;
-      for (const Value& d : v.at("shape").items()) {
-        shape += (shape.empty() ? "" : ", ") + std::to_string(d.as_int());
-        numel *= d.as_int();
-      }
-      const auto dtype = dtype_from_name(v.at("dtype").as_string());
-      const double bytes = dtype ? static_cast<double>(dtype_storage_bytes(*dtype, static_cast<uint64_t>(numel))) : 0;
-      std::printf("  [%d] %-60s %-6s [%s]  %s\n", rank, f.path.c_str(), v.at("dtype").as_string().c_str(),
-                  shape.c_str(), human_bytes(bytes).c_str());
-      continue;
+void print_tensors(const RankFileHeader& header, int rank) {
+  for (const RankFileHeader::TensorRecord& t : header.tensors()) {
+    std::string shape;
+    uint64_t numel = 1;
+    for (const int64_t d : t.shape) {
+      shape += (shape.empty() ? "" : ", ") + std::to_string(d);
+      numel *= static_cast<uint64_t>(d);
     }
-    std::vector<Frame> children;
-    if (v.kind() == Value::Kind::kDict) {
-      for (const auto& [key, child] : v.entries()) {
-        std::string p = f.path;
-        append_key_path(p, key);
-        children.push_back({&child, std::move(p)});
-      }
-    } else if (v.kind() == Value::Kind::kList || v.kind() == Value::Kind::kTuple) {
-      for (size_t i = 0; i < v.size(); ++i) {
-        std::string p = f.path;
-        append_index_path(p, i);
-        children.push_back({&v.items()[i], std::move(p)});
-      }
-    }
-    for (auto it = children.rbegin(); it != children.rend(); ++it) stack.push_back(std::move(*it));
+    const std::string_view dtype = dtype_name(t.dtype);
+    std::printf("  [%d] %-60s %-6.*s [%s]  %s\n", rank, t.path.c_str(), static_cast<int>(dtype.size()), dtype.data(),
+                shape.c_str(), human_bytes(static_cast<double>(dtype_storage_bytes(t.dtype, numel))).c_str());
   }
 }
 
@@ -121,7 +94,7 @@ int inspect(const std::string& path, int only_rank) {
         [&](void* dst, uint64_t offset, uint64_t n) { file.read_at(dst, n, offset); }, file.size(), file_path);
     std::printf("rank %d: %s, %s, %zu stored entries, format version %d\n", r.rank, r.file.c_str(),
                 human_bytes(static_cast<double>(r.size)).c_str(), header.entries().size(), header.format_version());
-    print_tensors(header.describe_tree(), r.rank);
+    print_tensors(header, r.rank);
   }
   return 0;
 }

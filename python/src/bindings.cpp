@@ -235,7 +235,6 @@ class PyCheckpointIO {
   std::optional<DefaultStager> device_stager_;
 };
 
-
 }  // namespace
 
 NB_MODULE(_C, m) {

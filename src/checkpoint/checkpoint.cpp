@@ -62,15 +62,9 @@ void check_rank(const RankInfo& rank) {
   }
 }
 
-// Host memory for a loaded storage, not zeroed (every byte is about to be read into).
+// Host memory for a loaded storage: page-aligned for large ones.
 Storage allocate_for_reading(size_t nbytes) {
-  if (nbytes == 0) return Storage::wrap(nullptr, 0, Device::cpu());
-  const size_t alignment = nbytes >= (size_t{1} << 20) ? 4096 : 64;
-  const size_t rounded = (nbytes + alignment - 1) / alignment * alignment;
-  void* data = std::aligned_alloc(alignment, rounded);
-  if (!data) throw Error(ErrorCode::kResourceExhausted, "cannot allocate " + std::to_string(nbytes) + " bytes to load into");
-  std::shared_ptr<void> owner(data, [](void* p) { std::free(p); });
-  return Storage::wrap(data, nbytes, Device::cpu(), std::move(owner));
+  return detail::allocate_for_reading(nbytes, 0, nbytes >= (size_t{1} << 20) ? 4096 : 64);
 }
 
 // An opened, committed rank file: its header checked against the manifest.
@@ -235,34 +229,13 @@ Manifest manifest_for_rank(const std::string& path, const RankInfo& rank) {
 }
 
 // Names an entry in error messages: a plain entry is its tensor; a raw one is named by the key
-// paths of the tensors that view it (found in the described tree: only on the error path).
+// paths of the tensors that view it (looked up only on the error path).
 std::string describe_entry(const RankFileHeader& header, size_t entry) {
   const std::string& name = header.entries()[entry].name;
   if (!name.starts_with("__fastdcp__")) return "tensor '" + name + "'";
   std::vector<std::string> paths;
-  const Value described = header.describe_tree();
-  std::vector<std::pair<const Value*, std::string>> stack{{&described, ""}};
-  while (!stack.empty()) {
-    auto [v, path] = std::move(stack.back());
-    stack.pop_back();
-    if (v->kind() == Value::Kind::kDict) {
-      const Value* e = v->find("entry");
-      if (e && e->kind() == Value::Kind::kString && e->as_string() == name && v->find("strides")) {
-        paths.push_back(path);
-        continue;
-      }
-      for (const auto& [key, child] : v->entries()) {
-        std::string p = path;
-        append_key_path(p, key);
-        stack.emplace_back(&child, std::move(p));
-      }
-    } else if (v->kind() == Value::Kind::kList || v->kind() == Value::Kind::kTuple) {
-      for (size_t i = 0; i < v->size(); ++i) {
-        std::string p = path;
-        append_index_path(p, i);
-        stack.emplace_back(&v->items()[i], std::move(p));
-      }
-    }
+  for (const RankFileHeader::TensorRecord& t : header.tensors()) {
+    if (t.entry == entry) paths.push_back(t.path);
   }
   if (paths.empty()) return "storage '" + name + "'";
   std::sort(paths.begin(), paths.end());
@@ -300,13 +273,8 @@ Value CheckpointReader::read(const std::string& path) const {
       const detail::IoPlan plan = detail::plan_io(entries, header.data_offset());
       parallel_for(plan.pieces.size(), threads, [&](size_t p) {
         const detail::Piece& piece = plan.pieces[p];
-        const auto* data = static_cast<const char*>(storages[piece.entry].data()) + piece.chunk * kChecksumChunkBytes;
-        const uint32_t actual = crc32c(data, piece.size);
-        const uint32_t expected = entries[piece.entry].chunk_crc32c[piece.chunk];
-        if (actual != expected) {
-          detail::throw_checksum_mismatch(opened.file.path(), namer(piece.entry), piece.chunk,
-                                          entries[piece.entry].num_chunks(), expected, actual);
-        }
+        detail::check_chunk(opened.file.path(), entries, piece.entry, piece.chunk,
+                            detail::chunk_data(storages[piece.entry], piece.chunk), namer);
       });
     }
   } else {
@@ -476,7 +444,7 @@ VerifyReport verify_checkpoint(const std::string& path, const std::function<void
   for (int rank = 0; rank < manifest.world_size; ++rank) {
     OpenedRankFile opened = open_rank_file(path, manifest, rank);
     const auto& entries = opened.header.entries();
-    // Checked in slices of storages, so that memory stays bounded for any file size.
+    // Chunk by chunk, into one buffer per thread, so that memory stays bounded for any file size.
     const detail::IoPlan plan = detail::plan_io(entries, opened.header.data_offset());
     std::mutex progress_mutex;
     parallel_for(plan.pieces.size(), io_thread_count(0), [&](size_t p) {
@@ -484,12 +452,8 @@ VerifyReport verify_checkpoint(const std::string& path, const std::function<void
       thread_local std::vector<char> buffer;
       buffer.resize(piece.size);
       opened.file.read_at(buffer.data(), piece.size, piece.file_offset);
-      const uint32_t actual = crc32c(buffer.data(), piece.size);
-      const uint32_t expected = entries[piece.entry].chunk_crc32c[piece.chunk];
-      if (actual != expected) {
-        detail::throw_checksum_mismatch(opened.file.path(), describe_entry(opened.header, piece.entry), piece.chunk,
-                                        entries[piece.entry].num_chunks(), expected, actual);
-      }
+      detail::check_chunk(opened.file.path(), entries, piece.entry, piece.chunk, buffer.data(),
+                          [&](size_t e) { return describe_entry(opened.header, e); });
       if (progress) {
         std::lock_guard lock(progress_mutex);
         done += piece.size;

@@ -20,7 +20,14 @@
 namespace fastdcp::detail {
 namespace {
 
-constexpr size_t kMaxIov = IOV_MAX > 1024 ? 1024 : IOV_MAX;
+[[noreturn]] void throw_checksum_mismatch(const std::string& file, const std::string& entry, size_t chunk,
+                                          size_t num_chunks, uint32_t expected, uint32_t actual) {
+  char crcs[64];
+  std::snprintf(crcs, sizeof crcs, "CRC32C %08x, expected %08x", actual, expected);
+  throw Error(ErrorCode::kDataLoss, "corrupt data in '" + file + "': " + entry + ", chunk " + std::to_string(chunk) +
+                                        " of " + std::to_string(num_chunks) + " (bytes " +
+                                        std::to_string(chunk * kChecksumChunkBytes) + "+): " + crcs);
+}
 
 const char kZeros[64] = {};
 
@@ -72,7 +79,7 @@ IoPlan plan_io(const std::vector<StoredEntry>& entries, uint64_t data_offset, co
       const uint64_t start = k * kChecksumChunkBytes;
       Piece piece{e, k, data_offset + entry.begin + start, std::min(kChecksumChunkBytes, entry.nbytes - start)};
       const bool contiguous = !plan.batches.empty() && piece.file_offset == expected_offset;
-      if (!contiguous || batch_bytes + piece.size > kBatchBytes || plan.batches.back().num_pieces + 2 > kMaxIov) {
+      if (!contiguous || batch_bytes + piece.size > kBatchBytes || plan.batches.back().num_pieces + 2 > kMaxIovecs) {
         plan.batches.push_back({plan.pieces.size(), 0});
         batch_bytes = 0;
       }
@@ -100,7 +107,7 @@ std::vector<std::vector<uint32_t>> write_entries(const File& file, const std::ve
     for (size_t p = batch.first_piece; p < batch.first_piece + batch.num_pieces; ++p) {
       const Piece& piece = plan.pieces[p];
       const StoredEntry& entry = entries[piece.entry];
-      auto* data = static_cast<char*>(storages[piece.entry].data()) + piece.chunk * kChecksumChunkBytes;
+      char* data = chunk_data(storages[piece.entry], piece.chunk);
       crcs[piece.entry][piece.chunk] = crc32c(data, piece.size);
       iov.push_back({data, piece.size});
       const bool last_chunk = piece.chunk + 1 == entry.num_chunks();
@@ -126,8 +133,7 @@ std::vector<std::vector<uint32_t>> write_entries_direct(const File& file, const 
   const IoPlan plan = plan_io(entries, data_offset);
   parallel_for(plan.pieces.size(), threads, [&](size_t p) {
     const Piece& piece = plan.pieces[p];
-    crcs[piece.entry][piece.chunk] =
-        crc32c(static_cast<const char*>(storages[piece.entry].data()) + piece.chunk * kChecksumChunkBytes, piece.size);
+    crcs[piece.entry][piece.chunk] = crc32c(chunk_data(storages[piece.entry], piece.chunk), piece.size);
   });
   // Entries in file order, to find the ones overlapping each window.
   std::vector<size_t> order(entries.size());
@@ -168,7 +174,7 @@ void read_entries(const File& file, const std::vector<StoredEntry>& entries, con
     for (size_t p = batch.first_piece; p < batch.first_piece + batch.num_pieces; ++p) {
       const Piece& piece = plan.pieces[p];
       const StoredEntry& entry = entries[piece.entry];
-      iov.push_back({static_cast<char*>(storages[piece.entry].data()) + piece.chunk * kChecksumChunkBytes, piece.size});
+      iov.push_back({chunk_data(storages[piece.entry], piece.chunk), piece.size});
       const bool last_chunk = piece.chunk + 1 == entry.num_chunks();
       const bool more_in_batch = p + 1 < batch.first_piece + batch.num_pieces;
       if (last_chunk && more_in_batch && entry.end - entry.begin > entry.nbytes) {
@@ -179,27 +185,32 @@ void read_entries(const File& file, const std::vector<StoredEntry>& entries, con
     if (!verify) return;
     for (size_t p = batch.first_piece; p < batch.first_piece + batch.num_pieces; ++p) {
       const Piece& piece = plan.pieces[p];
-      const StoredEntry& entry = entries[piece.entry];
-      const auto* data = static_cast<const char*>(storages[piece.entry].data()) + piece.chunk * kChecksumChunkBytes;
-      const uint32_t actual = crc32c(data, piece.size);
-      if (actual != entry.chunk_crc32c[piece.chunk]) {
-        throw_checksum_mismatch(file.path(), describe_entry(piece.entry), piece.chunk, entry.num_chunks(),
-                                entry.chunk_crc32c[piece.chunk], actual);
-      }
+      check_chunk(file.path(), entries, piece.entry, piece.chunk, chunk_data(storages[piece.entry], piece.chunk),
+                  describe_entry);
     }
   });
 }
 
-Storage allocate_for_direct_read(const StoredEntry& e, uint64_t data_offset, size_t alignment) {
-  const uint64_t start = data_offset + e.begin;
-  const uint64_t head = start % alignment;
-  // Page-aligned, and huge pages where the kernel gives them: a large load would otherwise spend
-  // much of its time faulting in 4 KiB pages.
-  const uint64_t span = (head + e.nbytes + alignment - 1) / alignment * alignment;
+Storage allocate_for_reading(uint64_t nbytes, uint64_t head, size_t alignment) {
+  if (nbytes == 0) return Storage::wrap(nullptr, 0, Device::cpu());
+  const uint64_t span = (head + nbytes + alignment - 1) / alignment * alignment;
   void* base = std::aligned_alloc(alignment, span);
-  if (!base) throw Error(ErrorCode::kResourceExhausted, "cannot allocate " + std::to_string(e.nbytes) + " bytes to load into");
+  if (!base) throw Error(ErrorCode::kResourceExhausted, "cannot allocate " + std::to_string(nbytes) + " bytes to load into");
   std::shared_ptr<void> owner(base, [](void* p) { std::free(p); });
-  return Storage::wrap(static_cast<char*>(base) + head, e.nbytes, Device::cpu(), std::move(owner));
+  return Storage::wrap(static_cast<char*>(base) + head, nbytes, Device::cpu(), std::move(owner));
+}
+
+Storage allocate_for_direct_read(const StoredEntry& e, uint64_t data_offset, size_t alignment) {
+  return allocate_for_reading(e.nbytes, (data_offset + e.begin) % alignment, alignment);
+}
+
+void check_chunk(const std::string& file, const std::vector<StoredEntry>& entries, size_t entry, size_t chunk,
+                 const void* data, const std::function<std::string(size_t)>& describe_entry) {
+  const StoredEntry& e = entries[entry];
+  const uint32_t actual = crc32c(data, std::min(kChecksumChunkBytes, e.nbytes - chunk * kChecksumChunkBytes));
+  if (actual != e.chunk_crc32c[chunk]) {
+    throw_checksum_mismatch(file, describe_entry(entry), chunk, e.num_chunks(), e.chunk_crc32c[chunk], actual);
+  }
 }
 
 void read_entries_direct(const File& direct_file, const std::vector<StoredEntry>& entries,
@@ -262,24 +273,9 @@ void read_entries_direct(const File& direct_file, const std::vector<StoredEntry>
     const uint64_t to = std::min(window.file_offset + window.size, needed_end) - start;
     for (uint64_t c = from / kChecksumChunkBytes; c * kChecksumChunkBytes < to; ++c) {
       if (chunks_left[first_chunk[window.entry] + c].fetch_sub(1) != 1) continue;
-      const uint64_t size = std::min(kChecksumChunkBytes, e.nbytes - c * kChecksumChunkBytes);
-      const uint32_t actual =
-          crc32c(static_cast<const char*>(storages[window.entry].data()) + c * kChecksumChunkBytes, size);
-      if (actual != e.chunk_crc32c[c]) {
-        throw_checksum_mismatch(direct_file.path(), describe_entry(window.entry), c, e.num_chunks(), e.chunk_crc32c[c],
-                                actual);
-      }
+      check_chunk(direct_file.path(), entries, window.entry, c, chunk_data(storages[window.entry], c), describe_entry);
     }
   });
-}
-
-void throw_checksum_mismatch(const std::string& file, const std::string& entry, size_t chunk, size_t num_chunks,
-                             uint32_t expected, uint32_t actual) {
-  char crcs[64];
-  std::snprintf(crcs, sizeof crcs, "CRC32C %08x, expected %08x", actual, expected);
-  throw Error(ErrorCode::kDataLoss, "corrupt data in '" + file + "': " + entry + ", chunk " + std::to_string(chunk) +
-                                        " of " + std::to_string(num_chunks) + " (bytes " +
-                                        std::to_string(chunk * kChecksumChunkBytes) + "+): " + crcs);
 }
 
 }  // namespace fastdcp::detail

@@ -22,7 +22,7 @@ struct Piece {
   uint64_t size;
 };
 
-// Consecutive pieces that one vectored call moves: up to kBatchBytes and IOV_MAX pieces.
+// Consecutive pieces that one vectored call moves: up to kBatchBytes and kMaxIovecs buffers.
 struct Batch {
   size_t first_piece;
   size_t num_pieces;
@@ -58,6 +58,20 @@ std::vector<std::vector<uint32_t>> write_entries_direct(const File& file, const 
                                                         const std::vector<Storage>& storages, uint64_t data_offset,
                                                         uint64_t data_size, size_t alignment, int threads);
 
+// Host memory to read an entry of `nbytes` into, not zeroed (every byte is about to be read): the
+// data starts `head` bytes into an allocation aligned to `alignment` and rounded up to it.
+Storage allocate_for_reading(uint64_t nbytes, uint64_t head, size_t alignment);
+
+// The bytes of checksum chunk `chunk` of a storage.
+inline char* chunk_data(const Storage& storage, size_t chunk) {
+  return static_cast<char*>(storage.data()) + chunk * kChecksumChunkBytes;
+}
+
+// Checks chunk `chunk` of entries[entry], whose bytes are at `data`, against its CRC32C: an
+// Error(kDataLoss) naming the file, the entry (through describe_entry) and the chunk if it differs.
+void check_chunk(const std::string& file, const std::vector<StoredEntry>& entries, size_t entry, size_t chunk,
+                 const void* data, const std::function<std::string(size_t)>& describe_entry);
+
 // Reads the planned pieces into storages[piece.entry] (whose memory must hold the entry's
 // nbytes) with preadv on `threads` threads, checking each chunk's CRC32C when `verify`.
 // `describe_entry(i)` names an entry in error messages (the tensors it holds).
@@ -76,14 +90,10 @@ inline constexpr uint64_t kDirectReadMinBytes = uint64_t{1} << 20;
 Storage allocate_for_direct_read(const StoredEntry& e, uint64_t data_offset, size_t alignment);
 
 // Reads the selected entries (storages from allocate_for_direct_read) through `direct_file`, in
-// parallel windows of kBatchBytes, then checks their checksums when `verify`.
+// parallel windows of kBatchBytes, checking each chunk when `verify` once its windows are read.
 void read_entries_direct(const File& direct_file, const std::vector<StoredEntry>& entries,
                          const std::vector<Storage>& storages, const std::vector<bool>& selected, uint64_t data_offset,
                          size_t alignment, int threads, bool verify,
                          const std::function<std::string(size_t)>& describe_entry);
-
-// Error(kDataLoss) for a chunk whose checksum does not match.
-[[noreturn]] void throw_checksum_mismatch(const std::string& file, const std::string& entry, size_t chunk,
-                                          size_t num_chunks, uint32_t expected, uint32_t actual);
 
 }  // namespace fastdcp::detail

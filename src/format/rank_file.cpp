@@ -694,16 +694,12 @@ Value build_value(const json& root, const RankFileHeader::Impl& impl, MakeTensor
   return out;
 }
 
-struct TensorRecord {
-  size_t entry;
-  DType dtype;
-  Dims shape, strides;
-  int64_t offset;
-};
+using TensorRecord = RankFileHeader::TensorRecord;
 
 TensorRecord parse_tensor(const json& body, const std::string& path, const RankFileHeader::Impl& impl) {
   if (!body.is_array() || body.size() != 5 || !body[1].is_string()) impl.corrupt("the tensor at '" + path + "' is malformed");
   TensorRecord r;
+  r.path = path;
   r.entry = to_u64(body[0], "a tensor's storage", impl);
   if (r.entry >= impl.entries.size()) impl.corrupt("the tensor at '" + path + "' names a missing storage");
   const auto dtype = dtype_from_name(body[1].get<std::string>());
@@ -739,34 +735,22 @@ Value RankFileHeader::build_tree(const std::vector<Storage>& storages) const {
   });
 }
 
-Value RankFileHeader::describe_tree() const {
+std::vector<RankFileHeader::TensorRecord> RankFileHeader::tensors() const {
   const Impl& impl = *impl_;
-  auto describe = [&](size_t entry, DType dtype, const Dims& shape, const Dims& strides, int64_t offset) {
-    auto dims = [](const Dims& d) {
-      Value list = Value::list();
-      for (const int64_t x : d) list.append(Value(x));
-      return list;
-    };
-    Value v = Value::dict();
-    v.insert("dtype", Value(std::string(dtype_name(dtype))));
-    v.insert("shape", dims(shape));
-    v.insert("strides", dims(strides));
-    v.insert("offset", Value(offset));
-    v.insert("entry", Value(impl.entries[entry].name));
-    return v;
-  };
+  std::vector<TensorRecord> out;
   if (impl.version == 0) {
-    Value out = Value::dict();
     for (size_t i = 0; i < impl.entries.size(); ++i) {
       const StoredEntry& e = impl.entries[i];
-      out.insert(DictKey(e.name), describe(i, e.dtype, e.shape, contiguous_strides(e.shape), 0));
+      out.push_back({e.name, i, e.dtype, e.shape, contiguous_strides(e.shape), 0});
     }
     return out;
   }
-  return build_value(impl.tree, impl, [&](const json& body, const std::string& path) {
-    const TensorRecord r = parse_tensor(body, path, impl);
-    return describe(r.entry, r.dtype, r.shape, r.strides, r.offset);
+  // The tree is walked for its paths; the values built on the way are dropped.
+  (void)build_value(impl.tree, impl, [&](const json& body, const std::string& path) {
+    out.push_back(parse_tensor(body, path, impl));
+    return Value();
   });
+  return out;
 }
 
 }  // namespace fastdcp

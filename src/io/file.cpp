@@ -2,7 +2,6 @@
 
 #include <dirent.h>
 #include <fcntl.h>
-#include <limits.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -57,8 +56,6 @@ File::~File() {
 
 namespace {
 
-constexpr size_t kMaxIov = IOV_MAX > 1024 ? 1024 : IOV_MAX;
-
 // Moves all of `iov` with preadv/pwritev, retrying short transfers and EINTR.
 void transfer(int fd, const std::string& path, bool write, std::vector<iovec> iov, uint64_t offset) {
   const uint64_t start = offset;
@@ -70,7 +67,7 @@ void transfer(int fd, const std::string& path, bool write, std::vector<iovec> io
       ++first;
       continue;
     }
-    const int count = static_cast<int>(std::min(iov.size() - first, kMaxIov));
+    const int count = static_cast<int>(std::min(iov.size() - first, kMaxIovecs));
     const ssize_t n = write ? ::pwritev(fd, iov.data() + first, count, static_cast<off_t>(offset))
                             : ::preadv(fd, iov.data() + first, count, static_cast<off_t>(offset));
     if (n < 0) {

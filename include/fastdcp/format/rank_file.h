@@ -91,9 +91,16 @@ class RankFileHeader {
   uint64_t data_offset() const;
   // The state dict, with tensors viewing storages[i] for entry i (each at least entries()[i].nbytes).
   Value build_tree(const std::vector<Storage>& storages) const;
-  // The same tree, tensors described but not loaded: each tensor is replaced by a dict
-  // {"dtype", "shape", "strides", "offset", "entry"}, for inspection.
-  Value describe_tree() const;
+  // Every tensor of the tree, described but not loaded, with its key path, in tree order: for
+  // inspection and for naming the tensors in error messages.
+  struct TensorRecord {
+    std::string path;
+    size_t entry;  // index into entries()
+    DType dtype;
+    Dims shape, strides;
+    int64_t offset;
+  };
+  std::vector<TensorRecord> tensors() const;
 
   struct Impl;  // defined in rank_file.cpp
 

@@ -9,6 +9,7 @@
 // fastdcp commits a checkpoint by renaming its manifest into place this way, after every data
 // file it names is durable (docs/format.md).
 
+#include <limits.h>
 #include <sys/uio.h>
 
 #include <cstddef>
@@ -17,6 +18,9 @@
 #include <vector>
 
 namespace fastdcp {
+
+// The most buffers one vectored system call takes here (IOV_MAX, capped).
+inline constexpr size_t kMaxIovecs = IOV_MAX > 1024 ? 1024 : IOV_MAX;
 
 class File {
  public:
@@ -45,7 +49,7 @@ class File {
   // that say the disk or the file-size limit is full).
   void write_at(const void* data, size_t size, uint64_t offset) const;
   // The vectored forms: the buffers of `iov`, in order, from or to consecutive bytes at `offset`,
-  // with the same guarantees and errors (up to IOV_MAX buffers per system call).
+  // with the same guarantees and errors (up to kMaxIovecs buffers per system call).
   void read_vectored_at(std::vector<iovec> iov, uint64_t offset) const;
   void write_vectored_at(std::vector<iovec> iov, uint64_t offset) const;
   uint64_t size() const;

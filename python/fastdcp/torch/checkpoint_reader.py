@@ -62,17 +62,18 @@ class CheckpointReader:
             if map_location is not None and torch.device(map_location).type != "cpu":
                 loaded = _to_device(loaded, map_location)
             return loaded, []
-        # Device tensors of the template are read into host copies, then copied over.
-        on_device = _device_tensors(state_dict, [])
-        for parent, key, tensor in on_device:
-            parent[key] = torch.empty_like(tensor, device="cpu")
+        # GPU tensors of the template are read into host copies, then copied over. (Without CUDA
+        # there are none, and the template is not walked in Python.)
+        on_device = _device_tensors(state_dict, []) if torch.cuda.is_available() else []
+        hosts = [torch.empty_like(tensor, device="cpu") for _, _, tensor in on_device]
+        for (parent, key, _), host in zip(on_device, hosts):
+            parent[key] = host
         try:
             out, missing, unexpected = self._io.read_into(path, state_dict, strict, verify, io_threads)
         finally:
-            staged = [(parent, key, parent[key]) for parent, key, _ in on_device]
             for parent, key, tensor in on_device:
                 parent[key] = tensor
-        for (_, _, tensor), (_, _, host) in zip(on_device, staged):
+        for (_, _, tensor), host in zip(on_device, hosts):
             tensor.copy_(host)
         self.last_unexpected_keys = unexpected
         if missing:
