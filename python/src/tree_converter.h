@@ -159,10 +159,12 @@ class TreeConverter {
 
   // A loaded tree (no source to mirror) as Python objects: dicts, lists, tuples, scalars, and
   // tensors over the loaded storages, one framework storage per fastdcp Storage.
+  // Nothing of a load is kept for the next call: the loaded memory goes when the caller drops the
+  // tensors, not at the reader's next load.
   nb::object loaded_to_python(const Value& v) {
     ++epoch_;
     nb::object out = build_loaded(v);
-    std::erase_if(wrapped_, [&](const auto& e) { return e.second.last_seen != epoch_; });
+    wrapped_.clear();
     return out;
   }
 
@@ -171,7 +173,9 @@ class TreeConverter {
   // place, tuples rebuilt) and returns the root. Tensors were filled in place already.
   nb::object write_back(nb::handle template_root, const Value& loaded) {
     ++epoch_;
-    return write_back_node(template_root, loaded);
+    nb::object out = write_back_node(template_root, loaded);
+    wrapped_.clear();
+    return out;
   }
 
   // Opaque leaves seen by the last from_python (objects no adapter rule covers).

@@ -19,6 +19,7 @@
 #include "fastdcp/common/parallel.h"
 #include "fastdcp/format/checksum.h"
 #include "fastdcp/io/file.h"
+#include "fastdcp/memory/host_buffer.h"
 
 namespace fastdcp {
 namespace {
@@ -278,30 +279,31 @@ Value CheckpointReader::read(const std::string& path) const {
       });
     }
   } else {
-    // Large entries through O_DIRECT where the file system allows it (Note [Direct reads]).
+    // The whole data region into one allocation (Note [File-image reads]), through O_DIRECT where
+    // the file system allows it.
     std::optional<File> direct;
-    size_t alignment = 4096;
+    size_t alignment = 1;
     if (options_.direct_io) {
       try {
-        direct = File::open(opened.file.path(), File::Mode::kRead, File::Options{.direct_io = true});
-        alignment = std::max<size_t>(direct_io_alignment(path), 4096);
+        alignment = std::max<size_t>(direct_io_alignment(path), 512);
+        if (alignment <= page_size() && header.data_offset() % alignment == 0) {
+          direct = File::open(opened.file.path(), File::Mode::kRead, File::Options{.direct_io = true});
+        }
       } catch (const Error&) {
-        direct.reset();  // e.g. tmpfs: buffered reads only
+        direct.reset();  // e.g. a file system without O_DIRECT: buffered reads
       }
     }
-    std::vector<bool> large(entries.size(), false), small(entries.size(), false);
+    if (!direct) alignment = 1;
+    const uint64_t data_size = opened.file.size() - header.data_offset();
+    auto image = std::make_shared<HostBuffer>(
+        HostBuffer::allocate((data_size + alignment - 1) / alignment * alignment, HostMemoryTraits{}));
+    char* base = static_cast<char*>(image->data());
+    detail::read_file_image(direct ? *direct : opened.file, direct.has_value(), header.data_offset(), data_size,
+                            alignment, base, entries, threads, options_.verify_checksums, namer);
     for (size_t i = 0; i < entries.size(); ++i) {
-      large[i] = direct && entries[i].nbytes >= detail::kDirectReadMinBytes;
-      small[i] = !large[i];
-      storages[i] = large[i] ? detail::allocate_for_direct_read(entries[i], header.data_offset(), alignment)
-                             : allocate_for_reading(entries[i].nbytes);
+      storages[i] = entries[i].nbytes == 0 ? Storage::wrap(nullptr, 0, Device::cpu())
+                                           : Storage::wrap(base + entries[i].begin, entries[i].nbytes, Device::cpu(), image);
     }
-    if (direct) {
-      detail::read_entries_direct(*direct, entries, storages, large, header.data_offset(), alignment, threads,
-                                  options_.verify_checksums, namer);
-    }
-    detail::read_entries(opened.file, entries, storages, detail::plan_io(entries, header.data_offset(), small),
-                         threads, options_.verify_checksums, namer);
   }
   return header.build_tree(storages);
 }

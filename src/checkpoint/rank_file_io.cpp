@@ -200,10 +200,6 @@ Storage allocate_for_reading(uint64_t nbytes, uint64_t head, size_t alignment) {
   return Storage::wrap(static_cast<char*>(base) + head, nbytes, Device::cpu(), std::move(owner));
 }
 
-Storage allocate_for_direct_read(const StoredEntry& e, uint64_t data_offset, size_t alignment) {
-  return allocate_for_reading(e.nbytes, (data_offset + e.begin) % alignment, alignment);
-}
-
 void check_chunk(const std::string& file, const std::vector<StoredEntry>& entries, size_t entry, size_t chunk,
                  const void* data, const std::function<std::string(size_t)>& describe_entry) {
   const StoredEntry& e = entries[entry];
@@ -213,67 +209,44 @@ void check_chunk(const std::string& file, const std::vector<StoredEntry>& entrie
   }
 }
 
-void read_entries_direct(const File& direct_file, const std::vector<StoredEntry>& entries,
-                         const std::vector<Storage>& storages, const std::vector<bool>& selected, uint64_t data_offset,
-                         size_t alignment, int threads, bool verify,
-                         const std::function<std::string(size_t)>& describe_entry) {
-  struct Window {
-    size_t entry;
-    uint64_t file_offset;  // aligned
-    uint64_t size;         // aligned
-    char* dst;
-  };
-  // A chunk is verified by the thread that completes the last window it overlaps (one or two),
-  // while its bytes are still warm; chunks_left counts those windows per chunk.
-  std::vector<Window> windows;
-  std::vector<size_t> first_chunk(entries.size() + 1, 0);
-  for (size_t e = 0; e < entries.size(); ++e) {
-    first_chunk[e + 1] = first_chunk[e] + (selected[e] ? entries[e].num_chunks() : 0);
+void read_file_image(const File& file, bool direct, uint64_t data_offset, uint64_t data_size, size_t alignment,
+                     char* image, const std::vector<StoredEntry>& entries, int threads, bool verify,
+                     const std::function<std::string(size_t)>& describe_entry) {
+  // Every chunk, in data-region offsets and file order, and how many windows each still awaits.
+  const IoPlan plan = verify ? plan_io(entries, 0) : IoPlan{};
+  const auto window_of = [](uint64_t at) { return at / kBatchBytes; };
+  auto windows_left = std::make_unique<std::atomic<int>[]>(plan.pieces.size());
+  for (size_t p = 0; p < plan.pieces.size(); ++p) {
+    const Piece& piece = plan.pieces[p];
+    windows_left[p] = static_cast<int>(window_of(piece.file_offset + piece.size - 1) - window_of(piece.file_offset) + 1);
   }
-  auto chunks_left = std::make_unique<std::atomic<int>[]>(first_chunk.back());
-  const auto window_of = [&](uint64_t aligned_first, uint64_t at) { return (at - aligned_first) / kBatchBytes; };
-  for (size_t e = 0; e < entries.size(); ++e) {
-    if (!selected[e]) continue;
-    const uint64_t start = data_offset + entries[e].begin;
-    const uint64_t first = start / alignment * alignment;
-    const uint64_t last = (start + entries[e].nbytes + alignment - 1) / alignment * alignment;
-    char* base = static_cast<char*>(storages[e].data()) - (start - first);
-    for (uint64_t at = first; at < last; at += kBatchBytes) {
-      windows.push_back({e, at, std::min(kBatchBytes, last - at), base + (at - first)});
-    }
-    for (size_t c = 0; c < entries[e].num_chunks(); ++c) {
-      const uint64_t chunk_begin = start + c * kChecksumChunkBytes;
-      const uint64_t chunk_end = std::min(start + entries[e].nbytes, chunk_begin + kChecksumChunkBytes);
-      chunks_left[first_chunk[e] + c] =
-          static_cast<int>(window_of(first, chunk_end - 1) - window_of(first, chunk_begin) + 1);
-    }
-  }
-  parallel_for(windows.size(), threads, [&](size_t w) {
-    const Window& window = windows[w];
-    const StoredEntry& e = entries[window.entry];
-    const uint64_t start = data_offset + e.begin;
-    const uint64_t needed_end = start + e.nbytes;
+  const uint64_t windows = (data_size + kBatchBytes - 1) / kBatchBytes;
+  parallel_for(static_cast<size_t>(windows), threads, [&](size_t w) {
+    const uint64_t start = w * kBatchBytes;
+    const uint64_t needed = std::min(kBatchBytes, data_size - start);
+    const uint64_t length = direct ? (needed + alignment - 1) / alignment * alignment : needed;
     uint64_t done = 0;
-    while (done < window.size && window.file_offset + done < needed_end) {
-      const ssize_t n = ::pread(direct_file.fd(), window.dst + done, window.size - done,
-                                static_cast<off_t>(window.file_offset + done));
+    while (done < needed) {
+      const ssize_t n = ::pread(file.fd(), image + start + done, length - done,
+                                static_cast<off_t>(data_offset + start + done));
       if (n < 0) {
         if (errno == EINTR) continue;
-        throw_system_error("cannot read '" + direct_file.path() + "'", errno);
-      }
-      if (n == 0) {
-        throw Error(ErrorCode::kDataLoss, "'" + direct_file.path() + "' is truncated: it ends at byte " +
-                                              std::to_string(window.file_offset + done));
+        throw_system_error("cannot read '" + file.path() + "'", errno);
       }
       done += static_cast<uint64_t>(n);
+      // A short read ends the file; O_DIRECT could not go on from an unaligned place anyway.
+      if (n == 0 || (done < needed && direct && done % alignment != 0)) {
+        throw Error(ErrorCode::kDataLoss, "'" + file.path() + "' is truncated: it ends at byte " +
+                                              std::to_string(data_offset + start + done));
+      }
     }
     if (!verify) return;
-    // The entry's chunks this window overlaps.
-    const uint64_t from = std::max(window.file_offset, start) - start;
-    const uint64_t to = std::min(window.file_offset + window.size, needed_end) - start;
-    for (uint64_t c = from / kChecksumChunkBytes; c * kChecksumChunkBytes < to; ++c) {
-      if (chunks_left[first_chunk[window.entry] + c].fetch_sub(1) != 1) continue;
-      check_chunk(direct_file.path(), entries, window.entry, c, chunk_data(storages[window.entry], c), describe_entry);
+    auto piece = std::lower_bound(plan.pieces.begin(), plan.pieces.end(), start,
+                                  [](const Piece& p, uint64_t at) { return p.file_offset + p.size <= at; });
+    for (; piece != plan.pieces.end() && piece->file_offset < start + needed; ++piece) {
+      const size_t p = static_cast<size_t>(piece - plan.pieces.begin());
+      if (windows_left[p].fetch_sub(1) != 1) continue;
+      check_chunk(file.path(), entries, piece->entry, piece->chunk, image + piece->file_offset, describe_entry);
     }
   });
 }

@@ -139,6 +139,45 @@ TEST_F(CheckpointTest, AFlippedByteIsDetectedAndNamesTheTensorAndChunk) {
   EXPECT_NO_THROW(CheckpointReader({}, ReadOptions{.verify_checksums = false}).read(path_));
 }
 
+// Note [File-image reads]: one allocation holds the data region as it is in the file, read in
+// 16 MiB windows; a chunk that straddles two windows is checked once both have landed.
+TEST_F(CheckpointTest, AFullLoadReadsTheFileImageIntoOneAllocation) {
+  Value source = Value::dict();
+  source.insert("a_small", Value(filled(DType::kF64, {375}, 1)));  // first: entries go by alignment
+  source.insert("b_big", Value(filled(DType::kF32, {5 << 20}, 2)));  // 20 MiB: across the first window
+  source.insert("c_tail", Value(filled(DType::kI16, {77}, 3)));
+  CheckpointWriter().write(path_, source);
+  File file = File::open(data_file(), File::Mode::kRead);
+  const RankFileHeader header =
+      RankFileHeader::read([&](void* d, uint64_t o, uint64_t n) { file.read_at(d, n, o); }, file.size(), data_file());
+  const auto entry = [&](const std::string& name) {
+    return *std::find_if(header.entries().begin(), header.entries().end(),
+                         [&](const StoredEntry& e) { return e.name == name; });
+  };
+  for (const ReadOptions options : {ReadOptions{}, ReadOptions{.direct_io = false}}) {
+    const Value loaded = CheckpointReader({}, options).read(path_);
+    for (const char* key : {"a_small", "b_big", "c_tail"}) {
+      EXPECT_TRUE(same_bytes(loaded.at(key).as_tensor(), source.at(key).as_tensor())) << key;
+      // Each tensor sits where its bytes sit in the file, relative to the others.
+      const auto at = [&](const char* k) { return static_cast<const char*>(loaded.at(k).as_tensor().data_ptr()); };
+      EXPECT_EQ(at(key) - at("a_small"), static_cast<std::ptrdiff_t>(entry(key).begin - entry("a_small").begin)) << key;
+    }
+  }
+  const StoredEntry big = entry("b_big");
+  const uint64_t window_end = uint64_t{16} << 20;
+  ASSERT_NE((window_end - big.begin) % kChecksumChunkBytes, 0u) << "the test needs a chunk across the window";
+  const size_t chunk = (window_end - big.begin) / kChecksumChunkBytes;
+  {
+    std::fstream f(data_file(), std::ios::in | std::ios::out | std::ios::binary);
+    f.seekp(static_cast<std::streamoff>(header.data_offset() + window_end + 10));
+    f.put('\x5a');
+  }
+  for (const ReadOptions options : {ReadOptions{}, ReadOptions{.direct_io = false}}) {
+    const Error e = expect_error([&] { CheckpointReader({}, options).read(path_); });
+    expect_contains(e, "tensor 'b_big', chunk " + std::to_string(chunk) + " of " + std::to_string(big.num_chunks()));
+  }
+}
+
 TEST_F(CheckpointTest, DamageInAViewedStorageNamesItsViews) {
   CheckpointWriter().write(path_, state(1));
   const std::string file = data_file();

@@ -58,6 +58,26 @@ def test_round_trip_keeps_values_views_and_aliasing(tmp_path):
         assert type(loaded["model"]) is dict and type(loaded["pair"]) is tuple
 
 
+def test_loaded_memory_is_released_when_the_tensors_are_dropped(tmp_path):
+    # A memory-mapped load shows in /proc/self/maps while its tensors live. The reader outlives
+    # them here: it must not keep the mapping (or any loaded memory) for its next call.
+    save(tmp_path / "ck", {"w": torch.arange(1 << 20, dtype=torch.float32), "v": [torch.ones(3)]})
+    rank_file = str(data_file(tmp_path / "ck"))
+
+    def mapped():
+        with open("/proc/self/maps") as maps:
+            return rank_file in maps.read()
+
+    reader = CheckpointReader(RANK)
+    loaded, _ = reader.read(str(tmp_path / "ck"), mmap=True)
+    assert mapped() and loaded["w"][7] == 7
+    del loaded
+    assert not mapped()
+    template = {"w": torch.zeros(1 << 20), "v": [torch.zeros(3)]}
+    reader.read(str(tmp_path / "ck"), template)
+    assert not mapped() and template["w"][7] == 7
+
+
 @pytest.mark.parametrize("dtype", [torch.bool, torch.uint8, torch.int8, torch.int16, torch.uint16, torch.int32,
                                    torch.uint32, torch.int64, torch.uint64, torch.float16, torch.bfloat16,
                                    torch.float32, torch.float64, torch.complex64, torch.complex128,

@@ -90,8 +90,9 @@ struct ReadOptions {
   // Full loads only: tensors view a private, copy-on-write mapping of the file instead of being
   // read into memory (checksums, if verified, read every page once).
   bool use_mmap = false;
-  // Full loads only: large tensors are read with O_DIRECT, straight into their memory, where the
-  // file system supports it (see Note [Direct reads]).
+  // Full loads only: the file's data is read with O_DIRECT, skipping the page cache, where the file
+  // system supports it. Either way, all tensors of a full load share one allocation (Note
+  // [File-image reads] in src/checkpoint/rank_file_io.h).
   bool direct_io = true;
 };
 
