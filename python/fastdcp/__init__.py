@@ -54,12 +54,12 @@ def save(path, tree, *, overwrite=False, io_threads=0, direct_io=True):
     return io.write(str(path), tree, overwrite, io_threads, direct_io, 600.0, None, None, None)
 
 
-def load(path, template=None, *, strict=False, verify=True, mmap=False, io_threads=0):
+def load(path, template=None, *, strict=False, verify=True, mmap=False, io_threads=0, direct_io=True):
     """Loads a one-rank checkpoint as numpy arrays; with a ``template``, fills its arrays in place
     and returns ``(template, missing_keys, unexpected_keys)``."""
     io = _C.CheckpointIO(NumpyAdapter(), 0, 1)
     if template is None:
-        return io.read(str(path), verify, mmap, io_threads)
+        return io.read(str(path), verify, mmap, io_threads, direct_io)
     return io.read_into(str(path), template, strict, verify, io_threads)
 
 

@@ -203,11 +203,11 @@ class PyCheckpointIO {
     return d;
   }
 
-  nb::object read(const std::string& path, bool verify, bool use_mmap, int io_threads) {
+  nb::object read(const std::string& path, bool verify, bool use_mmap, int io_threads, bool direct_io) {
     Value loaded;
     {
       nb::gil_scoped_release release;
-      loaded = CheckpointReader(rank_, ReadOptions{verify, io_threads, use_mmap}).read(path);
+      loaded = CheckpointReader(rank_, ReadOptions{verify, io_threads, use_mmap, direct_io}).read(path);
     }
     CyclicGcPause gc_pause;
     return converter_.loaded_to_python(loaded);
@@ -259,7 +259,8 @@ NB_MODULE(_C, m) {
       .def("write", &PyCheckpointIO::write, nb::arg("path"), nb::arg("state_dict"), nb::arg("overwrite"),
            nb::arg("io_threads"), nb::arg("direct_io"), nb::arg("barrier_timeout_s"), nb::arg("barrier").none(),
            nb::arg("pre_commit").none(), nb::arg("post_commit").none())
-      .def("read", &PyCheckpointIO::read, nb::arg("path"), nb::arg("verify"), nb::arg("use_mmap"), nb::arg("io_threads"))
+      .def("read", &PyCheckpointIO::read, nb::arg("path"), nb::arg("verify"), nb::arg("use_mmap"), nb::arg("io_threads"),
+           nb::arg("direct_io"))
       .def("read_into", &PyCheckpointIO::read_into, nb::arg("path"), nb::arg("target"), nb::arg("strict"),
            nb::arg("verify"), nb::arg("io_threads"));
   m.def("verify", [](const std::string& path) {

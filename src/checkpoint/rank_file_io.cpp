@@ -221,6 +221,9 @@ void read_file_image(const File& file, bool direct, uint64_t data_offset, uint64
     windows_left[p] = static_cast<int>(window_of(piece.file_offset + piece.size - 1) - window_of(piece.file_offset) + 1);
   }
   const uint64_t windows = (data_size + kBatchBytes - 1) / kBatchBytes;
+  if (!direct) {
+    ::posix_fadvise(file.fd(), static_cast<off_t>(data_offset), static_cast<off_t>(data_size), POSIX_FADV_SEQUENTIAL);
+  }
   parallel_for(static_cast<size_t>(windows), threads, [&](size_t w) {
     const uint64_t start = w * kBatchBytes;
     const uint64_t needed = std::min(kBatchBytes, data_size - start);
@@ -240,6 +243,9 @@ void read_file_image(const File& file, bool direct, uint64_t data_offset, uint64
                                               std::to_string(data_offset + start + done));
       }
     }
+    // Page-cache copies of what is now in the image would only double the memory in use.
+    if (!direct) ::posix_fadvise(file.fd(), static_cast<off_t>(data_offset + start), static_cast<off_t>(needed),
+                                 POSIX_FADV_DONTNEED);
     if (!verify) return;
     auto piece = std::lower_bound(plan.pieces.begin(), plan.pieces.end(), start,
                                   [](const Piece& p, uint64_t at) { return p.file_offset + p.size <= at; });

@@ -42,8 +42,8 @@ def data_file(path):
 def test_round_trip_keeps_values_views_and_aliasing(tmp_path):
     source = savable(sample_state_dict())
     save(tmp_path / "ck", source)
-    for mmap in (False, True):
-        loaded, missing = load(tmp_path / "ck", mmap=mmap)
+    for options in ({}, {"mmap": True}, {"direct_io": False}):
+        loaded, missing = load(tmp_path / "ck", **options)
         assert missing == []
         mine, theirs = list(leaves(loaded)), list(leaves(source))
         assert [p for p, _ in mine] == [p for p, _ in theirs]
