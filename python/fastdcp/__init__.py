@@ -46,20 +46,21 @@ class Stager:
         self.close()
 
 
-def save(path, tree, *, overwrite=False, io_threads=0, direct_io=True):
+def save(path, tree, *, overwrite=False, io_threads=0, direct_io=True, io_engine="threads"):
     """Writes a tree of numpy arrays (or other host DLPack producers) and plain values as a
     one-rank fastdcp checkpoint (docs/format.md); a committed checkpoint at ``path`` is replaced
     only with ``overwrite``."""
     io = _C.CheckpointIO(NumpyAdapter(), 0, 1)
-    return io.write(str(path), tree, overwrite, io_threads, direct_io, 600.0, None, None, None)
+    return io.write(str(path), tree, overwrite, io_threads, direct_io, io_engine, 600.0, None, None, None)
 
 
-def load(path, template=None, *, strict=False, verify=True, mmap=False, io_threads=0, direct_io=True):
+def load(path, template=None, *, strict=False, verify=True, mmap=False, io_threads=0, direct_io=True,
+         io_engine="threads"):
     """Loads a one-rank checkpoint as numpy arrays; with a ``template``, fills its arrays in place
     and returns ``(template, missing_keys, unexpected_keys)``."""
     io = _C.CheckpointIO(NumpyAdapter(), 0, 1)
     if template is None:
-        return io.read(str(path), verify, mmap, io_threads, direct_io)
+        return io.read(str(path), verify, mmap, io_threads, direct_io, io_engine)
     return io.read_into(str(path), template, strict, verify, io_threads)
 
 

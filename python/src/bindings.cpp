@@ -156,7 +156,7 @@ class PyCheckpointIO {
   }
 
   nb::dict write(const std::string& path, nb::handle state_dict, bool overwrite, int io_threads, bool direct_io,
-                 double barrier_timeout_s, nb::object barrier, nb::object pre_commit, nb::object post_commit) {
+                 const std::string& io_engine, double barrier_timeout_s, nb::object barrier, nb::object pre_commit, nb::object post_commit) {
     Value source;
     {
       CyclicGcPause gc_pause;
@@ -173,6 +173,7 @@ class PyCheckpointIO {
     options.overwrite = overwrite;
     options.io_threads = io_threads;
     options.direct_io = direct_io;
+    options.io_engine = io_engine_from_string(io_engine);
     options.barrier_timeout = std::chrono::milliseconds(static_cast<int64_t>(barrier_timeout_s * 1000));
     std::shared_ptr<Barrier> native_barrier;
     if (!barrier.is_none()) native_barrier = std::make_shared<PyBarrier>(std::move(barrier));
@@ -203,11 +204,13 @@ class PyCheckpointIO {
     return d;
   }
 
-  nb::object read(const std::string& path, bool verify, bool use_mmap, int io_threads, bool direct_io) {
+  nb::object read(const std::string& path, bool verify, bool use_mmap, int io_threads, bool direct_io,
+                  const std::string& io_engine) {
+    const ReadOptions options{verify, io_threads, use_mmap, direct_io, io_engine_from_string(io_engine)};
     Value loaded;
     {
       nb::gil_scoped_release release;
-      loaded = CheckpointReader(rank_, ReadOptions{verify, io_threads, use_mmap, direct_io}).read(path);
+      loaded = CheckpointReader(rank_, options).read(path);
     }
     CyclicGcPause gc_pause;
     return converter_.loaded_to_python(loaded);
@@ -257,10 +260,10 @@ NB_MODULE(_C, m) {
   nb::class_<PyCheckpointIO>(m, "CheckpointIO")
       .def(nb::init<nb::object, int, int>(), nb::arg("adapter"), nb::arg("rank"), nb::arg("world_size"))
       .def("write", &PyCheckpointIO::write, nb::arg("path"), nb::arg("state_dict"), nb::arg("overwrite"),
-           nb::arg("io_threads"), nb::arg("direct_io"), nb::arg("barrier_timeout_s"), nb::arg("barrier").none(),
+           nb::arg("io_threads"), nb::arg("direct_io"), nb::arg("io_engine"), nb::arg("barrier_timeout_s"), nb::arg("barrier").none(),
            nb::arg("pre_commit").none(), nb::arg("post_commit").none())
       .def("read", &PyCheckpointIO::read, nb::arg("path"), nb::arg("verify"), nb::arg("use_mmap"), nb::arg("io_threads"),
-           nb::arg("direct_io"))
+           nb::arg("direct_io"), nb::arg("io_engine"))
       .def("read_into", &PyCheckpointIO::read_into, nb::arg("path"), nb::arg("target"), nb::arg("strict"),
            nb::arg("verify"), nb::arg("io_threads"));
   m.def("verify", [](const std::string& path) {

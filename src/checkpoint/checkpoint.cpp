@@ -144,7 +144,7 @@ WriteStats CheckpointWriter::write(const std::string& path, const Value& state_d
       const size_t alignment = direct_io_alignment(path);
       const auto crcs = detail::write_entries_direct(
           file, plan.entries(), plan.storages(), plan.data_offset(), plan.file_size() - plan.data_offset(), alignment,
-          options_.io_threads > 0 ? options_.io_threads : detail::kDirectWritesInFlight);
+          options_.io_threads > 0 ? options_.io_threads : detail::kDirectWritesInFlight, options_.io_engine);
       for (size_t i = 0; i < crcs.size(); ++i) plan.set_checksums(i, crcs[i]);
       // The header is a whole number of pages; write it from aligned memory too.
       std::unique_ptr<char, decltype(&std::free)> header(
@@ -299,7 +299,8 @@ Value CheckpointReader::read(const std::string& path) const {
         HostBuffer::allocate((data_size + alignment - 1) / alignment * alignment, HostMemoryTraits{}));
     char* base = static_cast<char*>(image->data());
     detail::read_file_image(direct ? *direct : opened.file, direct.has_value(), header.data_offset(), data_size,
-                            alignment, base, entries, threads, options_.verify_checksums, namer);
+                            alignment, base, entries, threads, options_.io_engine, options_.verify_checksums,
+                            namer);
     for (size_t i = 0; i < entries.size(); ++i) {
       storages[i] = entries[i].nbytes == 0 ? Storage::wrap(nullptr, 0, Device::cpu())
                                            : Storage::wrap(base + entries[i].begin, entries[i].nbytes, Device::cpu(), image);

@@ -127,7 +127,8 @@ std::vector<std::vector<uint32_t>> write_entries(const File& file, const std::ve
 
 std::vector<std::vector<uint32_t>> write_entries_direct(const File& file, const std::vector<StoredEntry>& entries,
                                                         const std::vector<Storage>& storages, uint64_t data_offset,
-                                                        uint64_t data_size, size_t alignment, int threads) {
+                                                        uint64_t data_size, size_t alignment, int threads,
+                                                        IoEngine engine) {
   std::vector<std::vector<uint32_t>> crcs(entries.size());
   for (size_t i = 0; i < entries.size(); ++i) crcs[i].assign(entries[i].num_chunks(), 0);
   const IoPlan plan = plan_io(entries, data_offset);
@@ -141,12 +142,12 @@ std::vector<std::vector<uint32_t>> write_entries_direct(const File& file, const 
   std::sort(order.begin(), order.end(), [&](size_t a, size_t b) { return entries[a].begin < entries[b].begin; });
   const uint64_t windows = (data_size + kDirectWindowBytes - 1) / kDirectWindowBytes;
   BouncePool pool(std::max<size_t>(alignment, 4096));
-  parallel_for(static_cast<size_t>(windows), threads, [&](size_t w) {
+  // Assembles window w in `bounce`: the entries' bytes, zeros in padding; returns its aligned size.
+  const auto fill_window = [&](char* bounce, size_t w) {
     const uint64_t start = w * kDirectWindowBytes;
     const uint64_t end = std::min(data_size, start + kDirectWindowBytes);
     const uint64_t padded = (end - start + alignment - 1) / alignment * alignment;
-    Bounce bounce = pool.acquire();
-    std::memset(bounce.get(), 0, padded);
+    std::memset(bounce, 0, padded);
     auto first = std::lower_bound(order.begin(), order.end(), start,
                                   [&](size_t e, uint64_t at) { return entries[e].end <= at; });
     for (auto it = first; it != order.end() && entries[*it].begin < end; ++it) {
@@ -154,13 +155,33 @@ std::vector<std::vector<uint32_t>> write_entries_direct(const File& file, const 
       const uint64_t from = std::max(start, e.begin);
       const uint64_t to = std::min(end, e.begin + e.nbytes);  // padding stays zero
       if (from < to) {
-        std::memcpy(bounce.get() + (from - start), static_cast<const char*>(storages[*it].data()) + (from - e.begin),
-                    to - from);
+        std::memcpy(bounce + (from - start), static_cast<const char*>(storages[*it].data()) + (from - e.begin), to - from);
       }
     }
-    file.write_at(bounce.get(), padded, data_offset + start);
-    pool.release(std::move(bounce));
-  });
+    return padded;
+  };
+  if (use_io_uring(engine)) {
+    IoRing ring = IoRing::create(kDirectWritesInFlight);
+    std::vector<Bounce> in_flight;
+    in_flight.reserve(static_cast<size_t>(windows));
+    for (uint64_t w = 0; w < windows; ++w) in_flight.emplace_back(nullptr, &std::free);
+    ring.run(
+        file, static_cast<size_t>(windows),
+        [&](size_t w) {
+          in_flight[w] = pool.acquire();
+          const uint64_t padded = fill_window(in_flight[w].get(), w);
+          return IoRing::Request{.write = true, .data = in_flight[w].get(), .size = padded,
+                                 .offset = data_offset + w * kDirectWindowBytes};
+        },
+        [&](size_t w) { pool.release(std::move(in_flight[w])); });
+  } else {
+    parallel_for(static_cast<size_t>(windows), threads, [&](size_t w) {
+      Bounce bounce = pool.acquire();
+      const uint64_t padded = fill_window(bounce.get(), w);
+      file.write_at(bounce.get(), padded, data_offset + w * kDirectWindowBytes);
+      pool.release(std::move(bounce));
+    });
+  }
   return crcs;
 }
 
@@ -210,8 +231,8 @@ void check_chunk(const std::string& file, const std::vector<StoredEntry>& entrie
 }
 
 void read_file_image(const File& file, bool direct, uint64_t data_offset, uint64_t data_size, size_t alignment,
-                     char* image, const std::vector<StoredEntry>& entries, int threads, bool verify,
-                     const std::function<std::string(size_t)>& describe_entry) {
+                     char* image, const std::vector<StoredEntry>& entries, int threads, IoEngine engine,
+                     bool verify, const std::function<std::string(size_t)>& describe_entry) {
   // Every chunk, in data-region offsets and file order, and how many windows each still awaits.
   const IoPlan plan = verify ? plan_io(entries, 0) : IoPlan{};
   const auto window_of = [](uint64_t at) { return at / kBatchBytes; };
@@ -224,10 +245,42 @@ void read_file_image(const File& file, bool direct, uint64_t data_offset, uint64
   if (!direct) {
     ::posix_fadvise(file.fd(), static_cast<off_t>(data_offset), static_cast<off_t>(data_size), POSIX_FADV_SEQUENTIAL);
   }
+  const auto window_length = [&](uint64_t needed) {
+    return direct ? (needed + alignment - 1) / alignment * alignment : needed;
+  };
+  // Once window w has landed: drop its page-cache copy, check the chunks it completes.
+  const auto landed = [&](size_t w) {
+    const uint64_t start = w * kBatchBytes;
+    const uint64_t needed = std::min(kBatchBytes, data_size - start);
+    // Page-cache copies of what is now in the image would only double the memory in use.
+    if (!direct) ::posix_fadvise(file.fd(), static_cast<off_t>(data_offset + start), static_cast<off_t>(needed),
+                                 POSIX_FADV_DONTNEED);
+    if (!verify) return;
+    auto piece = std::lower_bound(plan.pieces.begin(), plan.pieces.end(), start,
+                                  [](const Piece& p, uint64_t at) { return p.file_offset + p.size <= at; });
+    for (; piece != plan.pieces.end() && piece->file_offset < start + needed; ++piece) {
+      const size_t p = static_cast<size_t>(piece - plan.pieces.begin());
+      if (windows_left[p].fetch_sub(1) != 1) continue;
+      check_chunk(file.path(), entries, piece->entry, piece->chunk, image + piece->file_offset, describe_entry);
+    }
+  };
+  if (use_io_uring(engine)) {
+    IoRing ring = IoRing::create(kReadWindowsInFlight);
+    ring.run(
+        file, static_cast<size_t>(windows),
+        [&](size_t w) {
+          const uint64_t start = w * kBatchBytes;
+          const uint64_t needed = std::min(kBatchBytes, data_size - start);
+          return IoRing::Request{.write = false, .data = image + start, .size = window_length(needed),
+                                 .offset = data_offset + start, .required = needed};
+        },
+        landed);
+    return;
+  }
   parallel_for(static_cast<size_t>(windows), threads, [&](size_t w) {
     const uint64_t start = w * kBatchBytes;
     const uint64_t needed = std::min(kBatchBytes, data_size - start);
-    const uint64_t length = direct ? (needed + alignment - 1) / alignment * alignment : needed;
+    const uint64_t length = window_length(needed);
     uint64_t done = 0;
     while (done < needed) {
       const ssize_t n = ::pread(file.fd(), image + start + done, length - done,
@@ -243,17 +296,7 @@ void read_file_image(const File& file, bool direct, uint64_t data_offset, uint64
                                               std::to_string(data_offset + start + done));
       }
     }
-    // Page-cache copies of what is now in the image would only double the memory in use.
-    if (!direct) ::posix_fadvise(file.fd(), static_cast<off_t>(data_offset + start), static_cast<off_t>(needed),
-                                 POSIX_FADV_DONTNEED);
-    if (!verify) return;
-    auto piece = std::lower_bound(plan.pieces.begin(), plan.pieces.end(), start,
-                                  [](const Piece& p, uint64_t at) { return p.file_offset + p.size <= at; });
-    for (; piece != plan.pieces.end() && piece->file_offset < start + needed; ++piece) {
-      const size_t p = static_cast<size_t>(piece - plan.pieces.begin());
-      if (windows_left[p].fetch_sub(1) != 1) continue;
-      check_chunk(file.path(), entries, piece->entry, piece->chunk, image + piece->file_offset, describe_entry);
-    }
+    landed(w);
   });
 }
 

@@ -11,6 +11,7 @@
 
 #include "fastdcp/format/rank_file.h"
 #include "fastdcp/io/file.h"
+#include "fastdcp/io/io_ring.h"
 
 namespace fastdcp::detail {
 
@@ -34,6 +35,7 @@ inline constexpr uint64_t kBatchBytes = uint64_t{16} << 20;
 // machines); each in-flight window has its own bounce buffer.
 inline constexpr uint64_t kDirectWindowBytes = uint64_t{8} << 20;
 inline constexpr int kDirectWritesInFlight = 16;
+inline constexpr int kReadWindowsInFlight = 8;
 
 // The pieces of the given entries (all when `selected` is empty), in file order, and their batches.
 // A batch never spans a gap between entries, so its pieces are contiguous in the file (the
@@ -53,10 +55,12 @@ std::vector<std::vector<uint32_t>> write_entries(const File& file, const std::ve
 // The same through O_DIRECT (`file` opened with it): the data region is cut into aligned windows
 // of kDirectWindowBytes, each assembled in an aligned bounce buffer and written with one pwrite; the
 // last window is padded to `alignment` (the caller truncates the file to its size afterwards).
-// Checksums are computed from the storages in a separate parallel pass.
+// Checksums are computed from the storages in a separate parallel pass. With io_uring (Note [I/O
+// engines]) one thread fills the windows while kDirectWritesInFlight of them are written.
 std::vector<std::vector<uint32_t>> write_entries_direct(const File& file, const std::vector<StoredEntry>& entries,
                                                         const std::vector<Storage>& storages, uint64_t data_offset,
-                                                        uint64_t data_size, size_t alignment, int threads);
+                                                        uint64_t data_size, size_t alignment, int threads,
+                                                        IoEngine engine);
 
 // Host memory to read an entry of `nbytes` into, not zeroed (every byte is about to be read): the
 // data starts `head` bytes into an allocation aligned to `alignment` and rounded up to it.
@@ -88,12 +92,13 @@ void read_entries(const File& file, const std::vector<StoredEntry>& entries, con
 // as any tensor loaded from it, as with use_mmap.
 
 // Reads the data region of `file` (data_size bytes from data_offset) into `image`, which holds at
-// least data_size rounded up to `alignment` bytes, in windows of kBatchBytes on `threads` threads.
+// least data_size rounded up to `alignment` bytes, in windows of kBatchBytes on `threads` threads
+// or, with io_uring, kReadWindowsInFlight at a time from this thread.
 // `direct` says that `file` was opened with O_DIRECT and that `alignment` suits it and the image.
 // With `verify`, each chunk of every entry is checked by the thread that completes the last
 // window it overlaps, while its bytes are still in cache.
 void read_file_image(const File& file, bool direct, uint64_t data_offset, uint64_t data_size, size_t alignment,
-                     char* image, const std::vector<StoredEntry>& entries, int threads, bool verify,
-                     const std::function<std::string(size_t)>& describe_entry);
+                     char* image, const std::vector<StoredEntry>& entries, int threads, IoEngine engine,
+                     bool verify, const std::function<std::string(size_t)>& describe_entry);
 
 }  // namespace fastdcp::detail

@@ -11,19 +11,16 @@
 #include <memory>
 
 #include "fastdcp/common/error.h"
+#include "io/file_error.h"
 
 namespace fastdcp {
-namespace {
-
-[[noreturn]] void fail(const char* operation, const std::string& path, int error) {
+[[noreturn]] void throw_file_error(const char* operation, const std::string& path, int error) {
   std::string what = std::string(operation) + " '" + path + "'";
   if (error == ENOSPC) what += " (the disk is full)";
   if (error == EFBIG) what += " (the file-size limit was reached)";
   if (error == ENOENT) throw Error(ErrorCode::kNotFound, what + ": no such file or directory");
   throw_system_error(what, error);
 }
-
-}  // namespace
 
 File File::open(const std::string& path, Mode mode, Options options) {
   int flags = O_CLOEXEC;
@@ -34,7 +31,7 @@ File File::open(const std::string& path, Mode mode, Options options) {
   }
   if (options.direct_io) flags |= O_DIRECT;
   const int fd = ::open(path.c_str(), flags, 0644);
-  if (fd < 0) fail(mode == Mode::kRead ? "cannot open" : "cannot create", path, errno);
+  if (fd < 0) throw_file_error(mode == Mode::kRead ? "cannot open" : "cannot create", path, errno);
   return File(fd, path);
 }
 
@@ -72,10 +69,10 @@ void transfer(int fd, const std::string& path, bool write, std::vector<iovec> io
                             : ::preadv(fd, iov.data() + first, count, static_cast<off_t>(offset));
     if (n < 0) {
       if (errno == EINTR) continue;
-      fail(write ? "cannot write" : "cannot read", path, errno);
+      throw_file_error(write ? "cannot write" : "cannot read", path, errno);
     }
     if (n == 0) {
-      if (write) fail("cannot write", path, ENOSPC);
+      if (write) throw_file_error("cannot write", path, ENOSPC);
       throw Error(ErrorCode::kDataLoss, "'" + path + "' is truncated: it ends at byte " + std::to_string(offset) +
                                             ", and " + std::to_string(wanted) + " bytes were wanted from byte " +
                                             std::to_string(start));
@@ -115,30 +112,30 @@ void File::write_vectored_at(std::vector<iovec> iov, uint64_t offset) const {
 
 uint64_t File::size() const {
   struct stat st{};
-  if (::fstat(fd_, &st) != 0) fail("cannot stat", path_, errno);
+  if (::fstat(fd_, &st) != 0) throw_file_error("cannot stat", path_, errno);
   return static_cast<uint64_t>(st.st_size);
 }
 
 void File::truncate(uint64_t size) const {
-  if (::ftruncate(fd_, static_cast<off_t>(size)) != 0) fail("cannot resize", path_, errno);
+  if (::ftruncate(fd_, static_cast<off_t>(size)) != 0) throw_file_error("cannot resize", path_, errno);
 }
 
 void File::reserve(uint64_t size) const {
   if (size == 0) return;
   if (::fallocate(fd_, 0, 0, static_cast<off_t>(size)) != 0 && errno != EOPNOTSUPP && errno != ENOSYS) {
-    fail("cannot reserve space for", path_, errno);
+    throw_file_error("cannot reserve space for", path_, errno);
   }
 }
 
 void File::sync() const {
-  if (::fdatasync(fd_) != 0) fail("cannot sync", path_, errno);
+  if (::fdatasync(fd_) != 0) throw_file_error("cannot sync", path_, errno);
 }
 
 void File::close() {
   if (fd_ < 0) return;
   const int fd = fd_;
   fd_ = -1;
-  if (::close(fd) != 0 && errno != EINTR) fail("cannot close", path_, errno);
+  if (::close(fd) != 0 && errno != EINTR) throw_file_error("cannot close", path_, errno);
 }
 
 size_t direct_io_alignment(const std::string& directory) {
@@ -167,24 +164,24 @@ void create_directories(const std::string& path) {
 
 void sync_directory(const std::string& path) {
   const int fd = ::open(path.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
-  if (fd < 0) fail("cannot open directory", path, errno);
+  if (fd < 0) throw_file_error("cannot open directory", path, errno);
   const int rc = ::fsync(fd);
   const int error = errno;
   ::close(fd);
-  if (rc != 0) fail("cannot sync directory", path, error);
+  if (rc != 0) throw_file_error("cannot sync directory", path, error);
 }
 
 void rename_path(const std::string& from, const std::string& to) {
-  if (::rename(from.c_str(), to.c_str()) != 0) fail(("cannot rename to '" + to + "' from").c_str(), from, errno);
+  if (::rename(from.c_str(), to.c_str()) != 0) throw_file_error(("cannot rename to '" + to + "' from").c_str(), from, errno);
 }
 
 void remove_file(const std::string& path) {
-  if (::unlink(path.c_str()) != 0 && errno != ENOENT) fail("cannot remove", path, errno);
+  if (::unlink(path.c_str()) != 0 && errno != ENOENT) throw_file_error("cannot remove", path, errno);
 }
 
 std::vector<std::string> list_directory(const std::string& path) {
   std::unique_ptr<DIR, int (*)(DIR*)> dir(::opendir(path.c_str()), &::closedir);
-  if (!dir) fail("cannot list directory", path, errno);
+  if (!dir) throw_file_error("cannot list directory", path, errno);
   std::vector<std::string> names;
   while (const dirent* entry = ::readdir(dir.get())) {
     const std::string name = entry->d_name;

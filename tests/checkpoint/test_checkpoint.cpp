@@ -139,6 +139,15 @@ TEST_F(CheckpointTest, AFlippedByteIsDetectedAndNamesTheTensorAndChunk) {
   EXPECT_NO_THROW(CheckpointReader({}, ReadOptions{.verify_checksums = false}).read(path_));
 }
 
+// Full loads through every path: O_DIRECT or buffered, io_uring or threads (Note [I/O engines]).
+std::vector<ReadOptions> every_read_path() {
+  std::vector<ReadOptions> paths;
+  for (const IoEngine engine : {IoEngine::kThreads, IoEngine::kAuto}) {  // kAuto: io_uring where available
+    for (const bool direct : {true, false}) paths.push_back(ReadOptions{.direct_io = direct, .io_engine = engine});
+  }
+  return paths;
+}
+
 // Note [File-image reads]: one allocation holds the data region as it is in the file, read in
 // 16 MiB windows; a chunk that straddles two windows is checked once both have landed.
 TEST_F(CheckpointTest, AFullLoadReadsTheFileImageIntoOneAllocation) {
@@ -154,7 +163,7 @@ TEST_F(CheckpointTest, AFullLoadReadsTheFileImageIntoOneAllocation) {
     return *std::find_if(header.entries().begin(), header.entries().end(),
                          [&](const StoredEntry& e) { return e.name == name; });
   };
-  for (const ReadOptions options : {ReadOptions{}, ReadOptions{.direct_io = false}}) {
+  for (const ReadOptions& options : every_read_path()) {
     const Value loaded = CheckpointReader({}, options).read(path_);
     for (const char* key : {"a_small", "b_big", "c_tail"}) {
       EXPECT_TRUE(same_bytes(loaded.at(key).as_tensor(), source.at(key).as_tensor())) << key;
@@ -172,7 +181,7 @@ TEST_F(CheckpointTest, AFullLoadReadsTheFileImageIntoOneAllocation) {
     f.seekp(static_cast<std::streamoff>(header.data_offset() + window_end + 10));
     f.put('\x5a');
   }
-  for (const ReadOptions options : {ReadOptions{}, ReadOptions{.direct_io = false}}) {
+  for (const ReadOptions& options : every_read_path()) {
     const Error e = expect_error([&] { CheckpointReader({}, options).read(path_); });
     expect_contains(e, "tensor 'b_big', chunk " + std::to_string(chunk) + " of " + std::to_string(big.num_chunks()));
   }
@@ -310,16 +319,27 @@ std::string file_bytes(const std::string& path) {
   return std::string(std::istreambuf_iterator<char>(in), {});
 }
 
-TEST_F(CheckpointTest, DirectIoWritesTheSameBytes) {
+TEST_F(CheckpointTest, DirectIoWritesTheSameBytesWithEitherEngine) {
   const Value source = state(5);
   CheckpointWriter({}, WriterOptions{.direct_io = false}).write(path_, source);
   const std::string buffered = file_bytes(data_file());
-  const std::string direct_path = join_path(dir_, "direct");
-  CheckpointWriter().write(direct_path, source);  // O_DIRECT is the default
-  const std::string direct = file_bytes(join_path(direct_path, read_manifest(direct_path).ranks[0].file));
-  EXPECT_EQ(direct.size(), buffered.size());
-  EXPECT_TRUE(direct == buffered);
-  EXPECT_EQ(CheckpointReader().read(direct_path).at("step").as_int(), 5);
+  std::vector<IoEngine> engines{IoEngine::kThreads};
+  if (IoRing::available()) engines.push_back(IoEngine::kIoUring);  // Note [I/O engines]
+  for (const IoEngine engine : engines) {
+    const std::string direct_path = join_path(dir_, std::string("direct_") + to_string(engine));
+    CheckpointWriter({}, WriterOptions{.io_engine = engine}).write(direct_path, source);  // O_DIRECT by default
+    const std::string direct = file_bytes(join_path(direct_path, read_manifest(direct_path).ranks[0].file));
+    EXPECT_EQ(direct.size(), buffered.size()) << to_string(engine);
+    EXPECT_TRUE(direct == buffered) << to_string(engine);
+    for (const IoEngine read_engine : engines) {
+      for (const bool direct_read : {true, false}) {
+        const Value loaded =
+            CheckpointReader({}, ReadOptions{.direct_io = direct_read, .io_engine = read_engine}).read(direct_path);
+        EXPECT_EQ(loaded.at("step").as_int(), 5);
+        EXPECT_TRUE(same_bytes(loaded.at("model").at("big").as_tensor(), source.at("model").at("big").as_tensor()));
+      }
+    }
+  }
 }
 
 }  // namespace

@@ -58,6 +58,27 @@ def test_round_trip_keeps_values_views_and_aliasing(tmp_path):
         assert type(loaded["model"]) is dict and type(loaded["pair"]) is tuple
 
 
+@pytest.mark.parametrize("engine", ["threads", "auto", "io_uring"])
+def test_every_io_engine_writes_the_same_file_and_reads_it(tmp_path, engine):
+    source = {"w": torch.randn(3 << 20), "b": torch.arange(10)}  # 12 MiB: windows in flight
+    save(tmp_path / "reference", source, io_engine="threads", direct_io=False)
+    try:
+        save(tmp_path / "ck", source, io_engine=engine)
+    except RuntimeError as e:  # io_uring refused by this kernel or sandbox: said so, by name
+        assert engine == "io_uring" and "io_uring is unavailable" in str(e)
+        return
+    assert data_file(tmp_path / "ck").read_bytes() == data_file(tmp_path / "reference").read_bytes()
+    for direct_io in (True, False):
+        loaded, _ = load(tmp_path / "ck", io_engine=engine, direct_io=direct_io)
+        assert torch.equal(loaded["w"], source["w"]) and torch.equal(loaded["b"], source["b"])
+
+
+def test_an_unknown_io_engine_is_named(tmp_path):
+    with pytest.raises(ValueError, match="io_engine must be 'auto', 'threads' or 'io_uring', not 'aio'"):
+        save(tmp_path / "ck", {"x": torch.ones(1)}, io_engine="aio")
+    assert not (tmp_path / "ck").exists()
+
+
 def test_loaded_memory_is_released_when_the_tensors_are_dropped(tmp_path):
     # A memory-mapped load shows in /proc/self/maps while its tensors live. The reader outlives
     # them here: it must not keep the mapping (or any loaded memory) for its next call.

@@ -19,6 +19,7 @@
 #include <vector>
 
 #include "fastdcp/format/manifest.h"
+#include "fastdcp/io/io_ring.h"
 #include "fastdcp/tensor/value.h"
 
 namespace fastdcp {
@@ -53,6 +54,8 @@ struct WriterOptions {
   // (faster on this project's machines, and a checkpoint does not evict the training job's
   // cache). Falls back to buffered writes where the file system has no O_DIRECT.
   bool direct_io = true;
+  // How O_DIRECT windows reach the disk (Note [I/O engines] in fastdcp/io/io_ring.h).
+  IoEngine io_engine = IoEngine::kThreads;
   // How long the barrier, and the committing rank's wait for every rank's receipt, may take.
   std::chrono::milliseconds barrier_timeout = std::chrono::seconds(600);
 };
@@ -94,6 +97,8 @@ struct ReadOptions {
   // system supports it. Either way, all tensors of a full load share one allocation (Note
   // [File-image reads] in src/checkpoint/rank_file_io.h).
   bool direct_io = true;
+  // How full loads move their windows (Note [I/O engines] in fastdcp/io/io_ring.h).
+  IoEngine io_engine = IoEngine::kThreads;
 };
 
 struct LoadResult {

@@ -47,7 +47,8 @@ class CheckpointReader:
     fastdcp extras (keywords): ``strict`` refuses, before changing anything, a template whose keys
     differ from the checkpoint's; ``verify`` (default True) checks every chunk's checksum;
     ``mmap`` (whole loads) maps the file instead of reading it; ``direct_io`` (whole loads, default
-    True) reads with O_DIRECT where the file system allows it; False reads through the page cache."""
+    True) reads with O_DIRECT where the file system allows it, False through the page cache;
+    ``io_engine`` (whole loads) as in ``CheckpointWriterConfig``."""
 
     def __init__(self, rank_info: RankInfo):
         self._rank_info = rank_info
@@ -56,10 +57,10 @@ class CheckpointReader:
 
     def read(self, path: str, state_dict: STATE_DICT | None = None, *, map_location=None, strict: bool = False,
              verify: bool = True, mmap: bool = False, io_threads: int = 0, direct_io: bool = True,
-             **kwargs: Any) -> tuple[STATE_DICT, list[str]]:
+             io_engine: str = "threads", **kwargs: Any) -> tuple[STATE_DICT, list[str]]:
         path = str(path)
         if state_dict is None:
-            loaded = self._io.read(path, verify, mmap, io_threads, direct_io)
+            loaded = self._io.read(path, verify, mmap, io_threads, direct_io, io_engine)
             if map_location is not None and torch.device(map_location).type != "cpu":
                 loaded = _to_device(loaded, map_location)
             return loaded, []

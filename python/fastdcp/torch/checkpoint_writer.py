@@ -33,12 +33,14 @@ class CheckpointWriterConfig:
     (upstream only logs it). ``overwrite`` allows replacing a committed checkpoint (fastdcp
     refuses by default, where upstream silently overwrites); ``io_threads`` 0 means one per core;
     ``direct_io`` writes with O_DIRECT, bypassing the page cache (buffered where the file system
-    cannot)."""
+    cannot); ``io_engine`` ("threads", "io_uring", or "auto": io_uring where the kernel allows it) says
+    how; threads measured faster on ext4 (Note [I/O engines] in fastdcp/io/io_ring.h)."""
 
     write_barrier_timeout_secs: int = 600
     overwrite: bool = False
     io_threads: int = 0
     direct_io: bool = True
+    io_engine: str = "threads"
 
 
 class CheckpointWriter:
@@ -58,7 +60,7 @@ class CheckpointWriter:
         barrier = self._barrier
         self._last_stats = self._io.write(
             str(path), state_dict, self._config.overwrite, self._config.io_threads, self._config.direct_io,
-            float(self._config.write_barrier_timeout_secs),
+            self._config.io_engine, float(self._config.write_barrier_timeout_secs),
             None if barrier is None else (lambda timeout: barrier.execute_barrier()),
             None if hook is None else (lambda p: hook.pre_commit(p, **kwargs)),
             None if hook is None else (lambda p: hook.post_commit(p, **kwargs)),
