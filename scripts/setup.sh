@@ -14,6 +14,7 @@ command -v ninja >/dev/null || need_apt+=(ninja-build)
 [ -f /usr/include/nlohmann/json.hpp ] || need_apt+=(nlohmann-json3-dev)
 [ -f /usr/include/isa-l/crc.h ] || need_apt+=(libisal-dev)
 [ -f /usr/include/liburing.h ] || need_apt+=(liburing-dev)
+[ -f /usr/include/simdjson.h ] || need_apt+=(libsimdjson-dev)
 command -v clang++-14 >/dev/null || need_apt+=(clang-14)
 [ -e /usr/lib/llvm-14/lib/clang/14.0.6/lib/linux/libclang_rt.fuzzer-x86_64.a ] || need_apt+=(libclang-rt-14-dev)
 

@@ -1,5 +1,5 @@
-// The rank file header: planning the layout, rendering and parsing the JSON. nlohmann-json is
-// used only in this file (it is expensive to compile). See Note [Rank file layout].
+// The rank file header: planning the layout, rendering the JSON (by hand) and parsing it
+// (simdjson, used only in this file). See Note [Rank file layout].
 
 #include "fastdcp/format/rank_file.h"
 
@@ -7,7 +7,8 @@
 #include <charconv>
 #include <cmath>
 #include <cstring>
-#include <nlohmann/json.hpp>
+#include <optional>
+#include <simdjson.h>
 #include <unordered_map>
 #include <unordered_set>
 
@@ -16,8 +17,6 @@
 namespace fastdcp {
 namespace {
 
-using json = nlohmann::json;
-
 constexpr std::string_view kVersionKey = "fastdcp.version";
 constexpr std::string_view kTreeKey = "fastdcp.tree";
 constexpr std::string_view kStoragesKey = "fastdcp.storages";
@@ -25,6 +24,12 @@ constexpr std::string_view kChunkBytesKey = "fastdcp.chunk_bytes";
 constexpr std::string_view kChecksumsKey = "fastdcp.crc32c";
 constexpr std::string_view kRawPrefix = "__fastdcp__.storage.";
 constexpr uint64_t kRawPadding = 64;
+// The deepest JSON the parser takes, and the deepest tree the writer renders: a tree level costs
+// up to three JSON levels (a dict's {"d":[ and the [key, value] pair). The parser's depth
+// bookkeeping costs 9 bytes a level, so it is sized to what a document of its length can nest.
+constexpr size_t kMaxJsonDepth = size_t{1} << 18;
+constexpr size_t kMaxTreeDepth = 80000;
+static_assert(3 * kMaxTreeDepth + 8 <= kMaxJsonDepth);
 
 // dtypes that safetensors' readers (Python, torch) understand; others are stored raw.
 bool safetensors_knows(DType dtype) {
@@ -119,8 +124,12 @@ bool valid_utf8(std::string_view s) {
 void append_json_string(std::string& out, std::string_view s) {
   static constexpr char kHex[] = "0123456789abcdef";
   out += '"';
-  for (const char ch : s) {
-    const auto c = static_cast<unsigned char>(ch);
+  size_t run = 0;  // start of the characters not yet appended, which need no escape
+  for (size_t i = 0; i < s.size(); ++i) {
+    const auto c = static_cast<unsigned char>(s[i]);
+    if (c >= 0x20 && c != '"' && c != '\\') continue;
+    out.append(s.data() + run, i - run);
+    run = i + 1;
     switch (c) {
       case '"': out += "\\\""; break;
       case '\\': out += "\\\\"; break;
@@ -128,15 +137,12 @@ void append_json_string(std::string& out, std::string_view s) {
       case '\r': out += "\\r"; break;
       case '\t': out += "\\t"; break;
       default:
-        if (c < 0x20) {
-          out += "\\u00";
-          out += kHex[c >> 4];
-          out += kHex[c & 15];
-        } else {
-          out += ch;
-        }
+        out += "\\u00";
+        out += kHex[c >> 4];
+        out += kHex[c & 15];
     }
   }
+  out.append(s.data() + run, s.size() - run);
   out += '"';
 }
 
@@ -224,6 +230,7 @@ std::string render_tree(const Value& root, const std::unordered_map<const Storag
     std::string path;
   };
   std::vector<Frame> stack;
+  size_t containers = 0;  // open on the stack
   auto fail = [](const std::string& path, const std::string& what) {
     throw Error(ErrorCode::kInvalidArgument,
                 "cannot save the value at '" + path + "': " + what);
@@ -259,9 +266,15 @@ std::string render_tree(const Value& root, const std::unordered_map<const Storag
         out += "]}";
         break;
       }
-      case Value::Kind::kList: out += R"({"l":[)"; stack.push_back({&v, 0, std::move(path)}); break;
-      case Value::Kind::kTuple: out += R"({"t":[)"; stack.push_back({&v, 0, std::move(path)}); break;
-      case Value::Kind::kDict: out += R"({"d":[)"; stack.push_back({&v, 0, std::move(path)}); break;
+      case Value::Kind::kList:
+      case Value::Kind::kTuple:
+      case Value::Kind::kDict:
+        if (++containers > kMaxTreeDepth) {
+          fail(path, "containers are nested more than " + std::to_string(kMaxTreeDepth) + " deep");
+        }
+        out += v.kind() == Value::Kind::kList ? R"({"l":[)" : v.kind() == Value::Kind::kTuple ? R"({"t":[)" : R"({"d":[)";
+        stack.push_back({&v, 0, std::move(path)});
+        break;
     }
   };
   // A dict entry is written as [key, value]; a marker frame (v == nullptr) below the value closes
@@ -278,6 +291,7 @@ std::string render_tree(const Value& root, const std::unordered_map<const Storag
     if (f.next == f.v->size()) {
       out += "]}";
       stack.pop_back();
+      --containers;
       close_pairs();
       continue;
     }
@@ -379,34 +393,44 @@ RankFilePlan RankFilePlan::make(const Value& state_dict) {
     total_chunks += plan.entries_[i].num_chunks();
   }
   storages += ']';
-  json header = json::object();
-  json& metadata = header["__metadata__"];
-  metadata[std::string(kVersionKey)] = std::to_string(kRankFileFormatVersion);
-  metadata[std::string(kChunkBytesKey)] = std::to_string(kChecksumChunkBytes);
-  metadata[std::string(kStoragesKey)] = std::move(storages);
-  metadata[std::string(kTreeKey)] = render_tree(state_dict, index_of);
-  metadata[std::string(kChecksumsKey)] = std::string(total_chunks * 8, '0');
+  // Rendered by hand, like the tree: a JSON library's DOM costs more than the rest of the plan
+  // for tens of thousands of tensors. Every string in it is valid UTF-8 (render_tree checked).
+  std::string text = "{\"__metadata__\":{";
+  const auto field = [&](std::string_view key, std::string_view value) {
+    append_json_string(text, key);
+    text += ':';
+    append_json_string(text, value);
+    text += ',';
+  };
+  field(kVersionKey, std::to_string(kRankFileFormatVersion));
+  field(kChunkBytesKey, std::to_string(kChecksumChunkBytes));
+  field(kStoragesKey, storages);
+  field(kTreeKey, render_tree(state_dict, index_of));
+  append_json_string(text, kChecksumsKey);
+  text += ":\"";
+  const size_t checksums_at = text.size();
+  text.append(total_chunks * 8, '0');
+  text += "\"}";
   for (const StoredEntry& e : plan.entries_) {
-    json shape = json::array();
-    for (const int64_t d : e.shape) shape.push_back(d);
-    header[e.name] = {{"dtype", std::string(dtype_name(e.dtype))}, {"shape", std::move(shape)},
-                      {"data_offsets", {e.begin, e.end}}};
+    text += ',';
+    append_json_string(text, e.name);
+    text += ":{\"dtype\":\"";
+    text += dtype_name(e.dtype);
+    text += "\",\"shape\":";
+    append_dims(text, e.shape);
+    text += ",\"data_offsets\":[";
+    append_number(text, e.begin);
+    text += ',';
+    append_number(text, e.end);
+    text += "]}";
   }
-  std::string text;
-  try {
-    text = header.dump();
-  } catch (const json::exception& e) {
-    throw Error(ErrorCode::kInvalidArgument, std::string("cannot render the checkpoint header: ") + e.what());
-  }
+  text += '}';
   const uint64_t padded = round_up(8 + text.size(), kDataAlignment) - 8;
   text.resize(padded, ' ');
   plan.header_.resize(8);
   for (int k = 0; k < 8; ++k) plan.header_[k] = static_cast<char>((padded >> (8 * k)) & 0xFF);
   plan.header_ += text;
-  const std::string marker = "\"" + std::string(kChecksumsKey) + "\":\"";
-  const size_t at = plan.header_.find(marker);
-  if (at == std::string::npos) throw Error(ErrorCode::kInternal, "checksum field missing from the header");
-  plan.checksums_at_ = at + marker.size();
+  plan.checksums_at_ = 8 + checksums_at;
   return plan;
 }
 
@@ -430,7 +454,10 @@ struct RankFileHeader::Impl {
   int version = 0;
   uint64_t data_offset = 0;
   std::vector<StoredEntry> entries;
-  json tree;  // null for a plain safetensors file: the tree is then a flat dict of its entries
+  // The tree (fastdcp files only): a document owned by its parser, at a stable address because
+  // elements point into it.
+  std::unique_ptr<simdjson::dom::parser> tree_parser;
+  simdjson::dom::element tree;
 
   [[noreturn]] void corrupt(const std::string& what) const {
     throw Error(ErrorCode::kDataLoss, "corrupt checkpoint header in '" + file + "': " + what);
@@ -439,31 +466,72 @@ struct RankFileHeader::Impl {
 
 namespace {
 
-uint64_t to_u64(const json& j, const char* what, const RankFileHeader::Impl& impl) {
-  if (j.is_number_unsigned()) return j.get<uint64_t>();
-  if (j.is_number_integer() && j.get<int64_t>() >= 0) return static_cast<uint64_t>(j.get<int64_t>());
-  impl.corrupt(std::string(what) + " is not a non-negative integer");
-}
+using simdjson::dom::element;
+using simdjson::dom::element_type;
 
-int64_t to_i64(const json& j, const char* what, const RankFileHeader::Impl& impl) {
-  if (j.is_number_integer() && (!j.is_number_unsigned() || j.get<uint64_t>() <= uint64_t(INT64_MAX))) {
-    return j.get<int64_t>();
+// A parser for a document of `size` bytes.
+std::unique_ptr<simdjson::dom::parser> make_parser(size_t size, const RankFileHeader::Impl& impl) {
+  auto parser = std::make_unique<simdjson::dom::parser>();
+  const size_t depth = std::clamp<size_t>(size / 2 + 2, 64, kMaxJsonDepth);  // "[[[...]]]": two bytes a level
+  if (parser->allocate(std::max<size_t>(size, 64), depth) != simdjson::SUCCESS) {
+    throw Error(ErrorCode::kResourceExhausted, "cannot allocate a parser for the " + std::to_string(size) +
+                                                   "-byte header of '" + impl.file + "'");
   }
-  impl.corrupt(std::string(what) + " is not a 64-bit integer");
+  return parser;
 }
 
-Dims to_dims(const json& j, const char* what, const RankFileHeader::Impl& impl) {
-  if (!j.is_array() || j.size() > 64) impl.corrupt(std::string(what) + " is not a list of at most 64 integers");
+element parse_json(simdjson::dom::parser& parser, std::string_view text, const char* what,
+                   const RankFileHeader::Impl& impl) {
+  element root;
+  if (const auto error = parser.parse(text.data(), text.size(), /*realloc_if_needed=*/true).get(root); error) {
+    impl.corrupt(std::string(what) + " is not valid JSON (" + simdjson::error_message(error) + ")");
+  }
+  return root;
+}
+
+uint64_t to_u64(element j, const char* what, const RankFileHeader::Impl& impl) {
+  uint64_t v = 0;
+  if (j.get_uint64().get(v) != simdjson::SUCCESS) impl.corrupt(std::string(what) + " is not a non-negative integer");
+  return v;
+}
+
+int64_t to_i64(element j, const char* what, const RankFileHeader::Impl& impl) {
+  int64_t v = 0;
+  if (j.get_int64().get(v) != simdjson::SUCCESS) impl.corrupt(std::string(what) + " is not a 64-bit integer");
+  return v;
+}
+
+Dims to_dims(element j, const char* what, const RankFileHeader::Impl& impl) {
+  simdjson::dom::array list;
+  if (j.get_array().get(list) != simdjson::SUCCESS || list.size() > 64) {
+    impl.corrupt(std::string(what) + " is not a list of at most 64 integers");
+  }
   Dims dims;
-  dims.resize(j.size());
-  for (size_t i = 0; i < j.size(); ++i) dims[i] = to_i64(j[i], what, impl);
+  dims.resize(list.size());
+  size_t i = 0;
+  for (const element d : list) dims[i++] = to_i64(d, what, impl);
   return dims;
 }
 
-const std::string& metadata_string(const json& metadata, std::string_view key, const RankFileHeader::Impl& impl) {
-  const auto it = metadata.find(std::string(key));
-  if (it == metadata.end() || !it->is_string()) impl.corrupt("__metadata__ lacks the string '" + std::string(key) + "'");
-  return it->get_ref<const std::string&>();
+// The items of a JSON array (none if it is not one), for indexing: DOM arrays are walked.
+std::vector<element> items_of(simdjson::dom::array list) {
+  std::vector<element> out;
+  out.reserve(list.size());
+  for (const element item : list) out.push_back(item);
+  return out;
+}
+std::vector<element> items_of(element j) {
+  simdjson::dom::array list;
+  return j.get_array().get(list) == simdjson::SUCCESS ? items_of(list) : std::vector<element>{};
+}
+
+std::string_view metadata_string(simdjson::dom::object metadata, std::string_view key,
+                                 const RankFileHeader::Impl& impl) {
+  std::string_view value;
+  if (metadata.at_key(key).get_string().get(value) != simdjson::SUCCESS) {
+    impl.corrupt("__metadata__ lacks the string '" + std::string(key) + "'");
+  }
+  return value;
 }
 
 }  // namespace
@@ -491,43 +559,57 @@ RankFileHeader RankFileHeader::parse(std::string_view text, uint64_t file_size, 
   auto impl = std::make_unique<Impl>();
   impl->file = file_name;
   impl->data_offset = 8 + text.size();
-  json header = json::parse(text.begin(), text.end(), nullptr, /*allow_exceptions=*/false);
-  if (!header.is_object()) impl->corrupt("it is not a JSON object");
+  const auto parser = make_parser(text.size(), *impl);
+  simdjson::dom::object header;
+  if (parse_json(*parser, text, "it", *impl).get_object().get(header) != simdjson::SUCCESS) {
+    impl->corrupt("it is not a JSON object");
+  }
 
   // Entries: every key but __metadata__.
-  std::unordered_map<std::string, size_t> by_name;
+  std::unordered_map<std::string_view, size_t> by_name;
   std::vector<StoredEntry> entries;
-  for (auto& [name, record] : header.items()) {
-    if (name == "__metadata__") continue;
-    if (!record.is_object()) impl->corrupt("entry '" + name + "' is not an object");
-    StoredEntry e;
-    e.name = name;
-    const auto dtype_it = record.find("dtype");
-    std::optional<DType> dtype;
-    if (dtype_it != record.end() && dtype_it->is_string()) dtype = dtype_from_name(dtype_it->get<std::string>());
-    if (!dtype) impl->corrupt("entry '" + name + "' has no known dtype");
-    e.dtype = *dtype;
-    const auto shape_it = record.find("shape");
-    const auto offsets_it = record.find("data_offsets");
-    if (shape_it == record.end() || offsets_it == record.end() || !offsets_it->is_array() || offsets_it->size() != 2) {
-      impl->corrupt("entry '" + name + "' lacks shape or data_offsets");
+  std::optional<simdjson::dom::object> metadata;
+  for (const simdjson::dom::key_value_pair field : header) {
+    const std::string_view name = field.key;
+    if (name == "__metadata__") {
+      simdjson::dom::object m;
+      if (field.value.get_object().get(m) == simdjson::SUCCESS) metadata = m;
+      continue;
     }
-    e.shape = to_dims(*shape_it, "a shape", *impl);
-    e.begin = to_u64((*offsets_it)[0], "a data offset", *impl);
-    e.end = to_u64((*offsets_it)[1], "a data offset", *impl);
-    if (e.begin > e.end) impl->corrupt("entry '" + name + "' ends before it begins");
+    simdjson::dom::object record;
+    if (field.value.get_object().get(record) != simdjson::SUCCESS) {
+      impl->corrupt("entry '" + std::string(name) + "' is not an object");
+    }
+    StoredEntry e;
+    e.name = std::string(name);
+    std::string_view dtype_text;
+    std::optional<DType> dtype;
+    if (record.at_key("dtype").get_string().get(dtype_text) == simdjson::SUCCESS) dtype = dtype_from_name(dtype_text);
+    if (!dtype) impl->corrupt("entry '" + e.name + "' has no known dtype");
+    e.dtype = *dtype;
+    element shape;
+    simdjson::dom::array offsets;
+    if (record.at_key("shape").get(shape) != simdjson::SUCCESS ||
+        record.at_key("data_offsets").get_array().get(offsets) != simdjson::SUCCESS || offsets.size() != 2) {
+      impl->corrupt("entry '" + e.name + "' lacks shape or data_offsets");
+    }
+    e.shape = to_dims(shape, "a shape", *impl);
+    const std::vector<element> bounds = items_of(offsets);
+    e.begin = to_u64(bounds[0], "a data offset", *impl);
+    e.end = to_u64(bounds[1], "a data offset", *impl);
+    if (e.begin > e.end) impl->corrupt("entry '" + e.name + "' ends before it begins");
     uint64_t numel = 1;
     for (const int64_t d : e.shape) {
       if (d < 0 || (d > 0 && numel > UINT64_MAX / 16 / static_cast<uint64_t>(d))) {
-        impl->corrupt("entry '" + name + "' has an invalid shape");
+        impl->corrupt("entry '" + e.name + "' has an invalid shape");
       }
       numel *= static_cast<uint64_t>(d);
     }
     if ((numel * dtype_bits(e.dtype) + 7) / 8 != e.end - e.begin) {
-      impl->corrupt("entry '" + name + "' has " + std::to_string(e.end - e.begin) + " bytes for its shape and dtype");
+      impl->corrupt("entry '" + e.name + "' has " + std::to_string(e.end - e.begin) + " bytes for its shape and dtype");
     }
     e.nbytes = e.end - e.begin;
-    by_name.emplace(name, entries.size());
+    if (!by_name.emplace(name, entries.size()).second) impl->corrupt("entry '" + e.name + "' appears twice");
     entries.push_back(std::move(e));
   }
   // Entries tile the data region, which ends where the file ends.
@@ -547,47 +629,49 @@ RankFileHeader RankFileHeader::parse(std::string_view text, uint64_t file_size, 
                                           std::to_string(file_size));
   }
 
-  const auto metadata_it = header.find("__metadata__");
-  const bool is_fastdcp = metadata_it != header.end() && metadata_it->is_object() &&
-                          metadata_it->contains(std::string(kVersionKey));
-  if (!is_fastdcp) {
+  if (!metadata || metadata->at_key(kVersionKey).error() != simdjson::SUCCESS) {
     // A plain safetensors file: its entries, in file order, as a flat dict.
     impl->version = 0;
     impl->entries.reserve(sorted.size());
     for (const StoredEntry* e : sorted) impl->entries.push_back(*e);
     return RankFileHeader(std::move(impl));
   }
-  const json& metadata = *metadata_it;
-  const std::string& version_text = metadata_string(metadata, kVersionKey, *impl);
+  const std::string_view version_text = metadata_string(*metadata, kVersionKey, *impl);
   int version = 0;
   const auto [vend, vec] = std::from_chars(version_text.data(), version_text.data() + version_text.size(), version);
   if (vec != std::errc() || vend != version_text.data() + version_text.size() || version < 1) {
-    impl->corrupt("the format version '" + version_text + "' is not a positive integer");
+    impl->corrupt("the format version '" + std::string(version_text) + "' is not a positive integer");
   }
   if (version > kRankFileFormatVersion) {
-    throw Error(ErrorCode::kFailedPrecondition, "'" + file_name + "' was written in format version " + version_text +
-                                                    "; this fastdcp reads up to version " +
+    throw Error(ErrorCode::kFailedPrecondition, "'" + file_name + "' was written in format version " +
+                                                    std::string(version_text) + "; this fastdcp reads up to version " +
                                                     std::to_string(kRankFileFormatVersion) + ": upgrade fastdcp");
   }
   impl->version = version;
-  if (metadata_string(metadata, kChunkBytesKey, *impl) != std::to_string(kChecksumChunkBytes)) {
+  if (metadata_string(*metadata, kChunkBytesKey, *impl) != std::to_string(kChecksumChunkBytes)) {
     impl->corrupt("unsupported checksum chunk size");
   }
   // Storages, in id order, name their entries.
-  const json storages = json::parse(metadata_string(metadata, kStoragesKey, *impl), nullptr, false);
-  if (!storages.is_array() || storages.size() != entries.size()) impl->corrupt("the storage list does not match the entries");
-  for (const json& s : storages) {
-    if (!s.is_array() || s.size() != 2 || !s[0].is_string()) impl->corrupt("a storage record is malformed");
-    const auto it = by_name.find(s[0].get<std::string>());
-    if (it == by_name.end()) impl->corrupt("a storage names a missing entry '" + s[0].get<std::string>() + "'");
+  const std::string_view storages_text = metadata_string(*metadata, kStoragesKey, *impl);
+  const auto storages_parser = make_parser(storages_text.size(), *impl);
+  const std::vector<element> storages = items_of(parse_json(*storages_parser, storages_text, "the storage list", *impl));
+  if (storages.size() != entries.size()) impl->corrupt("the storage list does not match the entries");
+  for (const element& s : storages) {
+    const std::vector<element> record = items_of(s);
+    std::string_view name;
+    if (record.size() != 2 || record[0].get_string().get(name) != simdjson::SUCCESS) {
+      impl->corrupt("a storage record is malformed");
+    }
+    const auto it = by_name.find(name);
+    if (it == by_name.end()) impl->corrupt("a storage names a missing entry '" + std::string(name) + "'");
     StoredEntry e = entries[it->second];
-    const uint64_t nbytes = to_u64(s[1], "a storage size", *impl);
+    const uint64_t nbytes = to_u64(record[1], "a storage size", *impl);
     if (nbytes > e.end - e.begin) impl->corrupt("storage '" + e.name + "' is larger than its entry");
     e.nbytes = nbytes;
     impl->entries.push_back(std::move(e));
   }
   // Checksums: 8 hex digits per chunk, entries in storage order.
-  const std::string& crcs = metadata_string(metadata, kChecksumsKey, *impl);
+  const std::string_view crcs = metadata_string(*metadata, kChecksumsKey, *impl);
   size_t chunk = 0;
   for (StoredEntry& e : impl->entries) {
     const size_t n = e.num_chunks();
@@ -602,8 +686,9 @@ RankFileHeader RankFileHeader::parse(std::string_view text, uint64_t file_size, 
     }
   }
   if (crcs.size() != chunk * 8) impl->corrupt("too many checksums");
-  impl->tree = json::parse(metadata_string(metadata, kTreeKey, *impl), nullptr, false);
-  if (impl->tree.is_discarded()) impl->corrupt("the tree is not valid JSON");
+  const std::string_view tree_text = metadata_string(*metadata, kTreeKey, *impl);
+  impl->tree_parser = make_parser(tree_text.size(), *impl);
+  impl->tree = parse_json(*impl->tree_parser, tree_text, "the tree", *impl);
   return RankFileHeader(std::move(impl));
 }
 
@@ -611,77 +696,84 @@ namespace {
 
 // Builds the Value of a tree node without recursion; make_tensor(body, path) makes a tensor leaf.
 template <class MakeTensor>
-Value build_value(const json& root, const RankFileHeader::Impl& impl, MakeTensor&& make_tensor) {
+Value build_value(element root, const RankFileHeader::Impl& impl, MakeTensor&& make_tensor) {
   Value out;
   struct Frame {
-    const json* node;
+    element node;
     Value* dst;
     std::string path;
   };
   std::vector<Frame> stack;
-  stack.push_back({&root, &out, ""});
+  stack.push_back({root, &out, ""});
   while (!stack.empty()) {
     Frame f = std::move(stack.back());
     stack.pop_back();
-    const json& n = *f.node;
+    const element n = f.node;
     auto bad = [&](const char* what) { impl.corrupt("the value at '" + f.path + "' " + what); };
     switch (n.type()) {
-      case json::value_t::null: *f.dst = Value(); break;
-      case json::value_t::boolean: *f.dst = Value(n.get<bool>()); break;
-      case json::value_t::number_integer: *f.dst = Value(n.get<int64_t>()); break;
-      case json::value_t::number_unsigned:
-        if (n.get<uint64_t>() > uint64_t(INT64_MAX)) bad("is an integer out of range");
-        *f.dst = Value(static_cast<int64_t>(n.get<uint64_t>()));
-        break;
-      case json::value_t::number_float: *f.dst = Value(n.get<double>()); break;
-      case json::value_t::string: *f.dst = Value(n.get<std::string>()); break;
-      case json::value_t::object: {
-        if (n.size() != 1) bad("is an object with other than one tag");
-        const std::string& tag = n.begin().key();
-        const json& body = n.begin().value();
+      case element_type::NULL_VALUE: *f.dst = Value(); break;
+      case element_type::BOOL: *f.dst = Value(bool(n.get_bool())); break;
+      case element_type::INT64: *f.dst = Value(int64_t(n.get_int64())); break;
+      case element_type::UINT64: bad("is an integer out of range"); break;  // above INT64_MAX
+      case element_type::DOUBLE: *f.dst = Value(double(n.get_double())); break;
+      case element_type::STRING: *f.dst = Value(std::string(std::string_view(n.get_string()))); break;
+      case element_type::OBJECT: {
+        const simdjson::dom::object tagged = n.get_object();
+        if (tagged.size() != 1) bad("is an object with other than one tag");
+        const simdjson::dom::key_value_pair field = *tagged.begin();
+        const std::string_view tag = field.key;
+        const element body = field.value;
         if (tag == "f") {
-          const std::string s = body.is_string() ? body.get<std::string>() : "";
+          std::string_view s;
+          if (body.get_string().get(s) != simdjson::SUCCESS) s = {};
           if (s == "nan") *f.dst = Value(std::nan(""));
           else if (s == "inf") *f.dst = Value(HUGE_VAL);
           else if (s == "-inf") *f.dst = Value(-HUGE_VAL);
           else bad("is a malformed float");
         } else if (tag == "b") {
+          std::string_view text;
           std::optional<std::string> bytes;
-          if (body.is_string()) bytes = decode_base64(body.get_ref<const std::string&>());
+          if (body.get_string().get(text) == simdjson::SUCCESS) bytes = decode_base64(text);
           if (!bytes) bad("is malformed base64");
           *f.dst = Value(Bytes{std::move(*bytes)});
         } else if (tag == "T") {
           *f.dst = make_tensor(body, f.path);
         } else if (tag == "l" || tag == "t") {
           if (!body.is_array()) bad("is a sequence without items");
+          const std::vector<element> children = items_of(body);
           *f.dst = tag == "l" ? Value::list() : Value::tuple();
           auto& items = f.dst->items();
-          items.resize(body.size());
-          for (size_t i = body.size(); i-- > 0;) {
+          items.resize(children.size());
+          for (size_t i = children.size(); i-- > 0;) {
             std::string p = f.path;
             append_index_path(p, i);
-            stack.push_back({&body[i], &items[i], std::move(p)});
+            stack.push_back({children[i], &items[i], std::move(p)});
           }
         } else if (tag == "d") {
           if (!body.is_array()) bad("is a dict without entries");
+          const std::vector<element> pairs = items_of(body);
           *f.dst = Value::dict();
           auto& entries = f.dst->entries();
-          entries.reserve(body.size());
-          for (const json& pair : body) {
-            if (!pair.is_array() || pair.size() != 2) bad("has a malformed dict entry");
-            const json& key = pair[0];
-            if (key.is_string()) {
-              entries.emplace_back(DictKey(key.get_ref<const std::string&>()), Value());
-            } else if (key.is_number_integer()) {
-              entries.emplace_back(DictKey(to_i64(key, "a dict key", impl)), Value());
+          entries.reserve(pairs.size());
+          std::vector<element> values;
+          values.reserve(pairs.size());
+          for (const element pair : pairs) {
+            const std::vector<element> kv = items_of(pair);
+            if (kv.size() != 2) bad("has a malformed dict entry");
+            std::string_view key;
+            if (kv[0].get_string().get(key) == simdjson::SUCCESS) {
+              entries.emplace_back(DictKey(std::string(key)), Value());
+            } else if (kv[0].is_int64()) {
+              entries.emplace_back(DictKey(int64_t(kv[0].get_int64())), Value());
             } else {
-              bad("has a dict key that is neither a string nor an integer");
+              bad("has a dict key that is neither a string nor a 64-bit integer");
             }
+            values.push_back(kv[1]);
           }
           for (size_t i = entries.size(); i-- > 0;) {
             std::string p = f.path;
             append_key_path(p, entries[i].first);
-            stack.push_back({&body[i][1], &entries[i].second, std::move(p)});
+            stack.push_back({values[i], &entries[i].second, std::move(p)});
           }
         } else {
           bad("has an unknown tag");
@@ -696,18 +788,22 @@ Value build_value(const json& root, const RankFileHeader::Impl& impl, MakeTensor
 
 using TensorRecord = RankFileHeader::TensorRecord;
 
-TensorRecord parse_tensor(const json& body, const std::string& path, const RankFileHeader::Impl& impl) {
-  if (!body.is_array() || body.size() != 5 || !body[1].is_string()) impl.corrupt("the tensor at '" + path + "' is malformed");
+TensorRecord parse_tensor(element body, const std::string& path, const RankFileHeader::Impl& impl) {
+  const std::vector<element> fields = items_of(body);
+  std::string_view dtype_text;
+  if (fields.size() != 5 || fields[1].get_string().get(dtype_text) != simdjson::SUCCESS) {
+    impl.corrupt("the tensor at '" + path + "' is malformed");
+  }
   TensorRecord r;
   r.path = path;
-  r.entry = to_u64(body[0], "a tensor's storage", impl);
+  r.entry = to_u64(fields[0], "a tensor's storage", impl);
   if (r.entry >= impl.entries.size()) impl.corrupt("the tensor at '" + path + "' names a missing storage");
-  const auto dtype = dtype_from_name(body[1].get<std::string>());
+  const auto dtype = dtype_from_name(dtype_text);
   if (!dtype) impl.corrupt("the tensor at '" + path + "' has an unknown dtype");
   r.dtype = *dtype;
-  r.shape = to_dims(body[2], "a tensor shape", impl);
-  r.strides = to_dims(body[3], "a tensor's strides", impl);
-  r.offset = to_i64(body[4], "a tensor offset", impl);
+  r.shape = to_dims(fields[2], "a tensor shape", impl);
+  r.strides = to_dims(fields[3], "a tensor's strides", impl);
+  r.offset = to_i64(fields[4], "a tensor offset", impl);
   if (r.shape.size() != r.strides.size()) impl.corrupt("the tensor at '" + path + "' has shape and strides of different lengths");
   return r;
 }
@@ -725,7 +821,7 @@ Value RankFileHeader::build_tree(const std::vector<Storage>& storages) const {
     }
     return out;
   }
-  return build_value(impl.tree, impl, [&](const json& body, const std::string& path) {
+  return build_value(impl.tree, impl, [&](element body, const std::string& path) {
     const TensorRecord r = parse_tensor(body, path, impl);
     try {
       return Value(Tensor(storages[r.entry], r.dtype, r.shape, r.strides, r.offset));
@@ -746,7 +842,7 @@ std::vector<RankFileHeader::TensorRecord> RankFileHeader::tensors() const {
     return out;
   }
   // The tree is walked for its paths; the values built on the way are dropped.
-  (void)build_value(impl.tree, impl, [&](const json& body, const std::string& path) {
+  (void)build_value(impl.tree, impl, [&](element body, const std::string& path) {
     out.push_back(parse_tensor(body, path, impl));
     return Value();
   });

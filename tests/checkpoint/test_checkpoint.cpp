@@ -187,6 +187,39 @@ TEST_F(CheckpointTest, AFullLoadReadsTheFileImageIntoOneAllocation) {
   }
 }
 
+// Note [Reading while the header parses]: a header over 1 MiB parses while the data is read, and
+// the chunks are verified afterwards.
+TEST_F(CheckpointTest, ManyTensorsAreReadWhileTheHeaderParses) {
+  Value source = Value::dict();
+  for (int i = 0; i < 8000; ++i) source.insert("t" + std::to_string(i), Value(filled(DType::kF32, {16}, i)));
+  CheckpointWriter().write(path_, source);
+  File file = File::open(data_file(), File::Mode::kRead);
+  const RankFileHeader header =
+      RankFileHeader::read([&](void* d, uint64_t o, uint64_t n) { file.read_at(d, n, o); }, file.size(), data_file());
+  ASSERT_GT(header.data_offset(), uint64_t{1} << 20) << "the test needs a header over 1 MiB";
+  for (const ReadOptions& options : every_read_path()) {
+    const Value loaded = CheckpointReader({}, options).read(path_);
+    ASSERT_EQ(loaded.size(), 8000u);
+    for (const int i : {0, 4321, 7999}) {
+      const std::string key = "t" + std::to_string(i);
+      EXPECT_TRUE(same_bytes(loaded.at(key).as_tensor(), source.at(key).as_tensor())) << key;
+    }
+  }
+  const StoredEntry& victim = *std::find_if(header.entries().begin(), header.entries().end(),
+                                            [](const StoredEntry& e) { return e.name == "t5000"; });
+  {
+    std::fstream f(data_file(), std::ios::in | std::ios::out | std::ios::binary);
+    f.seekp(static_cast<std::streamoff>(header.data_offset() + victim.begin + 7));
+    f.put('\x5a');
+  }
+  for (const ReadOptions& options : every_read_path()) {
+    const Error e = expect_error([&] { CheckpointReader({}, options).read(path_); });
+    EXPECT_EQ(e.code(), ErrorCode::kDataLoss);
+    expect_contains(e, "tensor 't5000', chunk 0 of 1");
+  }
+  EXPECT_NO_THROW(CheckpointReader({}, ReadOptions{.verify_checksums = false}).read(path_));
+}
+
 TEST_F(CheckpointTest, DamageInAViewedStorageNamesItsViews) {
   CheckpointWriter().write(path_, state(1));
   const std::string file = data_file();

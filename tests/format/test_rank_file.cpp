@@ -151,6 +151,19 @@ TEST(RankFileHeader, DeepTreesNeitherRecurseNorOverflow) {
   EXPECT_TRUE((*v)[0].is_tensor());
 }
 
+TEST(RankFilePlan, TreesDeeperThanTheFormatTakesAreRefused) {
+  Value root = Value::list();
+  Value* leaf = &root;
+  for (int i = 0; i < 80000; ++i) leaf = &leaf->append(Value::list());
+  try {
+    RankFilePlan::make(root);
+    FAIL() << "expected an error";
+  } catch (const Error& e) {
+    EXPECT_EQ(e.code(), ErrorCode::kInvalidArgument);
+    EXPECT_NE(std::string(e.what()).find("containers are nested more than 80000 deep"), std::string::npos);
+  }
+}
+
 TEST(RankFilePlan, ValuesTheFormatCannotHoldAreNamed) {
   Value root = Value::dict();
   Value inner = Value::dict();
