@@ -5,15 +5,19 @@
 #include "fastdcp/common/error.h"
 
 namespace fastdcp {
-void Value::Dict::rebuild_index() {
+void Value::Dict::ensure_index() const {
+  if (entries.size() < kIndexThreshold || index_valid.load(std::memory_order_acquire)) return;
+  std::lock_guard lock(index_mutex);
+  if (index_valid.load(std::memory_order_relaxed)) return;
   index.clear();
   index.reserve(entries.size());
   for (size_t i = 0; i < entries.size(); ++i) index.emplace(entries[i].first, i);
-  index_valid = true;
+  index_valid.store(true, std::memory_order_release);
 }
 
 const Value* Value::Dict::find(const DictKey& key) const {
-  if (indexed()) {
+  if (entries.size() >= kIndexThreshold) {
+    ensure_index();
     auto it = index.find(key);
     return it == index.end() ? nullptr : &entries[it->second].second;
   }
@@ -21,11 +25,6 @@ const Value* Value::Dict::find(const DictKey& key) const {
     if (k == key) return &v;
   }
   return nullptr;
-}
-
-Value* Value::Dict::find_mutable(const DictKey& key) {
-  if (!index_valid && entries.size() >= kIndexThreshold) rebuild_index();
-  return const_cast<Value*>(find(key));
 }
 
 size_t DictKey::hash() const {
@@ -201,7 +200,7 @@ ValueList& Value::items() { return sequence("list or tuple").items; }
 const DictEntries& Value::entries() const { return dict_node("dict").entries; }
 DictEntries& Value::entries() {
   Dict& dict = dict_node("dict");
-  dict.index_valid = false;  // the caller may change keys
+  dict.index_valid.store(false, std::memory_order_relaxed);  // the caller may change keys
   return dict.entries;
 }
 
@@ -218,15 +217,15 @@ Value& Value::append(Value item) {
 
 Value& Value::insert(DictKey key, Value value) {
   Dict& dict = dict_node("dict");
-  if (dict.find_mutable(key)) throw Error(ErrorCode::kInvalidArgument, "duplicate dict key '" + key.str() + "'");
-  if (dict.index_valid) dict.index.emplace(key, dict.entries.size());
+  if (dict.find(key)) throw Error(ErrorCode::kInvalidArgument, "duplicate dict key '" + key.str() + "'");
+  if (dict.index_valid.load(std::memory_order_relaxed)) dict.index.emplace(key, dict.entries.size());
   dict.entries.emplace_back(std::move(key), std::move(value));
   return dict.entries.back().second;
 }
 
 const Value* Value::find(const DictKey& key) const { return dict_node("dict").find(key); }
 
-Value* Value::find(const DictKey& key) { return dict_node("dict").find_mutable(key); }
+Value* Value::find(const DictKey& key) { return const_cast<Value*>(dict_node("dict").find(key)); }
 
 const Value& Value::at(const DictKey& key) const {
   if (const Value* v = find(key)) return *v;

@@ -1,5 +1,9 @@
 #include <gtest/gtest.h>
 
+#include <atomic>
+#include <thread>
+#include <vector>
+
 #include "fastdcp/common/error.h"
 #include "fastdcp/tensor/value.h"
 
@@ -67,6 +71,42 @@ TEST(Value, DeepNestingNeitherOverflowsNorRecursesOnDestruction) {
   }
   EXPECT_EQ(depth, kDepth);
   // Both trees are destroyed here without recursing.
+}
+
+// Large dicts answer lookups from an index that lookups build on demand, const ones included,
+// and that changes made through entries() invalidate.
+TEST(Value, LargeDictLookupsFollowChangesMadeThroughEntries) {
+  DictEntries entries;
+  for (int i = 0; i < 1000; ++i) entries.emplace_back(DictKey("k" + std::to_string(i)), Value(int64_t{i}));
+  Value dict = Value::dict(std::move(entries));
+  const Value& view = dict;
+  ASSERT_NE(view.find(DictKey("k500")), nullptr);
+  EXPECT_EQ(view.find(DictKey("k500"))->as_int(), 500);
+  EXPECT_EQ(view.find(DictKey("k1000")), nullptr);
+  dict.entries()[500].first = DictKey("renamed");  // the index built above is now stale
+  EXPECT_EQ(view.find(DictKey("k500")), nullptr);
+  EXPECT_EQ(view.find(DictKey("renamed"))->as_int(), 500);
+  dict.insert(DictKey("k1000"), Value(int64_t{1000}));
+  EXPECT_EQ(view.find(DictKey("k1000"))->as_int(), 1000);
+  EXPECT_THROW(dict.insert(DictKey("k999"), Value()), Error);
+}
+
+TEST(Value, ConcurrentConstLookupsShareOneIndex) {
+  DictEntries entries;
+  for (int i = 0; i < 5000; ++i) entries.emplace_back(DictKey(int64_t{i}), Value(int64_t{2 * i}));
+  const Value dict = Value::dict(std::move(entries));
+  std::vector<std::thread> readers;
+  std::atomic<int> wrong{0};
+  for (int t = 0; t < 4; ++t) {
+    readers.emplace_back([&, t] {
+      for (int i = t; i < 5000; i += 3) {
+        const Value* v = dict.find(DictKey(int64_t{i}));
+        if (!v || v->as_int() != 2 * i) ++wrong;
+      }
+    });
+  }
+  for (auto& r : readers) r.join();
+  EXPECT_EQ(wrong.load(), 0);
 }
 
 TEST(Value, KeyPaths) {

@@ -8,8 +8,10 @@
 // stack, so trees nested tens of thousands of levels deep neither overflow the stack nor take
 // quadratic time. Copy a tree explicitly with clone().
 
+#include <atomic>
 #include <cstdint>
 #include <memory>
+#include <mutex>
 #include <string>
 #include <string_view>
 #include <unordered_map>
@@ -123,17 +125,18 @@ class Value {
     ValueList items;
   };
   // Dicts of at least kIndexThreshold entries keep a hash index, valid unless entries() handed
-  // out mutable access since it was built.
+  // out mutable access since it was built. Lookups build a stale index first, const ones too
+  // (under a lock, so that concurrent readers may share a tree): a dict filled through entries()
+  // must not cost a linear scan per lookup.
   static constexpr size_t kIndexThreshold = 16;
   struct Dict {
     DictEntries entries;
-    std::unordered_map<DictKey, size_t, DictKeyHash> index;
-    bool index_valid = false;
+    mutable std::unordered_map<DictKey, size_t, DictKeyHash> index;
+    mutable std::atomic<bool> index_valid{false};
+    mutable std::mutex index_mutex;
 
-    bool indexed() const { return index_valid && entries.size() >= kIndexThreshold; }
-    void rebuild_index();
+    void ensure_index() const;
     const Value* find(const DictKey& key) const;
-    Value* find_mutable(const DictKey& key);  // rebuilds a stale index first
   };
   using Data = std::variant<std::monostate, bool, int64_t, double, std::string, Bytes, Tensor,
                             std::unique_ptr<Sequence>, std::unique_ptr<Dict>>;
