@@ -46,7 +46,7 @@ class Stager:
         self.close()
 
 
-def save(path, tree, *, overwrite=False, io_threads=0, direct_io=True, io_engine="threads"):
+def save(path, tree, *, overwrite=False, io_threads=0, direct_io=False, io_engine="threads"):
     """Writes a tree of numpy arrays (or other host DLPack producers) and plain values as a
     one-rank fastdcp checkpoint (docs/format.md); a committed checkpoint at ``path`` is replaced
     only with ``overwrite``."""

@@ -46,6 +46,17 @@ struct IoPlan {
 };
 IoPlan plan_io(const std::vector<StoredEntry>& entries, uint64_t data_offset, const std::vector<bool>& selected = {});
 
+// Note [Buffered writes]
+// Saves go through the page cache by default. Measured on this project's machines (ext4, 1 GiB,
+// 4 threads of 8 MiB writes then fdatasync, median of 4 interleaved rounds): buffered writes into
+// fallocated space 2.17 s; O_DIRECT without fallocate 2.65 s; O_DIRECT into fallocated space
+// 3.27 s, because ext4 must convert each written range of an unwritten extent, and buffered
+// writes without fallocate 3.16 s (2.0-4.1). The space is reserved first anyway, so that a full
+// disk fails before any data is written; that settles it for buffered writes. Each batch is
+// handed to writeback at once (sync_file_range), so the final fdatasync waits only for the tail,
+// and once the file is durable its pages are dropped (POSIX_FADV_DONTNEED), as O_DIRECT would have
+// left the page cache. O_DIRECT remains an option for storage where it wins.
+
 // Writes the entries' bytes (entry i from storages[i]) with pwritev on `threads` threads,
 // computing each chunk's CRC32C just before it is written; returns the CRCs per entry.
 std::vector<std::vector<uint32_t>> write_entries(const File& file, const std::vector<StoredEntry>& entries,

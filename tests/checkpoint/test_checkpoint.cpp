@@ -1,7 +1,9 @@
 #include "fastdcp/checkpoint/checkpoint.h"
 
 #include <gtest/gtest.h>
+#include <sys/mman.h>
 
+#include <algorithm>
 #include <barrier>
 #include <cstring>
 #include <filesystem>
@@ -11,6 +13,7 @@
 #include "fastdcp/common/error.h"
 #include "fastdcp/format/rank_file.h"
 #include "fastdcp/io/file.h"
+#include "fastdcp/memory/host_buffer.h"
 #include "support/test_support.h"
 
 namespace fastdcp {
@@ -352,6 +355,20 @@ std::string file_bytes(const std::string& path) {
   return std::string(std::istreambuf_iterator<char>(in), {});
 }
 
+// Note [Buffered writes]: once a buffered save is durable its pages leave the page cache.
+TEST_F(CheckpointTest, BufferedSavesLeaveTheirPagesOutOfThePageCache) {
+  CheckpointWriter().write(path_, state(3));
+  const File file = File::open(data_file(), File::Mode::kRead);
+  const size_t size = file.size();
+  void* map = ::mmap(nullptr, size, PROT_READ, MAP_SHARED, file.fd(), 0);
+  ASSERT_NE(map, MAP_FAILED);
+  std::vector<unsigned char> resident((size + page_size() - 1) / page_size());
+  ASSERT_EQ(::mincore(map, size, resident.data()), 0);
+  ::munmap(map, size);
+  const size_t cached = static_cast<size_t>(std::count_if(resident.begin(), resident.end(), [](unsigned char r) { return r & 1; }));
+  EXPECT_EQ(cached, 0u) << "of " << resident.size() << " pages";
+}
+
 TEST_F(CheckpointTest, DirectIoWritesTheSameBytesWithEitherEngine) {
   const Value source = state(5);
   CheckpointWriter({}, WriterOptions{.direct_io = false}).write(path_, source);
@@ -360,7 +377,7 @@ TEST_F(CheckpointTest, DirectIoWritesTheSameBytesWithEitherEngine) {
   if (IoRing::available()) engines.push_back(IoEngine::kIoUring);  // Note [I/O engines]
   for (const IoEngine engine : engines) {
     const std::string direct_path = join_path(dir_, std::string("direct_") + to_string(engine));
-    CheckpointWriter({}, WriterOptions{.io_engine = engine}).write(direct_path, source);  // O_DIRECT by default
+    CheckpointWriter({}, WriterOptions{.direct_io = true, .io_engine = engine}).write(direct_path, source);
     const std::string direct = file_bytes(join_path(direct_path, read_manifest(direct_path).ranks[0].file));
     EXPECT_EQ(direct.size(), buffered.size()) << to_string(engine);
     EXPECT_TRUE(direct == buffered) << to_string(engine);

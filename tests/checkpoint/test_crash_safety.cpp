@@ -65,7 +65,8 @@ TEST(CrashSafety, KilledWritersNeverDamageOrFakeACommit) {
     ASSERT_GE(pid, 0);
     if (pid == 0) {
       for (int64_t step = first_step;; ++step) {
-        CheckpointWriter({}, WriterOptions{.overwrite = true}).write(path, state_for(step));
+        // Both write paths: buffered (the default) and O_DIRECT.
+        CheckpointWriter({}, WriterOptions{.overwrite = true, .direct_io = step % 2 == 1}).write(path, state_for(step));
       }
     }
     std::this_thread::sleep_for(std::chrono::microseconds(std::uniform_int_distribution<int>(500, 200000)(rng)));

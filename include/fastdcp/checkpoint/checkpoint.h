@@ -50,10 +50,11 @@ struct WriterOptions {
   bool overwrite = false;
   // Threads writing (and checksumming) in parallel; 0: one per core, at least 4.
   int io_threads = 0;
-  // O_DIRECT writes through aligned bounce buffers, many in flight, bypassing the page cache
-  // (faster on this project's machines, and a checkpoint does not evict the training job's
-  // cache). Falls back to buffered writes where the file system has no O_DIRECT.
-  bool direct_io = true;
+  // false (the default): buffered pwritev from the staged buffers into preallocated space, with
+  // early writeback and the pages dropped once durable (Note [Buffered writes]). true: O_DIRECT
+  // through aligned bounce buffers, many windows in flight; falls back to buffered writes where
+  // the file system has no O_DIRECT.
+  bool direct_io = false;
   // How O_DIRECT windows reach the disk (Note [I/O engines] in fastdcp/io/io_ring.h).
   IoEngine io_engine = IoEngine::kThreads;
   // How long the barrier, and the committing rank's wait for every rank's receipt, may take.
