@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs what fastdcp needs to build and test, where it is missing: a C++20 compiler, CMake,
-# Ninja, GoogleTest, Google Benchmark, nlohmann-json, ISA-L, and clang 14 with libFuzzer.
+# Ninja, GoogleTest, Google Benchmark, nlohmann-json, ISA-L, liburing, simdjson, and clang 14 with
+# libFuzzer.
 # Idempotent; needs root (or sudo) only to install.
 set -euo pipefail
 

@@ -9,6 +9,8 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <algorithm>
+#include <chrono>
 #include <cstdio>
 #include <cstring>
 #include <filesystem>
@@ -57,6 +59,13 @@ TEST(CrashSafety, KilledWritersNeverDamageOrFakeACommit) {
   const std::string path = join_path(dir.path(), "ck");
   std::mt19937 rng(std::random_device{}());
   int64_t last_committed = 0;
+  // Kill moments spread over a few saves, however long a save takes in this build (sanitizers
+  // make it 10x slower), so that rounds both commit new saves and interrupt them.
+  const auto timing_start = std::chrono::steady_clock::now();
+  CheckpointWriter().write(join_path(dir.path(), "timing"), state_for(0));
+  const auto save_us = std::chrono::duration_cast<std::chrono::microseconds>(std::chrono::steady_clock::now() -
+                                                                             timing_start).count();
+  const int max_delay_us = static_cast<int>(std::max<int64_t>(200000, 4 * save_us));
   int kills = 0, rounds_with_new_commit = 0, rounds_uncommitted = 0;
   constexpr int kRounds = 80;
   for (int round = 0; round < kRounds; ++round) {
@@ -69,7 +78,7 @@ TEST(CrashSafety, KilledWritersNeverDamageOrFakeACommit) {
         CheckpointWriter({}, WriterOptions{.overwrite = true, .direct_io = step % 2 == 1}).write(path, state_for(step));
       }
     }
-    std::this_thread::sleep_for(std::chrono::microseconds(std::uniform_int_distribution<int>(500, 200000)(rng)));
+    std::this_thread::sleep_for(std::chrono::microseconds(std::uniform_int_distribution<int>(500, max_delay_us)(rng)));
     ::kill(pid, SIGKILL);
     int status = 0;
     ::waitpid(pid, &status, 0);
@@ -90,8 +99,10 @@ TEST(CrashSafety, KilledWritersNeverDamageOrFakeACommit) {
       ++rounds_uncommitted;
     }
   }
-  std::printf("[ kill test ] %d SIGKILLs, %d rounds committed something new (last save %lld), %d before any commit\n",
-              kills, rounds_with_new_commit, static_cast<long long>(last_committed), rounds_uncommitted);
+  std::printf("[ kill test ] %d SIGKILLs within %d ms, %d rounds committed something new (last save %lld), %d before "
+              "any commit\n",
+              kills, max_delay_us / 1000, rounds_with_new_commit, static_cast<long long>(last_committed),
+              rounds_uncommitted);
   EXPECT_EQ(kills, kRounds);
   EXPECT_GT(rounds_with_new_commit, 0);
 }
