@@ -156,7 +156,8 @@ class PyCheckpointIO {
   }
 
   nb::dict write(const std::string& path, nb::handle state_dict, bool overwrite, int io_threads, bool direct_io,
-                 const std::string& io_engine, double barrier_timeout_s, nb::object barrier, nb::object pre_commit, nb::object post_commit) {
+                 const std::string& io_engine, double barrier_timeout_s, nb::object barrier, nb::object pre_commit,
+                 nb::object post_commit) {
     Value source;
     {
       CyclicGcPause gc_pause;
@@ -260,8 +261,8 @@ NB_MODULE(_C, m) {
   nb::class_<PyCheckpointIO>(m, "CheckpointIO")
       .def(nb::init<nb::object, int, int>(), nb::arg("adapter"), nb::arg("rank"), nb::arg("world_size"))
       .def("write", &PyCheckpointIO::write, nb::arg("path"), nb::arg("state_dict"), nb::arg("overwrite"),
-           nb::arg("io_threads"), nb::arg("direct_io"), nb::arg("io_engine"), nb::arg("barrier_timeout_s"), nb::arg("barrier").none(),
-           nb::arg("pre_commit").none(), nb::arg("post_commit").none())
+           nb::arg("io_threads"), nb::arg("direct_io"), nb::arg("io_engine"), nb::arg("barrier_timeout_s"),
+           nb::arg("barrier").none(), nb::arg("pre_commit").none(), nb::arg("post_commit").none())
       .def("read", &PyCheckpointIO::read, nb::arg("path"), nb::arg("verify"), nb::arg("use_mmap"), nb::arg("io_threads"),
            nb::arg("direct_io"), nb::arg("io_engine"))
       .def("read_into", &PyCheckpointIO::read_into, nb::arg("path"), nb::arg("target"), nb::arg("strict"),

@@ -66,9 +66,15 @@ void check_rank(const RankInfo& rank) {
   }
 }
 
-// Host memory for a loaded storage: page-aligned for large ones.
+// Host memory for a loaded storage, not zeroed (every byte is about to be read into):
+// page-aligned for large ones.
 Storage allocate_for_reading(size_t nbytes) {
-  return detail::allocate_for_reading(nbytes, 0, nbytes >= (size_t{1} << 20) ? 4096 : 64);
+  if (nbytes == 0) return Storage::wrap(nullptr, 0, Device::cpu());
+  const size_t alignment = nbytes >= (size_t{1} << 20) ? 4096 : 64;
+  void* data = std::aligned_alloc(alignment, (nbytes + alignment - 1) / alignment * alignment);
+  if (!data) throw Error(ErrorCode::kResourceExhausted, "cannot allocate " + std::to_string(nbytes) + " bytes to load into");
+  std::shared_ptr<void> owner(data, [](void* p) { std::free(p); });
+  return Storage::wrap(data, nbytes, Device::cpu(), std::move(owner));
 }
 
 // An opened, committed rank file: its header checked against the manifest.
@@ -92,17 +98,13 @@ OpenedRankFile open_rank_file(const std::string& path, const Manifest& manifest,
     throw Error(ErrorCode::kDataLoss, "'" + file_path + "' has " + std::to_string(size) + " bytes; the manifest says " +
                                           std::to_string(record.size) + " (truncated or replaced)");
   }
-  unsigned char prefix[8];
-  file.read_at(prefix, sizeof prefix, 0);
-  const uint64_t length = parse_header_length(prefix, size, file_path);
-  std::string head(sizeof prefix + length, '\0');
-  std::memcpy(head.data(), prefix, sizeof prefix);
-  file.read_at(head.data() + sizeof prefix, length, sizeof prefix);
+  const std::string head =
+      read_header_bytes([&](void* dst, uint64_t offset, uint64_t n) { file.read_at(dst, n, offset); }, size, file_path);
   if (crc32c(head.data(), head.size()) != record.header_crc32c) {
     throw Error(ErrorCode::kDataLoss, "the header of '" + file_path + "' does not match the manifest's checksum");
   }
   if (header_read) header_read(file, head.size());
-  RankFileHeader header = RankFileHeader::parse(std::string_view(head).substr(sizeof prefix), size, file_path);
+  RankFileHeader header = RankFileHeader::parse(std::string_view(head).substr(8), size, file_path);
   return {std::move(file), std::move(header)};
 }
 

@@ -16,6 +16,7 @@
 #include "fastdcp/common/error.h"
 #include "fastdcp/common/parallel.h"
 #include "fastdcp/format/checksum.h"
+#include "io/file_error.h"
 
 namespace fastdcp::detail {
 namespace {
@@ -212,15 +213,6 @@ void read_entries(const File& file, const std::vector<StoredEntry>& entries, con
   });
 }
 
-Storage allocate_for_reading(uint64_t nbytes, uint64_t head, size_t alignment) {
-  if (nbytes == 0) return Storage::wrap(nullptr, 0, Device::cpu());
-  const uint64_t span = (head + nbytes + alignment - 1) / alignment * alignment;
-  void* base = std::aligned_alloc(alignment, span);
-  if (!base) throw Error(ErrorCode::kResourceExhausted, "cannot allocate " + std::to_string(nbytes) + " bytes to load into");
-  std::shared_ptr<void> owner(base, [](void* p) { std::free(p); });
-  return Storage::wrap(static_cast<char*>(base) + head, nbytes, Device::cpu(), std::move(owner));
-}
-
 void check_chunk(const std::string& file, const std::vector<StoredEntry>& entries, size_t entry, size_t chunk,
                  const void* data, const std::function<std::string(size_t)>& describe_entry) {
   const StoredEntry& e = entries[entry];
@@ -287,7 +279,7 @@ void read_file_image(const File& file, bool direct, uint64_t data_offset, uint64
                                 static_cast<off_t>(data_offset + start + done));
       if (n < 0) {
         if (errno == EINTR) continue;
-        throw_system_error("cannot read '" + file.path() + "'", errno);
+        throw_file_error("cannot read", file.path(), errno);
       }
       done += static_cast<uint64_t>(n);
       // A short read ends the file; O_DIRECT could not go on from an unaligned place anyway.

@@ -73,10 +73,6 @@ std::vector<std::vector<uint32_t>> write_entries_direct(const File& file, const 
                                                         uint64_t data_size, size_t alignment, int threads,
                                                         IoEngine engine);
 
-// Host memory to read an entry of `nbytes` into, not zeroed (every byte is about to be read): the
-// data starts `head` bytes into an allocation aligned to `alignment` and rounded up to it.
-Storage allocate_for_reading(uint64_t nbytes, uint64_t head, size_t alignment);
-
 // The bytes of checksum chunk `chunk` of a storage.
 inline char* chunk_data(const Storage& storage, size_t chunk) {
   return static_cast<char*>(storage.data()) + chunk * kChecksumChunkBytes;

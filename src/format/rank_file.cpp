@@ -4,6 +4,7 @@
 #include "fastdcp/format/rank_file.h"
 
 #include <algorithm>
+#include <array>
 #include <charconv>
 #include <cmath>
 #include <cstring>
@@ -525,6 +526,18 @@ std::vector<element> items_of(element j) {
   return j.get_array().get(list) == simdjson::SUCCESS ? items_of(list) : std::vector<element>{};
 }
 
+// The items of a JSON array of exactly N items, or nullopt: the records of one tensor, entry or
+// dict pair, taken without allocating.
+template <size_t N>
+std::optional<std::array<element, N>> fixed_items(element j) {
+  simdjson::dom::array list;
+  if (j.get_array().get(list) != simdjson::SUCCESS || list.size() != N) return std::nullopt;
+  std::array<element, N> out;
+  size_t i = 0;
+  for (const element item : list) out[i++] = item;
+  return out;
+}
+
 std::string_view metadata_string(simdjson::dom::object metadata, std::string_view key,
                                  const RankFileHeader::Impl& impl) {
   std::string_view value;
@@ -587,16 +600,15 @@ RankFileHeader RankFileHeader::parse(std::string_view text, uint64_t file_size, 
     if (record.at_key("dtype").get_string().get(dtype_text) == simdjson::SUCCESS) dtype = dtype_from_name(dtype_text);
     if (!dtype) impl->corrupt("entry '" + e.name + "' has no known dtype");
     e.dtype = *dtype;
-    element shape;
-    simdjson::dom::array offsets;
+    element shape, offsets;
+    std::optional<std::array<element, 2>> bounds;
     if (record.at_key("shape").get(shape) != simdjson::SUCCESS ||
-        record.at_key("data_offsets").get_array().get(offsets) != simdjson::SUCCESS || offsets.size() != 2) {
+        record.at_key("data_offsets").get(offsets) != simdjson::SUCCESS || !(bounds = fixed_items<2>(offsets))) {
       impl->corrupt("entry '" + e.name + "' lacks shape or data_offsets");
     }
     e.shape = to_dims(shape, "a shape", *impl);
-    const std::vector<element> bounds = items_of(offsets);
-    e.begin = to_u64(bounds[0], "a data offset", *impl);
-    e.end = to_u64(bounds[1], "a data offset", *impl);
+    e.begin = to_u64((*bounds)[0], "a data offset", *impl);
+    e.end = to_u64((*bounds)[1], "a data offset", *impl);
     if (e.begin > e.end) impl->corrupt("entry '" + e.name + "' ends before it begins");
     uint64_t numel = 1;
     for (const int64_t d : e.shape) {
@@ -657,15 +669,13 @@ RankFileHeader RankFileHeader::parse(std::string_view text, uint64_t file_size, 
   const std::vector<element> storages = items_of(parse_json(*storages_parser, storages_text, "the storage list", *impl));
   if (storages.size() != entries.size()) impl->corrupt("the storage list does not match the entries");
   for (const element& s : storages) {
-    const std::vector<element> record = items_of(s);
+    const auto record = fixed_items<2>(s);
     std::string_view name;
-    if (record.size() != 2 || record[0].get_string().get(name) != simdjson::SUCCESS) {
-      impl->corrupt("a storage record is malformed");
-    }
+    if (!record || (*record)[0].get_string().get(name) != simdjson::SUCCESS) impl->corrupt("a storage record is malformed");
     const auto it = by_name.find(name);
     if (it == by_name.end()) impl->corrupt("a storage names a missing entry '" + std::string(name) + "'");
     StoredEntry e = entries[it->second];
-    const uint64_t nbytes = to_u64(record[1], "a storage size", *impl);
+    const uint64_t nbytes = to_u64((*record)[1], "a storage size", *impl);
     if (nbytes > e.end - e.begin) impl->corrupt("storage '" + e.name + "' is larger than its entry");
     e.nbytes = nbytes;
     impl->entries.push_back(std::move(e));
@@ -758,17 +768,18 @@ Value build_value(element root, const RankFileHeader::Impl& impl, MakeTensor&& m
           std::vector<element> values;
           values.reserve(pairs.size());
           for (const element pair : pairs) {
-            const std::vector<element> kv = items_of(pair);
-            if (kv.size() != 2) bad("has a malformed dict entry");
+            const auto kv = fixed_items<2>(pair);
+            if (!kv) bad("has a malformed dict entry");
+            const auto& [key_json, value] = *kv;
             std::string_view key;
-            if (kv[0].get_string().get(key) == simdjson::SUCCESS) {
+            if (key_json.get_string().get(key) == simdjson::SUCCESS) {
               entries.emplace_back(DictKey(std::string(key)), Value());
-            } else if (kv[0].is_int64()) {
-              entries.emplace_back(DictKey(int64_t(kv[0].get_int64())), Value());
+            } else if (key_json.is_int64()) {
+              entries.emplace_back(DictKey(int64_t(key_json.get_int64())), Value());
             } else {
               bad("has a dict key that is neither a string nor a 64-bit integer");
             }
-            values.push_back(kv[1]);
+            values.push_back(value);
           }
           for (size_t i = entries.size(); i-- > 0;) {
             std::string p = f.path;
@@ -789,11 +800,12 @@ Value build_value(element root, const RankFileHeader::Impl& impl, MakeTensor&& m
 using TensorRecord = RankFileHeader::TensorRecord;
 
 TensorRecord parse_tensor(element body, const std::string& path, const RankFileHeader::Impl& impl) {
-  const std::vector<element> fields = items_of(body);
+  const auto record = fixed_items<5>(body);
   std::string_view dtype_text;
-  if (fields.size() != 5 || fields[1].get_string().get(dtype_text) != simdjson::SUCCESS) {
+  if (!record || (*record)[1].get_string().get(dtype_text) != simdjson::SUCCESS) {
     impl.corrupt("the tensor at '" + path + "' is malformed");
   }
+  const std::array<element, 5>& fields = *record;
   TensorRecord r;
   r.path = path;
   r.entry = to_u64(fields[0], "a tensor's storage", impl);

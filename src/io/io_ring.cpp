@@ -85,6 +85,14 @@ void IoRing::run(const File& file, size_t count, const std::function<Request(siz
   const auto fail = [&](std::exception_ptr e) {
     if (!failure) failure = std::move(e);
   };
+  // File's error for a failed request, recorded as the failure.
+  const auto fail_on_file = [&](const char* operation, int error) {
+    try {
+      throw_file_error(operation, file.path(), error);
+    } catch (...) {
+      fail(std::current_exception());
+    }
+  };
   const auto enqueue = [&](unsigned s) {
     Slot& slot = slots[s];
     io_uring_sqe* sqe = io_uring_get_sqe(ring);  // never null: at most depth_ slots exist
@@ -144,21 +152,13 @@ void IoRing::run(const File& file, size_t count, const std::function<Request(siz
     } else if (res == -EINTR || res == -EAGAIN) {
       finished = false;
     } else if (res < 0) {
-      try {
-        throw_file_error(slot.request.write ? "cannot write" : "cannot read", file.path(), -res);
-      } catch (...) {
-        fail(std::current_exception());
-      }
+      fail_on_file(slot.request.write ? "cannot write" : "cannot read", -res);
     } else {
       const uint64_t asked = std::min<uint64_t>(slot.request.size - slot.done, 1u << 30);
       slot.done += static_cast<uint64_t>(res);
       if (slot.request.write) {
         if (res == 0) {
-          try {
-            throw_file_error("cannot write", file.path(), ENOSPC);
-          } catch (...) {
-            fail(std::current_exception());
-          }
+          fail_on_file("cannot write", ENOSPC);
         } else {
           finished = slot.done == slot.request.size;
         }

@@ -17,6 +17,7 @@
 // so that the header can be rendered before the data is written and patched after.
 
 #include <cstdint>
+#include <cstring>
 #include <memory>
 #include <string>
 #include <string_view>
@@ -112,14 +113,23 @@ class RankFileHeader {
 // Reads the 8-byte little-endian header length and checks it against the file size.
 uint64_t parse_header_length(const unsigned char (&prefix)[8], uint64_t file_size, const std::string& file_name);
 
+// The header's bytes, its 8-byte length prefix included (what a manifest checksums), through
+// read(dst, offset, n).
 template <class ReadFn>
-RankFileHeader RankFileHeader::read(ReadFn&& read, uint64_t file_size, const std::string& file_name) {
+std::string read_header_bytes(ReadFn&& read, uint64_t file_size, const std::string& file_name) {
   unsigned char prefix[8];
   read(prefix, 0, sizeof prefix);
   const uint64_t length = parse_header_length(prefix, file_size, file_name);
-  std::string json(length, '\0');
-  read(json.data(), 8, length);
-  return parse(json, file_size, file_name);
+  std::string bytes(sizeof prefix + length, '\0');
+  std::memcpy(bytes.data(), prefix, sizeof prefix);
+  read(bytes.data() + sizeof prefix, sizeof prefix, length);
+  return bytes;
+}
+
+template <class ReadFn>
+RankFileHeader RankFileHeader::read(ReadFn&& read, uint64_t file_size, const std::string& file_name) {
+  const std::string bytes = read_header_bytes(read, file_size, file_name);
+  return parse(std::string_view(bytes).substr(8), file_size, file_name);
 }
 
 }  // namespace fastdcp
