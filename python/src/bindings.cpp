@@ -1,6 +1,7 @@
 // Python bindings: the stager and checkpoint I/O, over TreeConverter (tree_converter.h).
 
 #include <nanobind/nanobind.h>
+#include <nanobind/stl/shared_ptr.h>
 #include <nanobind/stl/string.h>
 #include <nanobind/stl/vector.h>
 
@@ -9,6 +10,7 @@
 #include <optional>
 
 #include "fastdcp/checkpoint/checkpoint.h"
+#include "fastdcp/checkpoint/shared_state_dict.h"
 #include "fastdcp/common/logging.h"
 #include "fastdcp/staging/stager.h"
 #include "tree_converter.h"
@@ -38,22 +40,34 @@ void translate_errors() {
   });
 }
 
+// A hold on the buffers of one stage call; see Note [Staging leases].
+struct PyStagingLease {
+  std::shared_ptr<const void> token = std::make_shared<int>(0);
+  void release() { token.reset(); }
+  bool held() const { return token != nullptr; }
+};
+
 class PyStager {
  public:
   PyStager(StagingOptions options, bool use_cuda, nb::object adapter)
       : converter_(std::move(adapter)),
         stager_(options, use_cuda ? CudaRuntime::instance() : CudaRuntime::unavailable("CUDA disabled by the caller")) {}
 
-  nb::object stage(nb::handle state_dict) {
+  nb::object stage(nb::handle state_dict, const PyStagingLease* lease) {
     using Clock = std::chrono::steady_clock;
     CyclicGcPause gc_pause;
     const auto t0 = Clock::now();
     const Value source = converter_.from_python(state_dict);
     const auto t1 = Clock::now();
+    StageCallOptions call;
+    if (lease) {
+      if (!lease->held()) throw Error(ErrorCode::kInvalidArgument, "stage(): the lease was already released");
+      call.lease = lease->token;
+    }
     Value staged;
     {
       nb::gil_scoped_release release;
-      staged = stager_.stage_now(source);
+      staged = stager_.stage_now(source, call);
     }
     const auto t2 = Clock::now();
     nb::object out = converter_.to_python(state_dict, staged);
@@ -77,6 +91,7 @@ class PyStager {
     d["cache_misses"] = s.cache_misses;
     d["cache_entries"] = s.cache_entries;
     d["bytes_copied"] = s.bytes_copied;
+    d["leased_skips"] = s.leased_skips;
     d["reserved_bytes"] = m.total_reserved();
     d["pinned_bytes"] = m.pinned_bytes();
     d["shared_bytes"] = m.shared_bytes();
@@ -147,6 +162,52 @@ bool all_tensors_on_cpu(const Value& root) {
   return true;
 }
 
+// A state dict as a tree the checkpoint format can hold; an error names any other leaf.
+Value checkpointable_tree(TreeConverter& converter, nb::handle state_dict) {
+  Value tree;
+  {
+    CyclicGcPause gc_pause;
+    tree = converter.from_python(state_dict);
+  }
+  if (!converter.opaque_leaves().empty()) {
+    nb::handle leaf = converter.opaque_leaves().front();
+    throw Error(ErrorCode::kInvalidArgument,
+                "cannot save the value at '" + TreeConverter::path_of(state_dict, leaf) + "' (a " +
+                    Py_TYPE(leaf.ptr())->tp_name +
+                    "): checkpoints hold tensors, dicts, lists, tuples, None, bool, int, float, str and bytes");
+  }
+  return tree;
+}
+
+// Staged state dicts handed to the writer process and back into framework tensors there; see
+// Note [Shared state dicts].
+class PyStateDictChannel {
+ public:
+  explicit PyStateDictChannel(nb::object adapter) : converter_(std::move(adapter)) {}
+
+  // The message and memfds for attach() in another process. The result owns any copies it made;
+  // the staged tensors themselves must stay alive until the receiver has attached.
+  std::shared_ptr<SharedStateDict> share(nb::handle state_dict) {
+    Value tree = checkpointable_tree(converter_, state_dict);
+    nb::gil_scoped_release release;
+    return std::make_shared<SharedStateDict>(share_state_dict(tree));
+  }
+
+  nb::object attach(nb::bytes message, const std::vector<int>& fds) {
+    Value tree;
+    {
+      const std::string_view bytes(message.c_str(), message.size());
+      nb::gil_scoped_release release;
+      tree = attach_state_dict(bytes, fds);
+    }
+    CyclicGcPause gc_pause;
+    return converter_.loaded_to_python(tree);
+  }
+
+ private:
+  TreeConverter converter_;
+};
+
 // Checkpoint writing and reading for one rank, with a framework adapter for the Python side.
 class PyCheckpointIO {
  public:
@@ -158,18 +219,7 @@ class PyCheckpointIO {
   nb::dict write(const std::string& path, nb::handle state_dict, bool overwrite, int io_threads, bool direct_io,
                  const std::string& io_engine, double barrier_timeout_s, nb::object barrier, nb::object pre_commit,
                  nb::object post_commit) {
-    Value source;
-    {
-      CyclicGcPause gc_pause;
-      source = converter_.from_python(state_dict);
-    }
-    if (!converter_.opaque_leaves().empty()) {
-      nb::handle leaf = converter_.opaque_leaves().front();
-      throw Error(ErrorCode::kInvalidArgument,
-                  "cannot save the value at '" + TreeConverter::path_of(state_dict, leaf) + "' (a " +
-                      Py_TYPE(leaf.ptr())->tp_name +
-                      "): checkpoints hold tensors, dicts, lists, tuples, None, bool, int, float, str and bytes");
-    }
+    Value source = checkpointable_tree(converter_, state_dict);
     WriterOptions options;
     options.overwrite = overwrite;
     options.io_threads = io_threads;
@@ -252,9 +302,13 @@ NB_MODULE(_C, m) {
       .def_rw("pin_memory_min_bytes", &StagingOptions::pin_memory_min_bytes)
       .def_rw("copy_threads", &StagingOptions::copy_threads)
       .def_rw("memory_budget_bytes", &StagingOptions::memory_budget_bytes);
+  nb::class_<PyStagingLease>(m, "StagingLease")
+      .def(nb::init<>())
+      .def("release", &PyStagingLease::release)
+      .def_prop_ro("held", &PyStagingLease::held);
   nb::class_<PyStager>(m, "Stager")
       .def(nb::init<StagingOptions, bool, nb::object>(), nb::arg("options"), nb::arg("use_cuda"), nb::arg("adapter"))
-      .def("stage", &PyStager::stage, nb::arg("state_dict"))
+      .def("stage", &PyStager::stage, nb::arg("state_dict"), nb::arg("lease").none() = nb::none())
       .def("close", &PyStager::close)
       .def_prop_ro("pinning_downgraded", &PyStager::pinning_downgraded)
       .def("stats", &PyStager::stats);
@@ -267,6 +321,14 @@ NB_MODULE(_C, m) {
            nb::arg("direct_io"), nb::arg("io_engine"))
       .def("read_into", &PyCheckpointIO::read_into, nb::arg("path"), nb::arg("target"), nb::arg("strict"),
            nb::arg("verify"), nb::arg("io_threads"));
+  nb::class_<SharedStateDict>(m, "SharedStateDict")
+      .def_prop_ro("message", [](const SharedStateDict& s) { return nb::bytes(s.message.data(), s.message.size()); })
+      .def_ro("fds", &SharedStateDict::fds)
+      .def_ro("bytes_copied", &SharedStateDict::bytes_copied);
+  nb::class_<PyStateDictChannel>(m, "StateDictChannel")
+      .def(nb::init<nb::object>(), nb::arg("adapter"))
+      .def("share", &PyStateDictChannel::share, nb::arg("state_dict"))
+      .def("attach", &PyStateDictChannel::attach, nb::arg("message"), nb::arg("fds"));
   m.def("verify", [](const std::string& path) {
     VerifyReport report;
     {

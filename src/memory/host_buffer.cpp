@@ -6,11 +6,44 @@
 
 #include <cerrno>
 #include <cstring>
+#include <map>
+#include <mutex>
 #include <utility>
 
 #include "fastdcp/common/error.h"
 
 namespace fastdcp {
+
+namespace {
+
+// Live shared buffers by start address; see find_shared_memory.
+struct SharedRegistry {
+  struct Mapping {
+    size_t size;
+    int fd;
+  };
+  std::mutex mutex;
+  std::map<uintptr_t, Mapping> mappings;
+};
+
+SharedRegistry& shared_registry() {
+  static auto* registry = new SharedRegistry;  // leaked: buffers may be freed during static destruction
+  return *registry;
+}
+
+}  // namespace
+
+std::optional<SharedMemoryRange> find_shared_memory(const void* data, size_t nbytes) {
+  const auto address = reinterpret_cast<uintptr_t>(data);
+  SharedRegistry& registry = shared_registry();
+  std::lock_guard lock(registry.mutex);
+  auto it = registry.mappings.upper_bound(address);
+  if (it == registry.mappings.begin()) return std::nullopt;
+  --it;
+  const uint64_t offset = address - it->first;
+  if (offset + nbytes > it->second.size) return std::nullopt;
+  return SharedMemoryRange{it->second.fd, offset};
+}
 
 size_t page_size() noexcept {
   static const size_t size = static_cast<size_t>(sysconf(_SC_PAGESIZE));
@@ -47,6 +80,11 @@ HostBuffer HostBuffer::allocate(size_t nbytes, HostMemoryTraits traits, std::sha
   }
   buffer.data_ = data;
   buffer.size_ = size;
+  if (buffer.fd_ >= 0) {
+    SharedRegistry& registry = shared_registry();
+    std::lock_guard lock(registry.mutex);
+    registry.mappings[reinterpret_cast<uintptr_t>(data)] = {size, buffer.fd_};
+  }
   if (size >= (size_t{2} << 20)) madvise(data, size, MADV_HUGEPAGE);  // a hint; THP may be off
   if (traits.pinned) {
     if (!cuda || !cuda->available()) {
@@ -83,6 +121,11 @@ HostBuffer::~HostBuffer() { reset(); }
 void HostBuffer::reset() noexcept {
   if (cuda_ && data_) cuda_->host_unregister(data_);  // unpin before the pages go away
   cuda_.reset();
+  if (data_ && fd_ >= 0) {
+    SharedRegistry& registry = shared_registry();
+    std::lock_guard lock(registry.mutex);
+    registry.mappings.erase(reinterpret_cast<uintptr_t>(data_));
+  }
   if (data_) munmap(data_, size_);
   if (fd_ >= 0) close(fd_);
   data_ = nullptr;

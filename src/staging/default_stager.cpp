@@ -26,6 +26,7 @@ struct CacheEntry {
   std::weak_ptr<const StorageImpl> source;
   Storage staged;
   uint64_t last_call = 0;
+  std::weak_ptr<const void> held_by;  // the lease of the call that staged into it; Note [Staging leases]
 };
 
 constexpr int kTagSlotBits = 40;
@@ -46,6 +47,7 @@ struct ProducerEvents {
 struct Request {
   std::shared_ptr<const Value> state_dict;
   ProducerEvents producers;
+  std::shared_ptr<const void> lease;
   Promise<Value> promise;
 };
 
@@ -78,6 +80,7 @@ struct DefaultStager::Impl {
   std::vector<uint32_t> free_slots;
   std::unordered_map<const StorageImpl*, uint32_t> cache_index;
   uint64_t call_epoch = 0;
+  std::shared_ptr<const void> call_lease;
   size_t storages_this_call = 0;
   uint64_t host_bytes_this_call = 0;
   std::vector<DeviceCopy> device_copies;
@@ -193,7 +196,11 @@ struct DefaultStager::Impl {
     if (lookup(id, slot)) {
       CacheEntry& entry = cache[slot];
       if (entry.last_call == call_epoch) return entry.staged;  // another view of a storage in this call
-      if (entry.staged.nbytes() == nbytes) {
+      if (!entry.held_by.expired()) {
+        entry.staged = new_staged_buffer(nbytes);  // still read by a write: Note [Staging leases]
+        ++stats.leased_skips;
+        ++stats.cache_misses;
+      } else if (entry.staged.nbytes() == nbytes) {
         ++stats.cache_hits;
       } else {
         entry.staged = new_staged_buffer(nbytes);  // resized: see upstream-behaviour.md 5.1.7
@@ -215,6 +222,7 @@ struct DefaultStager::Impl {
     }
     CacheEntry& entry = cache[slot];
     entry.last_call = call_epoch;
+    entry.held_by = call_lease;
     ++storages_this_call;
     if (nbytes != 0) {
       if (source.device().is_cpu()) {
@@ -342,7 +350,7 @@ struct DefaultStager::Impl {
     return devices;
   }
 
-  Value run_stage(const Value& src, ProducerEvents& producers) {
+  Value run_stage(const Value& src, ProducerEvents& producers, std::shared_ptr<const void> lease) {
     struct EventsReleaser {
       Impl* self;
       ProducerEvents& events;
@@ -351,6 +359,11 @@ struct DefaultStager::Impl {
 
     std::lock_guard lock(stage_mutex);
     ++call_epoch;
+    call_lease = std::move(lease);
+    struct LeaseReset {  // the stager itself must not keep the caller's token alive
+      std::shared_ptr<const void>& lease;
+      ~LeaseReset() { lease.reset(); }
+    } lease_reset{call_lease};
     storages_this_call = 0;
     host_bytes_this_call = 0;
     copier->begin();
@@ -399,7 +412,7 @@ struct DefaultStager::Impl {
         queue.pop_front();
       }
       try {
-        request.promise.set_value(run_stage(*request.state_dict, request.producers));
+        request.promise.set_value(run_stage(*request.state_dict, request.producers, std::move(request.lease)));
       } catch (...) {
         request.promise.set_exception(std::current_exception());
       }
@@ -445,6 +458,7 @@ Future<Value> DefaultStager::stage(std::shared_ptr<const Value> state_dict, cons
   if (!impl_->options.use_async_staging) return make_ready_future(stage_now(*state_dict, call));
   Request request;
   request.state_dict = std::move(state_dict);
+  request.lease = call.lease;
   auto future = request.promise.get_future();
   {
     std::lock_guard lock(impl_->queue_mutex);
@@ -463,7 +477,7 @@ Value DefaultStager::stage_now(const Value& state_dict, const StageCallOptions& 
     impl_->check_open("stage_now");
   }
   ProducerEvents producers = impl_->record_producer_events(call);
-  return impl_->run_stage(state_dict, producers);
+  return impl_->run_stage(state_dict, producers, call.lease);
 }
 
 void DefaultStager::close() { impl_->shutdown(); }

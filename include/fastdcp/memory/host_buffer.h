@@ -3,7 +3,9 @@
 // by its file descriptor) and optionally registered with the CUDA runtime (pinned).
 
 #include <cstddef>
+#include <cstdint>
 #include <memory>
+#include <optional>
 
 #include "fastdcp/memory/cuda_runtime.h"
 
@@ -46,5 +48,15 @@ class HostBuffer {
 };
 
 size_t page_size() noexcept;
+
+// Where a byte range of fastdcp's shared host memory lives: its memfd (owned by the HostBuffer,
+// valid while the buffer is) and the offset in it. Found by address, so that memory which reached
+// a framework and came back as a raw pointer can still be handed to another process.
+struct SharedMemoryRange {
+  int fd = -1;
+  uint64_t offset = 0;
+};
+// The memfd range holding [data, data + nbytes), if one live shared HostBuffer holds all of it.
+std::optional<SharedMemoryRange> find_shared_memory(const void* data, size_t nbytes);
 
 }  // namespace fastdcp

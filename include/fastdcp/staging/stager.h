@@ -53,10 +53,20 @@ struct ProducerStream {
   CudaStream stream = nullptr;  // nullptr: the legacy default stream
 };
 
+// Note [Staging leases]
+// Cached buffers are reused by the next stage call (upstream's semantics), which is wrong for a
+// staged tree that a background write still reads. A call made with a lease token holds the
+// buffers it stages into for as long as the token lives: no later call writes into them; a
+// storage whose cached buffer is held is staged into a fresh buffer from the pool, which becomes
+// its cache entry. Dropping the token releases the hold (the buffers themselves live as long as
+// any staged tree uses them and then return to the pool), so N tokens alive means at most N + 1
+// sets of buffers, and steady state reuses them all.
 struct StageCallOptions {
   // Copies of tensors on these devices wait for everything queued on these streams before the
   // stage() call. Empty: the legacy default stream of the calling thread's current device.
   std::vector<ProducerStream> producer_streams;
+  // See Note [Staging leases]; null: the buffers staged into are not held.
+  std::shared_ptr<const void> lease;
 };
 
 class CheckpointStager {
@@ -75,6 +85,7 @@ struct StagerStats {
   uint64_t cache_misses = 0;   // storages that needed a new buffer
   uint64_t cache_entries = 0;
   uint64_t bytes_copied = 0;   // over all calls
+  uint64_t leased_skips = 0;   // storages staged into a fresh buffer because their cached one was held
 };
 
 class DefaultStager final : public CheckpointStager {

@@ -77,9 +77,29 @@ class DefaultStager(CheckpointStager):
             return self._executor.submit(self._stage, state_dict)
         return self._stage(state_dict)
 
-    def _stage(self, state_dict: STATE_DICT) -> STATE_DICT:
+    def _stage(self, state_dict: STATE_DICT, lease=None) -> STATE_DICT:
         with self._lock, torch.no_grad():
-            return self._native.stage(state_dict)
+            return self._native.stage(state_dict, lease)
+
+    def _stage_leased(self, state_dict: STATE_DICT) -> Future:
+        """A future of ``(staged, lease)``: no later stage() writes into the staged buffers until
+        ``lease.release()`` (Note [Staging leases]); the AsyncCheckpointer releases it when the
+        write that reads them is done."""
+        if self._closed:
+            raise RuntimeError("DefaultStager.stage() called after close()")
+        lease = _C.StagingLease()
+
+        def stage_and_hold():
+            return self._stage(state_dict, lease), lease
+
+        if self._executor is not None:
+            return self._executor.submit(stage_and_hold)
+        done: Future = Future()
+        try:
+            done.set_result(stage_and_hold())
+        except Exception as error:
+            done.set_exception(error)
+        return done
 
     def close(self) -> None:
         if self._closed:

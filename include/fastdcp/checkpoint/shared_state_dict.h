@@ -1,0 +1,45 @@
+#pragma once
+// Handing a staged state dict to another process (the background writer) without copying or
+// serializing a byte of tensor data.
+//
+// Note [Shared state dicts]
+// The tree travels as a rank-file header (the very JSON the data file will carry, so the same
+// parser checks it on arrival, docs/format.md), followed by a table that gives, for each of the
+// header's entries, the memfd and the offset in it that hold the entry's bytes. The memfds travel
+// beside the message (SCM_RIGHTS over a Unix socket). Staged buffers in fastdcp's shared memory go
+// as they are; any other storage is first copied into one memfd owned by the SharedStateDict. The
+// receiver maps each memfd privately (copy-on-write: a writer that scribbles on its tensors cannot
+// change the sender's buffers) and closes it at once, so an attached tree holds mappings, not
+// file descriptors.
+
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include "fastdcp/memory/host_buffer.h"
+#include "fastdcp/tensor/value.h"
+
+namespace fastdcp {
+
+struct SharedStateDict {
+  SharedStateDict() = default;
+  SharedStateDict(SharedStateDict&&) = default;  // move-only: it owns `copies`
+  SharedStateDict& operator=(SharedStateDict&&) = default;
+
+  std::string message;
+  // Borrowed from the staged buffers (and from `copies`): valid while they live, so the sender
+  // keeps the staged tree alive until the receiver has attached.
+  std::vector<int> fds;
+  std::vector<HostBuffer> copies;  // storages that were not in shared memory
+  uint64_t bytes_copied = 0;
+};
+
+// Describes `staged` (CPU tensors only) for attach_state_dict in another process. Throws
+// Error(kInvalidArgument) naming the key path of a value the checkpoint format cannot hold.
+SharedStateDict share_state_dict(const Value& staged);
+
+// Builds the tree of a share_state_dict message over the memfds `fds`, which it takes over and
+// closes (also on error). Throws Error(kInvalidArgument) for a malformed message.
+Value attach_state_dict(std::string_view message, const std::vector<int>& fds);
+
+}  // namespace fastdcp

@@ -1,0 +1,301 @@
+"""Checkpointers, the writer process and the builders of fastdcp.torch (issue 5)."""
+
+import os
+import resource
+import signal
+import time
+from concurrent.futures import Future
+
+import pytest
+import torch
+
+import fastdcp.torch as fdt
+from fastdcp.torch import (
+    AsyncCheckpointer,
+    CheckpointerConfig,
+    CheckpointProcess,
+    CheckpointProcessConfig,
+    CheckpointStagerConfig,
+    CheckpointWriter,
+    CheckpointWriterConfig,
+    RankInfo,
+    WriterHook,
+    make_async_checkpointer,
+    make_sync_checkpointer,
+)
+
+CPU_STAGING = CheckpointStagerConfig(use_pinned_memory=False, use_non_blocking_copy=False)
+
+
+def cpu_config(**kwargs) -> CheckpointerConfig:
+    return CheckpointerConfig(staging_config=CPU_STAGING, **kwargs)
+
+
+def model_state(seed: int) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    weight = torch.randn(256, 512, generator=g)
+    return {
+        "model": {"weight": weight, "weight_t": weight.t(), "bias": torch.randn(512, generator=g)},
+        "optim": {"step": seed, "lr": 0.1 * seed, "state": [torch.randn(1000, generator=g), None, ("adam", b"\x01")]},
+    }
+
+
+def assert_same(loaded: dict, expected: dict) -> None:
+    assert torch.equal(loaded["model"]["weight"], expected["model"]["weight"])
+    assert torch.equal(loaded["model"]["bias"], expected["model"]["bias"])
+    assert loaded["model"]["weight_t"].data_ptr() == loaded["model"]["weight"].data_ptr()  # still a view
+    assert loaded["optim"]["step"] == expected["optim"]["step"]
+    assert torch.equal(loaded["optim"]["state"][0], expected["optim"]["state"][0])
+    assert loaded["optim"]["state"][1:] == expected["optim"]["state"][1:]
+
+
+# --- hooks and init functions run in the writer process: module level, so spawn can find them ---
+class SlowHook(WriterHook):
+    """Holds the write in pre_commit for `seconds`, and records post_commit's kwargs in a file."""
+
+    def __init__(self, seconds: float = 0.0, record: str | None = None):
+        self.seconds = seconds
+        self.record = record
+
+    def pre_commit(self, path, **kwargs):
+        time.sleep(kwargs.get("sleep", self.seconds))
+
+    def post_commit(self, path, **kwargs):
+        if self.record:
+            with open(self.record, "a") as f:
+                f.write(f"{path} {sorted(kwargs.items())}\n")
+
+
+def writer_with_hook(rank_info, seconds=0.0, record=None, overwrite=False):
+    return CheckpointWriter(CheckpointWriterConfig(overwrite=overwrite), rank_info,
+                            commit_hook=SlowHook(seconds, record))
+
+
+def sleeping_init(seconds):
+    time.sleep(seconds)
+
+
+def failing_init():
+    raise ValueError("init refused by the test")
+
+
+def async_checkpointer(tmp_path, *, hook_seconds=0.0, record=None, process_config=None, overwrite=False,
+                       max_pending_saves=2, **kwargs) -> AsyncCheckpointer:
+    config = cpu_config(max_pending_saves=max_pending_saves)
+    if process_config is not None:
+        config.process_config = process_config
+    return make_async_checkpointer(
+        config, checkpoint_writer_init_fn=writer_with_hook,
+        checkpoint_writer_init_args={"seconds": hook_seconds, "record": record, "overwrite": overwrite}, **kwargs)
+
+
+# --- API ---------------------------------------------------------------------------------------
+def test_every_upstream_name_exists():
+    import torch.distributed.checkpoint._experimental as upstream
+    from torch.distributed.checkpoint._experimental import barriers, checkpoint_process
+
+    names = set(upstream.__all__) | {"DistBarrier"} | {
+        n for n in ("CheckpointProcess", "CheckpointProcessConfig", "RequestType", "WorkerRequest", "WorkerResponse")
+        if hasattr(checkpoint_process, n)}
+    assert hasattr(barriers, "DistBarrier")
+    missing = sorted(n for n in names if not hasattr(fdt, n))
+    assert missing == []
+
+
+def test_upstream_defaults_fail_without_an_accelerator_as_upstream():
+    if torch.cuda.is_available():
+        pytest.skip("the CPU-only default failure needs a host without CUDA")
+    with pytest.raises(AssertionError, match="use_non_blocking_copy"):
+        make_async_checkpointer()
+
+
+# --- sync ---------------------------------------------------------------------------------------
+def test_sync_checkpointer_round_trip_and_strict_load(tmp_path):
+    checkpointer = make_sync_checkpointer(cpu_config())
+    state = model_state(1)
+    assert checkpointer.save(str(tmp_path / "c"), state) is None
+    assert_same(checkpointer.load(str(tmp_path / "c")), state)
+    template = {"model": {"weight": torch.zeros(256, 512)}, "extra": torch.zeros(3)}
+    with pytest.raises(Exception, match="extra"):
+        checkpointer.load(str(tmp_path / "c"), template, strict=True)
+    assert torch.count_nonzero(template["model"]["weight"]) == 0  # strict checks before it changes anything
+    checkpointer.close()
+
+
+# --- async ------------------------------------------------------------------------------------------
+def test_async_save_returns_staging_and_write_futures_and_loads_back(tmp_path):
+    checkpointer = async_checkpointer(tmp_path)
+    try:
+        state = model_state(2)
+        staging, write = checkpointer.save(str(tmp_path / "a"), state)
+        assert isinstance(staging, Future) and isinstance(write, Future)
+        assert staging.result(timeout=60) is None
+        assert write.result(timeout=120) is None
+        assert_same(checkpointer.load(str(tmp_path / "a")), state)
+    finally:
+        checkpointer.close()
+    assert checkpointer._process.process is None
+
+
+def test_overlapping_saves_to_different_paths_keep_their_own_contents(tmp_path):
+    # Each write holds in pre_commit, so the next saves stage while earlier ones are in flight:
+    # their leased buffers must not be overwritten (Note [Staging leases]).
+    checkpointer = async_checkpointer(tmp_path, hook_seconds=0.5, max_pending_saves=3)
+    try:
+        state = model_state(0)
+        expected, writes = [], []
+        for i in range(5):
+            state["model"]["weight"].fill_(float(i))
+            state["optim"]["step"] = i
+            staging, write = checkpointer.save(str(tmp_path / f"s{i}"), state)
+            staging.result(timeout=60)
+            expected.append({"weight": state["model"]["weight"].clone(), "step": i})
+            writes.append(write)
+        for write in writes:
+            write.result(timeout=120)
+        for i, want in enumerate(expected):
+            loaded = checkpointer.load(str(tmp_path / f"s{i}"))
+            assert torch.equal(loaded["model"]["weight"], want["weight"]), i
+            assert loaded["optim"]["step"] == i
+        assert checkpointer._stager.stats()["leased_skips"] > 0
+    finally:
+        checkpointer.close()
+
+
+def test_writer_kwargs_reach_the_hooks_and_stage_options_the_stager(tmp_path):
+    record = tmp_path / "record.txt"
+    checkpointer = async_checkpointer(tmp_path, record=str(record))
+    try:
+        _, write = checkpointer.save(str(tmp_path / "k"), model_state(3), step_tag="s3", sleep=0)
+        write.result(timeout=120)
+        assert "('step_tag', 's3')" in record.read_text()
+        with pytest.raises(TypeError, match="bogus"):
+            checkpointer.save(str(tmp_path / "k2"), model_state(3), stage_options={"bogus": 1})
+    finally:
+        checkpointer.close()
+
+
+def test_a_failed_write_fails_once_and_later_saves_work(tmp_path):
+    checkpointer = async_checkpointer(tmp_path)
+    try:
+        (tmp_path / "not_a_dir").write_text("a file where the checkpoint directory should be")
+        _, failed = checkpointer.save(str(tmp_path / "not_a_dir"), model_state(4))
+        with pytest.raises(RuntimeError, match="not_a_dir"):
+            failed.result(timeout=120)
+        state = model_state(5)
+        staging, write = checkpointer.save(str(tmp_path / "ok"), state)  # does not re-raise the failure
+        write.result(timeout=120)
+        assert_same(checkpointer.load(str(tmp_path / "ok")), state)
+        assert checkpointer._process.restarts == 0  # the worker kept serving
+    finally:
+        checkpointer.close()
+
+
+def test_load_waits_for_a_pending_save_to_the_same_path(tmp_path):
+    checkpointer = async_checkpointer(tmp_path, hook_seconds=1.0)
+    try:
+        state = model_state(6)
+        checkpointer._process.process_creation_future.result(timeout=120)
+        _, write = checkpointer.save(str(tmp_path / "w"), state)
+        loaded = checkpointer.load(str(tmp_path / "w"))  # would find no committed checkpoint without waiting
+        assert write.done()
+        assert_same(loaded, state)
+    finally:
+        checkpointer.close()
+
+
+def test_a_killed_worker_fails_its_write_and_the_next_save_restarts_it(tmp_path):
+    checkpointer = async_checkpointer(tmp_path, hook_seconds=3.0)
+    try:
+        first = model_state(7)
+        checkpointer.save(str(tmp_path / "good"), first, sleep=0)[1].result(timeout=120)
+        _, doomed = checkpointer.save(str(tmp_path / "doomed"), model_state(8))
+        time.sleep(1.0)  # the worker is inside pre_commit now
+        os.kill(checkpointer._process.process.pid, signal.SIGKILL)
+        with pytest.raises(RuntimeError, match="SIGKILL"):
+            doomed.result(timeout=60)
+        with pytest.raises(RuntimeError, match="no committed checkpoint"):
+            checkpointer.load(str(tmp_path / "doomed"))
+        second = model_state(9)
+        checkpointer.save(str(tmp_path / "after"), second, sleep=0)[1].result(timeout=120)
+        assert checkpointer._process.restarts == 1
+        assert_same(checkpointer.load(str(tmp_path / "after")), second)
+        assert_same(checkpointer.load(str(tmp_path / "good")), first)
+    finally:
+        checkpointer.close()
+
+
+def test_a_hung_write_times_out_and_the_worker_is_replaced(tmp_path):
+    config = CheckpointProcessConfig(subprocess_write_timeout_secs=2)
+    checkpointer = async_checkpointer(tmp_path, hook_seconds=60, process_config=config)
+    try:
+        _, hung = checkpointer.save(str(tmp_path / "hung"), model_state(10))
+        checkpointer._process.process_creation_future.result(timeout=120)
+        started = time.monotonic()
+        with pytest.raises(TimeoutError, match="subprocess_write_timeout_secs=2"):
+            hung.result(timeout=60)
+        assert time.monotonic() - started < 30
+        state = model_state(11)
+        checkpointer.save(str(tmp_path / "next"), state, sleep=0)[1].result(timeout=120)
+        assert_same(checkpointer.load(str(tmp_path / "next")), state)
+    finally:
+        checkpointer.close()
+
+
+def test_init_timeout_and_init_failure_are_reported_on_the_write_future(tmp_path):
+    config = CheckpointProcessConfig(subprocess_init_timeout_secs=1)
+    slow = async_checkpointer(tmp_path, process_config=config, subprocess_init_fn=sleeping_init,
+                              subprocess_init_args=(30,))
+    try:
+        with pytest.raises(TimeoutError, match="Timed out after 1s waiting for checkpoint subprocess to initialize"):
+            slow._process.process_creation_future.result(timeout=120)
+        assert slow._process.process is None  # the late worker was not left running
+    finally:
+        slow.close()
+    failing = async_checkpointer(tmp_path, subprocess_init_fn=failing_init)
+    try:
+        _, write = failing.save(str(tmp_path / "never"), model_state(12))
+        with pytest.raises(RuntimeError, match="init refused by the test"):
+            write.result(timeout=120)
+    finally:
+        failing.close()
+
+
+def test_close_ends_the_worker_and_is_idempotent(tmp_path):
+    checkpointer = async_checkpointer(tmp_path)
+    checkpointer._process.process_creation_future.result(timeout=120)
+    worker = checkpointer._process.process
+    assert worker.is_alive()
+    checkpointer.close()
+    checkpointer.close()
+    assert not worker.is_alive()
+    assert worker.exitcode == 0
+    with pytest.raises(RuntimeError, match="after close"):
+        checkpointer.save(str(tmp_path / "late"), model_state(13))
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * resource.getpagesize()
+
+
+def test_two_hundred_async_saves_keep_rss_flat(tmp_path):
+    checkpointer = async_checkpointer(tmp_path, overwrite=True)
+    try:
+        state = {"w": torch.randn(1024, 1024), "small": [torch.randn(64) for _ in range(50)], "step": 0}
+        baseline = None
+        for i in range(200):
+            state["step"] = i
+            state["w"].add_(1.0)
+            staging, write = checkpointer.save(str(tmp_path / "rss"), state)
+            staging.result(timeout=60)
+            if i == 20:
+                write.result(timeout=120)
+                baseline = _rss_bytes()
+        write.result(timeout=120)
+        grown = _rss_bytes() - baseline
+        assert grown < 0.01 * baseline, f"RSS grew by {grown} bytes from {baseline}"
+        loaded = checkpointer.load(str(tmp_path / "rss"))
+        assert loaded["step"] == 199 and torch.equal(loaded["w"], state["w"])
+    finally:
+        checkpointer.close()
