@@ -20,13 +20,11 @@ run_suite() {  # run_suite NAME BUILD_DIR CTEST_ARGS... -- CMAKE_ARGS...
   (cd "$dir" && ctest --output-on-failure "${ctest_args[@]}")
 }
 
-# The Python package, built by pip from the same CMake project into a virtual environment, and its
-# pytest suite (against torch 2.13.0, the CPU build).
+# The Python package, built by pip from the same CMake project into a virtual environment
+# (scripts/python_env.sh), and its pytest suite (against torch 2.13.0, the CPU build).
 python_suite() {
   echo "=== fastdcp tests: python ==="
-  [ -x .venv/bin/python ] || python3 -m venv .venv
-  .venv/bin/pip install -q torch==2.13.0 numpy pytest hypothesis safetensors "nanobind>=2.4" "scikit-build-core>=0.10" cmake ninja
-  .venv/bin/pip install -q --no-build-isolation .
+  bash scripts/python_env.sh
   (cd tests/python && ../../.venv/bin/python -m pytest -q -p no:cacheprovider .)
 }
 

@@ -19,6 +19,7 @@
 
 #include "checkpoint/rank_file_io.h"
 #include "fastdcp/common/error.h"
+#include "fastdcp/common/logging.h"
 #include "fastdcp/common/parallel.h"
 #include "fastdcp/format/checksum.h"
 #include "fastdcp/io/file.h"
@@ -176,7 +177,6 @@ CheckpointWriter::CheckpointWriter(RankInfo rank, WriterOptions options, std::sh
 WriteStats CheckpointWriter::write(const std::string& path, const Value& state_dict) {
   const auto start = Clock::now();
   if (path.empty()) throw Error(ErrorCode::kInvalidArgument, "the checkpoint path is empty");
-  RankFilePlan plan = RankFilePlan::make(state_dict);  // bad values fail before anything is written
   create_directories(path);
   const std::optional<Manifest> committed = committed_manifest(path);
   if (committed && !options_.overwrite) {
@@ -184,10 +184,62 @@ WriteStats CheckpointWriter::write(const std::string& path, const Value& state_d
                                                     std::to_string(committed->generation) +
                                                     "); pass overwrite=true to replace it");
   }
-  const uint64_t generation = committed ? committed->generation + 1 : 1;
+  uint64_t generation = committed ? committed->generation + 1 : 1;
+  // An abandoned save's generation is not used again (Note [Commit protocol]).
+  while (path_exists(join_path(path, failure_file_name(0, generation)))) ++generation;
   const int rank = rank_.global_rank;
 
-  // This rank's data file: tensor bytes (checksummed on the way), then the header, then fsync.
+  // Phase one: this rank's file and pre_commit, then its vote. See Note [Commit protocol].
+  WriteStats stats;
+  std::exception_ptr failure;
+  std::optional<std::string> rank0_failure;
+  try {
+    ManifestRank receipt;
+    stats = write_rank_file(path, state_dict, generation, receipt);
+    if (hook_) hook_->pre_commit(path);
+    write_small_file_atomically(path, receipt_file_name(rank, generation), render_receipt(receipt, generation));
+  } catch (const std::exception& e) {
+    failure = std::current_exception();
+    const std::string why = "rank " + std::to_string(rank) + " failed: " + e.what();
+    if (rank == 0) {
+      rank0_failure = why;  // recorded once every rank has voted: rank 0's record ends the attempt
+    } else {
+      vote_failed(path, generation, why);
+    }
+  }
+  if (barrier_) {
+    try {
+      barrier_->execute(options_.barrier_timeout);
+    } catch (const std::exception& e) {
+      if (!failure) {
+        warn("the checkpoint barrier failed after rank " + std::to_string(rank) + " voted to commit '" + path +
+             "'; the commit decides this save's outcome: " + e.what());
+      }
+    }
+  }
+
+  // Phase two: rank 0 decides once every rank has voted; every rank returns only once the
+  // decision is visible, so that the next save of every rank picks the same generation.
+  try {
+    if (rank == 0) {
+      commit(path, generation, rank0_failure);
+    } else {
+      await_commit(path, generation);
+    }
+  } catch (...) {
+    if (!failure) throw;
+  }
+  if (failure) std::rethrow_exception(failure);
+  if (hook_) hook_->post_commit(path);
+  stats.seconds_total = seconds_since(start);
+  return stats;
+}
+
+WriteStats CheckpointWriter::write_rank_file(const std::string& path, const Value& state_dict, uint64_t generation,
+                                             ManifestRank& receipt) {
+  const auto start = Clock::now();
+  const int rank = rank_.global_rank;
+  RankFilePlan plan = RankFilePlan::make(state_dict);  // bad values fail before anything is written
   WriteStats stats;
   stats.file = rank_file_name(rank, generation);
   {
@@ -230,41 +282,85 @@ WriteStats CheckpointWriter::write(const std::string& path, const Value& state_d
   }
   stats.bytes_written = plan.file_size();
   stats.seconds_data = seconds_since(start);
-  const ManifestRank receipt{rank, stats.file, plan.file_size(), crc32c(plan.header().data(), plan.header().size())};
-  write_small_file_atomically(path, receipt_file_name(rank, generation), render_receipt(receipt, generation));
+  receipt = ManifestRank{rank, stats.file, plan.file_size(), crc32c(plan.header().data(), plan.header().size())};
+  return stats;
+}
 
-  if (hook_) hook_->pre_commit(path);
-  if (barrier_) barrier_->execute(options_.barrier_timeout);
-  if (rank == 0) {
-    // Every rank's receipt, then the manifest; see Note [Commit protocol].
-    Manifest manifest;
-    manifest.generation = generation;
-    manifest.world_size = rank_.global_world_size;
-    const auto deadline = Clock::now() + options_.barrier_timeout;
-    for (int r = 0; r < rank_.global_world_size; ++r) {
-      const std::string name = join_path(path, receipt_file_name(r, generation));
-      while (!path_exists(name)) {
-        if (Clock::now() > deadline) {
-          throw Error(ErrorCode::kUnavailable, "rank " + std::to_string(r) + " did not finish writing '" + path +
-                                                   "' within the barrier timeout; nothing was committed");
-        }
-        std::this_thread::sleep_for(std::chrono::milliseconds(5));
+void CheckpointWriter::vote_failed(const std::string& path, uint64_t generation, const std::string& error) noexcept {
+  try {
+    write_small_file_atomically(path, failure_file_name(rank_.global_rank, generation),
+                                render_failure(rank_.global_rank, generation, error));
+  } catch (...) {
+    // The directory itself may be what failed; the others then wait out their timeout.
+  }
+}
+
+std::optional<std::string> CheckpointWriter::collect_votes(const std::string& path, uint64_t generation,
+                                                           Manifest& manifest, int first_rank) const {
+  const auto deadline = Clock::now() + options_.barrier_timeout;
+  std::optional<std::string> why;
+  for (int r = first_rank; r < rank_.global_world_size; ++r) {
+    const std::string receipt = join_path(path, receipt_file_name(r, generation));
+    const std::string failure = join_path(path, failure_file_name(r, generation));
+    for (;;) {
+      if (r != 0 && path_exists(failure)) {
+        if (!why) why = parse_failure(read_small_file(failure));  // "rank <r> failed: ..."
+        break;
       }
-      manifest.ranks.push_back(parse_receipt(read_small_file(name), generation, name));
-    }
-    sync_directory(path);  // every data file's directory entry is durable before the commit
-    write_small_file_atomically(path, kManifestName, render_manifest(manifest));
-    sync_directory(path);
-    // Committed. Files of other generations (the replaced checkpoint, failed saves) go now.
-    for (const std::string& name : list_directory(path)) {
-      const uint64_t g = generation_of(name);
-      const bool receipt_of_this = g == generation && name.starts_with("rank_");
-      if ((g != 0 && g != generation) || receipt_of_this) remove_file(join_path(path, name));
+      if (path_exists(receipt)) {
+        if (!why) manifest.ranks.push_back(parse_receipt(read_small_file(receipt), generation, receipt));
+        break;
+      }
+      if (Clock::now() > deadline) {
+        return why ? why
+                   : "rank " + std::to_string(r) + " did not finish writing '" + path + "' within the barrier timeout";
+      }
+      std::this_thread::sleep_for(std::chrono::milliseconds(5));
     }
   }
-  if (hook_) hook_->post_commit(path);
-  stats.seconds_total = seconds_since(start);
-  return stats;
+  return why;
+}
+
+void CheckpointWriter::commit(const std::string& path, uint64_t generation, std::optional<std::string> why) {
+  Manifest manifest;
+  manifest.generation = generation;
+  manifest.world_size = rank_.global_world_size;
+  // Every rank's vote, even when this save is lost already: a rank that has not voted may not have
+  // picked its generation yet, and must not see this one abandoned before it does.
+  const std::optional<std::string> votes = collect_votes(path, generation, manifest, /*first_rank=*/why ? 1 : 0);
+  if (!why) why = votes;
+  if (why) {
+    vote_failed(path, generation, *why);  // rank 0's failure record: the attempt is abandoned
+    throw Error(ErrorCode::kCancelled, "the save to '" + path + "' was abandoned: " + *why + "; nothing was committed");
+  }
+  sync_directory(path);  // every data file's directory entry is durable before the commit
+  write_small_file_atomically(path, kManifestName, render_manifest(manifest));
+  sync_directory(path);
+  // Committed. Files of other generations (the replaced checkpoint, failed saves) go now, and
+  // this generation's votes.
+  for (const std::string& name : list_directory(path)) {
+    const uint64_t g = generation_of(name);
+    const bool vote_of_this = g == generation && name.starts_with("rank_");
+    if ((g != 0 && g != generation) || vote_of_this) remove_file(join_path(path, name));
+  }
+}
+
+void CheckpointWriter::await_commit(const std::string& path, uint64_t generation) const {
+  const auto deadline = Clock::now() + options_.barrier_timeout;
+  const std::string abandoned = join_path(path, failure_file_name(0, generation));
+  for (auto pause = std::chrono::milliseconds(1);; pause = std::min(pause * 2, std::chrono::milliseconds(20))) {
+    const std::optional<Manifest> manifest = committed_manifest(path);
+    if (manifest && manifest->generation >= generation) return;
+    if (path_exists(abandoned)) {
+      throw Error(ErrorCode::kCancelled, "the save to '" + path + "' was not committed: " +
+                                             parse_failure(read_small_file(abandoned)));
+    }
+    if (Clock::now() > deadline) {
+      throw Error(ErrorCode::kUnavailable, "rank 0 did not commit '" + path +
+                                               "' within the barrier timeout; this rank's part is written but not committed");
+    }
+    std::this_thread::sleep_for(pause);
+  }
 }
 
 // ---- reading -------------------------------------------------------------------------------

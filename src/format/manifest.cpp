@@ -102,6 +102,26 @@ ManifestRank parse_receipt(std::string_view text, uint64_t generation, const std
   return parse_rank(j, file);
 }
 
+std::string render_failure(int rank, uint64_t generation, const std::string& error) {
+  // error_handler_t::replace: an error message is not always valid UTF-8.
+  return json{{"rank", rank}, {"generation", generation}, {"error", error}}.dump(-1, ' ', false,
+                                                                                  json::error_handler_t::replace) +
+         "\n";
+}
+
+std::string parse_failure(std::string_view text) {
+  const json j = json::parse(text, nullptr, /*allow_exceptions=*/false);
+  if (j.is_object()) {
+    const auto it = j.find("error");
+    if (it != j.end() && it->is_string()) return it->get<std::string>();
+  }
+  return std::string(text);
+}
+
+std::string failure_file_name(int rank, uint64_t generation) {
+  return "rank_" + std::to_string(rank) + ".g" + std::to_string(generation) + ".failed.json";
+}
+
 std::string rank_file_name(int rank, uint64_t generation) {
   return "checkpoint_" + std::to_string(rank) + ".g" + std::to_string(generation) + ".safetensors";
 }

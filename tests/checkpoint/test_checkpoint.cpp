@@ -324,6 +324,67 @@ TEST_F(CheckpointTest, ManyRanksCommitOnceAllHaveWritten) {
   EXPECT_EQ(verify_checkpoint(path_).files, kRanks);
 }
 
+// Note [Commit protocol]: one rank's failure is every rank's failure, at once, and the committed
+// checkpoint stays as it was.
+TEST_F(CheckpointTest, OneFailingRankAbandonsTheSaveOnEveryRankWithoutWaitingOutTheTimeout) {
+  constexpr int kRanks = 4;
+  struct ThreadBarrier : Barrier {
+    std::barrier<> b{kRanks};
+    void execute(std::chrono::milliseconds) override { b.arrive_and_wait(); }
+  };
+  auto run_ranks = [&](int failing_rank, std::vector<std::string>& errors) {
+    auto barrier = std::make_shared<ThreadBarrier>();
+    errors.assign(kRanks, "");
+    std::vector<std::thread> ranks;
+    for (int r = 0; r < kRanks; ++r) {
+      ranks.emplace_back([&, r] {
+        Value sd = state(20 + r);
+        // A value the format refuses: this rank fails while planning its file.
+        if (r == failing_rank) sd.insert("bad", Value(std::string("\xff\xfe")));
+        const WriterOptions options{.overwrite = true, .barrier_timeout = std::chrono::seconds(60)};
+        try {
+          CheckpointWriter({r, kRanks}, options, barrier).write(path_, sd);
+        } catch (const Error& e) {
+          errors[r] = e.what();
+        }
+      });
+    }
+    for (auto& t : ranks) t.join();
+  };
+  std::vector<std::string> errors;
+  run_ranks(/*failing_rank=*/-1, errors);
+  for (const auto& e : errors) EXPECT_EQ(e, "");
+  const uint64_t committed = read_manifest(path_).generation;
+
+  for (int failing : {2, 0}) {
+    const auto start = std::chrono::steady_clock::now();
+    run_ranks(failing, errors);
+    EXPECT_LT(std::chrono::steady_clock::now() - start, std::chrono::seconds(20)) << "a rank waited out its timeout";
+    for (int r = 0; r < kRanks; ++r) {
+      EXPECT_NE(errors[r].find(r == failing ? "not valid UTF-8" : "rank " + std::to_string(failing) + " failed"),
+                std::string::npos)
+          << "rank " << r << ": " << errors[r];
+    }
+    EXPECT_EQ(read_manifest(path_).generation, committed);
+    for (int r = 0; r < kRanks; ++r) EXPECT_EQ(CheckpointReader({r, kRanks}).read(path_).at("step").as_int(), 20 + r);
+  }
+  // The next save commits, and leaves no vote or file of the abandoned ones behind.
+  run_ranks(-1, errors);
+  for (const auto& e : errors) EXPECT_EQ(e, "");
+  for (const auto& entry : std::filesystem::directory_iterator(path_)) {
+    const std::string name = entry.path().filename().string();
+    EXPECT_TRUE(name == "manifest.json" || generation_of(name) == read_manifest(path_).generation) << name;
+  }
+}
+
+TEST_F(CheckpointTest, ARankWhoseCommitNeverComesFailsWithinTheTimeout) {
+  const Error e = expect_error([&] {
+    CheckpointWriter({1, 2}, WriterOptions{.barrier_timeout = std::chrono::milliseconds(100)}).write(path_, state(1));
+  });
+  expect_contains(e, "rank 0 did not commit");
+  EXPECT_THROW(read_manifest(path_), Error);
+}
+
 TEST_F(CheckpointTest, ACommitWaitsForMissingRanksOnlyUntilTheTimeout) {
   const Error e = expect_error([&] {
     CheckpointWriter({0, 2}, WriterOptions{.barrier_timeout = std::chrono::milliseconds(50)}).write(path_, state(1));

@@ -4,17 +4,31 @@
 //
 // Note [Commit protocol]
 // A save picks generation g = (the committed manifest's generation) + 1, the same on every rank
-// since they read the same manifest. Each rank writes checkpoint_<rank>.g<g>.safetensors, fsyncs
-// it, and writes a receipt (rank_<rank>.g<g>.json: its file's size and header checksum). After
-// pre_commit and the barrier, the committing rank (rank 0) waits for every receipt, then writes
-// manifest.json under a temporary name, fsyncs it, renames it into place and fsyncs the
-// directory: that rename is the commit. Only then are the files of earlier generations removed.
+// since they read the same manifest. It commits in two phases, through files in the checkpoint
+// directory, which every rank shares:
+//  1. Each rank writes checkpoint_<rank>.g<g>.safetensors, fsyncs it, runs pre_commit, and votes:
+//     a receipt (rank_<rank>.g<g>.json: its file's size and header checksum) when all went well,
+//     a failure record (rank_<rank>.g<g>.failed.json, with the error) when anything failed. Then
+//     the barrier (a failed rank joins it too, so that no rank waits it out). A vote is final: a
+//     rank that voted to commit takes the commit's outcome, even if the barrier fails.
+//  2. Rank 0 collects every rank's vote (within the barrier timeout). All receipts: it writes
+//     manifest.json under a temporary name, fsyncs it, renames it into place and fsyncs the
+//     directory; that rename is the commit, and only then are the files of other generations
+//     removed. A failure record (its own included), or a vote missing at the timeout: rank 0
+//     writes its failure record, which marks the attempt abandoned. Rank 0 decides only once
+//     every rank has voted, because a rank that has not voted may not have picked its generation
+//     yet. Every rank waits (within the same timeout) for the decision before it returns, so
+//     every rank's save succeeds or fails together and none hangs. An abandoned generation is not
+//     used again: the next save takes the first generation without rank 0's failure record, so
+//     no vote of an abandoned attempt is taken for a later one. (Ranks save in lockstep, as with
+//     any collective.)
 // A crash at any moment leaves either the previous manifest with all its files, or the new one
 // with all of its own; files no manifest names are never read, and the next save removes them.
 
 #include <chrono>
 #include <functional>
 #include <memory>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -82,6 +96,15 @@ class CheckpointWriter {
   const WriterOptions& options() const { return options_; }
 
  private:
+  WriteStats write_rank_file(const std::string& path, const Value& state_dict, uint64_t generation,
+                             ManifestRank& receipt);
+  void vote_failed(const std::string& path, uint64_t generation, const std::string& error) noexcept;
+  // Rank 0: the votes of ranks first_rank.. (within the barrier timeout); why the save cannot commit, if it cannot.
+  std::optional<std::string> collect_votes(const std::string& path, uint64_t generation, Manifest& manifest,
+                                           int first_rank) const;
+  void commit(const std::string& path, uint64_t generation, std::optional<std::string> why);
+  void await_commit(const std::string& path, uint64_t generation) const;
+
   RankInfo rank_;
   WriterOptions options_;
   std::shared_ptr<Barrier> barrier_;

@@ -35,8 +35,14 @@ Manifest parse_manifest(std::string_view text, const std::string& file_name);
 std::string render_receipt(const ManifestRank& receipt, uint64_t generation);
 ManifestRank parse_receipt(std::string_view text, uint64_t generation, const std::string& file_name);
 
+// A rank's vote against committing: why its part failed (rank 0's also means "abandoned").
+std::string render_failure(int rank, uint64_t generation, const std::string& error);
+// The error a failure record carries (the file's text if it is not a failure record).
+std::string parse_failure(std::string_view text);
+
 std::string rank_file_name(int rank, uint64_t generation);     // checkpoint_<rank>.g<generation>.safetensors
 std::string receipt_file_name(int rank, uint64_t generation);  // rank_<rank>.g<generation>.json
+std::string failure_file_name(int rank, uint64_t generation);  // rank_<rank>.g<generation>.failed.json
 // The generation in a rank file or receipt name, or 0 for another name.
 uint64_t generation_of(std::string_view file_name);
 

@@ -22,6 +22,7 @@ Where upstream falls short, this one differs (upstream-behaviour.md 5.2):
 import logging
 import multiprocessing
 import os
+import signal
 import socket
 import time
 import traceback
@@ -81,6 +82,8 @@ def _worker_main(rank_info: RankInfo, connection, subprocess_init_fn, subprocess
     from fastdcp import _C
     from fastdcp.torch._adapter import TorchAdapter
 
+    # Ctrl-C reaches the whole process group; the trainer decides what happens to its writer.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     fd_socket = _fd_socket(connection)
     channel = _C.StateDictChannel(TorchAdapter())
 
@@ -176,7 +179,7 @@ class CheckpointProcess:
         self.process, self._connection, self._fd_socket = process, parent_end, _fd_socket(parent_end)
         try:
             self._send(WorkerRequest(RequestType.PING, {}))
-            self._receive(self._config.subprocess_init_timeout_secs, "to initialize",
+            self._receive(self._config.subprocess_init_timeout_secs, "initializing",
                           timeout_message="Timed out after {timeout}s waiting for checkpoint subprocess to initialize")
         except BaseException:
             self._stop_worker(kill=True)
@@ -217,7 +220,6 @@ class CheckpointProcess:
             return "it stopped answering"
         if code < 0:
             try:
-                import signal
                 return f"it was killed by {signal.Signals(-code).name}"
             except ValueError:
                 return f"it was killed by signal {-code}"

@@ -1,0 +1,32 @@
+"""Four ranks over gloo, started by torchrun: sync and async saves with DistBarrier and
+TCPStoreBarrier, and a save in which one rank fails (tests/python/multirank_main.py)."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+WORLD_SIZE = 4
+
+
+def test_four_ranks_save_load_and_fail_together(tmp_path):
+    script = Path(__file__).with_name("multirank_main.py")
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={WORLD_SIZE}",
+         str(script), str(tmp_path)],
+        env=env, capture_output=True, text=True, timeout=600)
+    reports = {}
+    for rank in range(WORLD_SIZE):
+        report_file = tmp_path / f"rank_{rank}.json"
+        if report_file.exists():
+            reports[rank] = json.loads(report_file.read_text())
+    details = f"exit {result.returncode}\n{json.dumps(reports, indent=1)}\n{result.stderr[-4000:]}"
+    assert result.returncode == 0, details
+    assert sorted(reports) == list(range(WORLD_SIZE)), details
+    for rank, report in reports.items():
+        assert report["sync"] == "ok" and report["async"] == "ok", details
+        assert report["failed_save"] != "committed (wrong)", details
+        assert report["failed_save_seconds"] < 120, details  # the writer timeout is 600 s: nobody waited it out
+        assert "no committed checkpoint" in report["failed_load"], details
