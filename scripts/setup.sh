@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Installs what fastdcp needs to build and test, where it is missing: a C++20 compiler, CMake,
-# Ninja, GoogleTest, Google Benchmark, nlohmann-json, ISA-L, liburing, simdjson, and clang 14 with
-# libFuzzer.
+# Ninja, GoogleTest, Google Benchmark, nlohmann-json, ISA-L, liburing, simdjson, clang 14 with
+# libFuzzer, and OpenMPI (for the optional MPI barrier and its multi-rank test).
 # Idempotent; needs root (or sudo) only to install.
 set -euo pipefail
 
@@ -16,6 +16,8 @@ command -v ninja >/dev/null || need_apt+=(ninja-build)
 [ -f /usr/include/isa-l/crc.h ] || need_apt+=(libisal-dev)
 [ -f /usr/include/liburing.h ] || need_apt+=(liburing-dev)
 [ -f /usr/include/simdjson.h ] || need_apt+=(libsimdjson-dev)
+command -v mpirun >/dev/null || need_apt+=(openmpi-bin)
+[ -f /usr/lib/x86_64-linux-gnu/openmpi/include/mpi.h ] || need_apt+=(libopenmpi-dev)
 command -v clang++-14 >/dev/null || need_apt+=(clang-14)
 [ -e /usr/lib/llvm-14/lib/clang/14.0.6/lib/linux/libclang_rt.fuzzer-x86_64.a ] || need_apt+=(libclang-rt-14-dev)
 

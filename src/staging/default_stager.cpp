@@ -215,7 +215,7 @@ struct DefaultStager::Impl {
         slot = free_slots.back();
         free_slots.pop_back();
       }
-      cache[slot] = CacheEntry{id, source.weak_identity(), std::move(staged), 0};
+      cache[slot] = CacheEntry{id, source.weak_identity(), std::move(staged), 0, {}};
       cache_index.emplace(id, slot);
       set_tag(id, slot);
       ++stats.cache_misses;

@@ -19,12 +19,7 @@
 namespace fastdcp {
 namespace {
 
-Tensor filled(DType dtype, Dims shape, int seed) {
-  Tensor t = Tensor::empty_cpu(dtype, std::move(shape));
-  auto* bytes = static_cast<unsigned char*>(t.data_ptr());
-  for (uint64_t i = 0; i < t.nbytes(); ++i) bytes[i] = static_cast<unsigned char>(i * 13 + seed);
-  return t;
-}
+using testing::patterned_tensor;
 
 bool same_bytes(const Tensor& a, const Tensor& b) {
   if (a.dtype() != b.dtype() || a.shape() != b.shape()) return false;
@@ -36,10 +31,10 @@ bool same_bytes(const Tensor& a, const Tensor& b) {
 }
 
 Value state(int seed) {
-  Tensor base = filled(DType::kF32, {64, 64}, seed);
+  Tensor base = patterned_tensor(DType::kF32, {64, 64}, seed);
   Value model = Value::dict();
-  model.insert("big", Value(filled(DType::kBF16, {3 << 20}, seed)));  // 6 MiB: two checksum chunks
-  model.insert("w", Value(filled(DType::kF32, {16, 16}, seed + 1)));
+  model.insert("big", Value(patterned_tensor(DType::kBF16, {3 << 20}, seed)));  // 6 MiB: two checksum chunks
+  model.insert("w", Value(patterned_tensor(DType::kF32, {16, 16}, seed + 1)));
   model.insert("base", Value(base));
   model.insert("cols", Value(base.view_as({64, 8}, {64, 1}, 3)));
   Value root = Value::dict();
@@ -155,9 +150,9 @@ std::vector<ReadOptions> every_read_path() {
 // 16 MiB windows; a chunk that straddles two windows is checked once both have landed.
 TEST_F(CheckpointTest, AFullLoadReadsTheFileImageIntoOneAllocation) {
   Value source = Value::dict();
-  source.insert("a_small", Value(filled(DType::kF64, {375}, 1)));  // first: entries go by alignment
-  source.insert("b_big", Value(filled(DType::kF32, {5 << 20}, 2)));  // 20 MiB: across the first window
-  source.insert("c_tail", Value(filled(DType::kI16, {77}, 3)));
+  source.insert("a_small", Value(patterned_tensor(DType::kF64, {375}, 1)));  // first: entries go by alignment
+  source.insert("b_big", Value(patterned_tensor(DType::kF32, {5 << 20}, 2)));  // 20 MiB: across the first window
+  source.insert("c_tail", Value(patterned_tensor(DType::kI16, {77}, 3)));
   CheckpointWriter().write(path_, source);
   File file = File::open(data_file(), File::Mode::kRead);
   const RankFileHeader header =
@@ -194,7 +189,7 @@ TEST_F(CheckpointTest, AFullLoadReadsTheFileImageIntoOneAllocation) {
 // the chunks are verified afterwards.
 TEST_F(CheckpointTest, ManyTensorsAreReadWhileTheHeaderParses) {
   Value source = Value::dict();
-  for (int i = 0; i < 8000; ++i) source.insert("t" + std::to_string(i), Value(filled(DType::kF32, {16}, i)));
+  for (int i = 0; i < 8000; ++i) source.insert("t" + std::to_string(i), Value(patterned_tensor(DType::kF32, {16}, i)));
   CheckpointWriter().write(path_, source);
   File file = File::open(data_file(), File::Mode::kRead);
   const RankFileHeader header =

@@ -11,23 +11,19 @@
 
 #include "fastdcp/common/error.h"
 #include "fastdcp/staging/stager.h"
+#include "support/test_support.h"
 
 namespace fastdcp {
 namespace {
 
-Tensor pattern(DType dtype, Dims shape, int seed) {
-  Tensor t = Tensor::empty_cpu(dtype, std::move(shape));
-  auto* bytes = static_cast<unsigned char*>(t.data_ptr());
-  for (uint64_t i = 0; i < t.nbytes(); ++i) bytes[i] = static_cast<unsigned char>(i * 7 + seed);
-  return t;
-}
+using testing::patterned_tensor;
 
 Value model_state() {
-  Tensor base = pattern(DType::kF32, {256, 128}, 1);
+  Tensor base = patterned_tensor(DType::kF32, {256, 128}, 1);
   Value sd = Value::dict();
   sd.insert("weight", base);
   sd.insert("weight_t", base.view_as({128, 256}, {1, 128}, 0));  // a view of the same storage
-  sd.insert("big", pattern(DType::kBF16, {int64_t{3} << 20}, 2));
+  sd.insert("big", patterned_tensor(DType::kBF16, {int64_t{3} << 20}, 2));
   sd.insert("empty", Tensor::empty_cpu(DType::kI64, {0}));
   Value opt = Value::list();
   opt.items().push_back(Value(int64_t{7}));
@@ -60,17 +56,8 @@ void expect_same_tree(const Value& got, const Value& want) {
   EXPECT_EQ(got.at("optim").items()[1].as_string(), "adam");
 }
 
-StagingOptions shared_cpu_staging() {
-  StagingOptions o;
-  o.use_pinned_memory = false;
-  o.use_shared_memory = true;
-  o.use_async_staging = false;
-  o.use_non_blocking_copy = false;
-  return o;
-}
-
 TEST(SharedStateDict, StagedSharedBuffersTravelWithoutACopy) {
-  DefaultStager stager(shared_cpu_staging(), CudaRuntime::unavailable("CPU-only test"));
+  DefaultStager stager(testing::cpu_staging(/*async=*/false, /*shared=*/true), CudaRuntime::unavailable("CPU-only test"));
   const Value sd = model_state();
   const Value staged = staged_in_shared_memory(stager, sd);
   const SharedStateDict shared = share_state_dict(staged);
@@ -91,7 +78,7 @@ TEST(SharedStateDict, PrivateMemoryIsCopiedIntoAMemfdOnce) {
 }
 
 TEST(SharedStateDict, TheReceiverCannotChangeTheSendersBuffers) {
-  DefaultStager stager(shared_cpu_staging(), CudaRuntime::unavailable("CPU-only test"));
+  DefaultStager stager(testing::cpu_staging(/*async=*/false, /*shared=*/true), CudaRuntime::unavailable("CPU-only test"));
   const Value staged = staged_in_shared_memory(stager, model_state());
   const SharedStateDict shared = share_state_dict(staged);
   const Value attached = attach_state_dict(shared.message, dup_all(shared.fds));
@@ -101,7 +88,7 @@ TEST(SharedStateDict, TheReceiverCannotChangeTheSendersBuffers) {
 
 // The real use: another process receives the message and the memfds over a Unix socket.
 TEST(SharedStateDict, AnotherProcessAttachesThroughSCMRights) {
-  DefaultStager stager(shared_cpu_staging(), CudaRuntime::unavailable("CPU-only test"));
+  DefaultStager stager(testing::cpu_staging(/*async=*/false, /*shared=*/true), CudaRuntime::unavailable("CPU-only test"));
   const Value sd = model_state();
   const Value staged = staged_in_shared_memory(stager, sd);
   const SharedStateDict shared = share_state_dict(staged);
@@ -130,7 +117,7 @@ TEST(SharedStateDict, AnotherProcessAttachesThroughSCMRights) {
     try {
       const Value attached = attach_state_dict(message, fds);
       const Tensor& big = attached.at("big").as_tensor();
-      const Tensor want = pattern(DType::kBF16, {int64_t{3} << 20}, 2);
+      const Tensor want = patterned_tensor(DType::kBF16, {int64_t{3} << 20}, 2);
       const bool same = std::memcmp(big.data_ptr(), want.data_ptr(), want.nbytes()) == 0 &&
                         attached.at("weight").as_tensor().storage() == attached.at("weight_t").as_tensor().storage();
       ::_exit(same ? 0 : 5);

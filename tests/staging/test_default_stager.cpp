@@ -10,6 +10,7 @@
 
 #include "fastdcp/common/logging.h"
 #include "fastdcp/staging/stager.h"
+#include "support/test_support.h"
 
 // Counts heap allocations while enabled (see the WarmStagingAllocatesNothingPerTensor test).
 namespace {
@@ -27,14 +28,6 @@ void operator delete(void* p, size_t) noexcept { std::free(p); }
 namespace fastdcp {
 namespace {
 
-StagingOptions cpu_options(bool async = false, bool shared = false) {
-  StagingOptions o;
-  o.use_pinned_memory = false;
-  o.use_shared_memory = shared;
-  o.use_async_staging = async;
-  o.use_non_blocking_copy = false;
-  return o;
-}
 
 std::shared_ptr<const CudaRuntime> no_cuda() { return CudaRuntime::unavailable("CPU-only test"); }
 
@@ -60,7 +53,7 @@ TEST(DefaultStager, SixViewsOfOneBaseStageIntoOneBuffer) {
   sd.insert("flat_mid", base.view_as({50}, {1}, 10));      // view(100)[10:60]
   sd.insert("transposed", base.view_as({10, 10}, {1, 10}, 0));
 
-  DefaultStager stager(cpu_options(), no_cuda());
+  DefaultStager stager(testing::cpu_staging(), no_cuda());
   Value staged = stager.stage_now(sd);
   const Storage& buffer = staged.at("square").as_tensor().storage();
   EXPECT_NE(buffer, base.storage());
@@ -83,7 +76,7 @@ TEST(DefaultStager, CacheReusesBuffersAcrossCallsAndShowsNewValues) {
   Value sd = Value::dict();
   sd.insert("a", a);
   sd.insert("b", b);
-  DefaultStager stager(cpu_options(), no_cuda());
+  DefaultStager stager(testing::cpu_staging(), no_cuda());
   fill(a, 1);
   Value first = stager.stage_now(sd);
   fill(a, 2);
@@ -104,7 +97,7 @@ TEST(DefaultStager, LeasedBuffersAreNotOverwrittenUntilReleased) {
   Value sd = Value::dict();
   sd.insert("a", a);
   sd.insert("b", b);
-  DefaultStager stager(cpu_options(/*async=*/true, /*shared=*/true), no_cuda());
+  DefaultStager stager(testing::cpu_staging(/*async=*/true, /*shared=*/true), no_cuda());
   auto stage = [&](uint8_t seed, std::shared_ptr<const void> lease) {
     fill(a, seed);
     fill(b, seed);
@@ -158,7 +151,7 @@ TEST(DefaultStager, StagedCopyIsIndependentOfLaterSourceChanges) {
   fill(t, 3);
   Value sd = Value::dict();
   sd.insert("t", t);
-  DefaultStager stager(cpu_options(), no_cuda());
+  DefaultStager stager(testing::cpu_staging(), no_cuda());
   Value staged = stager.stage_now(sd);
   std::vector<uint8_t> expected(static_cast<uint8_t*>(t.data_ptr()), static_cast<uint8_t*>(t.data_ptr()) + 4096);
   std::memset(t.data_ptr(), 0xFF, 4096);
@@ -169,7 +162,7 @@ TEST(DefaultStager, ResizedStorageGetsANewBuffer) {
   Tensor t = Tensor::empty_cpu(DType::kF32, {16});
   Value sd = Value::dict();
   sd.insert("t", t);
-  DefaultStager stager(cpu_options(), no_cuda());
+  DefaultStager stager(testing::cpu_staging(), no_cuda());
   Value first = stager.stage_now(sd);
   // Free to zero and regrow bigger, as sharded-parameter frameworks do.
   Storage storage = t.storage();
@@ -187,7 +180,7 @@ TEST(DefaultStager, ResizedStorageGetsANewBuffer) {
 }
 
 TEST(DefaultStager, EntriesOfDeadStoragesAreDropped) {
-  DefaultStager stager(cpu_options(), no_cuda());
+  DefaultStager stager(testing::cpu_staging(), no_cuda());
   {
     Value sd = Value::dict();
     sd.insert("t", Tensor::empty_cpu(DType::kF32, {1 << 20}));
@@ -221,7 +214,7 @@ TEST(DefaultStager, EmptyZeroDimAndNonTensorLeaves) {
   betas.append(0.999);
   sd.insert("betas", std::move(groups));
 
-  DefaultStager stager(cpu_options(), no_cuda());
+  DefaultStager stager(testing::cpu_staging(), no_cuda());
   Value staged = stager.stage_now(sd);
   EXPECT_DOUBLE_EQ(*static_cast<double*>(staged.at("scalar").as_tensor().data_ptr()), 2.5);
   EXPECT_EQ(staged.at("scalar").as_tensor().dim(), 0u);
@@ -247,7 +240,7 @@ TEST(DefaultStager, EveryDTypeAndIntegerKeys) {
   }
   Value sd = Value::dict();
   sd.insert("state", std::move(state));
-  DefaultStager stager(cpu_options(), no_cuda());
+  DefaultStager stager(testing::cpu_staging(), no_cuda());
   Value staged = stager.stage_now(sd);
   const Value& out = staged.at("state");
   ASSERT_EQ(out.size(), static_cast<size_t>(kNumDTypes));
@@ -271,7 +264,7 @@ TEST(DefaultStager, HundredThousandTinyTensors) {
     sources.push_back(t);
     sd.insert(i, t);
   }
-  DefaultStager stager(cpu_options(), no_cuda());
+  DefaultStager stager(testing::cpu_staging(), no_cuda());
   for (int round = 0; round < 2; ++round) {
     Value staged = stager.stage_now(sd);
     ASSERT_EQ(staged.size(), static_cast<size_t>(kCount));
@@ -294,7 +287,7 @@ TEST(DefaultStager, TenThousandLevelsDeep) {
     cursor = i % 2 ? &cursor->append(Value::dict()) : &cursor->insert("next", Value::list());
   }
   cursor->insert("leaf", t);
-  DefaultStager stager(cpu_options(/*async=*/true), no_cuda());
+  DefaultStager stager(testing::cpu_staging(/*async=*/true), no_cuda());
   Value staged = stager.stage(share(std::move(root))).take();
   const Value* c = &staged;
   for (int i = 0; i < kDepth; ++i) c = i % 2 ? &(*c)[0] : &c->at("next");
@@ -308,7 +301,7 @@ TEST(DefaultStager, NonContiguousAndOverlappingViews) {
   sd.append(base.view_as({8, 8}, {1, 8}, 0));       // transposed
   sd.append(base.view_as({4, 8}, {0, 1}, 8));       // broadcast row (stride 0)
   sd.append(base.view_as({3, 3}, {9, 1}, 1));       // diagonal-ish strides
-  DefaultStager stager(cpu_options(), no_cuda());
+  DefaultStager stager(testing::cpu_staging(), no_cuda());
   Value staged = stager.stage_now(sd);
   for (size_t i = 0; i < 3; ++i) {
     const Tensor& in = sd[i].as_tensor();
@@ -327,7 +320,7 @@ TEST(DefaultStager, NonContiguousAndOverlappingViews) {
 }
 
 TEST(DefaultStager, AsyncStagingFromSeveralThreadsKeepsEachResultRight) {
-  DefaultStager stager(cpu_options(/*async=*/true), no_cuda());
+  DefaultStager stager(testing::cpu_staging(/*async=*/true), no_cuda());
   constexpr int kThreads = 4, kPerThread = 25;
   std::atomic<int> failures{0};
   std::vector<std::thread> threads;
@@ -351,7 +344,7 @@ TEST(DefaultStager, AsyncStagingFromSeveralThreadsKeepsEachResultRight) {
 }
 
 TEST(DefaultStager, AsyncStagesRunInSubmissionOrder) {
-  DefaultStager stager(cpu_options(/*async=*/true), no_cuda());
+  DefaultStager stager(testing::cpu_staging(/*async=*/true), no_cuda());
   Tensor t = Tensor::empty_cpu(DType::kI32, {1});
   auto sd = std::make_shared<Value>(Value::dict());
   sd->insert("t", t);
@@ -378,7 +371,7 @@ TEST(DefaultStager, SharedMemoryBuffersAreReportedAndMappable) {
   Value sd = Value::dict();
   sd.insert("t", t);
   sd.insert("small", Tensor::empty_cpu(DType::kF32, {3}));
-  DefaultStager stager(cpu_options(false, /*shared=*/true), no_cuda());
+  DefaultStager stager(testing::cpu_staging(false, /*shared=*/true), no_cuda());
   Value staged = stager.stage_now(sd);
   for (const auto& [key, value] : staged.entries()) {
     const HostMemoryInfo& info = value.as_tensor().storage().host_info();
@@ -395,7 +388,7 @@ TEST(DefaultStager, SharedMemoryBuffersAreReportedAndMappable) {
 }
 
 TEST(DefaultStager, NonBlockingCopyWithoutAcceleratorNamesTheOption) {
-  StagingOptions o = cpu_options();
+  StagingOptions o = testing::cpu_staging();
   o.use_non_blocking_copy = true;
   try {
     DefaultStager stager(o, no_cuda());
@@ -409,7 +402,7 @@ TEST(DefaultStager, NonBlockingCopyWithoutAcceleratorNamesTheOption) {
 TEST(DefaultStager, PinnedWithoutCudaIsDowngradedWithAWarning) {
   std::string warning;
   auto previous = set_warning_sink([&](const std::string& m) { warning = m; });
-  StagingOptions o = cpu_options();
+  StagingOptions o = testing::cpu_staging();
   o.use_pinned_memory = true;
   DefaultStager stager(o, no_cuda());
   set_warning_sink(previous);
@@ -424,7 +417,7 @@ TEST(DefaultStager, CudaTensorWithoutCudaIsAClearError) {
   Storage fake_device = Storage::wrap(reinterpret_cast<void*>(0x1000), 64, Device::cuda(0));
   Value sd = Value::dict();
   sd.insert("w", Tensor::contiguous(fake_device, DType::kF32, {16}));
-  DefaultStager stager(cpu_options(), no_cuda());
+  DefaultStager stager(testing::cpu_staging(), no_cuda());
   try {
     stager.stage_now(sd);
     FAIL();
@@ -434,7 +427,7 @@ TEST(DefaultStager, CudaTensorWithoutCudaIsAClearError) {
 }
 
 TEST(DefaultStager, UseAfterCloseIsAClearErrorAndStagedTreesSurvive) {
-  DefaultStager stager(cpu_options(/*async=*/true), no_cuda());
+  DefaultStager stager(testing::cpu_staging(/*async=*/true), no_cuda());
   Value sd = Value::dict();
   Tensor t = Tensor::empty_cpu(DType::kF32, {1000});
   fill(t, 8);
@@ -455,21 +448,21 @@ TEST(DefaultStager, CloseFinishesQueuedWorkAndDestructionInFlightIsSafe) {
   auto sd = std::make_shared<Value>(Value::dict());
   sd->insert("t", t);
   {
-    DefaultStager stager(cpu_options(/*async=*/true), no_cuda());
+    DefaultStager stager(testing::cpu_staging(/*async=*/true), no_cuda());
     for (int i = 0; i < 8; ++i) futures.push_back(stager.stage(sd));
     stager.close();
     for (auto& f : futures) EXPECT_TRUE(f.ready());
     futures.clear();
   }
   {
-    DefaultStager stager(cpu_options(/*async=*/true), no_cuda());
+    DefaultStager stager(testing::cpu_staging(/*async=*/true), no_cuda());
     for (int i = 0; i < 8; ++i) futures.push_back(stager.stage(sd));
   }  // destroyed with work queued
   for (auto& f : futures) EXPECT_TRUE(same_bytes(f.get().at("t").as_tensor().storage(), t.storage()));
 }
 
 TEST(DefaultStager, MemoryBudgetExceededIsAClearError) {
-  StagingOptions o = cpu_options();
+  StagingOptions o = testing::cpu_staging();
   o.memory_budget_bytes = 1 << 20;
   DefaultStager stager(o, no_cuda());
   Value sd = Value::dict();
@@ -491,7 +484,7 @@ TEST(DefaultStager, WarmStagingAllocatesNothingPerTensor) {
   for (int i = 0; i < kCount; ++i) {
     sd.insert("model.layers." + std::to_string(i) + ".self_attn.q_proj.weight", Tensor::empty_cpu(DType::kBF16, {4, 8}));
   }
-  DefaultStager stager(cpu_options(), no_cuda());
+  DefaultStager stager(testing::cpu_staging(), no_cuda());
   stager.stage_now(sd);  // cold: buffers, cache entries and scratch space are created
   g_allocations = 0;
   g_count_allocations = true;

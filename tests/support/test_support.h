@@ -1,6 +1,6 @@
 #pragma once
-// Helpers shared by the C++ test suites: a temporary directory, and running code in a child
-// process under a file-size limit.
+// Helpers shared by the C++ test suites: a temporary directory, running code in a child process
+// under a file-size limit, patterned tensors and CPU-only staging options.
 
 #include <signal.h>
 #include <stdlib.h>
@@ -13,8 +13,28 @@
 #include <string>
 
 #include "fastdcp/common/error.h"
+#include "fastdcp/staging/stager.h"
+#include "fastdcp/tensor/tensor.h"
 
 namespace fastdcp::testing {
+
+// A CPU tensor whose bytes follow a pattern set by `seed`: tensors of other seeds differ.
+inline Tensor patterned_tensor(DType dtype, Dims shape, int seed) {
+  Tensor t = Tensor::empty_cpu(dtype, std::move(shape));
+  auto* bytes = static_cast<unsigned char*>(t.data_ptr());
+  for (uint64_t i = 0; i < t.nbytes(); ++i) bytes[i] = static_cast<unsigned char>(i * 13 + seed);
+  return t;
+}
+
+// Staging options for a host without CUDA.
+inline StagingOptions cpu_staging(bool async = false, bool shared = false) {
+  StagingOptions o;
+  o.use_pinned_memory = false;
+  o.use_shared_memory = shared;
+  o.use_async_staging = async;
+  o.use_non_blocking_copy = false;
+  return o;
+}
 
 // A fresh directory under /tmp, removed with everything in it at the end of the scope.
 class TempDir {

@@ -1,0 +1,205 @@
+#include "fastdcp/checkpoint/checkpointer.h"
+
+#include <gtest/gtest.h>
+#include <signal.h>
+#include <stdlib.h>
+
+#include <cstring>
+#include <fstream>
+#include <thread>
+
+#include "fastdcp/common/error.h"
+#include "support/test_support.h"
+
+namespace fastdcp {
+namespace {
+
+using namespace std::chrono_literals;
+
+Tensor filled(DType dtype, Dims shape, float value) {
+  Tensor t = Tensor::empty_cpu(dtype, std::move(shape));
+  auto* p = static_cast<float*>(t.data_ptr());
+  for (int64_t i = 0; i < t.numel(); ++i) p[i] = value + static_cast<float>(i % 97);
+  return t;
+}
+
+std::shared_ptr<Value> model_state(float value, int64_t step) {
+  auto sd = std::make_shared<Value>(Value::dict());
+  Tensor weight = filled(DType::kF32, {512, 256}, value);
+  Value model = Value::dict();
+  model.insert("weight", weight);
+  model.insert("weight_t", weight.view_as({256, 512}, {1, 256}, 0));
+  model.insert("bias", filled(DType::kF32, {300}, value * 2));
+  sd->insert("model", std::move(model));
+  sd->insert("step", Value(step));
+  return sd;
+}
+
+void expect_state(const Value& loaded, float value, int64_t step) {
+  EXPECT_EQ(loaded.at("step").as_int(), step);
+  const Tensor want = filled(DType::kF32, {512, 256}, value);
+  const Tensor& weight = loaded.at("model").at("weight").as_tensor();
+  EXPECT_EQ(std::memcmp(weight.data_ptr(), want.data_ptr(), want.nbytes()), 0) << "step " << step;
+  EXPECT_EQ(loaded.at("model").at("weight_t").as_tensor().storage(), weight.storage());
+}
+
+CheckpointerOptions cpu_options(const std::string& writer = {}) {
+  CheckpointerOptions options;
+  options.process.writer_executable = writer;
+  return options;
+}
+
+class CheckpointerTest : public ::testing::Test {
+ protected:
+  std::string at(const std::string& name) const { return dir_.path() + "/" + name; }
+  testing::TempDir dir_{"fastdcp_checkpointer"};
+};
+
+TEST_F(CheckpointerTest, AsyncSaveStagesThenWritesInTheWriterProcess) {
+  auto checkpointer = make_async_checkpointer(cpu_options());
+  auto [staged, written] = checkpointer->save(at("a"), model_state(1, 1));
+  staged.get();
+  const WriteStats stats = written.get();
+  EXPECT_GT(stats.bytes_written, 512u * 256 * 4);
+  expect_state(checkpointer->load(at("a")), 1, 1);
+  checkpointer->close();
+}
+
+TEST_F(CheckpointerTest, DefaultsChooseWhatAHostWithoutAcceleratorAllows) {
+  if (CudaRuntime::instance()->available()) GTEST_SKIP() << "checks the CPU-only choice";
+  // Upstream's defaults (non-blocking copies) fail here; fastdcp's own builder picks what works.
+  EXPECT_NO_THROW(make_async_checkpointer()->close());
+}
+
+TEST_F(CheckpointerTest, OverlappingSavesKeepTheirOwnContents) {
+  CheckpointerOptions options = cpu_options(FASTDCP_SLOW_WRITER);
+  options.max_pending_saves = 3;
+  ::setenv("SLOW_WRITER_MS", "300", 1);
+  auto checkpointer = make_async_checkpointer(options);
+  auto source = model_state(0, 0);
+  std::vector<Future<WriteStats>> writes;
+  for (int i = 0; i < 5; ++i) {
+    // Change the source in place, as training does, once each staging is done.
+    auto next = model_state(static_cast<float>(i), i);
+    std::memcpy(source->at("model").at("weight").as_tensor().data_ptr(),
+                next->at("model").at("weight").as_tensor().data_ptr(), 512 * 256 * 4);
+    *source->find("step") = Value(int64_t{i});
+    auto [staged, written] = checkpointer->save(at("slow_" + std::to_string(i)), source);
+    staged.get();
+    writes.push_back(written);
+  }
+  for (auto& w : writes) w.get();
+  for (int i = 0; i < 5; ++i) expect_state(checkpointer->load(at("slow_" + std::to_string(i))), i, i);
+  checkpointer->close();
+}
+
+TEST_F(CheckpointerTest, AFailedWriteFailsOnlyItsOwnFuture) {
+  auto checkpointer = make_async_checkpointer(cpu_options());
+  std::ofstream(at("not_a_dir")) << "a file where the checkpoint directory should be";
+  auto failed = checkpointer->save(at("not_a_dir"), model_state(1, 1)).second;
+  try {
+    failed.get();
+    ADD_FAILURE() << "no error";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("not_a_dir"), std::string::npos) << e.what();
+  }
+  auto written = checkpointer->save(at("ok"), model_state(2, 2)).second;
+  written.get();
+  expect_state(checkpointer->load(at("ok")), 2, 2);
+  checkpointer->close();
+}
+
+TEST_F(CheckpointerTest, LoadWaitsForAPendingSaveToTheSamePath) {
+  ::setenv("SLOW_WRITER_MS", "800", 1);
+  auto checkpointer = make_async_checkpointer(cpu_options(FASTDCP_SLOW_WRITER));
+  auto written = checkpointer->save(at("slow"), model_state(3, 3)).second;
+  expect_state(checkpointer->load(at("slow")), 3, 3);  // no committed checkpoint yet without the wait
+  EXPECT_TRUE(written.ready());
+  checkpointer->close();
+}
+
+TEST_F(CheckpointerTest, AKilledWriterFailsItsWriteAndTheNextSaveStartsANewOne) {
+  ::setenv("SLOW_WRITER_MS", "5000", 1);
+  CheckpointerOptions options = cpu_options(FASTDCP_SLOW_WRITER);
+  auto stager = std::make_shared<DefaultStager>(testing::cpu_staging(/*async=*/true, /*shared=*/true));
+  auto process = std::make_shared<CheckpointProcess>(RankInfo{}, WriterOptions{}, options.process);
+  AsyncCheckpointer checkpointer(stager, process, CheckpointReader());
+  checkpointer.save(at("good"), model_state(4, 4)).second.get();
+  auto doomed = checkpointer.save(at("slow_doomed"), model_state(5, 5)).second;
+  std::this_thread::sleep_for(500ms);  // inside pre_commit now
+  ASSERT_GT(process->pid(), 0);
+  ::kill(process->pid(), SIGKILL);
+  try {
+    doomed.get();
+    ADD_FAILURE() << "no error";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("SIGKILL"), std::string::npos) << e.what();
+  }
+  EXPECT_THROW(checkpointer.load(at("slow_doomed")), Error);  // nothing committed
+  checkpointer.save(at("after"), model_state(6, 6)).second.get();
+  EXPECT_EQ(process->restarts(), 1);
+  expect_state(checkpointer.load(at("after")), 6, 6);
+  expect_state(checkpointer.load(at("good")), 4, 4);
+  checkpointer.close();
+}
+
+TEST_F(CheckpointerTest, AHungWriteTimesOutAndItsWriterIsReplaced) {
+  ::setenv("SLOW_WRITER_MS", "60000", 1);
+  CheckpointerOptions options = cpu_options(FASTDCP_SLOW_WRITER);
+  options.process.write_timeout = 1s;
+  auto checkpointer = make_async_checkpointer(options);
+  auto hung = checkpointer->save(at("slow_hung"), model_state(7, 7)).second;
+  const auto start = std::chrono::steady_clock::now();
+  try {
+    hung.get();
+    ADD_FAILURE() << "no error";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("did not finish writing"), std::string::npos) << e.what();
+  }
+  EXPECT_LT(std::chrono::steady_clock::now() - start, 20s);
+  checkpointer->save(at("next"), model_state(8, 8)).second.get();
+  expect_state(checkpointer->load(at("next")), 8, 8);
+  checkpointer->close();
+}
+
+TEST_F(CheckpointerTest, AWriterThatCannotStartIsAClearErrorOnTheWrite) {
+  auto missing = make_async_checkpointer(cpu_options(dir_.path() + "/no-such-writer"));
+  try {
+    missing->save(at("x"), model_state(1, 1)).second.get();
+    ADD_FAILURE() << "no error";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("writer_executable"), std::string::npos) << e.what();
+  }
+  missing->close();
+
+  ::setenv("SLOW_WRITER_INIT_MS", "30000", 1);
+  CheckpointerOptions options = cpu_options(FASTDCP_SLOW_WRITER);
+  options.process.init_timeout = 500ms;
+  auto late = make_async_checkpointer(options);
+  try {
+    late->save(at("y"), model_state(1, 1)).second.get();
+    ADD_FAILURE() << "no error";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("initializing"), std::string::npos) << e.what();
+  }
+  ::unsetenv("SLOW_WRITER_INIT_MS");
+  late->close();
+}
+
+TEST_F(CheckpointerTest, CloseEndsTheWriterProcess) {
+  auto stager = std::make_shared<DefaultStager>(testing::cpu_staging(/*async=*/true, /*shared=*/true));
+  auto process = std::make_shared<CheckpointProcess>(RankInfo{}, WriterOptions{});
+  AsyncCheckpointer checkpointer(stager, process, CheckpointReader());
+  checkpointer.save(at("c"), model_state(1, 1)).second.get();
+  const pid_t pid = process->pid();
+  ASSERT_GT(pid, 0);
+  EXPECT_EQ(::kill(pid, 0), 0);
+  checkpointer.close();
+  checkpointer.close();
+  EXPECT_EQ(process->pid(), 0);
+  EXPECT_NE(::kill(pid, 0), 0);  // gone and reaped
+  EXPECT_THROW(process->write(make_ready_future(Value()), at("late")), Error);
+}
+
+}  // namespace
+}  // namespace fastdcp
