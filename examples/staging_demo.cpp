@@ -1,17 +1,25 @@
-// staging_demo: a fake training job that checkpoints its state through DefaultStager.
+// staging_demo: a fake training job that checkpoints asynchronously with fastdcp's C++ API.
 //
 // The state is shaped like a Llama model trained with Adam: ~290 weights (bf16 matrices, fp32
 // norms), with q/k/v as views of one fused buffer per layer and lm_head tied to the embedding, plus
 // the optimizer's state (two fp32 moments and a step per parameter, keyed by parameter index),
 // param_groups and the global step. Every step reads all weights ("forward/backward") and then
-// rewrites them ("optimizer step"); every --every steps the state is staged asynchronously.
+// rewrites them ("optimizer step").
 //
-// As upstream requires, the optimizer step waits for a pending staging future before it mutates,
-// so staging overlaps the next forward/backward. At the end the last staged copy is compared byte
-// by byte with a snapshot of the state taken at that save, after training moved the source on;
-// then that copy is written as a committed checkpoint, loaded back and verified again.
+// Every --every steps the state is saved with make_async_checkpointer() into <dir>/step_<NNNNN>:
+// save() returns (staged, written). Training waits for `staged` only (the save's blocking time,
+// printed beside the step time) before it changes its tensors again; the fastdcp-writer process
+// writes and commits the checkpoint in the background, fed the staged buffers through shared
+// memory (Note [Native writer process]), with up to two saves in flight (Note [Saves in flight]).
+// Each commit is reported when it lands, with its commit time and write throughput.
 //
-//   staging_demo [--gb 1.5] [--steps 20] [--every 5]
+// At the end the demo waits for the writes, restores the latest committed checkpoint (the newest
+// step_* whose manifest reads back) and compares it byte for byte with a snapshot of the state
+// taken when that checkpoint was staged, views and aliases included; PASS/FAIL, exit status 1 on
+// any failure. The checkpoints go to a fresh directory under $FASTDCP_DEMO_DIR (else /tmp),
+// removed at the end.
+//
+//   staging_demo [--gb 1.0] [--steps 20] [--every 5]
 
 #include <algorithm>
 #include <chrono>
@@ -23,14 +31,18 @@
 #include <cstring>
 #include <exception>
 #include <filesystem>
-#include <stdexcept>
 #include <future>
 #include <memory>
+#include <numeric>
+#include <optional>
+#include <stdexcept>
 #include <string>
 #include <unordered_map>
+#include <utility>
 #include <vector>
 
 #include "fastdcp/checkpoint/checkpoint.h"
+#include "fastdcp/checkpoint/checkpointer.h"
 #include "fastdcp/common/future.h"
 #include "fastdcp/io/file.h"
 #include "fastdcp/memory/cuda_runtime.h"
@@ -51,14 +63,30 @@ double ms_between(Clock::time_point a, Clock::time_point b) {
 // Command line
 
 struct Args {
-  double gb = 1.5;
+  double gb = 1.0;
   int steps = 20;
   int every = 5;
 };
 
-[[noreturn]] void usage(const char* message) {
-  std::fprintf(stderr, "%s\nusage: staging_demo [--gb <size, GB, default 1.5>] [--steps <n, default 20>] "
-                       "[--every <n, default 5>]\n", message);
+constexpr const char* kUsageLine = "usage: staging_demo [--gb <GB>] [--steps <n>] [--every <n>] [--help]\n";
+constexpr const char* kUsage =
+    "\n"
+    "A fake training loop over a Llama-shaped model + Adam state that checkpoints asynchronously\n"
+    "(make_async_checkpointer: background staging, writes in the fastdcp-writer process) every few\n"
+    "steps, prints each save's blocking time beside the step time and each commit's time and\n"
+    "throughput, then restores the latest committed checkpoint and verifies it byte for byte.\n"
+    "\n"
+    "  --gb <GB>      size of the training state (weights + optimizer), default 1.0\n"
+    "  --steps <n>    training steps, default 20\n"
+    "  --every <n>    save a checkpoint every n steps (1 <= n <= steps), default 5\n"
+    "  -h, --help     this text\n"
+    "\n"
+    "Checkpoints go to a fresh directory under $FASTDCP_DEMO_DIR (default /tmp), one step_<NNNNN>\n"
+    "per save, removed at the end. $FASTDCP_WRITER names another writer program. Exit status: 0\n"
+    "when every check passed, 1 on a failed check or error, 2 on bad arguments.\n";
+
+[[noreturn]] void usage(const std::string& message) {
+  std::fprintf(stderr, "staging_demo: %s\n%s", message.c_str(), kUsageLine);
   std::exit(2);
 }
 
@@ -66,20 +94,23 @@ Args parse_args(int argc, char** argv) {
   Args args;
   for (int i = 1; i < argc; ++i) {
     const std::string flag = argv[i];
-    if (flag == "--help" || flag == "-h") usage("staging_demo: a fake training loop that stages checkpoints");
-    if (i + 1 >= argc) usage(("missing value for " + flag).c_str());
+    if (flag == "--help" || flag == "-h") {
+      std::fputs(kUsageLine, stdout);
+      std::fputs(kUsage, stdout);
+      std::exit(0);
+    }
+    if (flag != "--gb" && flag != "--steps" && flag != "--every") usage("unknown flag " + flag);
+    if (i + 1 >= argc) usage("missing value for " + flag);
     const char* value = argv[++i];
     char* end = nullptr;
     if (flag == "--gb") {
       args.gb = std::strtod(value, &end);
     } else if (flag == "--steps") {
       args.steps = static_cast<int>(std::strtol(value, &end, 10));
-    } else if (flag == "--every") {
-      args.every = static_cast<int>(std::strtol(value, &end, 10));
     } else {
-      usage(("unknown flag " + flag).c_str());
+      args.every = static_cast<int>(std::strtol(value, &end, 10));
     }
-    if (end == value || *end != '\0') usage(("bad value for " + flag + ": " + value).c_str());
+    if (end == value || *end != '\0') usage("bad value for " + flag + ": " + value);
   }
   if (!(args.gb > 0) || args.steps < 1 || args.every < 1 || args.every > args.steps)
     usage("need --gb > 0, --steps >= 1 and 1 <= --every <= --steps");
@@ -266,36 +297,18 @@ void optimizer_step(TrainState& state, int step) {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Saves
-
-struct Save {
-  int number = 0;
-  int step = 0;
-  Clock::time_point submitted;
-  double submit_ms = 0;   // how long stage() blocked the training thread
-  double staged_ms = 0;   // from stage() until the staged copy was complete
-  double waited_ms = 0;   // how long the optimizer step waited for it
-  double step_ms = -1;    // the step that staging overlapped (-1: none, it was the last)
-  Future<Value> future;
-  std::shared_ptr<std::promise<Clock::time_point>> done;  // set by the completing thread
-};
+// Verification
 
 // A byte copy of every storage, keyed by storage identity, plus the tree (scalars by value).
 struct Snapshot {
+  int step = 0;
   Value tree;
   std::unordered_map<const StorageImpl*, std::vector<unsigned char>> bytes;
 };
 
-// A fresh directory for the demo's checkpoint: under $FASTDCP_DEMO_DIR, else the temp directory.
-std::string make_checkpoint_dir() {
-  const char* base = std::getenv("FASTDCP_DEMO_DIR");
-  std::string pattern = std::string(base ? base : "/tmp") + "/fastdcp_demo_XXXXXX";
-  if (!::mkdtemp(pattern.data())) throw std::runtime_error("cannot create a directory from " + pattern);
-  return pattern;
-}
-
-Snapshot take_snapshot(const TrainState& state) {
+Snapshot take_snapshot(const TrainState& state, int step) {
   Snapshot snap;
+  snap.step = step;
   snap.tree = state.root->clone();
   for (const Storage& storage : state.storages) {
     const auto* data = static_cast<const unsigned char*>(storage.data());
@@ -304,105 +317,153 @@ Snapshot take_snapshot(const TrainState& state) {
   return snap;
 }
 
-// Compares the staged tree with the snapshot: structure, scalars, tensor metadata and bytes, and
-// that staged buffers are shared exactly where the source's storages are.
+// Compares a copy of the state (the loaded checkpoint) with the snapshot: structure, scalars,
+// tensor metadata and bytes, and that the copy's storages are shared exactly where the trainer's
+// are (q/k/v views of one fused buffer, lm_head tied to the embedding).
 class Verifier {
  public:
   explicit Verifier(const Snapshot& snapshot) : snapshot_(snapshot) {}
 
-  size_t run(const Value& staged) {
-    walk(snapshot_.tree, staged, "");
-    if (staged_to_source_.size() != snapshot_.bytes.size())
-      fail("", std::to_string(staged_to_source_.size()) + " staged buffers for " +
-                   std::to_string(snapshot_.bytes.size()) + " source storages");
+  size_t run(const Value& copy) {
+    walk(snapshot_.tree, copy, "");
+    if (copy_to_source_.size() != snapshot_.bytes.size())
+      fail("", std::to_string(copy_to_source_.size()) + " storages in the copy for " +
+                   std::to_string(snapshot_.bytes.size()) + " in the trainer's state");
     return failures_;
   }
   size_t tensors() const { return tensors_; }
-  size_t shared_views() const { return tensors_ - staged_to_source_.size(); }
+  size_t shared_views() const { return tensors_ - copy_to_source_.size(); }
 
  private:
   void fail(const std::string& path, const std::string& what) {
-    if (++failures_ <= 10) std::fprintf(stderr, "MISMATCH at '%s': %s\n", path.c_str(), what.c_str());
+    if (++failures_ <= 10) std::printf("      MISMATCH at '%s': %s\n", path.c_str(), what.c_str());
   }
 
-  void walk(const Value& source, const Value& staged, const std::string& path) {
-    if (source.kind() != staged.kind())
-      return fail(path, std::string("kind ") + Value::kind_name(staged.kind()) + " != " + Value::kind_name(source.kind()));
+  void walk(const Value& source, const Value& copy, const std::string& path) {
+    if (source.kind() != copy.kind())
+      return fail(path, std::string("kind ") + Value::kind_name(copy.kind()) + " != " + Value::kind_name(source.kind()));
     switch (source.kind()) {
       case Value::Kind::kNone: return;
-      case Value::Kind::kBool: if (source.as_bool() != staged.as_bool()) fail(path, "bool differs"); return;
-      case Value::Kind::kInt: if (source.as_int() != staged.as_int()) fail(path, "int differs"); return;
-      case Value::Kind::kDouble: if (source.as_double() != staged.as_double()) fail(path, "double differs"); return;
-      case Value::Kind::kString: if (source.as_string() != staged.as_string()) fail(path, "string differs"); return;
-      case Value::Kind::kBytes: if (!(source.as_bytes() == staged.as_bytes())) fail(path, "bytes differ"); return;
-      case Value::Kind::kTensor: return tensor(source.as_tensor(), staged.as_tensor(), path);
+      case Value::Kind::kBool: if (source.as_bool() != copy.as_bool()) fail(path, "bool differs"); return;
+      case Value::Kind::kInt: if (source.as_int() != copy.as_int()) fail(path, "int differs"); return;
+      case Value::Kind::kDouble: if (source.as_double() != copy.as_double()) fail(path, "double differs"); return;
+      case Value::Kind::kString: if (source.as_string() != copy.as_string()) fail(path, "string differs"); return;
+      case Value::Kind::kBytes: if (!(source.as_bytes() == copy.as_bytes())) fail(path, "bytes differ"); return;
+      case Value::Kind::kTensor: return tensor(source.as_tensor(), copy.as_tensor(), path);
       case Value::Kind::kList:
       case Value::Kind::kTuple:
-        if (source.size() != staged.size()) return fail(path, "length differs");
+        if (source.size() != copy.size()) return fail(path, "length differs");
         for (size_t i = 0; i < source.size(); ++i) {
           std::string child = path;
           append_index_path(child, i);
-          walk(source.items()[i], staged.items()[i], child);
+          walk(source.items()[i], copy.items()[i], child);
         }
         return;
       case Value::Kind::kDict:
-        if (source.size() != staged.size()) return fail(path, "entry count differs");
+        if (source.size() != copy.size()) return fail(path, "entry count differs");
         for (size_t i = 0; i < source.size(); ++i) {
           const auto& [key, value] = source.entries()[i];
           std::string child = path;
           append_key_path(child, key);
-          if (!(staged.entries()[i].first == key)) return fail(child, "key differs or is out of order");
-          walk(value, staged.entries()[i].second, child);
+          if (!(copy.entries()[i].first == key)) return fail(child, "key differs or is out of order");
+          walk(value, copy.entries()[i].second, child);
         }
         return;
     }
   }
 
-  void tensor(const Tensor& source, const Tensor& staged, const std::string& path) {
+  void tensor(const Tensor& source, const Tensor& copy, const std::string& path) {
     ++tensors_;
-    if (!staged.device().is_cpu()) return fail(path, "staged tensor is not on the CPU");
-    if (staged.dtype() != source.dtype() || !(staged.shape() == source.shape()) ||
-        !(staged.strides() == source.strides()) || staged.storage_offset() != source.storage_offset())
-      return fail(path, "metadata differs: " + staged.describe() + " vs " + source.describe());
+    if (!copy.device().is_cpu()) return fail(path, "the tensor is not on the CPU");
+    if (copy.dtype() != source.dtype() || !(copy.shape() == source.shape()) ||
+        !(copy.strides() == source.strides()) || copy.storage_offset() != source.storage_offset())
+      return fail(path, "metadata differs: " + copy.describe() + " vs " + source.describe());
     const StorageImpl* src = source.storage().identity();
-    const StorageImpl* dst = staged.storage().identity();
-    if (src == dst) return fail(path, "staged tensor shares the source's storage (not a copy)");
-    // Views of one source storage must share one staged buffer, and only those.
-    auto [to, inserted_to] = source_to_staged_.emplace(src, dst);
-    auto [from, inserted_from] = staged_to_source_.emplace(dst, src);
-    if (to->second != dst) fail(path, "views of one source storage landed in different staged buffers");
-    if (from->second != src) fail(path, "distinct source storages share one staged buffer");
+    const StorageImpl* dst = copy.storage().identity();
+    if (src == dst) return fail(path, "the tensor shares the trainer's storage (not a copy)");
+    // Views of one source storage must share one storage in the copy, and only those.
+    auto [to, inserted_to] = source_to_copy_.emplace(src, dst);
+    auto [from, inserted_from] = copy_to_source_.emplace(dst, src);
+    if (to->second != dst) fail(path, "views of one trainer storage landed in different storages");
+    if (from->second != src) fail(path, "distinct trainer storages share one storage");
     const auto [begin, end] = source.byte_extent();
-    if (end > staged.storage().nbytes()) return fail(path, "staged storage is too small");
+    if (end > copy.storage().nbytes()) return fail(path, "the storage is too small");
     const std::vector<unsigned char>& expected = snapshot_.bytes.at(src);
-    if (std::memcmp(static_cast<const unsigned char*>(staged.storage().data()) + begin, expected.data() + begin,
+    if (std::memcmp(static_cast<const unsigned char*>(copy.storage().data()) + begin, expected.data() + begin,
                     end - begin) != 0)
       fail(path, "bytes differ from the snapshot taken at the save");
   }
 
   const Snapshot& snapshot_;
-  std::unordered_map<const StorageImpl*, const StorageImpl*> source_to_staged_;
-  std::unordered_map<const StorageImpl*, const StorageImpl*> staged_to_source_;
+  std::unordered_map<const StorageImpl*, const StorageImpl*> source_to_copy_;
+  std::unordered_map<const StorageImpl*, const StorageImpl*> copy_to_source_;
   size_t tensors_ = 0;
   size_t failures_ = 0;
 };
 
-void print_save(const Save& save, uint64_t bytes) {
-  char step_time[32] = "-";
-  if (save.step_ms >= 0) std::snprintf(step_time, sizeof step_time, "%.1f ms", save.step_ms);
-  std::printf("save %d @ step %3d: stage() blocked %8.3f ms | staged in %8.1f ms (%5.2f GB/s) | "
-              "optimizer waited %7.1f ms | overlapped step %s\n",
-              save.number, save.step, save.submit_ms, save.staged_ms, bytes / 1e9 / (save.staged_ms / 1e3),
-              save.waited_ms, step_time);
+// ---------------------------------------------------------------------------------------------
+// Saves
+
+struct Save {
+  int step = 0;
+  std::string path;
+  Clock::time_point submitted;         // save() called
+  double blocked_ms = 0;               // from save() until the staged future was ready
+  Future<WriteStats> written;
+  std::shared_future<Clock::time_point> done_at;  // stamped by the thread that completes the write
+  bool reported = false;
+  bool committed = false;
+  double commit_ms = 0;                // from save() until the write future was ready
+  double writer_ms = 0;                // the writer's own time for it (WriteStats::seconds_total)
+  uint64_t bytes_written = 0;
+};
+
+double median(std::vector<double> v) {
+  if (v.empty()) return 0;
+  std::sort(v.begin(), v.end());
+  return v.size() % 2 ? v[v.size() / 2] : (v[v.size() / 2 - 1] + v[v.size() / 2]) / 2;
 }
 
-std::string median_ms(std::vector<double> v) {
-  if (v.empty()) return "-";
-  std::sort(v.begin(), v.end());
-  const double m = v.size() % 2 ? v[v.size() / 2] : (v[v.size() / 2 - 1] + v[v.size() / 2]) / 2;
-  char text[32];
-  std::snprintf(text, sizeof text, "%.1f ms", m);
-  return text;
+double gb_per_s(uint64_t bytes, double ms) { return ms > 0 ? static_cast<double>(bytes) / 1e9 / (ms / 1e3) : 0; }
+
+// A fresh directory for the demo's checkpoints: under $FASTDCP_DEMO_DIR, else /tmp.
+std::string make_checkpoint_dir() {
+  const char* base = std::getenv("FASTDCP_DEMO_DIR");
+  std::string pattern = std::string(base && *base ? base : "/tmp") + "/fastdcp_demo_XXXXXX";
+  std::filesystem::create_directories(std::filesystem::path(pattern).parent_path());
+  if (!::mkdtemp(pattern.data())) throw std::runtime_error("cannot create a directory from " + pattern);
+  return pattern;
+}
+
+// Removes the demo's directory however run() ends.
+struct RemoveDir {
+  std::string dir;
+  ~RemoveDir() {
+    std::error_code ignored;
+    std::filesystem::remove_all(dir, ignored);
+  }
+};
+
+// The newest step_* directory under `dir` whose manifest reads back: the latest committed one.
+std::optional<std::pair<int, std::string>> latest_committed(const std::string& dir) {
+  std::vector<std::pair<int, std::string>> found;
+  for (const auto& entry : std::filesystem::directory_iterator(dir)) {
+    const std::string name = entry.path().filename().string();
+    if (!entry.is_directory() || name.rfind("step_", 0) != 0) continue;
+    char* end = nullptr;
+    const long step = std::strtol(name.c_str() + 5, &end, 10);
+    if (end != name.c_str() + 5 && *end == '\0') found.emplace_back(static_cast<int>(step), entry.path().string());
+  }
+  std::sort(found.rbegin(), found.rend());
+  for (const auto& candidate : found) {
+    try {
+      read_manifest(candidate.second);
+      return candidate;
+    } catch (const std::exception&) {
+      // not committed (or damaged): try the one before
+    }
+  }
+  return std::nullopt;
 }
 
 int run(const Args& args) {
@@ -410,139 +471,213 @@ int run(const Args& args) {
   TrainState state = build_state(shape);
   initialise(state);
 
+  const std::string dir = make_checkpoint_dir();
+  const RemoveDir remove_dir{dir};
+
+  // Staging left to make_async_checkpointer: async, into shared memory (which the writer process
+  // maps), pinned with non-blocking device-to-host copies only where CUDA is available.
   auto cuda = CudaRuntime::instance();
   const bool gpu = cuda->available();
-  StagingOptions options;
-  options.use_async_staging = true;
-  options.use_shared_memory = true;
-  options.use_pinned_memory = gpu;  // pinning and non-blocking copies need CUDA
-  options.use_non_blocking_copy = gpu;
-  DefaultStager stager(options, cuda);
+  CheckpointerOptions options;
+  options.writer.overwrite = false;  // every save is a new step_<NNNNN> directory
+  std::unique_ptr<AsyncCheckpointer> ckpt = make_async_checkpointer(options);
 
   std::printf("state: %.3f GB in %zu tensors (%zu storages): hidden %lld, ffn %lld, %lld layers, vocab %lld\n",
               state.bytes / 1e9, state.tensors, state.storages.size(), static_cast<long long>(shape.hidden),
               static_cast<long long>(shape.ffn), static_cast<long long>(shape.layers),
               static_cast<long long>(shape.vocab));
-  std::printf("stager: async, shared memory, pinned %s, non-blocking %s (%s)\n", gpu ? "on" : "off",
-              gpu ? "on" : "off", gpu ? "CUDA available" : cuda->unavailable_reason().c_str());
-  std::printf("training: %d steps, staging every %d\n\n", args.steps, args.every);
+  std::printf("checkpointer: make_async_checkpointer, writes in the fastdcp-writer process, up to %d saves in "
+              "flight; staging async into shared memory, pinned %s, non-blocking copies %s (%s)\n",
+              options.max_pending_saves, gpu ? "on" : "off", gpu ? "on" : "off",
+              gpu ? "CUDA available" : cuda->unavailable_reason().c_str());
+  std::printf("checkpoints: every %d of %d steps into %s/step_<NNNNN>\n", args.every, args.steps, dir.c_str());
 
-  const int last_save_step = args.steps / args.every * args.every;
   std::vector<Save> saves;
-  Save* pending = nullptr;  // the save whose staging may still be running
-  Save* overlapped = nullptr;  // the save whose staging ran during the current step
-  Value staged;             // the latest staged tree
-  Snapshot snapshot;        // the source at the last save
-  std::vector<double> quiet_steps;  // step times with no staging in flight
   saves.reserve(static_cast<size_t>(args.steps / args.every));
+  const int last_save_step = args.steps / args.every * args.every;
+  std::optional<Snapshot> snapshot;  // the state as staged by the last save
+  int buffer_sets = 0;               // sets of staging buffers allocated so far (estimated)
+  std::vector<double> step_ms;
+  std::vector<bool> busy;            // whether a checkpoint write was in flight during the step
+  int failures = 0;
   volatile uint64_t sink = 0;
 
-  // Waits for the pending save (upstream's contract before mutating the state again); returns the
-  // time spent in bookkeeping that is not training (the snapshot), to leave out of step times.
-  auto finish_pending = [&]() -> double {
-    if (!pending) return 0;
-    const auto wait_start = Clock::now();
-    const Clock::time_point done = pending->done->get_future().get();
-    staged = pending->future.take();  // rethrows a staging failure
-    pending->waited_ms = ms_between(wait_start, Clock::now());
-    pending->staged_ms = ms_between(pending->submitted, done);
-    double excluded = 0;
-    if (pending->step == last_save_step) {
-      const auto t = Clock::now();
-      snapshot = take_snapshot(state);
-      excluded = ms_between(t, Clock::now());
+  auto writing = [&] {
+    return std::any_of(saves.begin(), saves.end(), [](const Save& s) { return !s.written.ready(); });
+  };
+  // Prints a line for each write that finished since the last call, in save order.
+  auto report_commits = [&] {
+    for (Save& save : saves) {
+      if (save.reported || !save.written.ready()) continue;
+      save.reported = true;
+      const Clock::time_point done = save.done_at.get();  // the stamp follows ready() closely
+      save.commit_ms = ms_between(save.submitted, done);
+      if (auto error = save.written.error()) {
+        ++failures;
+        try {
+          std::rethrow_exception(error);
+        } catch (const std::exception& e) {
+          std::printf("  save @ step %4d: write FAILED: %s\n", save.step, e.what());
+        }
+        continue;
+      }
+      const WriteStats& stats = save.written.get();
+      save.committed = true;
+      save.writer_ms = stats.seconds_total * 1e3;
+      save.bytes_written = stats.bytes_written;
+      std::printf("  save @ step %4d: committed %8.1f ms after save(), %.2f GB/s (in the writer: %.1f ms to write, "
+                  "sync and commit, %.2f GB/s)\n",
+                  save.step, save.commit_ms, gb_per_s(save.bytes_written, save.commit_ms), save.writer_ms,
+                  gb_per_s(save.bytes_written, save.writer_ms));
     }
-    pending = nullptr;
-    return excluded;
   };
 
+  std::printf("\n%5s %9s   (w: a checkpoint write was in flight)\n", "step", "step ms");
   for (int step = 1; step <= args.steps; ++step) {
+    const bool writing_before = writing();
     const auto start = Clock::now();
     sink = sink + forward_backward(state);
-    const double excluded = finish_pending();
     optimizer_step(state, step);
     *state.root->find("step") = Value(int64_t{step});
-    if (step % args.every == 0) {
-      Save& save = saves.emplace_back();
-      save.number = static_cast<int>(saves.size());
-      save.step = step;
-      save.done = std::make_shared<std::promise<Clock::time_point>>();
-      save.submitted = Clock::now();
-      save.future = stager.stage(state.root);
-      save.submit_ms = ms_between(save.submitted, Clock::now());
-      // The completing thread stamps the time; Future::wait may return a moment before it runs.
-      save.future.on_ready([done = save.done](const Future<Value>&) { done->set_value(Clock::now()); });
-      pending = &save;
-    }
-    const double step_ms = ms_between(start, Clock::now()) - excluded;
-    if (overlapped) {
-      overlapped->step_ms = step_ms;
-      print_save(*overlapped, state.bytes);
-      overlapped = nullptr;
-    } else if (pending == nullptr || pending->step != step) {
-      quiet_steps.push_back(step_ms);
-    }
-    if (pending) overlapped = pending;
-  }
-  finish_pending();
-  if (overlapped) print_save(*overlapped, state.bytes);
+    step_ms.push_back(ms_between(start, Clock::now()));
+    busy.push_back(writing_before || writing());
+    std::printf("%5d %9.1f %c", step, step_ms.back(), busy.back() ? 'w' : ' ');
 
-  // Training moves on; the staged copy must not.
+    if (step % args.every == 0) {
+      char name[32];
+      std::snprintf(name, sizeof name, "step_%05d", step);
+      // Note [Staging leases]: the buffers of saves still writing are held, so this save stages
+      // into free ones; more sets in use than ever before means fresh memory, whose first touch
+      // costs more than the copy. With max_pending_saves in flight, save() first waits for the
+      // oldest write (Note [Saves in flight]).
+      const int in_flight = static_cast<int>(
+          std::count_if(saves.begin(), saves.end(), [](const Save& s) { return !s.written.ready(); }));
+      const bool back_pressure = in_flight >= options.max_pending_saves;
+      const int sets_needed = std::min(in_flight, options.max_pending_saves - 1) + 1;
+      const bool fresh_buffers = sets_needed > buffer_sets;
+      buffer_sets = std::max(buffer_sets, sets_needed);
+
+      Save& save = saves.emplace_back();
+      save.step = step;
+      save.path = join_path(dir, name);
+      save.submitted = Clock::now();
+      auto [staged, written] = ckpt->save(save.path, state.root);
+      const double call_ms = ms_between(save.submitted, Clock::now());
+      auto done = std::make_shared<std::promise<Clock::time_point>>();
+      save.done_at = done->get_future().share();
+      written.on_ready([done](const Future<WriteStats>&) { done->set_value(Clock::now()); });
+      save.written = std::move(written);
+      staged.get();  // training may change its tensors once staging is done (rethrows its failure)
+      save.blocked_ms = ms_between(save.submitted, Clock::now());
+      std::printf("   save: blocked %7.1f ms (median step %.1f ms so far, %.3f GB staged", save.blocked_ms,
+                  median(step_ms), state.bytes / 1e9);
+      if (fresh_buffers) std::printf("; into new staging buffers");
+      if (back_pressure) std::printf("; %.1f ms waiting for an earlier write", call_ms);
+      std::printf(")");
+      // The reference for the verification at the end: the state as this save staged it (not
+      // part of any timed step).
+      if (step == last_save_step) snapshot = take_snapshot(state, step);
+    }
+    std::printf("\n");
+    std::fflush(stdout);
+    report_commits();
+    std::fflush(stdout);
+  }
+
+  const auto drain_start = Clock::now();
+  for (const Save& save : saves) save.written.wait();
+  const double drain_ms = ms_between(drain_start, Clock::now());
+  report_commits();
+  std::printf("  (waited %.1f ms after the last step for the writes in flight)\n", drain_ms);
+
+  // Training moves on; the checkpoint must not.
   optimizer_step(state, args.steps + 1);
 
-  double blocked_max = 0, blocked_sum = 0, staged_sum = 0, waited_sum = 0;
-  std::vector<double> save_steps;
+  // ---- restore from the latest committed checkpoint ---------------------------------------------
+  const auto latest = latest_committed(dir);
+  std::optional<double> load_ms;
+  if (!latest) {
+    ++failures;
+    std::printf("FAIL: no committed checkpoint under %s\n", dir.c_str());
+  } else {
+    const auto& [step, path] = *latest;
+    std::printf("\nrestoring from %s (latest committed, step %d)\n", path.c_str(), step);
+    try {
+      const auto t = Clock::now();
+      const Value loaded = ckpt->load(path);
+      load_ms = ms_between(t, Clock::now());
+      std::printf("loaded %.3f GB in %.1f ms (%.2f GB/s), checksums verified\n", state.bytes / 1e9, *load_ms,
+                  gb_per_s(state.bytes, *load_ms));
+      if (!snapshot || snapshot->step != step) {
+        ++failures;
+        std::printf("FAIL: the latest committed checkpoint is of step %d, not of the last save (step %d), whose "
+                    "snapshot is the only one kept\n",
+                    step, last_save_step);
+      } else {
+        Verifier verifier(*snapshot);
+        const size_t mismatches = verifier.run(loaded);
+        if (mismatches != 0) {
+          ++failures;
+          std::printf("FAIL: the loaded state dict differs from the trainer's state at step %d (%zu mismatches)\n",
+                      step, mismatches);
+        } else {
+          std::printf("PASS: the loaded state dict equals the trainer's state at step %d, byte for byte in %zu "
+                      "tensors; %zu views/aliases share storages as in the trainer\n",
+                      step, verifier.tensors(), verifier.shared_views());
+        }
+      }
+    } catch (const std::exception& e) {
+      ++failures;
+      std::printf("FAIL: loading %s: %s\n", path.c_str(), e.what());
+    }
+  }
+  ckpt->close();
+
+  // ---- summary ------------------------------------------------------------------------------------
+  std::vector<double> blocked, commit, writer, quiet, loaded_steps;
+  uint64_t bytes_written = 0;
+  double blocked_max = 0;
+  int committed = 0;
   for (const Save& save : saves) {
-    blocked_max = std::max(blocked_max, save.submit_ms);
-    blocked_sum += save.submit_ms;
-    staged_sum += save.staged_ms;
-    waited_sum += save.waited_ms;
-    if (save.step_ms >= 0) save_steps.push_back(save.step_ms);
+    blocked.push_back(save.blocked_ms);
+    blocked_max = std::max(blocked_max, save.blocked_ms);
+    if (save.committed) {
+      ++committed;
+      commit.push_back(save.commit_ms);
+      writer.push_back(save.writer_ms);
+      bytes_written = save.bytes_written;
+    }
   }
-  const double n = static_cast<double>(saves.size());
-  const StagerStats stats = stager.stats();
-  std::printf("\nsummary: %zu saves of %.3f GB: stage() blocked %.3f ms avg (%.3f max), staged in %.1f ms avg "
-              "(%.2f GB/s), optimizer waited %.1f ms in total; median step %s quiet, %s with staging in flight; "
-              "cache %llu hits / %llu misses\n",
-              saves.size(), state.bytes / 1e9, blocked_sum / n, blocked_max, staged_sum / n,
-              state.bytes / 1e9 / (staged_sum / n / 1e3), waited_sum, median_ms(quiet_steps).c_str(),
-              median_ms(save_steps).c_str(),
-              static_cast<unsigned long long>(stats.cache_hits), static_cast<unsigned long long>(stats.cache_misses));
-
-  Verifier verifier(snapshot);
-  const size_t failures = verifier.run(staged);
-  if (failures != 0) {
-    std::printf("verification FAILED: %zu mismatches\n", failures);
-    return 1;
+  for (size_t i = 0; i < step_ms.size(); ++i) (busy[i] ? loaded_steps : quiet).push_back(step_ms[i]);
+  const double step_median = median(step_ms);
+  std::printf("\nsummary: %zu saves of %.3f GB (%d committed)\n", saves.size(), state.bytes / 1e9, committed);
+  auto median_of = [](const std::vector<double>& v) {
+    char text[32] = "-";
+    if (!v.empty()) std::snprintf(text, sizeof text, "%.1f ms", median(v));
+    return std::string(text);
+  };
+  std::printf("  step time:       median %.1f ms (%s without a write in flight (%zu steps), %s with one (%zu steps))\n",
+              step_median, median_of(quiet).c_str(), quiet.size(), median_of(loaded_steps).c_str(),
+              loaded_steps.size());
+  std::printf("  save blocking:   median %.1f ms, max %.1f ms (%.1f%% of a median step; in all, %.1f%% on top "
+              "of the time spent in steps, one save every %d steps)\n",
+              median(blocked), blocked_max, median(blocked) / step_median * 100,
+              std::accumulate(blocked.begin(), blocked.end(), 0.0) /
+                  std::accumulate(step_ms.begin(), step_ms.end(), 0.0) * 100,
+              args.every);
+  if (!commit.empty()) {
+    std::printf("  commit:          median %.1f ms after save(), write throughput %.2f GB/s (in the writer: "
+                "median %.1f ms, %.2f GB/s)\n",
+                median(commit), gb_per_s(bytes_written, median(commit)), median(writer),
+                gb_per_s(bytes_written, median(writer)));
   }
-  std::printf("verified OK: save %d (step %d) matches its snapshot byte for byte in %zu tensors; "
-              "%zu views/aliases share staged buffers as in the source\n",
-              saves.back().number, saves.back().step, verifier.tensors(), verifier.shared_views());
-
-  // The staged copy goes to disk as a committed checkpoint, is loaded back and verified again:
-  // the round trip a restart takes.
-  const std::string dir = make_checkpoint_dir();
-  const std::string path = join_path(dir, "step_" + std::to_string(saves.back().step));
-  auto t = Clock::now();
-  const WriteStats written = CheckpointWriter().write(path, staged);
-  const double write_ms = ms_between(t, Clock::now());
-  t = Clock::now();
-  const Value loaded = CheckpointReader().read(path);
-  const double read_ms = ms_between(t, Clock::now());
-  Verifier loaded_verifier(snapshot);
-  const size_t load_failures = loaded_verifier.run(loaded);
-  std::filesystem::remove_all(dir);
-  std::printf("checkpoint: written and committed in %.1f ms (%.2f GB/s, %s), loaded back in %.1f ms (%.2f GB/s), "
-              "checksums verified\n",
-              write_ms, static_cast<double>(written.bytes_written) / 1e9 / (write_ms / 1e3), written.file.c_str(),
-              read_ms, static_cast<double>(written.bytes_written) / 1e9 / (read_ms / 1e3));
-  if (load_failures != 0) {
-    std::printf("verification of the loaded checkpoint FAILED: %zu mismatches\n", load_failures);
-    return 1;
+  if (load_ms) std::printf("  load:            %.1f ms (%.2f GB/s)\n", *load_ms, gb_per_s(state.bytes, *load_ms));
+  if (failures == 0) {
+    std::printf("staging_demo: PASS\n");
+  } else {
+    std::printf("staging_demo: FAIL (%d checks)\n", failures);
   }
-  std::printf("verified OK: the loaded checkpoint matches the snapshot byte for byte, views and aliases included\n");
-  stager.close();
-  return 0;
+  return failures == 0 ? 0 : 1;
 }
 
 }  // namespace

@@ -5,10 +5,12 @@
 #     asynchronously every few steps, printing each save's blocking time beside the step time and
 #     each commit's time and throughput; then restores the latest committed checkpoint into a fresh
 #     model and optimizer and verifies it (tensors bit for bit, and the next step's loss);
-#  2. examples/staging_demo (C++): stages a 1.5 GB Llama-shaped state while "training", verifies
-#     the staged copy, writes it as a committed checkpoint, loads it back and verifies that.
+#  2. examples/staging_demo (C++): the same with a Llama-shaped state in C++: fake training steps,
+#     a save every few steps through fastdcp's native AsyncCheckpointer (staged in the background,
+#     written by the fastdcp-writer process), then a load of the latest committed checkpoint,
+#     verified byte for byte.
 # Arguments go to train_demo.py (e.g. --steps 50 --every 10 --d-model 768 --layers 6; --help lists
-# them); those after a "--" go to staging_demo instead (--gb 3 --steps 30 --every 5).
+# them); those after a "--" go to staging_demo instead (e.g. --gb 2 --steps 30 --every 5).
 # FASTDCP_DEMO_DIR picks where the checkpoints are written (a fresh directory, removed afterwards).
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"

@@ -146,7 +146,7 @@ TEST_F(CheckpointerTest, AKilledWriterFailsItsWriteAndTheNextSaveStartsANewOne) 
 TEST_F(CheckpointerTest, AHungWriteTimesOutAndItsWriterIsReplaced) {
   ::setenv("SLOW_WRITER_MS", "60000", 1);
   CheckpointerOptions options = cpu_options(FASTDCP_SLOW_WRITER);
-  options.process.write_timeout = 1s;
+  options.process.write_timeout = 5s;  // also bounds the next, real write: room for a loaded machine
   auto checkpointer = make_async_checkpointer(options);
   auto hung = checkpointer->save(at("slow_hung"), model_state(7, 7)).second;
   const auto start = std::chrono::steady_clock::now();
@@ -156,7 +156,7 @@ TEST_F(CheckpointerTest, AHungWriteTimesOutAndItsWriterIsReplaced) {
   } catch (const Error& e) {
     EXPECT_NE(std::string(e.what()).find("did not finish writing"), std::string::npos) << e.what();
   }
-  EXPECT_LT(std::chrono::steady_clock::now() - start, 20s);
+  EXPECT_LT(std::chrono::steady_clock::now() - start, 30s);
   checkpointer->save(at("next"), model_state(8, 8)).second.get();
   expect_state(checkpointer->load(at("next")), 8, 8);
   checkpointer->close();
