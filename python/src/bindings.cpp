@@ -219,7 +219,57 @@ class PyCheckpointIO {
   nb::dict write(const std::string& path, nb::handle state_dict, bool overwrite, int io_threads, bool direct_io,
                  const std::string& io_engine, double barrier_timeout_s, nb::object barrier, nb::object pre_commit,
                  nb::object post_commit) {
-    Value source = checkpointable_tree(converter_, state_dict);
+    return write_tree(path, checkpointable_tree(converter_, state_dict), overwrite, io_threads, direct_io, io_engine,
+                      barrier_timeout_s, std::move(barrier), std::move(pre_commit), std::move(post_commit));
+  }
+
+  // The same for a state dict that another process shared (Note [Shared state dicts]): the writer
+  // process writes it without making framework tensors of it first. Takes the fds over.
+  nb::dict write_shared(const std::string& path, nb::bytes message, const std::vector<int>& fds, bool overwrite,
+                        int io_threads, bool direct_io, const std::string& io_engine, double barrier_timeout_s,
+                        nb::object barrier, nb::object pre_commit, nb::object post_commit) {
+    Value tree;
+    {
+      const std::string_view bytes(message.c_str(), message.size());
+      nb::gil_scoped_release release;
+      tree = attach_state_dict(bytes, fds);
+    }
+    return write_tree(path, std::move(tree), overwrite, io_threads, direct_io, io_engine, barrier_timeout_s,
+                      std::move(barrier), std::move(pre_commit), std::move(post_commit));
+  }
+
+  nb::object read(const std::string& path, bool verify, bool use_mmap, int io_threads, bool direct_io,
+                  const std::string& io_engine) {
+    const ReadOptions options{verify, io_threads, use_mmap, direct_io, io_engine_from_string(io_engine)};
+    Value loaded;
+    {
+      nb::gil_scoped_release release;
+      loaded = CheckpointReader(rank_, options).read(path);
+    }
+    CyclicGcPause gc_pause;
+    return converter_.loaded_to_python(loaded);
+  }
+
+  nb::tuple read_into(const std::string& path, nb::handle target, bool strict, bool verify, int io_threads) {
+    Value tree;
+    {
+      CyclicGcPause gc_pause;
+      tree = converter_.from_python(target);
+    }
+    LoadResult result;
+    {
+      nb::gil_scoped_release release;
+      result = CheckpointReader(rank_, ReadOptions{verify, io_threads, false}).read_into(path, tree, strict);
+    }
+    CyclicGcPause gc_pause;
+    nb::object out = converter_.write_back(target, tree);
+    return nb::make_tuple(out, result.missing_keys, result.unexpected_keys);
+  }
+
+ private:
+  nb::dict write_tree(const std::string& path, Value source, bool overwrite, int io_threads, bool direct_io,
+                      const std::string& io_engine, double barrier_timeout_s, nb::object barrier, nb::object pre_commit,
+                      nb::object post_commit) {
     WriterOptions options;
     options.overwrite = overwrite;
     options.io_threads = io_threads;
@@ -255,35 +305,6 @@ class PyCheckpointIO {
     return d;
   }
 
-  nb::object read(const std::string& path, bool verify, bool use_mmap, int io_threads, bool direct_io,
-                  const std::string& io_engine) {
-    const ReadOptions options{verify, io_threads, use_mmap, direct_io, io_engine_from_string(io_engine)};
-    Value loaded;
-    {
-      nb::gil_scoped_release release;
-      loaded = CheckpointReader(rank_, options).read(path);
-    }
-    CyclicGcPause gc_pause;
-    return converter_.loaded_to_python(loaded);
-  }
-
-  nb::tuple read_into(const std::string& path, nb::handle target, bool strict, bool verify, int io_threads) {
-    Value tree;
-    {
-      CyclicGcPause gc_pause;
-      tree = converter_.from_python(target);
-    }
-    LoadResult result;
-    {
-      nb::gil_scoped_release release;
-      result = CheckpointReader(rank_, ReadOptions{verify, io_threads, false}).read_into(path, tree, strict);
-    }
-    CyclicGcPause gc_pause;
-    nb::object out = converter_.write_back(target, tree);
-    return nb::make_tuple(out, result.missing_keys, result.unexpected_keys);
-  }
-
- private:
   TreeConverter converter_;
   RankInfo rank_;
   std::optional<DefaultStager> device_stager_;
@@ -317,6 +338,10 @@ NB_MODULE(_C, m) {
       .def("write", &PyCheckpointIO::write, nb::arg("path"), nb::arg("state_dict"), nb::arg("overwrite"),
            nb::arg("io_threads"), nb::arg("direct_io"), nb::arg("io_engine"), nb::arg("barrier_timeout_s"),
            nb::arg("barrier").none(), nb::arg("pre_commit").none(), nb::arg("post_commit").none())
+      .def("write_shared", &PyCheckpointIO::write_shared, nb::arg("path"), nb::arg("message"), nb::arg("fds"),
+           nb::arg("overwrite"), nb::arg("io_threads"), nb::arg("direct_io"), nb::arg("io_engine"),
+           nb::arg("barrier_timeout_s"), nb::arg("barrier").none(), nb::arg("pre_commit").none(),
+           nb::arg("post_commit").none())
       .def("read", &PyCheckpointIO::read, nb::arg("path"), nb::arg("verify"), nb::arg("use_mmap"), nb::arg("io_threads"),
            nb::arg("direct_io"), nb::arg("io_engine"))
       .def("read_into", &PyCheckpointIO::read_into, nb::arg("path"), nb::arg("target"), nb::arg("strict"),

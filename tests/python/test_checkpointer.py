@@ -71,6 +71,26 @@ def writer_with_hook(rank_info, seconds=0.0, record=None, overwrite=False):
                             commit_hook=SlowHook(seconds, record))
 
 
+class RecordingWriter:
+    """A custom writer (upstream's checkpoint_writer_init_fn may build any): records what it got."""
+
+    def __init__(self, rank_info, record):
+        self.record = record
+
+    def write(self, path, state_dict, **kwargs):
+        weight = state_dict["model"]["weight"]
+        with open(self.record, "w") as f:
+            f.write(f"{type(weight).__name__} {tuple(weight.shape)} {float(weight.sum()):.4f} "
+                    f"{state_dict['optim']['step']} {sorted(kwargs)}")
+
+    def close(self):
+        pass
+
+
+def recording_writer(rank_info, record):
+    return RecordingWriter(rank_info, record)
+
+
 def sleeping_init(seconds):
     time.sleep(seconds)
 
@@ -158,6 +178,19 @@ def test_overlapping_saves_to_different_paths_keep_their_own_contents(tmp_path):
             assert torch.equal(loaded["model"]["weight"], want["weight"]), i
             assert loaded["optim"]["step"] == i
         assert checkpointer._stager.stats()["leased_skips"] > 0
+    finally:
+        checkpointer.close()
+
+
+def test_a_custom_writer_gets_torch_tensors_over_the_shared_buffers(tmp_path):
+    record = tmp_path / "record.txt"
+    checkpointer = make_async_checkpointer(cpu_config(), checkpoint_writer_init_fn=recording_writer,
+                                           checkpoint_writer_init_args={"record": str(record)})
+    try:
+        state = model_state(14)
+        checkpointer.save(str(tmp_path / "custom"), state, tag=1)[1].result(timeout=120)
+        weight = state["model"]["weight"]
+        assert record.read_text() == f"Tensor (256, 512) {float(weight.sum()):.4f} 14 ['tag']"
     finally:
         checkpointer.close()
 

@@ -32,6 +32,7 @@ from enum import Enum
 from multiprocessing.reduction import recvfds, sendfds
 from typing import Any, Callable
 
+from fastdcp.torch.checkpoint_writer import CheckpointWriter
 from fastdcp.torch.types import STATE_DICT, RankInfo
 
 __all__ = ["CheckpointProcess", "CheckpointProcessConfig", "RequestType", "WorkerRequest", "WorkerResponse"]
@@ -113,12 +114,17 @@ def _worker_main(rank_info: RankInfo, connection, subprocess_init_fn, subprocess
             try:
                 while len(fds) < payload["num_fds"]:
                     fds += recvfds(fd_socket, min(_FDS_PER_MESSAGE, payload["num_fds"] - len(fds)))
-                # attach() takes the descriptors over (and closes them, also on error).
-                state_dict = channel.attach(payload["message"], fds)
-                fds = []
                 started = time.monotonic()
-                writer.write(path=payload["path"], state_dict=state_dict, **payload["kwargs"])
-                del state_dict
+                # Both take the descriptors over (and close them, also on error). fastdcp's own
+                # writer writes the shared tree as it is; any other gets torch tensors over it.
+                if type(writer) is CheckpointWriter:
+                    owned, fds = fds, []
+                    writer._write_shared(payload["path"], payload["message"], owned, **payload["kwargs"])
+                else:
+                    state_dict = channel.attach(payload["message"], fds)
+                    fds = []
+                    writer.write(path=payload["path"], state_dict=state_dict, **payload["kwargs"])
+                    del state_dict
                 reply(kind, payload={"seconds": time.monotonic() - started})
             except Exception:
                 for fd in fds:

@@ -57,16 +57,25 @@ class CheckpointWriter:
         self._io = _C.CheckpointIO(TorchAdapter(), rank_info.global_rank, rank_info.global_world_size)
 
     def write(self, path: str, state_dict: STATE_DICT, **kwargs: Any) -> Future[None] | None:
+        self._last_stats = self._io.write(str(path), state_dict, *self._native_options(kwargs))
+        return None
+
+    def _write_shared(self, path: str, message: bytes, fds: list[int], **kwargs: Any) -> None:
+        """write() of a state dict shared by the training process (Note [Writer process]), without
+        making torch tensors of it first; takes the descriptors over."""
+        self._last_stats = self._io.write_shared(str(path), message, fds, *self._native_options(kwargs))
+
+    def _native_options(self, kwargs: dict) -> tuple:
         hook = self._commit_hook
         barrier = self._barrier
-        self._last_stats = self._io.write(
-            str(path), state_dict, self._config.overwrite, self._config.io_threads, self._config.direct_io,
-            self._config.io_engine, float(self._config.write_barrier_timeout_secs),
+        config = self._config
+        return (
+            config.overwrite, config.io_threads, config.direct_io, config.io_engine,
+            float(config.write_barrier_timeout_secs),
             None if barrier is None else (lambda timeout: barrier.execute_barrier()),
             None if hook is None else (lambda p: hook.pre_commit(p, **kwargs)),
             None if hook is None else (lambda p: hook.post_commit(p, **kwargs)),
         )
-        return None
 
     def close(self) -> None:
         """Nothing to release: files are closed when each write returns."""
