@@ -238,6 +238,15 @@ class PyCheckpointIO {
                       std::move(barrier), std::move(pre_commit), std::move(post_commit));
   }
 
+  // This rank's part of the save cannot be written: votes against it (CheckpointWriter::abandon).
+  void abandon(const std::string& path, const std::string& error, bool overwrite, double barrier_timeout_s) {
+    WriterOptions options;
+    options.overwrite = overwrite;
+    options.barrier_timeout = std::chrono::milliseconds(static_cast<int64_t>(barrier_timeout_s * 1000));
+    nb::gil_scoped_release release;
+    CheckpointWriter(rank_, options).abandon(path, error);
+  }
+
   nb::object read(const std::string& path, bool verify, bool use_mmap, int io_threads, bool direct_io,
                   const std::string& io_engine) {
     const ReadOptions options{verify, io_threads, use_mmap, direct_io, io_engine_from_string(io_engine)};
@@ -342,6 +351,8 @@ NB_MODULE(_C, m) {
            nb::arg("overwrite"), nb::arg("io_threads"), nb::arg("direct_io"), nb::arg("io_engine"),
            nb::arg("barrier_timeout_s"), nb::arg("barrier").none(), nb::arg("pre_commit").none(),
            nb::arg("post_commit").none())
+      .def("abandon", &PyCheckpointIO::abandon, nb::arg("path"), nb::arg("error"), nb::arg("overwrite"),
+           nb::arg("barrier_timeout_s"))
       .def("read", &PyCheckpointIO::read, nb::arg("path"), nb::arg("verify"), nb::arg("use_mmap"), nb::arg("io_threads"),
            nb::arg("direct_io"), nb::arg("io_engine"))
       .def("read_into", &PyCheckpointIO::read_into, nb::arg("path"), nb::arg("target"), nb::arg("strict"),

@@ -176,6 +176,35 @@ CheckpointWriter::CheckpointWriter(RankInfo rank, WriterOptions options, std::sh
 
 WriteStats CheckpointWriter::write(const std::string& path, const Value& state_dict) {
   const auto start = Clock::now();
+  const uint64_t generation = begin_save(path);
+  const int rank = rank_.global_rank;
+
+  // Phase one: this rank's file and pre_commit, then its vote. See Note [Commit protocol].
+  WriteStats stats;
+  std::exception_ptr error;
+  std::optional<std::string> failure;
+  try {
+    ManifestRank receipt;
+    stats = write_rank_file(path, state_dict, generation, receipt);
+    if (hook_) hook_->pre_commit(path);
+    write_small_file_atomically(path, receipt_file_name(rank, generation), render_receipt(receipt, generation));
+  } catch (const std::exception& e) {
+    error = std::current_exception();
+    failure = "rank " + std::to_string(rank) + " failed: " + e.what();
+  }
+  finish_save(path, generation, failure);
+  if (error) std::rethrow_exception(error);
+  if (hook_) hook_->post_commit(path);
+  stats.seconds_total = seconds_since(start);
+  return stats;
+}
+
+void CheckpointWriter::abandon(const std::string& path, const std::string& error) {
+  const uint64_t generation = begin_save(path);
+  finish_save(path, generation, "rank " + std::to_string(rank_.global_rank) + " failed: " + error);
+}
+
+uint64_t CheckpointWriter::begin_save(const std::string& path) const {
   if (path.empty()) throw Error(ErrorCode::kInvalidArgument, "the checkpoint path is empty");
   create_directories(path);
   const std::optional<Manifest> committed = committed_manifest(path);
@@ -187,26 +216,14 @@ WriteStats CheckpointWriter::write(const std::string& path, const Value& state_d
   uint64_t generation = committed ? committed->generation + 1 : 1;
   // An abandoned save's generation is not used again (Note [Commit protocol]).
   while (path_exists(join_path(path, failure_file_name(0, generation)))) ++generation;
-  const int rank = rank_.global_rank;
+  return generation;
+}
 
-  // Phase one: this rank's file and pre_commit, then its vote. See Note [Commit protocol].
-  WriteStats stats;
-  std::exception_ptr failure;
-  std::optional<std::string> rank0_failure;
-  try {
-    ManifestRank receipt;
-    stats = write_rank_file(path, state_dict, generation, receipt);
-    if (hook_) hook_->pre_commit(path);
-    write_small_file_atomically(path, receipt_file_name(rank, generation), render_receipt(receipt, generation));
-  } catch (const std::exception& e) {
-    failure = std::current_exception();
-    const std::string why = "rank " + std::to_string(rank) + " failed: " + e.what();
-    if (rank == 0) {
-      rank0_failure = why;  // recorded once every rank has voted: rank 0's record ends the attempt
-    } else {
-      vote_failed(path, generation, why);
-    }
-  }
+void CheckpointWriter::finish_save(const std::string& path, uint64_t generation,
+                                   const std::optional<std::string>& failure) {
+  const int rank = rank_.global_rank;
+  // Rank 0 records its own failure only once every rank has voted: its record ends the attempt.
+  if (failure && rank != 0) vote_failed(path, generation, *failure);
   if (barrier_) {
     try {
       barrier_->execute(options_.barrier_timeout);
@@ -217,22 +234,18 @@ WriteStats CheckpointWriter::write(const std::string& path, const Value& state_d
       }
     }
   }
-
   // Phase two: rank 0 decides once every rank has voted; every rank returns only once the
-  // decision is visible, so that the next save of every rank picks the same generation.
+  // decision is visible, so that the next save of every rank picks the same generation. A rank
+  // that failed reports its own error, whatever the decision.
   try {
     if (rank == 0) {
-      commit(path, generation, rank0_failure);
+      commit(path, generation, failure);
     } else {
       await_commit(path, generation);
     }
   } catch (...) {
     if (!failure) throw;
   }
-  if (failure) std::rethrow_exception(failure);
-  if (hook_) hook_->post_commit(path);
-  stats.seconds_total = seconds_since(start);
-  return stats;
 }
 
 WriteStats CheckpointWriter::write_rank_file(const std::string& path, const Value& state_dict, uint64_t generation,

@@ -436,9 +436,20 @@ void CheckpointProcess::comms_loop() {
 }
 
 WriteStats CheckpointProcess::run_write(Job& job) {
-  const Value& staged = job.staged.get();
-  ensure_worker();
-  const SharedStateDict shared = share_state_dict(staged);
+  SharedStateDict shared;
+  try {
+    shared = share_state_dict(job.staged.get());
+    ensure_worker();
+  } catch (const std::exception& e) {
+    // The writer never got this save: vote against it here, so that no rank waits for this one.
+    // (Not once the request is sent: the writer may have voted already.)
+    try {
+      CheckpointWriter(rank_, writer_).abandon(job.path, e.what());
+    } catch (const std::exception& vote_error) {
+      warn("could not vote against the save to '" + job.path + "': " + vote_error.what());
+    }
+    throw;
+  }
   std::string payload = pod_bytes(static_cast<uint64_t>(job.path.size())) + job.path;
   payload += shared.message;
   Frame reply;

@@ -372,6 +372,18 @@ TEST_F(CheckpointTest, OneFailingRankAbandonsTheSaveOnEveryRankWithoutWaitingOut
   }
 }
 
+// A rank whose state never reached its writer votes against the save from where it is.
+TEST_F(CheckpointTest, ARankThatAbandonsTheSaveFailsEveryRankAtOnce) {
+  const WriterOptions options{.barrier_timeout = std::chrono::seconds(60)};
+  const auto start = std::chrono::steady_clock::now();
+  std::thread rank1([&] { CheckpointWriter({1, 2}, options).abandon(path_, "staging failed"); });
+  const Error e = expect_error([&] { CheckpointWriter({0, 2}, options).write(path_, state(1)); });
+  rank1.join();
+  expect_contains(e, "rank 1 failed: staging failed");
+  EXPECT_LT(std::chrono::steady_clock::now() - start, std::chrono::seconds(20));
+  EXPECT_THROW(read_manifest(path_), Error);
+}
+
 TEST_F(CheckpointTest, ARankWhoseCommitNeverComesFailsWithinTheTimeout) {
   const Error e = expect_error([&] {
     CheckpointWriter({1, 2}, WriterOptions{.barrier_timeout = std::chrono::milliseconds(100)}).write(path_, state(1));

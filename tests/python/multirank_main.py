@@ -121,6 +121,25 @@ def main() -> int:
                 assert expected in str(error), str(error)
         finally:
             failing.close()
+        # One rank's state cannot even be staged (a str that is not valid Unicode): its writer never
+        # gets the save, so the trainer votes against it, and every rank fails at once.
+        plain = make_async_checkpointer(CheckpointerConfig(staging_config=cpu))
+        try:
+            state = rank_state(rank, 6)
+            if rank == FAILING_RANK:
+                state["bad"] = "\udcff"
+            started = time.monotonic()
+            _, write = plain.save(f"{out}/unstaged", state)
+            try:
+                write.result(timeout=300)
+                report["unstaged_save"] = "committed (wrong)"
+            except Exception as error:  # noqa: BLE001 - the message is the check
+                report["unstaged_save"] = str(error).splitlines()[-1]
+                report["unstaged_save_seconds"] = time.monotonic() - started
+                if rank != FAILING_RANK:
+                    assert f"rank {FAILING_RANK} failed" in str(error), str(error)
+        finally:
+            plain.close()
         dist.barrier()
         try:
             sync.load(f"{out}/failed")

@@ -1,5 +1,6 @@
 """Four ranks over gloo, started by torchrun: sync and async saves with DistBarrier and
-TCPStoreBarrier, and a save in which one rank fails (tests/python/multirank_main.py)."""
+TCPStoreBarrier, a save in which one rank fails in its writer, and one in which a rank's state
+cannot be staged (tests/python/multirank_main.py)."""
 
 import json
 import os
@@ -30,3 +31,5 @@ def test_four_ranks_save_load_and_fail_together(tmp_path):
         assert report["failed_save"] != "committed (wrong)", details
         assert report["failed_save_seconds"] < 120, details  # the writer timeout is 600 s: nobody waited it out
         assert "no committed checkpoint" in report["failed_load"], details
+        assert report["unstaged_save"] != "committed (wrong)", details
+        assert report["unstaged_save_seconds"] < 120, details

@@ -92,10 +92,16 @@ class CheckpointWriter {
   // checkpoint at `path`, if any, is untouched.
   WriteStats write(const std::string& path, const Value& state_dict);
 
+  // This rank cannot take part in the save at `path` (its state could not even be prepared): votes
+  // against it, so that every rank's save fails at once, and returns with rank 0's decision.
+  void abandon(const std::string& path, const std::string& error);
+
   const RankInfo& rank() const { return rank_; }
   const WriterOptions& options() const { return options_; }
 
  private:
+  uint64_t begin_save(const std::string& path) const;
+  void finish_save(const std::string& path, uint64_t generation, const std::optional<std::string>& failure);
   WriteStats write_rank_file(const std::string& path, const Value& state_dict, uint64_t generation,
                              ManifestRank& receipt);
   void vote_failed(const std::string& path, uint64_t generation, const std::string& error) noexcept;

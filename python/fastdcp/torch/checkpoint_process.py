@@ -32,7 +32,7 @@ from enum import Enum
 from multiprocessing.reduction import recvfds, sendfds
 from typing import Any, Callable
 
-from fastdcp.torch.checkpoint_writer import CheckpointWriter
+from fastdcp.torch.checkpoint_writer import CheckpointWriter, CheckpointWriterConfig
 from fastdcp.torch.types import STATE_DICT, RankInfo
 
 __all__ = ["CheckpointProcess", "CheckpointProcessConfig", "RequestType", "WorkerRequest", "WorkerResponse"]
@@ -266,10 +266,14 @@ class CheckpointProcess:
         return self._comms.submit(self._write, state_dict, str(path), kwargs)
 
     def _write(self, state_dict, path: str, kwargs: dict) -> None:
-        if isinstance(state_dict, Future):
-            state_dict = state_dict.result()
-        self._ensure_worker()
-        shared = self._channel.share(state_dict)  # the staged buffers' memfds; no bytes copied
+        try:
+            if isinstance(state_dict, Future):
+                state_dict = state_dict.result()
+            shared = self._channel.share(state_dict)  # the staged buffers' memfds; no bytes copied
+            self._ensure_worker()
+        except Exception as error:
+            self._vote_against(path, error)
+            raise
         try:
             self._send(WorkerRequest(RequestType.WRITE_CHECKPOINT, {
                 "path": path, "kwargs": kwargs, "message": shared.message, "num_fds": len(shared.fds)}),
@@ -284,6 +288,21 @@ class CheckpointProcess:
         except _WorkerGone as gone:
             self._stop_worker(kill=True)
             raise RuntimeError(f"{gone}; the next write starts a new writer process") from None
+
+    def _vote_against(self, path: str, error: Exception) -> None:
+        """The writer never got this save: vote against it here (CheckpointWriter::abandon), so
+        that no rank waits for this one. (Not once the request is sent: the writer may have voted.)"""
+        from fastdcp import _C
+        from fastdcp.torch._adapter import TorchAdapter
+
+        config = self._writer_init[1].get("config")
+        if not isinstance(config, CheckpointWriterConfig):
+            config = CheckpointWriterConfig()
+        try:
+            _C.CheckpointIO(TorchAdapter(), self._rank_info.global_rank, self._rank_info.global_world_size).abandon(
+                path, f"{type(error).__name__}: {error}", config.overwrite, float(config.write_barrier_timeout_secs))
+        except Exception as vote_error:  # noqa: BLE001 - the save's own error is what the caller gets
+            logger.warning("could not vote against the save to %s: %s", path, vote_error)
 
     # --- shutting down ---------------------------------------------------------------------------
     def close(self) -> None:
