@@ -489,11 +489,9 @@ void CheckpointProcess::close() {
     std::lock_guard lock(mutex_);
     if (closing_ && !comms_.joinable()) return;
     closing_ = true;
-    // Queued writes are cancelled (their promises fail when dropped); the one in progress finishes.
-    while (queue_.size() > 0 && queue_.back().staged.valid()) {
-      cancelled.push_front(std::move(queue_.back()));
-      queue_.pop_back();
-    }
+    // Queued jobs are cancelled (their promises fail when dropped), a start-up that has not run yet
+    // included: no writer is started only to be stopped. The job in progress finishes.
+    cancelled.swap(queue_);
   }
   cancelled.clear();
   queue_cv_.notify_all();

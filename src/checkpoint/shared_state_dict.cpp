@@ -9,6 +9,7 @@
 #include <cstring>
 #include <memory>
 #include <optional>
+#include <unordered_map>
 
 #include "fastdcp/common/error.h"
 #include "fastdcp/format/rank_file.h"
@@ -65,44 +66,55 @@ SharedStateDict share_state_dict(const Value& staged) {
   const auto& entries = plan.entries();
   const auto& storages = plan.storages();
   SharedStateDict out;
-  std::vector<std::optional<SharedMemoryRange>> ranges(entries.size());
+  std::vector<std::optional<SharedMemoryRange>> ranges(entries.size());  // none yet for empty storages
   uint64_t copy_bytes = 0;
+  bool any_shared = false;
   for (size_t i = 0; i < entries.size(); ++i) {
     const Storage& storage = storages[i];
     if (!storage.device().is_cpu()) {
       throw Error(ErrorCode::kInvalidArgument, "cannot share '" + entries[i].name + "': it is on " +
                                                    storage.device().str() + "; stage the state dict to host memory first");
     }
-    if (storage.nbytes() == 0) continue;  // placed below
+    if (storage.nbytes() == 0) continue;
     ranges[i] = find_shared_memory(storage.data(), storage.nbytes());
-    if (!ranges[i]) copy_bytes += (storage.nbytes() + 63) / 64 * 64;
+    if (ranges[i]) {
+      any_shared = true;
+    } else {
+      copy_bytes += (storage.nbytes() + 63) / 64 * 64;
+    }
   }
-  const bool need_any_fd = std::any_of(ranges.begin(), ranges.end(), [](const auto& r) { return r.has_value(); });
-  if (copy_bytes || (!need_any_fd && !entries.empty())) {
-    out.copies.push_back(HostBuffer::allocate(std::max<uint64_t>(copy_bytes, 1), HostMemoryTraits{false, true}));
-  }
-  uint64_t copy_at = 0;
-  std::optional<SharedMemoryRange> any_place;  // where empty storages point: any valid place will do
-  for (size_t i = 0; i < entries.size(); ++i) {
-    const Storage& storage = storages[i];
-    if (storage.nbytes() != 0 && !ranges[i]) {
-      const HostBuffer& copy = out.copies.front();
+  // Storages outside shared memory are copied into one memfd; empty storages point at offset 0 of
+  // any memfd of the message, which is that one too when nothing else is shared.
+  if (copy_bytes || (!any_shared && !entries.empty())) {
+    const HostBuffer& copy =
+        out.copies.emplace_back(HostBuffer::allocate(std::max<uint64_t>(copy_bytes, 1), HostMemoryTraits{false, true}));
+    uint64_t copy_at = 0;
+    for (size_t i = 0; i < entries.size(); ++i) {
+      const Storage& storage = storages[i];
+      if (storage.nbytes() == 0 || ranges[i]) continue;
       std::memcpy(static_cast<char*>(copy.data()) + copy_at, storage.data(), storage.nbytes());
       ranges[i] = SharedMemoryRange{copy.fd(), copy_at};
       copy_at += (storage.nbytes() + 63) / 64 * 64;
       out.bytes_copied += storage.nbytes();
     }
-    if (ranges[i] && !any_place) any_place = SharedMemoryRange{ranges[i]->fd, 0};
   }
-  if (!any_place && !out.copies.empty()) any_place = SharedMemoryRange{out.copies.front().fd(), 0};
 
+  std::unordered_map<int, uint32_t> fd_index;  // memfd -> its index in out.fds
+  auto index_of = [&](int fd) {
+    const auto [it, added] = fd_index.try_emplace(fd, static_cast<uint32_t>(out.fds.size()));
+    if (added) out.fds.push_back(fd);
+    return it->second;
+  };
+  std::optional<int> empty_fd;
+  if (!out.copies.empty()) {
+    empty_fd = out.copies.front().fd();
+  } else if (const auto first = std::find_if(ranges.begin(), ranges.end(), [](const auto& r) { return r.has_value(); });
+             first != ranges.end()) {
+    empty_fd = (*first)->fd;
+  }
   std::vector<EntryPlace> places(entries.size());
   for (size_t i = 0; i < entries.size(); ++i) {
-    const SharedMemoryRange range = ranges[i] ? *ranges[i] : *any_place;
-    uint32_t fd_index = 0;
-    while (fd_index < out.fds.size() && out.fds[fd_index] != range.fd) ++fd_index;
-    if (fd_index == out.fds.size()) out.fds.push_back(range.fd);
-    places[i] = {fd_index, 0, range.offset};
+    places[i] = ranges[i] ? EntryPlace{index_of(ranges[i]->fd), 0, ranges[i]->offset} : EntryPlace{index_of(*empty_fd), 0, 0};
   }
   out.message.reserve(kFixedBytes + places.size() * sizeof(EntryPlace) + plan.header().size());
   out.message.append(kMagic, sizeof kMagic);

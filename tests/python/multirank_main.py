@@ -65,6 +65,22 @@ def check_loaded(loaded: dict, expected: dict) -> None:
     assert loaded["model"]["weight_t"].data_ptr() == loaded["model"]["weight"].data_ptr()
 
 
+def save_expecting_failure(checkpointer, path: str, state: dict, report: dict, key: str,
+                           expected: str | None) -> None:
+    """Saves; records in report[key] how the write ended and in report[key + "_seconds"] when it
+    failed; checks that its error contains `expected` (when given)."""
+    started = time.monotonic()
+    _, write = checkpointer.save(path, state)
+    try:
+        write.result(timeout=300)
+        report[key] = "committed (wrong)"
+    except Exception as error:  # noqa: BLE001 - the message is the check
+        report[key] = str(error).splitlines()[-1]
+        report[key + "_seconds"] = time.monotonic() - started
+        if expected is not None:
+            assert expected in str(error), str(error)
+
+
 def main() -> int:
     out = sys.argv[1]
     dist.init_process_group("gloo")
@@ -109,16 +125,8 @@ def main() -> int:
         failing = make_async_checkpointer(CheckpointerConfig(staging_config=cpu),
                                           checkpoint_writer_init_fn=failing_writer)
         try:
-            started = time.monotonic()
-            _, write = failing.save(f"{out}/failed", rank_state(rank, 5))
-            try:
-                write.result(timeout=300)
-                report["failed_save"] = "committed (wrong)"
-            except Exception as error:  # noqa: BLE001 - the message is the check
-                report["failed_save"] = str(error).splitlines()[-1]
-                report["failed_save_seconds"] = time.monotonic() - started
-                expected = f"rank {FAILING_RANK} failed" if rank != FAILING_RANK else "refuses to commit"
-                assert expected in str(error), str(error)
+            expected = f"rank {FAILING_RANK} failed" if rank != FAILING_RANK else "refuses to commit"
+            save_expecting_failure(failing, f"{out}/failed", rank_state(rank, 5), report, "failed_save", expected)
         finally:
             failing.close()
         # One rank's state cannot even be staged (a str that is not valid Unicode): its writer never
@@ -128,16 +136,8 @@ def main() -> int:
             state = rank_state(rank, 6)
             if rank == FAILING_RANK:
                 state["bad"] = "\udcff"
-            started = time.monotonic()
-            _, write = plain.save(f"{out}/unstaged", state)
-            try:
-                write.result(timeout=300)
-                report["unstaged_save"] = "committed (wrong)"
-            except Exception as error:  # noqa: BLE001 - the message is the check
-                report["unstaged_save"] = str(error).splitlines()[-1]
-                report["unstaged_save_seconds"] = time.monotonic() - started
-                if rank != FAILING_RANK:
-                    assert f"rank {FAILING_RANK} failed" in str(error), str(error)
+            expected = f"rank {FAILING_RANK} failed" if rank != FAILING_RANK else None
+            save_expecting_failure(plain, f"{out}/unstaged", state, report, "unstaged_save", expected)
         finally:
             plain.close()
         dist.barrier()
