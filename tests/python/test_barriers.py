@@ -7,7 +7,6 @@ the store server); DistBarrier needs real process groups, hence spawned processe
 import multiprocessing
 import os
 import socket
-import threading
 import time
 import traceback
 from concurrent.futures import ThreadPoolExecutor

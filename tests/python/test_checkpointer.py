@@ -13,12 +13,10 @@ import fastdcp.torch as fdt
 from fastdcp.torch import (
     AsyncCheckpointer,
     CheckpointerConfig,
-    CheckpointProcess,
     CheckpointProcessConfig,
     CheckpointStagerConfig,
     CheckpointWriter,
     CheckpointWriterConfig,
-    RankInfo,
     WriterHook,
     make_async_checkpointer,
     make_sync_checkpointer,

@@ -2,7 +2,6 @@
 and ``close`` over a writer (synchronous) or a stager and a writer process (asynchronous)."""
 
 import abc
-import logging
 import os
 import threading
 from concurrent.futures import Future, wait
@@ -16,8 +15,6 @@ from fastdcp.torch.types import STATE_DICT
 from fastdcp.torch.utils import wrap_future
 
 __all__ = ["AsyncCheckpointer", "Checkpointer", "SyncCheckpointer"]
-
-logger = logging.getLogger(__name__)
 
 
 class Checkpointer(abc.ABC):
