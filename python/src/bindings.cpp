@@ -1,6 +1,7 @@
 // Python bindings: the stager and checkpoint I/O, over TreeConverter (tree_converter.h).
 
 #include <nanobind/nanobind.h>
+#include <nanobind/stl/pair.h>
 #include <nanobind/stl/shared_ptr.h>
 #include <nanobind/stl/string.h>
 #include <nanobind/stl/vector.h>
@@ -53,7 +54,9 @@ class PyStager {
       : converter_(std::move(adapter)),
         stager_(options, use_cuda ? CudaRuntime::instance() : CudaRuntime::unavailable("CUDA disabled by the caller")) {}
 
-  nb::object stage(nb::handle state_dict, const PyStagingLease* lease) {
+  // `on_released`, when given, is called (with the GIL) as soon as the sources may change again,
+  // before stage() returns; see Note [Copy-on-write staging].
+  nb::object stage(nb::handle state_dict, const PyStagingLease* lease, nb::handle on_released) {
     using Clock = std::chrono::steady_clock;
     CyclicGcPause gc_pause;
     const auto t0 = Clock::now();
@@ -63,6 +66,16 @@ class PyStager {
     if (lease) {
       if (!lease->held()) throw Error(ErrorCode::kInvalidArgument, "stage(): the lease was already released");
       call.lease = lease->token;
+    }
+    if (on_released.is_valid() && !on_released.is_none()) {
+      call.on_sources_released = [on_released] {
+        nb::gil_scoped_acquire gil;
+        try {
+          on_released();
+        } catch (nb::python_error& error) {
+          error.discard_as_unraisable("fastdcp: the sources-released callback of stage()");
+        }
+      };
     }
     Value staged;
     {
@@ -82,6 +95,12 @@ class PyStager {
     stager_.close();
   }
   bool pinning_downgraded() const { return stager_.pinning_downgraded(); }
+  // (available, why not)
+  std::pair<bool, std::string> copy_on_write_available() const {
+    std::string why_not;
+    const bool available = stager_.copy_on_write_available(&why_not);
+    return {available, why_not};
+  }
   nb::dict stats() const {
     StagerStats s = stager_.stats();
     HostMemoryStats m = stager_.memory_stats();
@@ -92,6 +111,8 @@ class PyStager {
     d["cache_entries"] = s.cache_entries;
     d["bytes_copied"] = s.bytes_copied;
     d["leased_skips"] = s.leased_skips;
+    d["bytes_copied_after_release"] = s.bytes_copied_after_release;
+    d["write_faults"] = s.write_faults;
     d["reserved_bytes"] = m.total_reserved();
     d["pinned_bytes"] = m.pinned_bytes();
     d["shared_bytes"] = m.shared_bytes();
@@ -239,12 +260,16 @@ class PyCheckpointIO {
   }
 
   // This rank's part of the save cannot be written: votes against it (CheckpointWriter::abandon).
-  void abandon(const std::string& path, const std::string& error, bool overwrite, double barrier_timeout_s) {
+  // With `barrier`, this rank joins the save's barrier as a writer that failed would.
+  void abandon(const std::string& path, const std::string& error, bool overwrite, double barrier_timeout_s,
+               nb::object barrier) {
     WriterOptions options;
     options.overwrite = overwrite;
     options.barrier_timeout = std::chrono::milliseconds(static_cast<int64_t>(barrier_timeout_s * 1000));
+    std::shared_ptr<Barrier> native_barrier;
+    if (!barrier.is_none()) native_barrier = std::make_shared<PyBarrier>(std::move(barrier));
     nb::gil_scoped_release release;
-    CheckpointWriter(rank_, options).abandon(path, error);
+    CheckpointWriter(rank_, options, native_barrier).abandon(path, error);
   }
 
   nb::object read(const std::string& path, bool verify, bool use_mmap, int io_threads, bool direct_io,
@@ -331,14 +356,17 @@ NB_MODULE(_C, m) {
       .def_rw("use_non_blocking_copy", &StagingOptions::use_non_blocking_copy)
       .def_rw("pin_memory_min_bytes", &StagingOptions::pin_memory_min_bytes)
       .def_rw("copy_threads", &StagingOptions::copy_threads)
-      .def_rw("memory_budget_bytes", &StagingOptions::memory_budget_bytes);
+      .def_rw("memory_budget_bytes", &StagingOptions::memory_budget_bytes)
+      .def_rw("copy_on_write", &StagingOptions::copy_on_write);
   nb::class_<PyStagingLease>(m, "StagingLease")
       .def(nb::init<>())
       .def("release", &PyStagingLease::release)
       .def_prop_ro("held", &PyStagingLease::held);
   nb::class_<PyStager>(m, "Stager")
       .def(nb::init<StagingOptions, bool, nb::object>(), nb::arg("options"), nb::arg("use_cuda"), nb::arg("adapter"))
-      .def("stage", &PyStager::stage, nb::arg("state_dict"), nb::arg("lease").none() = nb::none())
+      .def("stage", &PyStager::stage, nb::arg("state_dict"), nb::arg("lease").none() = nb::none(),
+           nb::arg("on_released").none() = nb::none())
+      .def("copy_on_write_available", &PyStager::copy_on_write_available)
       .def("close", &PyStager::close)
       .def_prop_ro("pinning_downgraded", &PyStager::pinning_downgraded)
       .def("stats", &PyStager::stats);
@@ -352,7 +380,7 @@ NB_MODULE(_C, m) {
            nb::arg("barrier_timeout_s"), nb::arg("barrier").none(), nb::arg("pre_commit").none(),
            nb::arg("post_commit").none())
       .def("abandon", &PyCheckpointIO::abandon, nb::arg("path"), nb::arg("error"), nb::arg("overwrite"),
-           nb::arg("barrier_timeout_s"))
+           nb::arg("barrier_timeout_s"), nb::arg("barrier").none() = nb::none())
       .def("read", &PyCheckpointIO::read, nb::arg("path"), nb::arg("verify"), nb::arg("use_mmap"), nb::arg("io_threads"),
            nb::arg("direct_io"), nb::arg("io_engine"))
       .def("read_into", &PyCheckpointIO::read_into, nb::arg("path"), nb::arg("target"), nb::arg("strict"),

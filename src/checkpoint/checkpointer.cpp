@@ -10,6 +10,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cerrno>
 #include <cstdlib>
 #include <cstring>
@@ -561,14 +562,24 @@ std::pair<Future<Staged>, Future<WriteStats>> AsyncCheckpointer::save(const std:
   StageCallOptions leased = call;
   auto lease = std::make_shared<int>(0);
   leased.lease = lease;
+  // Training may go on once the sources are released, which with copy-on-write staging comes
+  // before the staged bytes are complete (Note [Copy-on-write staging]); the writer waits for those.
+  struct StagedSignal {
+    Promise<Staged> promise;
+    std::atomic<bool> sent{false};
+  };
+  auto signal = std::make_shared<StagedSignal>();
+  Future<Staged> staged_done = signal->promise.get_future();
+  leased.on_sources_released = [signal] {
+    if (!signal->sent.exchange(true)) signal->promise.set_value(Staged{});
+  };
   Future<Value> staged = stager_->stage(std::move(state_dict), leased);
-  auto staged_promise = std::make_shared<Promise<Staged>>();
-  Future<Staged> staged_done = staged_promise->get_future();
-  staged.on_ready([staged_promise](const Future<Value>& f) {
+  staged.on_ready([signal](const Future<Value>& f) {
+    if (signal->sent.exchange(true)) return;
     if (auto error = f.error()) {
-      staged_promise->set_exception(error);
+      signal->promise.set_exception(error);
     } else {
-      staged_promise->set_value(Staged{});
+      signal->promise.set_value(Staged{});
     }
   });
   Future<WriteStats> written = process_->write(staged, path);

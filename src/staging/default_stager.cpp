@@ -9,6 +9,7 @@
 #include "fastdcp/common/logging.h"
 #include "fastdcp/staging/stager.h"
 #include "staging/copy_engine.h"
+#include "staging/write_protect_copier.h"
 #include "tensor/storage_impl.h"
 
 namespace fastdcp {
@@ -48,6 +49,7 @@ struct Request {
   std::shared_ptr<const Value> state_dict;
   ProducerEvents producers;
   std::shared_ptr<const void> lease;
+  std::function<void()> on_sources_released;
   Promise<Value> promise;
 };
 
@@ -84,6 +86,8 @@ struct DefaultStager::Impl {
   size_t storages_this_call = 0;
   uint64_t host_bytes_this_call = 0;
   std::vector<DeviceCopy> device_copies;
+  bool copy_on_write_this_call = false;
+  std::vector<detail::CopyOp> protected_copies;  // host copies deferred by copy-on-write staging
   std::vector<std::pair<const Value*, Value*>> walk_stack;
   std::vector<CudaStream> copy_streams;  // per device, created on first use
   std::vector<CudaEvent> copy_done;      // per device
@@ -226,7 +230,11 @@ struct DefaultStager::Impl {
     ++storages_this_call;
     if (nbytes != 0) {
       if (source.device().is_cpu()) {
-        copier->add(entry.staged.data(), source.data(), nbytes);  // starts while the walk goes on
+        if (copy_on_write_this_call) {
+          protected_copies.push_back({entry.staged.data(), source.data(), nbytes});
+        } else {
+          copier->add(entry.staged.data(), source.data(), nbytes);  // starts while the walk goes on
+        }
         host_bytes_this_call += nbytes;
       } else {
         if (!has_cuda) {
@@ -350,7 +358,16 @@ struct DefaultStager::Impl {
     return devices;
   }
 
-  Value run_stage(const Value& src, ProducerEvents& producers, std::shared_ptr<const void> lease) {
+  detail::WriteProtectCopier* copy_on_write_engine(std::string* why_not) const {
+    if (!options.copy_on_write) {
+      if (why_not) *why_not = "StagingOptions::copy_on_write is false";
+      return nullptr;
+    }
+    return detail::WriteProtectCopier::instance(why_not);
+  }
+
+  Value run_stage(const Value& src, ProducerEvents& producers, std::shared_ptr<const void> lease,
+                  const std::function<void()>& on_sources_released) {
     struct EventsReleaser {
       Impl* self;
       ProducerEvents& events;
@@ -366,19 +383,40 @@ struct DefaultStager::Impl {
     } lease_reset{call_lease};
     storages_this_call = 0;
     host_bytes_this_call = 0;
+    detail::WriteProtectCopier* protector = on_sources_released ? copy_on_write_engine(nullptr) : nullptr;
+    copy_on_write_this_call = protector != nullptr;
+    protected_copies.clear();
     copier->begin();
     Value staged;
     std::vector<int> devices;
+    bool copies_finished = false;
+    auto finish_copies = [&] {
+      copies_finished = true;
+      copier->finish();  // overlaps with the device-to-host DMA
+      for (int device : devices) cuda->event_synchronize(copy_done[device]);
+    };
     try {
       staged = plan(src);
       devices = issue_device_copies(producers);
+      if (protector) {
+        const auto result = protector->copy(
+            std::move(protected_copies),
+            [&](const std::vector<detail::CopyOp>& unprotected) {
+              for (const auto& op : unprotected) copier->add(op.dst, op.src, op.nbytes);
+              finish_copies();
+            },
+            on_sources_released);
+        stats.bytes_copied_after_release += result.protected_bytes;
+        stats.write_faults += result.write_faults;
+      } else {
+        finish_copies();
+        if (on_sources_released) on_sources_released();
+      }
     } catch (...) {
-      copier->finish();  // never leave copies running into buffers we may release
+      if (!copies_finished) copier->finish();  // never leave copies running into buffers we may release
       drain_copy_streams();
       throw;
     }
-    copier->finish();  // overlaps with the device-to-host DMA
-    for (int device : devices) cuda->event_synchronize(copy_done[device]);
     drop_dead_entries();
 
     ++stats.stage_calls;
@@ -412,7 +450,8 @@ struct DefaultStager::Impl {
         queue.pop_front();
       }
       try {
-        request.promise.set_value(run_stage(*request.state_dict, request.producers, std::move(request.lease)));
+        request.promise.set_value(run_stage(*request.state_dict, request.producers, std::move(request.lease),
+                                            request.on_sources_released));
       } catch (...) {
         request.promise.set_exception(std::current_exception());
       }
@@ -459,6 +498,7 @@ Future<Value> DefaultStager::stage(std::shared_ptr<const Value> state_dict, cons
   Request request;
   request.state_dict = std::move(state_dict);
   request.lease = call.lease;
+  request.on_sources_released = call.on_sources_released;
   auto future = request.promise.get_future();
   {
     std::lock_guard lock(impl_->queue_mutex);
@@ -477,7 +517,7 @@ Value DefaultStager::stage_now(const Value& state_dict, const StageCallOptions& 
     impl_->check_open("stage_now");
   }
   ProducerEvents producers = impl_->record_producer_events(call);
-  return impl_->run_stage(state_dict, producers, call.lease);
+  return impl_->run_stage(state_dict, producers, call.lease, call.on_sources_released);
 }
 
 void DefaultStager::close() { impl_->shutdown(); }
@@ -506,5 +546,9 @@ StagerStats DefaultStager::stats() const {
 }
 
 HostMemoryStats DefaultStager::memory_stats() const { return impl_->pool.stats(); }
+
+bool DefaultStager::copy_on_write_available(std::string* why_not) const {
+  return impl_->copy_on_write_engine(why_not) != nullptr;
+}
 
 }  // namespace fastdcp

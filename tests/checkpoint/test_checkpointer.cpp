@@ -93,6 +93,28 @@ TEST_F(CheckpointerTest, OverlappingSavesKeepTheirOwnContents) {
   checkpointer->close();
 }
 
+TEST_F(CheckpointerTest, TrainingMayWriteOnceStagedEvenBeforeTheCopyIsDone) {
+  // Copy-on-write staging releases the sources before they are copied (Note [Copy-on-write
+  // staging]); what training writes then must not reach the checkpoint.
+  auto stager = std::make_shared<DefaultStager>(testing::cpu_staging(/*async=*/true, /*shared=*/true));
+  if (std::string why; !stager->copy_on_write_available(&why)) GTEST_SKIP() << why;
+  auto process = std::make_shared<CheckpointProcess>(RankInfo{}, WriterOptions{}, cpu_options().process);
+  AsyncCheckpointer checkpointer(stager, process, CheckpointReader());
+  auto sd = std::make_shared<Value>(Value::dict());
+  Tensor weight = filled(DType::kF32, {2048, 1024}, 3);  // 8 MiB
+  sd->insert("weight", weight);
+  auto [staged, written] = checkpointer.save(at("cow"), sd);
+  staged.get();
+  std::memset(weight.data_ptr(), 0, weight.nbytes());
+  written.get();
+  const Tensor want = filled(DType::kF32, {2048, 1024}, 3);
+  EXPECT_EQ(std::memcmp(checkpointer.load(at("cow")).at("weight").as_tensor().data_ptr(), want.data_ptr(),
+                        want.nbytes()),
+            0);
+  EXPECT_EQ(stager->stats().bytes_copied_after_release, weight.nbytes());
+  checkpointer.close();
+}
+
 TEST_F(CheckpointerTest, AFailedWriteFailsOnlyItsOwnFuture) {
   auto checkpointer = make_async_checkpointer(cpu_options());
   std::ofstream(at("not_a_dir")) << "a file where the checkpoint directory should be";

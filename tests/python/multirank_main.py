@@ -31,6 +31,21 @@ from fastdcp.torch import (
 )
 
 FAILING_RANK = 1
+UNSTAGED_BARRIER_TIMEOUT = 300  # the test requires the unstaged save to fail long before this
+
+
+def tcp_store_barrier(rank: int, world: int, prefix: str, timeout_secs: float) -> BarrierConfig:
+    """A TCPStoreBarrier, made in each rank's writer process, on a port rank 0 picks."""
+    port = [0]
+    if rank == 0:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port[0] = s.getsockname()[1]
+    dist.broadcast_object_list(port, src=0)
+    return BarrierConfig("tcp_store", dict(
+        global_rank=rank, global_world_size=world, barrier_prefix=prefix,
+        timeout_barrier_init_secs=120, use_checkpoint_barrier_tcpstore_libuv=True, tcpstore_port=port[0],
+        master_address="127.0.0.1", timeout_secs=timeout_secs))
 
 
 class FailOnRank(WriterHook):
@@ -96,16 +111,7 @@ def main() -> int:
         report["sync"] = "ok"
 
         # Async, three saves in a row, a TCPStoreBarrier in each rank's writer process.
-        port = [0]
-        if rank == 0:
-            with socket.socket() as s:
-                s.bind(("127.0.0.1", 0))
-                port[0] = s.getsockname()[1]
-        dist.broadcast_object_list(port, src=0)
-        barrier = BarrierConfig("tcp_store", dict(
-            global_rank=rank, global_world_size=world, barrier_prefix="multirank",
-            timeout_barrier_init_secs=120, use_checkpoint_barrier_tcpstore_libuv=True, tcpstore_port=port[0],
-            master_address="127.0.0.1", timeout_secs=120))
+        barrier = tcp_store_barrier(rank, world, "multirank", timeout_secs=120)
         checkpointer = make_async_checkpointer(CheckpointerConfig(staging_config=cpu, barrier_config=barrier))
         try:
             writes = []
@@ -129,9 +135,11 @@ def main() -> int:
             save_expecting_failure(failing, f"{out}/failed", rank_state(rank, 5), report, "failed_save", expected)
         finally:
             failing.close()
-        # One rank's state cannot even be staged (a str that is not valid Unicode): its writer never
-        # gets the save, so the trainer votes against it, and every rank fails at once.
-        plain = make_async_checkpointer(CheckpointerConfig(staging_config=cpu))
+        # One rank's state cannot even be staged (a str that is not valid Unicode): the save never
+        # reaches its writer, which votes against it and joins the TCPStoreBarrier the other ranks'
+        # writers wait in, so every rank fails at once, well before the barrier's timeout.
+        barrier = tcp_store_barrier(rank, world, "unstaged", timeout_secs=UNSTAGED_BARRIER_TIMEOUT)
+        plain = make_async_checkpointer(CheckpointerConfig(staging_config=cpu, barrier_config=barrier))
         try:
             state = rank_state(rank, 6)
             if rank == FAILING_RANK:

@@ -155,6 +155,37 @@ def test_async_save_returns_staging_and_write_futures_and_loads_back(tmp_path):
     assert checkpointer._process.process is None
 
 
+@pytest.mark.parametrize("copy_on_write", [True, False])
+def test_training_may_write_its_tensors_once_the_staging_future_is_done(tmp_path, copy_on_write):
+    # With copy-on-write staging the tensors are released before they are copied
+    # (Note [Copy-on-write staging]); writes made then must not reach the checkpoint.
+    staging_config = CheckpointStagerConfig(use_pinned_memory=False, use_non_blocking_copy=False,
+                                            use_copy_on_write=copy_on_write)
+    checkpointer = make_async_checkpointer(CheckpointerConfig(staging_config=staging_config))
+    stager = checkpointer._stager
+    available, why_not = stager.copy_on_write_available()
+    if copy_on_write and not available:
+        pytest.skip(f"copy-on-write staging unavailable here: {why_not}")
+    try:
+        params = {f"layer{i}": torch.randn(1024, 1024) for i in range(16)}  # 64 MiB
+        expected = {k: v.clone() for k, v in params.items()}
+        for step in range(3):
+            staging, write = checkpointer.save(str(tmp_path / f"s{step}"), {"model": params, "step": step})
+            staging.result(timeout=60)
+            for tensor in params.values():  # the optimizer step
+                tensor.mul_(-1.0).add_(step + 1.0)
+            write.result(timeout=120)
+            loaded = checkpointer.load(str(tmp_path / f"s{step}"))
+            assert loaded["step"] == step
+            for key, tensor in expected.items():
+                assert torch.equal(loaded["model"][key], tensor), (step, key)
+            expected = {k: v.clone() for k, v in params.items()}
+        copied_after = stager.stats()["bytes_copied_after_release"]
+        assert copied_after == (3 * 64 << 20 if copy_on_write else 0)
+    finally:
+        checkpointer.close()
+
+
 def test_overlapping_saves_to_different_paths_keep_their_own_contents(tmp_path):
     # Each write holds in pre_commit, so the next saves stage while earlier ones are in flight:
     # their leased buffers must not be overwritten (Note [Staging leases]).

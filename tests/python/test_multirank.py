@@ -32,4 +32,6 @@ def test_four_ranks_save_load_and_fail_together(tmp_path):
         assert report["failed_save_seconds"] < 120, details  # the writer timeout is 600 s: nobody waited it out
         assert "no committed checkpoint" in report["failed_load"], details
         assert report["unstaged_save"] != "committed (wrong)", details
-        assert report["unstaged_save_seconds"] < 120, details
+        # Its barrier's timeout is 300 s: the failed rank's writer joined it instead of leaving the
+        # others to wait that out.
+        assert report["unstaged_save_seconds"] < 60, details

@@ -23,7 +23,9 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <functional>
 #include <memory>
+#include <string>
 #include <utility>
 #include <vector>
 
@@ -45,6 +47,9 @@ struct StagingOptions {
   unsigned copy_threads = 0;          // host copy threads; 0: one per hardware thread
   uint64_t memory_budget_bytes = 0;   // 0: unlimited
   uint64_t cuda_copy_chunk_bytes = uint64_t{32} << 20;
+  // For calls that ask to be told when the sources may change (on_sources_released): write-protect
+  // CPU sources and copy them after telling, where the host allows; Note [Copy-on-write staging].
+  bool copy_on_write = true;
 };
 
 // Where the producer (training) queued the work that writes the tensors being staged.
@@ -67,7 +72,33 @@ struct StageCallOptions {
   std::vector<ProducerStream> producer_streams;
   // See Note [Staging leases]; null: the buffers staged into are not held.
   std::shared_ptr<const void> lease;
+  // Called once, before the call's future is ready, as soon as the sources may change again (with
+  // copy-on-write staging, before their bytes are all copied); not called when staging fails.
+  // It runs on the staging thread and must not wait for that stager's future.
+  std::function<void()> on_sources_released;
 };
+
+// Note [Copy-on-write staging]
+// A checkpointer must block training only until the sources may change, not until they are
+// copied. For calls with on_sources_released, CPU sources are write-protected through
+// userfaultfd (UFFDIO_WRITEPROTECT, Linux 6.4+) instead of copied: protecting 1 GiB takes
+// milliseconds. The callback then runs, and the staging thread copies the protected sources in
+// 2 MiB chunks, unprotecting each once copied. A write to a chunk not yet copied faults; a
+// handler thread copies that chunk first and unprotects it, so the writer waits about 0.1 ms once
+// per chunk and the staged bytes are exactly those at the stage() call. The future is ready once
+// every byte is copied and nothing is protected.
+//  - Pages are protected whole, so bytes beside a source (malloc's own, other objects) fault too;
+//    their chunk is copied and they go on. The handler takes no lock and allocates nothing, so a
+//    writer blocked inside malloc cannot deadlock it (Note [Fault handler]).
+//  - Memory that cannot be protected (file mappings, pinned CUDA memory, hugetlbfs, a host
+//    without userfaultfd or this feature) is copied before the callback, as without this option.
+//  - Writes that bypass the page tables, by a device's DMA into host memory pinned by someone
+//    else (cudaHostRegister, RDMA), are not seen: turn copy_on_write off when tensors are written
+//    that way. torch's own pinned memory (cudaHostAlloc) cannot be protected, so it is copied.
+//  - Sources must stay allocated until the future is ready (the checkpointers keep them alive);
+//    in-place writes are what this is for, but a storage freed or reallocated (resize_) meanwhile
+//    is not allowed.
+//  - One protected copy runs at a time per process; FASTDCP_COPY_ON_WRITE=0 turns it off.
 
 class CheckpointStager {
  public:
@@ -86,6 +117,8 @@ struct StagerStats {
   uint64_t cache_entries = 0;
   uint64_t bytes_copied = 0;   // over all calls
   uint64_t leased_skips = 0;   // storages staged into a fresh buffer because their cached one was held
+  uint64_t bytes_copied_after_release = 0;  // copied after on_sources_released (copy-on-write)
+  uint64_t write_faults = 0;   // chunks copied early because the sources were written meanwhile
 };
 
 class DefaultStager final : public CheckpointStager {
@@ -112,6 +145,8 @@ class DefaultStager final : public CheckpointStager {
   bool pinning_downgraded() const;
   StagerStats stats() const;
   HostMemoryStats memory_stats() const;
+  // Whether calls with on_sources_released are staged copy-on-write; why not, when they are not.
+  bool copy_on_write_available(std::string* why_not = nullptr) const;
 
   struct Impl;
 

@@ -108,6 +108,16 @@ def _worker_main(rank_info: RankInfo, connection, subprocess_init_fn, subprocess
         kind = request.request_type
         if kind == RequestType.PING:
             reply(kind, payload={"pid": os.getpid()})
+        elif kind == RequestType.WRITE_CHECKPOINT and "abandon" in request.payload:
+            # The trainer could not hand this save over: vote against it from here, where the
+            # writer's barrier lives (only fastdcp's own writer knows how).
+            try:
+                if type(writer) is not CheckpointWriter:
+                    raise TypeError(f"{type(writer).__name__} cannot vote against a save")
+                writer._abandon(request.payload["path"], request.payload["abandon"])
+                reply(kind)
+            except Exception:
+                reply(kind, traceback.format_exc())
         elif kind == RequestType.WRITE_CHECKPOINT:
             payload = request.payload
             fds: list[int] = []
@@ -290,17 +300,33 @@ class CheckpointProcess:
             raise RuntimeError(f"{gone}; the next write starts a new writer process") from None
 
     def _vote_against(self, path: str, error: Exception) -> None:
-        """The writer never got this save: vote against it here (CheckpointWriter::abandon), so
-        that no rank waits for this one. (Not once the request is sent: the writer may have voted.)"""
+        """The writer never got this save: vote against it (CheckpointWriter::abandon), so that no
+        rank waits for this one. (Not once the request is sent: the writer may have voted.)
+
+        The writer process votes when it can: it also joins the save's barrier, which may live in
+        the writer processes (a TCPStoreBarrier made there), where the other ranks wait for it.
+        Otherwise the trainer votes, and such a barrier waits out its timeout."""
         from fastdcp import _C
         from fastdcp.torch._adapter import TorchAdapter
+
+        message = f"{type(error).__name__}: {error}"
+        try:
+            self._ensure_worker()
+            self._send(WorkerRequest(RequestType.WRITE_CHECKPOINT, {"path": path, "abandon": message}))
+            self._receive(self._config.subprocess_write_timeout_secs, f"voting against '{path}'")
+            return
+        except Exception as writer_error:  # noqa: BLE001 - fall back to voting from here
+            if isinstance(writer_error, (TimeoutError, _WorkerGone)):
+                self._stop_worker(kill=True)
+            logger.info("the writer process could not vote against the save to %s (%s); voting from the trainer",
+                        path, writer_error)
 
         config = self._writer_init[1].get("config")
         if not isinstance(config, CheckpointWriterConfig):
             config = CheckpointWriterConfig()
         try:
             _C.CheckpointIO(TorchAdapter(), self._rank_info.global_rank, self._rank_info.global_world_size).abandon(
-                path, f"{type(error).__name__}: {error}", config.overwrite, float(config.write_barrier_timeout_secs))
+                path, message, config.overwrite, float(config.write_barrier_timeout_secs))
         except Exception as vote_error:  # noqa: BLE001 - the save's own error is what the caller gets
             logger.warning("could not vote against the save to %s: %s", path, vote_error)
 

@@ -65,6 +65,14 @@ class CheckpointWriter:
         making torch tensors of it first; takes the descriptors over."""
         self._last_stats = self._io.write_shared(str(path), message, fds, *self._native_options(kwargs))
 
+    def _abandon(self, path: str, error: str) -> None:
+        """This rank's save to ``path`` never reached the writer: votes against it and joins its
+        barrier, as a failed write would (Note [Commit protocol]), so that no rank waits for this one
+        and this writer's barrier stays in step with the others'."""
+        barrier = self._barrier
+        self._io.abandon(str(path), error, self._config.overwrite, float(self._config.write_barrier_timeout_secs),
+                         None if barrier is None else (lambda timeout: barrier.execute_barrier()))
+
     def _native_options(self, kwargs: dict) -> tuple:
         hook = self._commit_hook
         barrier = self._barrier

@@ -106,21 +106,32 @@ class AsyncCheckpointer(Checkpointer):
         leases = hasattr(self._stager, "_stage_leased") and not stage_options
         self._wait_for_room(self._max_pending if leases else 1)
         if leases:
-            staged = self._stager._stage_leased(state_dict)
+            # Training may go on once the tensors are released, which with copy-on-write staging
+            # comes before the staged bytes are complete; the writer gets them when they are.
+            # Both callbacks run on the staging thread, one after the other.
+            released: Future = Future()
             staged_dict: Future = Future()
+
+            def on_released() -> None:
+                if not released.done():
+                    released.set_result(None)
 
             def on_staged(done: Future) -> None:
                 try:
                     staged_dict.set_result(done.result()[0])
                 except BaseException as error:
                     staged_dict.set_exception(error)
+                    if not released.done():
+                        released.set_exception(error)
+                on_released()
 
+            staged = self._stager._stage_leased(state_dict, on_released)
             staged.add_done_callback(on_staged)
-            staging_future = staged_dict
+            staging_future, write_input = released, staged_dict
         else:
-            staging_future = self._stager.stage(state_dict, **(stage_options or {}))
+            staging_future = write_input = self._stager.stage(state_dict, **(stage_options or {}))
             staged = None
-        write_future = self._process.write(staging_future, path, **kwargs)
+        write_future = self._process.write(write_input, path, **kwargs)
         if staged is not None:
 
             def release_lease(_: Future) -> None:

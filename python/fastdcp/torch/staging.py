@@ -33,12 +33,19 @@ class CheckpointStager(abc.ABC):
 
 @dataclass
 class CheckpointStagerConfig:
-    """Upstream's four staging flags, with upstream's defaults."""
+    """Upstream's four staging flags, with upstream's defaults, and fastdcp's copy-on-write staging.
+
+    ``use_copy_on_write``: when an AsyncCheckpointer saves, CPU tensors are write-protected rather
+    than copied before training may go on, and copied in the background; a tensor written before
+    its copy is copied first (Note [Copy-on-write staging] in fastdcp/staging/stager.h). Turn it
+    off if host tensors are written by DMA into memory pinned outside torch (cudaHostRegister, RDMA).
+    """
 
     use_pinned_memory: bool = True
     use_shared_memory: bool = True
     use_async_staging: bool = True
     use_non_blocking_copy: bool = True
+    use_copy_on_write: bool = True
 
 
 class DefaultStager(CheckpointStager):
@@ -62,6 +69,7 @@ class DefaultStager(CheckpointStager):
         options.use_shared_memory = config.use_shared_memory
         options.use_async_staging = False  # the executor below provides the asynchrony
         options.use_non_blocking_copy = config.use_non_blocking_copy
+        options.copy_on_write = config.use_copy_on_write
         self._native = _C.Stager(options, accelerator, TorchAdapter())
         self._lock = threading.Lock()
         self._closed = False
@@ -77,20 +85,22 @@ class DefaultStager(CheckpointStager):
             return self._executor.submit(self._stage, state_dict)
         return self._stage(state_dict)
 
-    def _stage(self, state_dict: STATE_DICT, lease=None) -> STATE_DICT:
+    def _stage(self, state_dict: STATE_DICT, lease=None, on_released=None) -> STATE_DICT:
         with self._lock, torch.no_grad():
-            return self._native.stage(state_dict, lease)
+            return self._native.stage(state_dict, lease, on_released)
 
-    def _stage_leased(self, state_dict: STATE_DICT) -> Future:
+    def _stage_leased(self, state_dict: STATE_DICT, on_released=None) -> Future:
         """A future of ``(staged, lease)``: no later stage() writes into the staged buffers until
         ``lease.release()`` (Note [Staging leases]); the AsyncCheckpointer releases it when the
-        write that reads them is done."""
+        write that reads them is done. ``on_released()`` is called, on the staging thread, as soon
+        as the tensors may change again: with copy-on-write staging, before they are all copied."""
         if self._closed:
             raise RuntimeError("DefaultStager.stage() called after close()")
         lease = _C.StagingLease()
 
         def stage_and_hold():
-            return self._stage(state_dict, lease), lease
+            # The task holds `state_dict`, so its tensors stay allocated until the copy is done.
+            return self._stage(state_dict, lease, on_released), lease
 
         if self._executor is not None:
             return self._executor.submit(stage_and_hold)
@@ -110,8 +120,12 @@ class DefaultStager(CheckpointStager):
         self._native.close()
 
     def stats(self) -> dict:
-        """Cache hits and misses, bytes copied, and host memory by kind."""
+        """Cache hits and misses, bytes copied (after release too), and host memory by kind."""
         return self._native.stats()
+
+    def copy_on_write_available(self) -> tuple[bool, str]:
+        """Whether saves stage copy-on-write here, and why not when they do not."""
+        return self._native.copy_on_write_available()
 
     def __enter__(self) -> "DefaultStager":
         return self

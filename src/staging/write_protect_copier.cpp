@@ -1,0 +1,551 @@
+#include "staging/write_protect_copier.h"
+
+#include <fcntl.h>
+#include <linux/userfaultfd.h>
+#include <poll.h>
+#include <sys/eventfd.h>
+#include <sys/ioctl.h>
+#include <sys/mman.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cerrno>
+#include <cstdlib>
+#include <cstring>
+#include <new>
+#include <optional>
+
+#include "fastdcp/common/error.h"
+#include "fastdcp/common/logging.h"
+
+#ifndef UFFD_FEATURE_WP_UNPOPULATED
+#define UFFD_FEATURE_WP_UNPOPULATED (1 << 13)
+#endif
+#ifndef MADV_COLLAPSE
+#define MADV_COLLAPSE 25
+#endif
+
+namespace fastdcp::detail {
+namespace {
+
+// Copy and unprotect in 2 MiB chunks, aligned as transparent huge pages are: a fault costs one
+// chunk copy (about 0.1 ms), and a huge page is split at most once.
+constexpr uintptr_t kChunkBytes = uintptr_t{2} << 20;
+// Sources closer than this are protected as one range: fewer VMAs and ioctls for many small
+// tensors, at the price of a fault for a write into the gap between them.
+constexpr uintptr_t kMergeGapBytes = uintptr_t{256} << 10;
+// Below this many bytes in all, protecting costs more than copying.
+constexpr uint64_t kMinProtectedBytes = uint64_t{1} << 20;
+
+enum ChunkState : uint8_t { kPending = 0, kCopying = 1, kCopied = 2 };
+
+#if defined(__SANITIZE_THREAD__)
+#define FASTDCP_TSAN 1
+#elif defined(__has_feature)
+#if __has_feature(thread_sanitizer)
+#define FASTDCP_TSAN 1
+#endif
+#endif
+#ifdef FASTDCP_TSAN
+extern "C" void __tsan_ignore_thread_begin();
+extern "C" void __tsan_ignore_thread_end();
+#endif
+
+// A chunk copy races, as ThreadSanitizer sees it, with the writes it is copied ahead of: the
+// ordering is made by the write-protect fault, in the kernel. So ThreadSanitizer does not watch it.
+void copy_ahead_of_writers(void* dst, const void* src, size_t n) {
+#ifdef FASTDCP_TSAN
+  __tsan_ignore_thread_begin();
+  std::memcpy(dst, src, n);
+  __tsan_ignore_thread_end();
+#else
+  std::memcpy(dst, src, n);
+#endif
+}
+
+uintptr_t page_bytes() {
+  static const uintptr_t bytes = static_cast<uintptr_t>(sysconf(_SC_PAGESIZE));
+  return bytes;
+}
+
+struct Range {
+  uintptr_t begin;
+  uintptr_t end;
+};
+
+bool set_protection(int uffd, Range range, bool protect) {
+  uffdio_writeprotect wp{};
+  wp.range.start = range.begin;
+  wp.range.len = range.end - range.begin;
+  wp.mode = protect ? UFFDIO_WRITEPROTECT_MODE_WP : 0;  // unprotecting also wakes the writers
+  return ioctl(uffd, UFFDIO_WRITEPROTECT, &wp) == 0;
+}
+
+bool register_range(int uffd, Range range) {
+  uffdio_register reg{};
+  reg.range.start = range.begin;
+  reg.range.len = range.end - range.begin;
+  reg.mode = UFFDIO_REGISTER_MODE_WP;
+  if (ioctl(uffd, UFFDIO_REGISTER, &reg) != 0) return false;
+  if ((reg.ioctls & (uint64_t{1} << _UFFDIO_WRITEPROTECT)) == 0) {
+    uffdio_range unreg{range.begin, range.end - range.begin};
+    ioctl(uffd, UFFDIO_UNREGISTER, &unreg);
+    return false;
+  }
+  return true;
+}
+
+void unregister_range(int uffd, Range range) {
+  // Unregistering also clears the protection and wakes any writer still waiting.
+  uffdio_range unreg{range.begin, range.end - range.begin};
+  ioctl(uffd, UFFDIO_UNREGISTER, &unreg);
+}
+
+void wake(int uffd, Range range) {
+  uffdio_range r{range.begin, range.end - range.begin};
+  ioctl(uffd, UFFDIO_WAKE, &r);
+}
+
+// An anonymous mapping of its own, for state the fault handler writes: memory from malloc may
+// share a page with a protected source, and a handler that faults can never be served.
+class PrivateMapping {
+ public:
+  explicit PrivateMapping(size_t bytes) : bytes_(std::max<size_t>(bytes, 1)) {
+    data_ = mmap(nullptr, bytes_, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (data_ == MAP_FAILED) throw Error(ErrorCode::kResourceExhausted, "copy-on-write staging: mmap failed");
+  }
+  ~PrivateMapping() { munmap(data_, bytes_); }
+  PrivateMapping(const PrivateMapping&) = delete;
+  PrivateMapping& operator=(const PrivateMapping&) = delete;
+  void* data() const { return data_; }
+
+ private:
+  size_t bytes_;
+  void* data_;
+};
+
+int open_userfaultfd(std::string& why_not) {
+  int fd = static_cast<int>(syscall(SYS_userfaultfd, O_CLOEXEC | O_NONBLOCK));
+  if (fd >= 0) return fd;
+  const int syscall_errno = errno;
+  // Without CAP_SYS_PTRACE (and with vm.unprivileged_userfaultfd=0) the device may still be open to us.
+  const int device = open("/dev/userfaultfd", O_RDWR | O_CLOEXEC);
+  if (device >= 0) {
+    fd = ioctl(device, USERFAULTFD_IOC_NEW, O_CLOEXEC | O_NONBLOCK);
+    close(device);
+    if (fd >= 0) return fd;
+  }
+  why_not = std::string("userfaultfd is not permitted (") + std::strerror(syscall_errno) +
+            "; needs CAP_SYS_PTRACE, vm.unprivileged_userfaultfd=1 or access to /dev/userfaultfd)";
+  return -1;
+}
+
+// Opens a userfaultfd with write-protect faults, including for pages never touched yet (without
+// that, a write to an unpopulated page would go unnoticed), or returns -1 with the reason.
+int open_write_protect_fd(std::string& why_not) {
+  const int probe = open_userfaultfd(why_not);
+  if (probe < 0) return -1;
+  uffdio_api api{};
+  api.api = UFFD_API;
+  const bool probed = ioctl(probe, UFFDIO_API, &api) == 0;
+  close(probe);
+  const uint64_t needed = UFFD_FEATURE_PAGEFAULT_FLAG_WP | UFFD_FEATURE_WP_UNPOPULATED;
+  if (!probed || (api.features & needed) != needed) {
+    why_not = "the kernel's userfaultfd lacks write-protect faults for unpopulated pages (Linux 6.4 or newer)";
+    return -1;
+  }
+  const int fd = open_userfaultfd(why_not);
+  if (fd < 0) return -1;
+  uffdio_api wanted{};
+  wanted.api = UFFD_API;
+  // Shared memory (fastdcp's own staged buffers, staged again) can be protected where supported.
+  wanted.features = needed | (api.features & UFFD_FEATURE_WP_HUGETLBFS_SHMEM);
+  if (ioctl(fd, UFFDIO_API, &wanted) != 0) {
+    why_not = std::string("UFFDIO_API failed: ") + std::strerror(errno);
+    close(fd);
+    return -1;
+  }
+  return fd;
+}
+
+}  // namespace
+
+// The ranges of one copy() call, and per 2 MiB chunk of them, the ops it holds and its state.
+// Built before anything is protected; afterwards the handler only reads it, except for the chunk
+// states, which live in a mapping of their own.
+struct WriteProtectCopier::Snapshot {
+  struct Interval {
+    Range range;
+    size_t first_chunk;
+  };
+  std::vector<CopyOp> ops;            // sorted by source address
+  std::vector<Interval> intervals;    // protected, sorted, disjoint
+  std::vector<uint32_t> piece_begin;  // per chunk: its ops are pieces[piece_begin[c], piece_begin[c + 1])
+  std::vector<uint32_t> pieces;       // op indices
+  std::optional<PrivateMapping> state_memory;
+  std::atomic<uint8_t>* states = nullptr;
+  std::atomic<uint64_t>* write_faults = nullptr;
+
+  size_t chunk_count() const { return piece_begin.empty() ? 0 : piece_begin.size() - 1; }
+
+  static size_t chunks_in(Range r) { return (r.end - 1) / kChunkBytes - r.begin / kChunkBytes + 1; }
+
+  // The chunk holding `address`, or SIZE_MAX.
+  size_t chunk_of(uintptr_t address) const {
+    auto it = std::upper_bound(intervals.begin(), intervals.end(), address,
+                               [](uintptr_t a, const Interval& i) { return a < i.range.begin; });
+    if (it == intervals.begin()) return SIZE_MAX;
+    --it;
+    if (address >= it->range.end) return SIZE_MAX;
+    return it->first_chunk + address / kChunkBytes - it->range.begin / kChunkBytes;
+  }
+
+  Range chunk_range(size_t chunk) const {
+    auto it = std::upper_bound(intervals.begin(), intervals.end(), chunk,
+                               [](size_t c, const Interval& i) { return c < i.first_chunk; });
+    --it;
+    const uintptr_t start = (it->range.begin / kChunkBytes + (chunk - it->first_chunk)) * kChunkBytes;
+    return {std::max(start, it->range.begin), std::min(start + kChunkBytes, it->range.end)};
+  }
+
+  void copy_chunk(size_t chunk) const {
+    const Range r = chunk_range(chunk);
+    for (uint32_t p = piece_begin[chunk]; p < piece_begin[chunk + 1]; ++p) {
+      const CopyOp& op = ops[pieces[p]];
+      const auto src = reinterpret_cast<uintptr_t>(op.src);
+      const uintptr_t lo = std::max(src, r.begin);
+      const uintptr_t hi = std::min(src + op.nbytes, r.end);
+      if (lo < hi) copy_ahead_of_writers(static_cast<char*>(op.dst) + (lo - src), reinterpret_cast<const void*>(lo), hi - lo);
+    }
+  }
+
+  // Builds the chunk tables of `intervals` (set by the caller) over `ops`.
+  void index_chunks() {
+    size_t total = 0;
+    for (auto& interval : intervals) {
+      interval.first_chunk = total;
+      total += chunks_in(interval.range);
+    }
+    piece_begin.assign(total + 1, 0);
+    auto op_chunks = [&](const CopyOp& op, size_t& first, size_t& last) {
+      const auto src = reinterpret_cast<uintptr_t>(op.src);
+      first = chunk_of(src);
+      last = chunk_of(src + op.nbytes - 1);
+    };
+    for (const CopyOp& op : ops) {
+      size_t first, last;
+      op_chunks(op, first, last);
+      for (size_t c = first; c <= last; ++c) ++piece_begin[c + 1];
+    }
+    for (size_t c = 0; c < total; ++c) piece_begin[c + 1] += piece_begin[c];
+    pieces.resize(piece_begin[total]);
+    std::vector<uint32_t> fill(piece_begin.begin(), piece_begin.end() - 1);
+    for (uint32_t i = 0; i < ops.size(); ++i) {
+      size_t first, last;
+      op_chunks(ops[i], first, last);
+      for (size_t c = first; c <= last; ++c) pieces[fill[c]++] = i;
+    }
+    state_memory.emplace(sizeof(std::atomic<uint64_t>) + total);
+    write_faults = new (state_memory->data()) std::atomic<uint64_t>(0);
+    states = reinterpret_cast<std::atomic<uint8_t>*>(static_cast<char*>(state_memory->data()) + sizeof(*write_faults));
+    for (size_t c = 0; c < total; ++c) new (&states[c]) std::atomic<uint8_t>(kPending);
+  }
+};
+
+WriteProtectCopier* WriteProtectCopier::instance(std::string* why_not) {
+  // In static storage, not on the heap: the handler writes to this object (its mutex), and heap
+  // memory may share a page with a protected source.
+  struct Slot {
+    std::optional<WriteProtectCopier> copier;
+    std::string why_not;
+    pid_t owner = getpid();
+    Slot() {
+      if (const char* env = std::getenv("FASTDCP_COPY_ON_WRITE"); env && std::string(env) == "0") {
+        why_not = "disabled by FASTDCP_COPY_ON_WRITE=0";
+        return;
+      }
+      const int uffd = open_write_protect_fd(why_not);
+      if (uffd < 0) return;
+      const int stop = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
+      if (stop < 0) {
+        close(uffd);
+        why_not = "eventfd failed";
+        return;
+      }
+      copier.emplace(uffd, stop);
+    }
+  };
+  static Slot slot;
+  if (slot.owner != getpid()) {  // a forked child: the userfaultfd belongs to the parent's memory
+    if (why_not) *why_not = "the process was forked after copy-on-write staging was set up";
+    return nullptr;
+  }
+  if (!slot.copier) {
+    if (why_not) *why_not = slot.why_not;
+    return nullptr;
+  }
+  return &*slot.copier;
+}
+
+WriteProtectCopier::WriteProtectCopier(int uffd, int stop_fd) : uffd_(uffd), stop_fd_(stop_fd) {
+  handler_ = std::thread([this] { handler_loop(); });
+}
+
+WriteProtectCopier::~WriteProtectCopier() {
+  {
+    std::lock_guard lock(collapse_mutex_);
+    stopping_ = true;
+    collapse_queue_.clear();
+  }
+  collapse_cv_.notify_all();
+  if (collapser_.joinable()) collapser_.join();
+  const uint64_t one = 1;
+  if (write(stop_fd_, &one, sizeof(one)) < 0) {
+  }
+  if (handler_.joinable()) handler_.join();
+  close(stop_fd_);
+  close(uffd_);
+}
+
+// Note [Fault handler]
+// The handler serves writes that training makes to protected pages. Those writers may hold any
+// lock (malloc's included), so the handler takes none they could hold, allocates nothing, and
+// writes only to memory that cannot be protected: its stack, this object (static storage) and the
+// snapshot's own mapping. A write whose chunk is pending is served by copying the chunk first;
+// one whose chunk is being copied by copy() waits for it; then the chunk is unprotected, which
+// wakes the writer.
+void WriteProtectCopier::handler_loop() {
+  uffd_msg messages[64];
+  for (;;) {
+    pollfd fds[2] = {{uffd_, POLLIN, 0}, {stop_fd_, POLLIN, 0}};
+    if (poll(fds, 2, -1) < 0) {
+      if (errno == EINTR) continue;
+      handler_errno_.store(errno);
+      return;
+    }
+    if (fds[1].revents) return;
+    const ssize_t n = read(uffd_, messages, sizeof(messages));
+    if (n < 0) continue;  // EAGAIN: another wake-up raced us
+    for (ssize_t i = 0; i < n / static_cast<ssize_t>(sizeof(uffd_msg)); ++i) {
+      if (messages[i].event == UFFD_EVENT_PAGEFAULT) serve_fault(messages[i].arg.pagefault.address);
+    }
+  }
+}
+
+// Note [Huge pages for protected sources]
+// Write-protecting costs per page table entry: about 40 ms per GiB of 4 KiB pages on this VM,
+// 0.1 ms per GiB of 2 MiB pages. So after a protected copy, the 2 MiB-aligned parts of each large
+// source are collapsed into transparent huge pages (MADV_COLLAPSE, Linux 6.1+), and the next
+// saves of those tensors protect them per huge page. Collapsing copies the memory once (about
+// 2.5 s per GiB here), so it runs on a thread of its own, after the copy, never delaying a save;
+// it is skipped for memory already in huge pages, cannot happen while a range is protected, and
+// its failures (THP disabled, pinned pages) only leave the pages as they were. The memory must
+// still be allocated when its turn comes; if it was freed meanwhile, madvise fails or applies to
+// its next owner, which is harmless. FASTDCP_COLLAPSE_HUGE_PAGES=0 turns it off.
+void WriteProtectCopier::collapse_later(const std::vector<CopyOp>& ops) {
+  static const bool enabled = [] {
+    const char* env = std::getenv("FASTDCP_COLLAPSE_HUGE_PAGES");
+    return !(env && std::string(env) == "0");
+  }();
+  if (!enabled) return;
+  std::lock_guard lock(collapse_mutex_);
+  if (stopping_) return;
+  for (const CopyOp& op : ops) {
+    const auto src = reinterpret_cast<uintptr_t>(op.src);
+    const uintptr_t begin = (src + kChunkBytes - 1) & ~(kChunkBytes - 1);
+    const uintptr_t end = (src + op.nbytes) & ~(kChunkBytes - 1);
+    if (begin < end) collapse_queue_.emplace_back(begin, end);
+  }
+  if (collapse_queue_.empty()) return;
+  if (!collapser_.joinable()) collapser_ = std::thread([this] { collapser_loop(); });
+  collapse_cv_.notify_one();
+}
+
+void WriteProtectCopier::collapser_loop() {
+  std::unique_lock lock(collapse_mutex_);
+  for (;;) {
+    collapse_cv_.wait(lock, [&] { return stopping_ || !collapse_queue_.empty(); });
+    if (stopping_) return;
+    const auto [begin, end] = collapse_queue_.front();
+    collapse_queue_.pop_front();
+    lock.unlock();
+    // One huge page per call, so that stopping (and the memory's other users) never wait long.
+    for (uintptr_t at = begin; at < end; at += kChunkBytes) {
+      if (madvise(reinterpret_cast<void*>(at), kChunkBytes, MADV_COLLAPSE) != 0 && errno != EAGAIN) break;
+      std::lock_guard check(collapse_mutex_);
+      if (stopping_) return;
+    }
+    lock.lock();
+  }
+}
+
+void WriteProtectCopier::serve_fault(uintptr_t address) {
+  const uintptr_t page = address & ~(page_bytes() - 1);
+  std::lock_guard lock(snapshot_mutex_);
+  if (current_) {
+    const size_t chunk = current_->chunk_of(page);
+    if (chunk != SIZE_MAX) {
+      copy_chunk_and_release(*current_, chunk, /*by_fault=*/true);
+      return;
+    }
+  }
+  wake(uffd_, {page, page + page_bytes()});  // a fault from a finished copy; already unprotected
+}
+
+void WriteProtectCopier::copy_chunk_and_release(Snapshot& snapshot, size_t chunk, bool by_fault) {
+  std::atomic<uint8_t>& state = snapshot.states[chunk];
+  uint8_t expected = kPending;
+  if (state.compare_exchange_strong(expected, kCopying, std::memory_order_acq_rel)) {
+    snapshot.copy_chunk(chunk);
+    if (!set_protection(uffd_, snapshot.chunk_range(chunk), false)) {
+      int none = 0;
+      handler_errno_.compare_exchange_strong(none, errno);
+    }
+    state.store(kCopied, std::memory_order_release);
+    if (by_fault) snapshot.write_faults->fetch_add(1, std::memory_order_relaxed);
+    return;
+  }
+  if (!by_fault) return;  // the handler has it
+  // copy() is copying it; the writer is woken when that is done, or by us if it already was.
+  while (state.load(std::memory_order_acquire) != kCopied) std::this_thread::yield();
+  wake(uffd_, snapshot.chunk_range(chunk));
+}
+
+WriteProtectCopier::Result WriteProtectCopier::copy(
+    std::vector<CopyOp> ops, const std::function<void(const std::vector<CopyOp>&)>& copy_unprotected,
+    const std::function<void()>& released) {
+  std::lock_guard run(run_mutex_);
+  Result result;
+  std::erase_if(ops, [](const CopyOp& op) { return op.nbytes == 0; });
+  std::sort(ops.begin(), ops.end(), [](const CopyOp& a, const CopyOp& b) { return a.src < b.src; });
+  uint64_t total = 0;
+  for (const CopyOp& op : ops) total += op.nbytes;
+  if (total < kMinProtectedBytes) {
+    copy_unprotected(ops);
+    released();
+    return result;
+  }
+
+  // Page-aligned covers of the sources: `parts` join overlapping covers (sources sharing a page),
+  // `groups` join parts closer than kMergeGapBytes. A group that cannot be registered (a hole or an unsupported
+  // mapping inside it) is registered part by part instead.
+  const uintptr_t page = page_bytes();
+  std::vector<Range> parts;
+  for (const CopyOp& op : ops) {
+    const auto src = reinterpret_cast<uintptr_t>(op.src);
+    const Range cover{src & ~(page - 1), (src + op.nbytes + page - 1) & ~(page - 1)};
+    if (!parts.empty() && cover.begin < parts.back().end) {
+      parts.back().end = std::max(parts.back().end, cover.end);
+    } else {
+      parts.push_back(cover);
+    }
+  }
+  // A destination inside a protected range would make the copy fault on its own writes.
+  for (const CopyOp& op : ops) {
+    const auto dst = reinterpret_cast<uintptr_t>(op.dst);
+    auto it = std::upper_bound(parts.begin(), parts.end(), dst + op.nbytes,
+                               [](uintptr_t a, const Range& r) { return a <= r.begin; });
+    if (it != parts.begin() && std::prev(it)->end > dst) {
+      copy_unprotected(ops);
+      released();
+      return result;
+    }
+  }
+  // Everything protected is unprotected and unregistered when this block ends, however it ends.
+  std::vector<CopyOp> protected_ops;
+  {
+    std::vector<Range> registered;
+    struct Unregister {  // on every way out; also clears any protection left and wakes its writers
+      int uffd;
+      std::vector<Range>& ranges;
+      ~Unregister() {
+        for (const Range& r : ranges) unregister_range(uffd, r);
+      }
+    } unregister_all{uffd_, registered};
+    for (size_t i = 0; i < parts.size();) {
+      size_t j = i + 1;
+      while (j < parts.size() && parts[j].begin - parts[j - 1].end <= kMergeGapBytes) ++j;
+      const Range group{parts[i].begin, parts[j - 1].end};
+      if (register_range(uffd_, group)) {
+        registered.push_back(group);
+      } else {
+        for (size_t k = i; k < j; ++k) {
+          if (register_range(uffd_, parts[k])) registered.push_back(parts[k]);
+        }
+      }
+      i = j;
+    }
+
+    Snapshot snapshot;
+    std::vector<CopyOp> unprotected;
+    {
+      // Ops whose sources lie in a registered range go to the snapshot; the others are copied now.
+      size_t r = 0;
+      for (const CopyOp& op : ops) {
+        const auto src = reinterpret_cast<uintptr_t>(op.src);
+        while (r < registered.size() && registered[r].end <= src) ++r;
+        if (r < registered.size() && registered[r].begin <= src) {
+          snapshot.ops.push_back(op);
+        } else {
+          unprotected.push_back(op);
+        }
+      }
+    }
+    for (const Range& r : registered) snapshot.intervals.push_back({r, 0});
+    snapshot.index_chunks();
+    {
+      std::lock_guard lock(snapshot_mutex_);
+      current_ = &snapshot;
+    }
+    struct Uninstall {  // runs before unregister_all; a fault read after it is only woken
+      WriteProtectCopier& self;
+      ~Uninstall() {
+        std::lock_guard lock(self.snapshot_mutex_);
+        self.current_ = nullptr;
+      }
+    };
+    Uninstall uninstall{*this};
+
+    for (const auto& interval : snapshot.intervals) {
+      if (set_protection(uffd_, interval.range, true)) continue;
+      // Not protected: copy its ops now, and mark its chunks done so that nobody copies them later.
+      for (size_t c = interval.first_chunk; c < interval.first_chunk + Snapshot::chunks_in(interval.range); ++c) {
+        snapshot.states[c].store(kCopied, std::memory_order_relaxed);
+      }
+      for (const CopyOp& op : snapshot.ops) {
+        const auto src = reinterpret_cast<uintptr_t>(op.src);
+        if (src >= interval.range.begin && src < interval.range.end) unprotected.push_back(op);
+      }
+    }
+    for (const CopyOp& op : snapshot.ops) {
+      if (snapshot.states[snapshot.chunk_of(reinterpret_cast<uintptr_t>(op.src))].load() == kPending) {
+        result.protected_bytes += op.nbytes;
+      }
+    }
+
+    std::exception_ptr failure;
+    try {
+      copy_unprotected(unprotected);
+      released();
+    } catch (...) {
+      failure = std::current_exception();  // still copy and unprotect everything before reporting it
+    }
+    const size_t chunks = snapshot.chunk_count();
+    for (size_t c = 0; c < chunks; ++c) copy_chunk_and_release(snapshot, c, /*by_fault=*/false);
+    for (size_t c = 0; c < chunks; ++c) {
+      while (snapshot.states[c].load(std::memory_order_acquire) != kCopied) std::this_thread::yield();
+    }
+    result.write_faults = snapshot.write_faults->load();
+    protected_ops = snapshot.ops;
+    if (failure) std::rethrow_exception(failure);
+    if (const int error = handler_errno_.exchange(0)) {
+      throw Error(ErrorCode::kInternal, std::string("copy-on-write staging: unprotecting a chunk failed: ") +
+                                            std::strerror(error));
+    }
+  }
+  collapse_later(protected_ops);  // Note [Huge pages for protected sources]
+  return result;
+}
+
+}  // namespace fastdcp::detail
