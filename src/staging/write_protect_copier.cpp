@@ -359,7 +359,7 @@ void WriteProtectCopier::collapse_later(const std::vector<CopyOp>& ops) {
   }
   if (collapse_queue_.empty()) return;
   if (!collapser_.joinable()) collapser_ = std::thread([this] { collapser_loop(); });
-  collapse_cv_.notify_one();
+  collapse_cv_.notify_all();
 }
 
 void WriteProtectCopier::collapser_loop() {
@@ -369,6 +369,7 @@ void WriteProtectCopier::collapser_loop() {
     if (stopping_) return;
     const auto [begin, end] = collapse_queue_.front();
     collapse_queue_.pop_front();
+    collapsing_ = true;
     lock.unlock();
     // One huge page per call, so that stopping (and the memory's other users) never wait long.
     for (uintptr_t at = begin; at < end; at += kChunkBytes) {
@@ -377,7 +378,14 @@ void WriteProtectCopier::collapser_loop() {
       if (stopping_) return;
     }
     lock.lock();
+    collapsing_ = false;
+    collapse_cv_.notify_all();
   }
+}
+
+void WriteProtectCopier::wait_for_collapses() {
+  std::unique_lock lock(collapse_mutex_);
+  collapse_cv_.wait(lock, [&] { return stopping_ || (collapse_queue_.empty() && !collapsing_); });
 }
 
 void WriteProtectCopier::serve_fault(uintptr_t address) {
@@ -532,7 +540,9 @@ WriteProtectCopier::Result WriteProtectCopier::copy(
       failure = std::current_exception();  // still copy and unprotect everything before reporting it
     }
     const size_t chunks = snapshot.chunk_count();
-    for (size_t c = 0; c < chunks; ++c) copy_chunk_and_release(snapshot, c, /*by_fault=*/false);
+    // Back to front: training tends to write its tensors in order (an optimizer step), so the
+    // handler copies from the front what it writes first while this thread copies from the back.
+    for (size_t c = chunks; c-- > 0;) copy_chunk_and_release(snapshot, c, /*by_fault=*/false);
     for (size_t c = 0; c < chunks; ++c) {
       while (snapshot.states[c].load(std::memory_order_acquire) != kCopied) std::this_thread::yield();
     }

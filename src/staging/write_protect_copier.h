@@ -36,6 +36,9 @@ class WriteProtectCopier {
   Result copy(std::vector<CopyOp> ops, const std::function<void(const std::vector<CopyOp>&)>& copy_unprotected,
               const std::function<void()>& released);
 
+  // Waits until every range queued for collapsing into huge pages has been collapsed (tests).
+  void wait_for_collapses();
+
   // Use instance(); public for in-place construction in static storage (see the .cpp).
   WriteProtectCopier(int uffd, int stop_fd);
   ~WriteProtectCopier();
@@ -64,6 +67,7 @@ class WriteProtectCopier {
   std::condition_variable collapse_cv_;
   std::deque<std::pair<uintptr_t, uintptr_t>> collapse_queue_;
   bool stopping_ = false;
+  bool collapsing_ = false;  // a range taken from the queue is being collapsed
   std::thread collapser_;  // started on first use
 };
 
