@@ -11,6 +11,7 @@
 
 #include <algorithm>
 #include <cerrno>
+#include <chrono>
 #include <cstdlib>
 #include <cstring>
 #include <new>
@@ -96,10 +97,10 @@ bool register_range(int uffd, Range range) {
   return true;
 }
 
-void unregister_range(int uffd, Range range) {
+bool unregister_range(int uffd, Range range) {
   // Unregistering also clears the protection and wakes any writer still waiting.
   uffdio_range unreg{range.begin, range.end - range.begin};
-  ioctl(uffd, UFFDIO_UNREGISTER, &unreg);
+  return ioctl(uffd, UFFDIO_UNREGISTER, &unreg) == 0;
 }
 
 void wake(int uffd, Range range) {
@@ -207,6 +208,20 @@ struct WriteProtectCopier::Snapshot {
     --it;
     const uintptr_t start = (it->range.begin / kChunkBytes + (chunk - it->first_chunk)) * kChunkBytes;
     return {std::max(start, it->range.begin), std::min(start + kChunkBytes, it->range.end)};
+  }
+
+  // Calls fn(range) for the page-aligned part of each source inside `chunk`.
+  template <class Fn>
+  void for_each_source_page_range(size_t chunk, Fn&& fn) const {
+    const Range r = chunk_range(chunk);
+    const uintptr_t page = page_bytes();
+    for (uint32_t p = piece_begin[chunk]; p < piece_begin[chunk + 1]; ++p) {
+      const CopyOp& op = ops[pieces[p]];
+      const auto src = reinterpret_cast<uintptr_t>(op.src);
+      const uintptr_t lo = std::max(src & ~(page - 1), r.begin);
+      const uintptr_t hi = std::min((src + op.nbytes + page - 1) & ~(page - 1), r.end);
+      if (lo < hi) fn(Range{lo, hi});
+    }
   }
 
   void copy_chunk(size_t chunk) const {
@@ -319,10 +334,9 @@ void WriteProtectCopier::handler_loop() {
   uffd_msg messages[64];
   for (;;) {
     pollfd fds[2] = {{uffd_, POLLIN, 0}, {stop_fd_, POLLIN, 0}};
-    if (poll(fds, 2, -1) < 0) {
-      if (errno == EINTR) continue;
-      handler_errno_.store(errno);
-      return;
+    if (poll(fds, 2, -1) < 0) {  // EINTR (or worse: keep serving, writers depend on it)
+      if (errno != EINTR) std::this_thread::sleep_for(std::chrono::milliseconds(1));
+      continue;
     }
     if (fds[1].revents) return;
     const ssize_t n = read(uffd_, messages, sizeof(messages));
@@ -398,7 +412,10 @@ void WriteProtectCopier::serve_fault(uintptr_t address) {
       return;
     }
   }
-  wake(uffd_, {page, page + page_bytes()});  // a fault from a finished copy; already unprotected
+  // A fault from a finished copy (already unprotected), or from a page that stayed protected
+  // because unregistering failed: unprotect it, which also wakes the writer.
+  const Range one{page, page + page_bytes()};
+  if (!set_protection(uffd_, one, false)) wake(uffd_, one);
 }
 
 void WriteProtectCopier::copy_chunk_and_release(Snapshot& snapshot, size_t chunk, bool by_fault) {
@@ -407,8 +424,9 @@ void WriteProtectCopier::copy_chunk_and_release(Snapshot& snapshot, size_t chunk
   if (state.compare_exchange_strong(expected, kCopying, std::memory_order_acq_rel)) {
     snapshot.copy_chunk(chunk);
     if (!set_protection(uffd_, snapshot.chunk_range(chunk), false)) {
-      int none = 0;
-      handler_errno_.compare_exchange_strong(none, errno);
+      // Memory between sources in this chunk was unmapped and mapped again meanwhile (it is no
+      // longer registered, which fails the whole range): unprotect the sources' own pages.
+      snapshot.for_each_source_page_range(chunk, [&](Range r) { set_protection(uffd_, r, false); });
     }
     state.store(kCopied, std::memory_order_release);
     if (by_fault) snapshot.write_faults->fetch_add(1, std::memory_order_relaxed);
@@ -464,22 +482,33 @@ WriteProtectCopier::Result WriteProtectCopier::copy(
   std::vector<CopyOp> protected_ops;
   {
     std::vector<Range> registered;
+    std::vector<std::pair<size_t, size_t>> registered_parts;  // per registered range: its parts [first, last)
     struct Unregister {  // on every way out; also clears any protection left and wakes its writers
       int uffd;
-      std::vector<Range>& ranges;
+      const std::vector<Range>& ranges;
+      const std::vector<std::pair<size_t, size_t>>& ranges_parts;
+      const std::vector<Range>& parts;
       ~Unregister() {
-        for (const Range& r : ranges) unregister_range(uffd, r);
+        for (size_t i = 0; i < ranges.size(); ++i) {
+          if (unregister_range(uffd, ranges[i])) continue;
+          // Memory between the parts was remapped meanwhile: unregister the sources' own ranges.
+          for (size_t k = ranges_parts[i].first; k < ranges_parts[i].second; ++k) unregister_range(uffd, parts[k]);
+        }
       }
-    } unregister_all{uffd_, registered};
+    } unregister_all{uffd_, registered, registered_parts, parts};
     for (size_t i = 0; i < parts.size();) {
       size_t j = i + 1;
       while (j < parts.size() && parts[j].begin - parts[j - 1].end <= kMergeGapBytes) ++j;
       const Range group{parts[i].begin, parts[j - 1].end};
       if (register_range(uffd_, group)) {
         registered.push_back(group);
+        registered_parts.emplace_back(i, j);
       } else {
         for (size_t k = i; k < j; ++k) {
-          if (register_range(uffd_, parts[k])) registered.push_back(parts[k]);
+          if (register_range(uffd_, parts[k])) {
+            registered.push_back(parts[k]);
+            registered_parts.emplace_back(k, k + 1);
+          }
         }
       }
       i = j;
@@ -549,10 +578,6 @@ WriteProtectCopier::Result WriteProtectCopier::copy(
     result.write_faults = snapshot.write_faults->load();
     protected_ops = snapshot.ops;
     if (failure) std::rethrow_exception(failure);
-    if (const int error = handler_errno_.exchange(0)) {
-      throw Error(ErrorCode::kInternal, std::string("copy-on-write staging: unprotecting a chunk failed: ") +
-                                            std::strerror(error));
-    }
   }
   collapse_later(protected_ops);  // Note [Huge pages for protected sources]
   return result;

@@ -60,7 +60,6 @@ class WriteProtectCopier {
   std::mutex run_mutex_;             // one copy() at a time
   std::mutex snapshot_mutex_;        // guards current_ against the handler
   Snapshot* current_ = nullptr;
-  std::atomic<int> handler_errno_{0};  // the first ioctl failure in the handler
 
   // Note [Huge pages for protected sources]
   std::mutex collapse_mutex_;

@@ -170,6 +170,33 @@ TEST_F(CopyOnWriteTest, BytesBesideTheSourcesStayWritable) {
   EXPECT_EQ(stager.stats().bytes_copied_after_release, a_len + b_len);
 }
 
+TEST_F(CopyOnWriteTest, MemoryBetweenSourcesUnmappedDuringTheCopy) {
+  // Sources less than 256 KiB apart are protected as one range, the memory between them included.
+  // That memory may be unmapped, and mapped again, while the copy runs: the sources are still
+  // copied and released, and nothing stays protected.
+  constexpr size_t kMiB = size_t{1} << 20, kGap = size_t{64} << 10;
+  Mapping map(12 * kMiB);
+  unsigned char* a = map.bytes();
+  unsigned char* gap = a + 4 * kMiB;
+  unsigned char* b = gap + kGap;
+  fill_pattern(a, 4 * kMiB, 9);
+  fill_pattern(b, 4 * kMiB, 10);
+  DefaultStager stager(cpu_staging());
+  StageCallOptions call;
+  call.on_sources_released = [&] {
+    ASSERT_EQ(munmap(gap, kGap), 0);  // a hole in the protected range, then unprotected memory
+    ASSERT_EQ(mmap(gap, kGap, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED, -1, 0), gap);
+    std::memset(a, 0, 4 * kMiB);
+    std::memset(b, 0, 4 * kMiB);
+  };
+  Value staged = stager.stage_now(dict_of({{"a", tensor_over(a, 4 * kMiB)}, {"b", tensor_over(b, 4 * kMiB)}}), call);
+  EXPECT_TRUE(has_pattern(staged_bytes(staged, "a"), 4 * kMiB, 9));
+  EXPECT_TRUE(has_pattern(staged_bytes(staged, "b"), 4 * kMiB, 10));
+  EXPECT_EQ(stager.stats().bytes_copied_after_release, 8 * kMiB);
+  std::memset(a, 1, 12 * kMiB);
+  EXPECT_EQ(a[12 * kMiB - 1], 1);
+}
+
 TEST_F(CopyOnWriteTest, MemoryThatCannotBeProtectedIsCopiedBeforeRelease) {
   // A private file mapping cannot be write-protected; an anonymous source beside it still is.
   testing::TempDir dir;
