@@ -303,9 +303,7 @@ WriteProtectCopier* WriteProtectCopier::instance(std::string* why_not) {
   return &*slot.copier;
 }
 
-WriteProtectCopier::WriteProtectCopier(int uffd, int stop_fd) : uffd_(uffd), stop_fd_(stop_fd) {
-  handler_ = std::thread([this] { handler_loop(); });
-}
+WriteProtectCopier::WriteProtectCopier(int uffd, int stop_fd) : uffd_(uffd), stop_fd_(stop_fd) {}
 
 WriteProtectCopier::~WriteProtectCopier() {
   {
@@ -315,10 +313,6 @@ WriteProtectCopier::~WriteProtectCopier() {
   }
   collapse_cv_.notify_all();
   if (collapser_.joinable()) collapser_.join();
-  const uint64_t one = 1;
-  if (write(stop_fd_, &one, sizeof(one)) < 0) {
-  }
-  if (handler_.joinable()) handler_.join();
   close(stop_fd_);
   close(uffd_);
 }
@@ -371,35 +365,36 @@ void WriteProtectCopier::collapse_later(const std::vector<CopyOp>& ops) {
     const uintptr_t end = (src + op.nbytes) & ~(kChunkBytes - 1);
     if (begin < end) collapse_queue_.emplace_back(begin, end);
   }
-  if (collapse_queue_.empty()) return;
-  if (!collapser_.joinable()) collapser_ = std::thread([this] { collapser_loop(); });
-  collapse_cv_.notify_all();
+  if (collapse_queue_.empty() || collapser_running_) return;
+  // The previous collapser has left its loop (collapser_running_ was cleared under this lock).
+  if (collapser_.joinable()) collapser_.join();
+  collapser_running_ = true;
+  collapser_ = std::thread([this] { collapser_loop(); });
 }
 
+// Runs until the queue is empty, so that no thread of ours outlives the work (a process that
+// forks, or ThreadSanitizer, can then see itself single-threaded between saves).
 void WriteProtectCopier::collapser_loop() {
   std::unique_lock lock(collapse_mutex_);
-  for (;;) {
-    collapse_cv_.wait(lock, [&] { return stopping_ || !collapse_queue_.empty(); });
-    if (stopping_) return;
+  while (!stopping_ && !collapse_queue_.empty()) {
     const auto [begin, end] = collapse_queue_.front();
     collapse_queue_.pop_front();
-    collapsing_ = true;
     lock.unlock();
     // One huge page per call, so that stopping (and the memory's other users) never wait long.
     for (uintptr_t at = begin; at < end; at += kChunkBytes) {
       if (madvise(reinterpret_cast<void*>(at), kChunkBytes, MADV_COLLAPSE) != 0 && errno != EAGAIN) break;
       std::lock_guard check(collapse_mutex_);
-      if (stopping_) return;
+      if (stopping_) break;
     }
     lock.lock();
-    collapsing_ = false;
-    collapse_cv_.notify_all();
   }
+  collapser_running_ = false;
+  collapse_cv_.notify_all();
 }
 
 void WriteProtectCopier::wait_for_collapses() {
   std::unique_lock lock(collapse_mutex_);
-  collapse_cv_.wait(lock, [&] { return stopping_ || (collapse_queue_.empty() && !collapsing_); });
+  collapse_cv_.wait(lock, [&] { return !collapser_running_; });
 }
 
 void WriteProtectCopier::serve_fault(uintptr_t address) {
@@ -478,6 +473,22 @@ WriteProtectCopier::Result WriteProtectCopier::copy(
       return result;
     }
   }
+  // The fault handler runs while anything is registered: it is started here and stopped (after
+  // the block below has unregistered everything) on every way out.
+  struct ServingHandler {
+    WriteProtectCopier& self;
+    std::thread thread;
+    explicit ServingHandler(WriteProtectCopier& copier) : self(copier), thread([this] { self.handler_loop(); }) {}
+    ~ServingHandler() {
+      const uint64_t one = 1;
+      if (write(self.stop_fd_, &one, sizeof(one)) < 0) {
+      }
+      thread.join();
+      uint64_t count = 0;
+      if (read(self.stop_fd_, &count, sizeof(count)) < 0) {  // reset the eventfd for the next copy
+      }
+    }
+  } serving_handler{*this};
   // Everything protected is unprotected and unregistered when this block ends, however it ends.
   std::vector<CopyOp> protected_ops;
   {

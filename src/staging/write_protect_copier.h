@@ -55,8 +55,7 @@ class WriteProtectCopier {
   void collapser_loop();
 
   const int uffd_;
-  const int stop_fd_;  // an eventfd that ends handler_loop
-  std::thread handler_;
+  const int stop_fd_;  // an eventfd that ends handler_loop (which runs during copy() only)
   std::mutex run_mutex_;             // one copy() at a time
   std::mutex snapshot_mutex_;        // guards current_ against the handler
   Snapshot* current_ = nullptr;
@@ -66,8 +65,8 @@ class WriteProtectCopier {
   std::condition_variable collapse_cv_;
   std::deque<std::pair<uintptr_t, uintptr_t>> collapse_queue_;
   bool stopping_ = false;
-  bool collapsing_ = false;  // a range taken from the queue is being collapsed
-  std::thread collapser_;  // started on first use
+  bool collapser_running_ = false;  // collapser_ is in its loop; it leaves once the queue is empty
+  std::thread collapser_;
 };
 
 }  // namespace fastdcp::detail
