@@ -62,7 +62,7 @@ import torch
 import torch.distributed as dist
 
 from bench_checkpoint import sync_tree  # noqa: E402  (fsyncs a checkpoint's files and directory)
-from bench_torch_staging import tensors  # noqa: E402
+from bench_torch_staging import llama_weights, tensors  # noqa: E402
 
 GB = 1e9
 ALL_SYSTEMS = ("fastdcp", "fastdcp_copy", "torch_exp", "dcp_thread", "dcp_process")
@@ -93,17 +93,7 @@ def case_llama(quick):
         layers, hidden, ffn, vocab = 2, 64, 176, 1000
     else:
         layers, hidden, ffn, vocab = 20, 1024, 2816, 32000
-    w = {"tok_embeddings.weight": torch.randn(vocab, hidden), "norm.weight": torch.ones(hidden),
-         "output.weight": torch.randn(vocab, hidden)}
-    for i in range(layers):
-        p = f"layers.{i}."
-        for name in ("wq", "wk", "wv", "wo"):
-            w[p + f"attention.{name}.weight"] = torch.randn(hidden, hidden)
-        w[p + "feed_forward.w1.weight"] = torch.randn(ffn, hidden)
-        w[p + "feed_forward.w2.weight"] = torch.randn(hidden, ffn)
-        w[p + "feed_forward.w3.weight"] = torch.randn(ffn, hidden)
-        w[p + "attention_norm.weight"] = torch.ones(hidden)
-        w[p + "ffn_norm.weight"] = torch.ones(hidden)
+    w = llama_weights(layers, hidden, ffn, vocab)
     state = {str(i): {"step": torch.tensor(100, dtype=torch.int64)} for i in range(len(w))}
     groups = [{"lr": 3e-4, "weight_decay": 0.1, "eps": 1e-8, "params": list(range(len(w)))}]
     return ({"model": w, "optimizer": {"state": state, "param_groups": groups}},

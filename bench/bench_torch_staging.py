@@ -21,7 +21,8 @@ import fastdcp.torch as fdt
 CPU = dict(use_pinned_memory=False, use_shared_memory=False, use_non_blocking_copy=False)
 
 
-def llama_state_dict(layers=32, hidden=768, ffn=2048, vocab=32000):
+def llama_weights(layers, hidden, ffn, vocab):
+    """The float32 weights of a Llama-shaped model, by parameter name."""
     weights = {"tok_embeddings.weight": torch.randn(vocab, hidden), "output.weight": torch.randn(vocab, hidden),
                "norm.weight": torch.ones(hidden)}
     for i in range(layers):
@@ -33,6 +34,11 @@ def llama_state_dict(layers=32, hidden=768, ffn=2048, vocab=32000):
         weights[p + "feed_forward.w3.weight"] = torch.randn(ffn, hidden)
         weights[p + "attention_norm.weight"] = torch.ones(hidden)
         weights[p + "ffn_norm.weight"] = torch.ones(hidden)
+    return weights
+
+
+def llama_state_dict(layers=32, hidden=768, ffn=2048, vocab=32000):
+    weights = llama_weights(layers, hidden, ffn, vocab)
     state = {i: {"exp_avg": torch.randn_like(w), "exp_avg_sq": torch.rand_like(w), "step": torch.tensor(10.0)}
              for i, w in enumerate(weights.values())}
     return {"model": weights, "optimizer": {"state": state, "param_groups": [{"lr": 3e-4, "params": list(state)}]}}

@@ -134,6 +134,11 @@ class PyStager {
 class PyBarrier : public Barrier {
  public:
   explicit PyBarrier(nb::object fn) : fn_(std::move(fn)) {}
+  // None: no barrier.
+  static std::shared_ptr<Barrier> from(nb::object fn) {
+    if (fn.is_none()) return nullptr;
+    return std::make_shared<PyBarrier>(std::move(fn));
+  }
   ~PyBarrier() override {
     nb::gil_scoped_acquire gil;
     fn_.reset();
@@ -263,11 +268,8 @@ class PyCheckpointIO {
   // With `barrier`, this rank joins the save's barrier as a writer that failed would.
   void abandon(const std::string& path, const std::string& error, bool overwrite, double barrier_timeout_s,
                nb::object barrier) {
-    WriterOptions options;
-    options.overwrite = overwrite;
-    options.barrier_timeout = std::chrono::milliseconds(static_cast<int64_t>(barrier_timeout_s * 1000));
-    std::shared_ptr<Barrier> native_barrier;
-    if (!barrier.is_none()) native_barrier = std::make_shared<PyBarrier>(std::move(barrier));
+    const WriterOptions options = commit_options(overwrite, barrier_timeout_s);
+    std::shared_ptr<Barrier> native_barrier = PyBarrier::from(std::move(barrier));
     nb::gil_scoped_release release;
     CheckpointWriter(rank_, options, native_barrier).abandon(path, error);
   }
@@ -301,17 +303,22 @@ class PyCheckpointIO {
   }
 
  private:
+  // The options every save and vote shares.
+  static WriterOptions commit_options(bool overwrite, double barrier_timeout_s) {
+    WriterOptions options;
+    options.overwrite = overwrite;
+    options.barrier_timeout = std::chrono::milliseconds(static_cast<int64_t>(barrier_timeout_s * 1000));
+    return options;
+  }
+
   nb::dict write_tree(const std::string& path, Value source, bool overwrite, int io_threads, bool direct_io,
                       const std::string& io_engine, double barrier_timeout_s, nb::object barrier, nb::object pre_commit,
                       nb::object post_commit) {
-    WriterOptions options;
-    options.overwrite = overwrite;
+    WriterOptions options = commit_options(overwrite, barrier_timeout_s);
     options.io_threads = io_threads;
     options.direct_io = direct_io;
     options.io_engine = io_engine_from_string(io_engine);
-    options.barrier_timeout = std::chrono::milliseconds(static_cast<int64_t>(barrier_timeout_s * 1000));
-    std::shared_ptr<Barrier> native_barrier;
-    if (!barrier.is_none()) native_barrier = std::make_shared<PyBarrier>(std::move(barrier));
+    std::shared_ptr<Barrier> native_barrier = PyBarrier::from(std::move(barrier));
     std::shared_ptr<WriterHook> hook;
     if (!pre_commit.is_none() || !post_commit.is_none()) {
       hook = std::make_shared<PyHook>(std::move(pre_commit), std::move(post_commit));

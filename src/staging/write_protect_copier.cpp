@@ -18,7 +18,6 @@
 #include <optional>
 
 #include "fastdcp/common/error.h"
-#include "fastdcp/common/logging.h"
 
 #ifndef UFFD_FEATURE_WP_UNPOPULATED
 #define UFFD_FEATURE_WP_UNPOPULATED (1 << 13)
@@ -75,12 +74,24 @@ struct Range {
   uintptr_t end;
 };
 
+// The whole pages holding [begin, end).
+Range page_cover(uintptr_t begin, uintptr_t end) {
+  const uintptr_t page = page_bytes();
+  return {begin & ~(page - 1), (end + page - 1) & ~(page - 1)};
+}
+
 bool set_protection(int uffd, Range range, bool protect) {
   uffdio_writeprotect wp{};
   wp.range.start = range.begin;
   wp.range.len = range.end - range.begin;
   wp.mode = protect ? UFFDIO_WRITEPROTECT_MODE_WP : 0;  // unprotecting also wakes the writers
   return ioctl(uffd, UFFDIO_WRITEPROTECT, &wp) == 0;
+}
+
+bool unregister_range(int uffd, Range range) {
+  // Unregistering also clears the protection and wakes any writer still waiting.
+  uffdio_range unreg{range.begin, range.end - range.begin};
+  return ioctl(uffd, UFFDIO_UNREGISTER, &unreg) == 0;
 }
 
 bool register_range(int uffd, Range range) {
@@ -90,17 +101,10 @@ bool register_range(int uffd, Range range) {
   reg.mode = UFFDIO_REGISTER_MODE_WP;
   if (ioctl(uffd, UFFDIO_REGISTER, &reg) != 0) return false;
   if ((reg.ioctls & (uint64_t{1} << _UFFDIO_WRITEPROTECT)) == 0) {
-    uffdio_range unreg{range.begin, range.end - range.begin};
-    ioctl(uffd, UFFDIO_UNREGISTER, &unreg);
+    unregister_range(uffd, range);
     return false;
   }
   return true;
-}
-
-bool unregister_range(int uffd, Range range) {
-  // Unregistering also clears the protection and wakes any writer still waiting.
-  uffdio_range unreg{range.begin, range.end - range.begin};
-  return ioctl(uffd, UFFDIO_UNREGISTER, &unreg) == 0;
 }
 
 void wake(int uffd, Range range) {
@@ -210,29 +214,24 @@ struct WriteProtectCopier::Snapshot {
     return {std::max(start, it->range.begin), std::min(start + kChunkBytes, it->range.end)};
   }
 
-  // Calls fn(range) for the page-aligned part of each source inside `chunk`.
+  // Calls fn(op, part) for each op with source bytes in `chunk`; `part` is the part inside it.
   template <class Fn>
-  void for_each_source_page_range(size_t chunk, Fn&& fn) const {
+  void for_each_piece(size_t chunk, Fn&& fn) const {
     const Range r = chunk_range(chunk);
-    const uintptr_t page = page_bytes();
     for (uint32_t p = piece_begin[chunk]; p < piece_begin[chunk + 1]; ++p) {
       const CopyOp& op = ops[pieces[p]];
       const auto src = reinterpret_cast<uintptr_t>(op.src);
-      const uintptr_t lo = std::max(src & ~(page - 1), r.begin);
-      const uintptr_t hi = std::min((src + op.nbytes + page - 1) & ~(page - 1), r.end);
-      if (lo < hi) fn(Range{lo, hi});
+      const Range part{std::max(src, r.begin), std::min(src + op.nbytes, r.end)};
+      if (part.begin < part.end) fn(op, part);
     }
   }
 
   void copy_chunk(size_t chunk) const {
-    const Range r = chunk_range(chunk);
-    for (uint32_t p = piece_begin[chunk]; p < piece_begin[chunk + 1]; ++p) {
-      const CopyOp& op = ops[pieces[p]];
+    for_each_piece(chunk, [](const CopyOp& op, Range part) {
       const auto src = reinterpret_cast<uintptr_t>(op.src);
-      const uintptr_t lo = std::max(src, r.begin);
-      const uintptr_t hi = std::min(src + op.nbytes, r.end);
-      if (lo < hi) copy_ahead_of_writers(static_cast<char*>(op.dst) + (lo - src), reinterpret_cast<const void*>(lo), hi - lo);
-    }
+      copy_ahead_of_writers(static_cast<char*>(op.dst) + (part.begin - src), reinterpret_cast<const void*>(part.begin),
+                            part.end - part.begin);
+    });
   }
 
   // Builds the chunk tables of `intervals` (set by the caller) over `ops`.
@@ -421,7 +420,9 @@ void WriteProtectCopier::copy_chunk_and_release(Snapshot& snapshot, size_t chunk
     if (!set_protection(uffd_, snapshot.chunk_range(chunk), false)) {
       // Memory between sources in this chunk was unmapped and mapped again meanwhile (it is no
       // longer registered, which fails the whole range): unprotect the sources' own pages.
-      snapshot.for_each_source_page_range(chunk, [&](Range r) { set_protection(uffd_, r, false); });
+      snapshot.for_each_piece(chunk, [&](const CopyOp&, Range part) {
+        set_protection(uffd_, page_cover(part.begin, part.end), false);  // chunk ranges are page-aligned
+      });
     }
     state.store(kCopied, std::memory_order_release);
     if (by_fault) snapshot.write_faults->fetch_add(1, std::memory_order_relaxed);
@@ -442,20 +443,14 @@ WriteProtectCopier::Result WriteProtectCopier::copy(
   std::sort(ops.begin(), ops.end(), [](const CopyOp& a, const CopyOp& b) { return a.src < b.src; });
   uint64_t total = 0;
   for (const CopyOp& op : ops) total += op.nbytes;
-  if (total < kMinProtectedBytes) {
-    copy_unprotected(ops);
-    released();
-    return result;
-  }
 
   // Page-aligned covers of the sources: `parts` join overlapping covers (sources sharing a page),
-  // `groups` join parts closer than kMergeGapBytes. A group that cannot be registered (a hole or an unsupported
-  // mapping inside it) is registered part by part instead.
-  const uintptr_t page = page_bytes();
+  // groups (below) join parts closer than kMergeGapBytes. A group that cannot be registered (a
+  // hole or an unsupported mapping inside it) is registered part by part instead.
   std::vector<Range> parts;
   for (const CopyOp& op : ops) {
     const auto src = reinterpret_cast<uintptr_t>(op.src);
-    const Range cover{src & ~(page - 1), (src + op.nbytes + page - 1) & ~(page - 1)};
+    const Range cover = page_cover(src, src + op.nbytes);
     if (!parts.empty() && cover.begin < parts.back().end) {
       parts.back().end = std::max(parts.back().end, cover.end);
     } else {
@@ -463,15 +458,16 @@ WriteProtectCopier::Result WriteProtectCopier::copy(
     }
   }
   // A destination inside a protected range would make the copy fault on its own writes.
-  for (const CopyOp& op : ops) {
+  const bool destination_protected = std::any_of(ops.begin(), ops.end(), [&](const CopyOp& op) {
     const auto dst = reinterpret_cast<uintptr_t>(op.dst);
     auto it = std::upper_bound(parts.begin(), parts.end(), dst + op.nbytes,
                                [](uintptr_t a, const Range& r) { return a <= r.begin; });
-    if (it != parts.begin() && std::prev(it)->end > dst) {
-      copy_unprotected(ops);
-      released();
-      return result;
-    }
+    return it != parts.begin() && std::prev(it)->end > dst;
+  });
+  if (total < kMinProtectedBytes || destination_protected) {
+    copy_unprotected(ops);
+    released();
+    return result;
   }
   // The fault handler runs while anything is registered: it is started here and stopped (after
   // the block below has unregistered everything) on every way out.

@@ -69,18 +69,21 @@ class CheckpointWriter:
         """This rank's save to ``path`` never reached the writer: votes against it and joins its
         barrier, as a failed write would (Note [Commit protocol]), so that no rank waits for this one
         and this writer's barrier stays in step with the others'."""
-        barrier = self._barrier
         self._io.abandon(str(path), error, self._config.overwrite, float(self._config.write_barrier_timeout_secs),
-                         None if barrier is None else (lambda timeout: barrier.execute_barrier()))
+                         self._barrier_callback())
+
+    def _barrier_callback(self):
+        """The barrier as the native writer calls it (with its timeout), or None."""
+        barrier = self._barrier
+        return None if barrier is None else (lambda timeout: barrier.execute_barrier())
 
     def _native_options(self, kwargs: dict) -> tuple:
         hook = self._commit_hook
-        barrier = self._barrier
         config = self._config
         return (
             config.overwrite, config.io_threads, config.direct_io, config.io_engine,
             float(config.write_barrier_timeout_secs),
-            None if barrier is None else (lambda timeout: barrier.execute_barrier()),
+            self._barrier_callback(),
             None if hook is None else (lambda p: hook.pre_commit(p, **kwargs)),
             None if hook is None else (lambda p: hook.post_commit(p, **kwargs)),
         )
