@@ -307,13 +307,13 @@ class ExperimentalSystem:
     def __init__(self, module, fsyncs, **staging):
         self.module = module
         self.fsyncs = fsyncs
-        self.staging = staging  # further CheckpointStagerConfig fields
+        self.staging = staging  # CheckpointStagerConfig fields over the CPU configuration
         self.checkpointer = None
 
     def start(self):
         m = self.module
-        config = m.CheckpointerConfig(staging_config=m.CheckpointStagerConfig(
-            use_pinned_memory=False, use_non_blocking_copy=False, **self.staging))
+        staging = {"use_pinned_memory": False, "use_non_blocking_copy": False, **self.staging}
+        config = m.CheckpointerConfig(staging_config=m.CheckpointStagerConfig(**staging))
         self.checkpointer = m.make_async_checkpointer(config)
         process = getattr(self.checkpointer, "_process", None) or getattr(self.checkpointer, "_checkpoint_process")
         process.process_creation_future.result(timeout=120)
@@ -376,13 +376,14 @@ class DcpSystem:
                         proc._save_process.terminate()
 
 
-def make_system(name):
+def make_system(name, **staging):
+    """`staging`: CheckpointStagerConfig fields for the experimental checkpointers (GPU runs pin)."""
     if name in ("fastdcp", "fastdcp_copy"):
         import fastdcp.torch as m
-        return ExperimentalSystem(m, fsyncs=True, use_copy_on_write=name == "fastdcp")
+        return ExperimentalSystem(m, fsyncs=True, use_copy_on_write=name == "fastdcp", **staging)
     if name == "torch_exp":
         import torch.distributed.checkpoint._experimental as m
-        return ExperimentalSystem(m, fsyncs=False)
+        return ExperimentalSystem(m, fsyncs=False, **staging)
     if name == "dcp_thread":
         return DcpSystem(process=False)
     if name == "dcp_process":
@@ -473,7 +474,8 @@ def _measure(system, out, sd, key_path, mutate, root, runs, step, timeout, budge
             staging.result(timeout=timeout)
             out["blocking_s"].append(time.perf_counter() - t0)
             if i == runs - 1:
-                expected = get_path(sd, key_path).clone()  # what this save must hold
+                # What this save must hold, on the CPU where loads put it (a GPU tensor is copied).
+                expected = get_path(sd, key_path).to("cpu", copy=True)
             t = time.perf_counter()
             mutate()  # the first step after the save: with copy-on-write staging, it may wait for copies
             out["update_s"].append(time.perf_counter() - t)
@@ -501,9 +503,9 @@ def open_fds():
         return -1
 
 
-def run_system(name, sd, key_path, mutate, root, runs, step, timeout, budget, sharing=None):
+def run_system(name, sd, key_path, mutate, root, runs, step, timeout, budget, sharing=None, staging=None):
     """One system on one case; a failure is recorded in the result, never raised. `sharing`: a
-    torch.multiprocessing sharing strategy to use for this system only."""
+    torch.multiprocessing sharing strategy to use for this system only; `staging`: see make_system."""
     import torch.multiprocessing as tmp
     out = {"system": name, "blocking_s": [], "update_s": [], "update_idle_s": [], "commit_s": [], "durable_s": []}
     if sharing:
@@ -516,7 +518,7 @@ def run_system(name, sd, key_path, mutate, root, runs, step, timeout, budget, sh
     try:
         if sharing:
             tmp.set_sharing_strategy(sharing)
-        system = make_system(name)
+        system = make_system(name, **(staging or {}))
         _measure(system, out, sd, key_path, mutate, root, runs, step, timeout, budget)
     except BaseException as e:  # noqa: BLE001
         if isinstance(e, KeyboardInterrupt):
@@ -554,6 +556,26 @@ def run_system(name, sd, key_path, mutate, root, runs, step, timeout, budget, sh
         except OSError as error:
             out.setdefault("cleanup_error", repr(error))
     return out
+
+
+def run_system_with_fallback(name, sd, key_path, mutate, root, runs, step, timeout, budget):
+    """run_system, printing a line per result; a system that ran out of file descriptors is measured
+    again with the file_system sharing strategy (under the key name + FS_SUFFIX). {key: result}."""
+    results = {}
+    attempts = [(name, None)]
+    while attempts:
+        key, sharing = attempts.pop()
+        t = time.perf_counter()
+        r = run_system(name, sd, key_path, mutate, root, runs, step, timeout, budget, sharing)
+        results[key] = r
+        status = r.get("error") or (f"{len(r['blocking_s'])} saves, blocking {span(r['blocking_s'])}, "
+                                    f"durable {span(r['durable_s'])}, verified {r.get('verified')}")
+        print(f"  {key:15} {time.perf_counter() - t:6.1f} s wall: {status}", flush=True)
+        if sharing is None and "Too many open files" in r.get("error", ""):
+            # torch's default sharing strategy keeps one descriptor open per shared storage; the
+            # file_system strategy keeps none. Measure that configuration too.
+            attempts.append((name + FS_SUFFIX, "file_system"))
+    return results
 
 
 # ---------------------------------------------------------------------------------------------
@@ -639,20 +661,8 @@ def run_case(case, args, root):
     gc.collect()
     res["rss_baseline_gb"] = current_rss_gb()
     for name in systems:
-        attempts = [(name, None)]
-        while attempts:
-            key, sharing = attempts.pop()
-            t = time.perf_counter()
-            r = run_system(name, sd, key_path, mutate, root, args.runs, args.step, args.timeout, args.budget,
-                           sharing)
-            res["systems"][key] = r
-            status = r.get("error") or (f"{len(r['blocking_s'])} saves, blocking {span(r['blocking_s'])}, "
-                                        f"durable {span(r['durable_s'])}, verified {r.get('verified')}")
-            print(f"  {key:15} {time.perf_counter() - t:6.1f} s wall: {status}", flush=True)
-            if sharing is None and "Too many open files" in r.get("error", ""):
-                # torch's default sharing strategy keeps one descriptor open per shared storage;
-                # the file_system strategy keeps none. Measure that configuration too.
-                attempts.append((name + FS_SUFFIX, "file_system"))
+        res["systems"].update(run_system_with_fallback(name, sd, key_path, mutate, root, args.runs, args.step,
+                                                       args.timeout, args.budget))
     res["disk_s"].append(disk_limit(root, nbytes))
     if dist.is_initialized():
         dist.destroy_process_group()

@@ -62,7 +62,8 @@ def tensors(tree):
         yield tree
 
 
-def median_time(fn, runs):
+def warm_times(fn, runs):
+    """Seconds of `runs` calls of fn after an untimed first one."""
     fn()  # warm: buffers allocated and cached
     times = []
     for _ in range(runs):
@@ -70,7 +71,11 @@ def median_time(fn, runs):
         result = fn()
         times.append(time.perf_counter() - start)
         del result  # freeing the staged tree is not part of staging
-    return statistics.median(times)
+    return times
+
+
+def median_time(fn, runs):
+    return statistics.median(warm_times(fn, runs))
 
 
 def main():

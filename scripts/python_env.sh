@@ -7,5 +7,5 @@ set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
 [ -x .venv/bin/python ] || python3 -m venv .venv
-.venv/bin/pip install -q torch==2.13.0 numpy pytest hypothesis safetensors "nanobind>=2.4" "scikit-build-core>=0.10" cmake ninja
+.venv/bin/pip install -q torch==2.13.0 numpy pytest hypothesis safetensors "nanobind>=2.4" "scikit-build-core>=0.10" cmake ninja matplotlib
 .venv/bin/pip install -q --no-build-isolation .

@@ -55,8 +55,10 @@ class PyStager {
         stager_(options, use_cuda ? CudaRuntime::instance() : CudaRuntime::unavailable("CUDA disabled by the caller")) {}
 
   // `on_released`, when given, is called (with the GIL) as soon as the sources may change again,
-  // before stage() returns; see Note [Copy-on-write staging].
-  nb::object stage(nb::handle state_dict, const PyStagingLease* lease, nb::handle on_released) {
+  // before stage() returns; see Note [Copy-on-write staging]. `producer_streams`: (device,
+  // cudaStream_t as an integer) pairs whose queued work the device-to-host copies wait for.
+  nb::object stage(nb::handle state_dict, const PyStagingLease* lease, nb::handle on_released,
+                   const std::vector<std::pair<int, uintptr_t>>& producer_streams) {
     using Clock = std::chrono::steady_clock;
     CyclicGcPause gc_pause;
     const auto t0 = Clock::now();
@@ -66,6 +68,9 @@ class PyStager {
     if (lease) {
       if (!lease->held()) throw Error(ErrorCode::kInvalidArgument, "stage(): the lease was already released");
       call.lease = lease->token;
+    }
+    for (auto [device, stream] : producer_streams) {
+      call.producer_streams.push_back(ProducerStream{device, reinterpret_cast<CudaStream>(stream)});
     }
     if (on_released.is_valid() && !on_released.is_none()) {
       call.on_sources_released = [on_released] {
@@ -372,7 +377,8 @@ NB_MODULE(_C, m) {
   nb::class_<PyStager>(m, "Stager")
       .def(nb::init<StagingOptions, bool, nb::object>(), nb::arg("options"), nb::arg("use_cuda"), nb::arg("adapter"))
       .def("stage", &PyStager::stage, nb::arg("state_dict"), nb::arg("lease").none() = nb::none(),
-           nb::arg("on_released").none() = nb::none())
+           nb::arg("on_released").none() = nb::none(),
+           nb::arg("producer_streams") = std::vector<std::pair<int, uintptr_t>>{})
       .def("copy_on_write_available", &PyStager::copy_on_write_available)
       .def("close", &PyStager::close)
       .def_prop_ro("pinning_downgraded", &PyStager::pinning_downgraded)

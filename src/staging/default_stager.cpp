@@ -333,8 +333,20 @@ struct DefaultStager::Impl {
     }
     for (int device : devices) {
       CudaStream stream = copy_stream(device);
+      bool ordered = false;
       for (auto [event_device, event] : producers.events) {
-        if (event_device == device) cuda->stream_wait_event(stream, event);
+        if (event_device != device) continue;
+        cuda->stream_wait_event(stream, event);
+        ordered = true;
+      }
+      if (!ordered) {
+        // No producer stream was named on this device (the caller named only its current device's,
+        // and this tensor lives on another): the copies wait for everything queued so far on the
+        // device's legacy default stream, never for nothing. A wait captures the event's latest
+        // record, so copy_done can be re-recorded after the copies.
+        CudaDeviceGuard guard(*cuda, device);
+        cuda->record_event(copy_done[device], nullptr);
+        cuda->stream_wait_event(stream, copy_done[device]);
       }
     }
     const uint64_t chunk = options.cuda_copy_chunk_bytes;

@@ -3,7 +3,6 @@ view by view, on the same inputs."""
 
 import collections
 import dataclasses
-import warnings
 from concurrent.futures import Future
 
 import pytest
@@ -343,3 +342,61 @@ def test_native_tensor_ops_are_used_only_with_the_torch_they_were_built_for(monk
     assert _adapter._native_ops() is not None
     monkeypatch.setattr(_torch_C, "torch_version", "0.0.0")
     assert _adapter._native_ops() is None
+
+
+class _RecordingNative:
+    """Stands in for the native stager: records the producer streams each stage() was given."""
+
+    def __init__(self):
+        self.calls = []
+
+    def stage(self, state_dict, lease, on_released, producer_streams):
+        self.calls.append(producer_streams)
+        return state_dict
+
+    def close(self):
+        pass
+
+
+@pytest.mark.parametrize("use_async_staging", [False, True])
+@pytest.mark.parametrize("leased", [False, True])
+def test_device_copies_wait_for_the_callers_stream_not_the_staging_threads(monkeypatch, use_async_staging,
+                                                                           leased):
+    # torch keeps the current device and stream per thread: under torchrun a rank works on cuda:r,
+    # perhaps on a side stream, while the staging thread's current stream is cuda:0's default one.
+    # The streams the copies wait for must be read in the thread that calls stage().
+    import threading
+    caller = threading.get_ident()
+
+    class Stream:
+        def __init__(self, index, handle):
+            self.device, self.cuda_stream = torch.device("cuda", index), handle
+
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_stream",
+                        lambda device=None: Stream(3, 0xCAFE) if threading.get_ident() == caller else Stream(0, 0))
+    stager = DefaultStager(CheckpointStagerConfig(use_async_staging=use_async_staging, use_pinned_memory=False,
+                                                  use_non_blocking_copy=False))
+    stager._accelerator = True
+    stager._native.close()
+    stager._native = native = _RecordingNative()
+    if leased:
+        stager._stage_leased({"w": torch.zeros(4)}).result()
+    else:
+        result = stager.stage({"w": torch.zeros(4)})
+        if use_async_staging:
+            result.result()
+    stager.close()
+    assert native.calls == [[(3, 0xCAFE)]]
+
+
+def test_no_producer_streams_before_cuda_is_initialized(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: False)
+    stager = DefaultStager(CheckpointStagerConfig(use_pinned_memory=False, use_non_blocking_copy=False))
+    native_stage = stager._native
+    recorded = _RecordingNative()
+    stager._native = recorded
+    stager.stage({"w": torch.zeros(4)}).result()
+    stager._native = native_stage
+    stager.close()
+    assert recorded.calls == [[]]

@@ -488,6 +488,29 @@ TEST_F(StagerCudaFake, TensorsOnTwoDevicesUseOneCopyStreamEach) {
   cuda_->destroy_stream(1, p1);
 }
 
+TEST_F(StagerCudaFake, DeviceWithoutANamedProducerWaitsForItsLegacyStream) {
+  // A rank whose current device is cuda:0 in the calling thread (a helper thread's default) but
+  // whose tensors live on cuda:1: the copies on cuda:1 must still wait for that device's work.
+  fake().reset(2);
+  cuda_ = CudaRuntime::load(FASTDCP_FAKE_CUDART);
+  DefaultStager stager(sync_options(), cuda_);
+  CudaStream p0 = cuda_->create_stream(0);
+  Tensor b = Tensor::contiguous(cuda_storage(4096, 21, 1), DType::kF32, {1024});
+  Value tree = Value::dict();
+  tree.insert("b", Value(b));
+  StageCallOptions call;
+  call.producer_streams = {ProducerStream{0, p0}};
+
+  const size_t log_start = fake().call_log().size();
+  Value staged = stage_sync(stager, std::move(tree), call);
+  expect_staged_copy(staged.at("b").as_tensor(), b);
+  const auto lines = split_lines(log_since(log_start));
+  for (const auto& line : lines) EXPECT_EQ(line.find("-> error"), std::string::npos) << line;
+  expect_stream_ordering(lines, {"0x0", "0x1"});
+  stager.close();
+  cuda_->destroy_stream(0, p0);
+}
+
 TEST_F(StagerCudaFake, NonBlockingCopyWithoutDevicesIsRejected) {
   fake().reset(0);
   auto none = CudaRuntime::load(FASTDCP_FAKE_CUDART);

@@ -68,7 +68,8 @@ struct ProducerStream {
 // sets of buffers, and steady state reuses them all.
 struct StageCallOptions {
   // Copies of tensors on these devices wait for everything queued on these streams before the
-  // stage() call. Empty: the legacy default stream of the calling thread's current device.
+  // stage() call. Empty: the legacy default stream of the calling thread's current device. A device
+  // holding tensors but named here by no stream waits for its own legacy default stream.
   std::vector<ProducerStream> producer_streams;
   // See Note [Staging leases]; null: the buffers staged into are not held.
   std::shared_ptr<const void> lease;

@@ -71,6 +71,7 @@ class DefaultStager(CheckpointStager):
         options.use_non_blocking_copy = config.use_non_blocking_copy
         options.copy_on_write = config.use_copy_on_write
         self._native = _C.Stager(options, accelerator, TorchAdapter())
+        self._accelerator = accelerator
         self._lock = threading.Lock()
         self._closed = False
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fastdcp-staging") \
@@ -81,13 +82,24 @@ class DefaultStager(CheckpointStager):
             raise TypeError(f"DefaultStager.stage() got unexpected keyword arguments: {sorted(kwargs)}")
         if self._closed:
             raise RuntimeError("DefaultStager.stage() called after close()")
+        producers = self._producer_streams()
         if self._executor is not None:
-            return self._executor.submit(self._stage, state_dict)
-        return self._stage(state_dict)
+            return self._executor.submit(self._stage, state_dict, producers=producers)
+        return self._stage(state_dict, producers=producers)
 
-    def _stage(self, state_dict: STATE_DICT, lease=None, on_released=None) -> STATE_DICT:
+    def _producer_streams(self) -> list[tuple[int, int]]:
+        """The caller's current CUDA stream, read in the calling thread: torch keeps the current
+        device and stream per thread, and the staging thread's are cuda:0 and its default stream,
+        which under torchrun are not the rank's. The device-to-host copies wait for the work queued
+        on it before they start; tensors on other devices wait for their device's default stream."""
+        if not self._accelerator or not torch.cuda.is_initialized():
+            return []
+        stream = torch.cuda.current_stream()
+        return [(stream.device.index, stream.cuda_stream)]
+
+    def _stage(self, state_dict: STATE_DICT, lease=None, on_released=None, producers=()) -> STATE_DICT:
         with self._lock, torch.no_grad():
-            return self._native.stage(state_dict, lease, on_released)
+            return self._native.stage(state_dict, lease, on_released, list(producers))
 
     def _stage_leased(self, state_dict: STATE_DICT, on_released=None) -> Future:
         """A future of ``(staged, lease)``: no later stage() writes into the staged buffers until
@@ -97,10 +109,11 @@ class DefaultStager(CheckpointStager):
         if self._closed:
             raise RuntimeError("DefaultStager.stage() called after close()")
         lease = _C.StagingLease()
+        producers = self._producer_streams()
 
         def stage_and_hold():
             # The task holds `state_dict`, so its tensors stay allocated until the copy is done.
-            return self._stage(state_dict, lease, on_released), lease
+            return self._stage(state_dict, lease, on_released, producers), lease
 
         if self._executor is not None:
             return self._executor.submit(stage_and_hold)
