@@ -558,6 +558,18 @@ def run_system(name, sd, key_path, mutate, root, runs, step, timeout, budget, sh
     return out
 
 
+def file_system_sharing_fits(sd):
+    """(fits, storages, limit): torch's file_system sharing strategy maps one file per shared
+    storage, in this process and in the receiving one. Past vm.max_map_count, mmap fails and so do
+    thread starts (their stacks are maps too), which then hang: such a run is not started."""
+    with open("/proc/sys/vm/max_map_count") as f:
+        limit = int(f.read())
+    with open("/proc/self/maps") as f:
+        used = sum(1 for _ in f)
+    storages = len({t.untyped_storage().data_ptr() for t in tensors(sd)})
+    return storages + used < 0.9 * limit, storages, limit
+
+
 def run_system_with_fallback(name, sd, key_path, mutate, root, runs, step, timeout, budget):
     """run_system, printing a line per result; a system that ran out of file descriptors is measured
     again with the file_system sharing strategy (under the key name + FS_SUFFIX). {key: result}."""
@@ -571,10 +583,19 @@ def run_system_with_fallback(name, sd, key_path, mutate, root, runs, step, timeo
         status = r.get("error") or (f"{len(r['blocking_s'])} saves, blocking {span(r['blocking_s'])}, "
                                     f"durable {span(r['durable_s'])}, verified {r.get('verified')}")
         print(f"  {key:15} {time.perf_counter() - t:6.1f} s wall: {status}", flush=True)
-        if sharing is None and "Too many open files" in r.get("error", ""):
+        # The error may surface as its consequence (the writer process died of it): look at the cause too.
+        if sharing is None and "Too many open files" in r.get("error", "") + r.get("traceback", ""):
             # torch's default sharing strategy keeps one descriptor open per shared storage; the
-            # file_system strategy keeps none. Measure that configuration too.
-            attempts.append((name + FS_SUFFIX, "file_system"))
+            # file_system strategy keeps none. Measure that configuration too, where it can work.
+            fits, storages, limit = file_system_sharing_fits(sd)
+            if fits:
+                attempts.append((name + FS_SUFFIX, "file_system"))
+            else:
+                results[name + FS_SUFFIX] = {
+                    "system": name, "sharing_strategy": "file_system",
+                    "error": f"not run: one memory map per storage ({storages:,}) in two processes, "
+                             f"beyond vm.max_map_count ({limit:,})"}
+                print(f"  {name + FS_SUFFIX:15} {results[name + FS_SUFFIX]['error']}", flush=True)
     return results
 
 

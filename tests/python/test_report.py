@@ -100,6 +100,40 @@ def test_render_rewrites_the_tables_from_raw_figures_without_measuring(quick_rep
     assert tables((out / "report.md").read_text()) == tables((quick_report / "report.md").read_text())
 
 
+def test_resume_measures_only_what_failed_and_keeps_the_rest(quick_report, tmp_path):
+    raw = json.loads((quick_report / "report.json").read_text())
+    key = report.point_key(raw["points"][0])
+    del raw["results"][key]["ops"]["staging"]
+    raw["results"][key]["staging"] = {"task_error": "exited with status -9"}
+    earlier = tmp_path / "earlier.json"
+    earlier.write_text(json.dumps(raw))
+    out = tmp_path / "resumed"
+    proc = subprocess.run([sys.executable, str(REPO / "bench" / "report.py"), "--resume", str(earlier), "--out",
+                           str(out), "--dir", str(tmp_path / "scratch")], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "1 tasks" in proc.stdout
+    resumed = json.loads((out / "report.json").read_text())
+    entry = resumed["results"][key]
+    assert "staging" in entry["ops"] and "task_error" not in entry.get("staging", {})
+    assert all(len(cell) == raw["runs"] for cell in entry["ops"]["staging"].values())
+    assert entry["ops"]["save"] == raw["results"][key]["ops"]["save"], "figures measured before were kept"
+    assert resumed["resumed"] == 1
+
+
+def test_a_task_that_failed_as_a_whole_is_listed(quick_report, tmp_path):
+    raw = json.loads((quick_report / "report.json").read_text())
+    key = report.point_key(raw["points"][0])
+    del raw["results"][key]["ops"]["async blocking"], raw["results"][key]["ops"]["async commit"]
+    raw["results"][key]["async"] = {"task_error": "exited with status -9"}
+    earlier = tmp_path / "failed.json"
+    earlier.write_text(json.dumps(raw))
+    out = tmp_path / "rendered"
+    proc = subprocess.run([sys.executable, str(REPO / "bench" / "report.py"), "--render", str(earlier), "--out",
+                           str(out)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"- {key} async: exited with status -9" in (out / "report.md").read_text()
+
+
 def test_plan_spans_100_mb_to_the_cap_and_1_to_100000_tensors(tmp_path):
     class Args:
         quick, max_gb, dir = False, 2.0, str(tmp_path)

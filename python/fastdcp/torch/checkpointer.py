@@ -133,14 +133,10 @@ class AsyncCheckpointer(Checkpointer):
             staged = None
         write_future = self._process.write(write_input, path, **kwargs)
         if staged is not None:
-            # concurrent.futures keeps a future's callbacks after running them: the callback must
-            # not keep the staged tree alive for as long as the caller keeps the write future.
-            held = [staged]
 
             def release_lease(_: Future) -> None:
-                leased = held.pop()
-                if not leased.cancelled() and leased.exception() is None:
-                    leased.result()[1].release()
+                if not staged.cancelled() and staged.exception() is None:
+                    staged.result()[1].release()
 
             write_future.add_done_callback(release_lease)
         with self._lock:
