@@ -62,14 +62,16 @@ OURS = {"staging": "fastdcp", "save": "fastdcp", "load": "fastdcp", "async block
 # The plan
 
 
+def memory_total():
+    with open("/proc/meminfo") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemTotal:"))
+
+
 def largest_that_fits(directory):
     """The largest state dict this machine can run every peer on: torch.load and the shared-memory
     stagers hold two or three copies next to the original and the writer processes, so a sixth of
     the memory; the disk holds the raw-disk file plus two checkpoints, so a quarter of its free space."""
-    with open("/proc/meminfo") as f:
-        mem = next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemTotal:"))
-    disk = shutil.disk_usage(directory).free
-    return min(mem / 6, disk / 4)
+    return min(memory_total() / 6, shutil.disk_usage(directory).free / 4)
 
 
 def plan(args):
@@ -242,7 +244,8 @@ class Progress:
 
 
 def times_of(cell):
-    return cell if isinstance(cell, list) and cell else None
+    """The times of a measured cell without its failed runs (NaN); [] for a failed or missing one."""
+    return [x for x in cell if x == x] if isinstance(cell, list) else []
 
 
 def fmt_seconds(x):
@@ -255,7 +258,7 @@ def fmt_cell(cell, runs):
         return ""
     if isinstance(cell, dict):
         return f"failed: {cell['error'].replace('|', '/')}"
-    xs = [x for x in cell if x == x]  # NaN: a failed run
+    xs = times_of(cell)
     if not xs:
         return "failed"
     fewer = f"n={len(xs)}" if len(xs) < runs else ""
@@ -266,7 +269,7 @@ def fmt_cell(cell, runs):
 
 
 def median_of(cell):
-    xs = [x for x in (times_of(cell) or []) if x == x]
+    xs = times_of(cell)
     return statistics.median(xs) if xs else None
 
 
@@ -346,7 +349,7 @@ def plot(results, points, sweep, path):
     fig, axes = plt.subplots(2, 3, figsize=(17, 10))
     for ax, op in zip(axes.flat, OPS):
         for name, is_limit, cells in rows_of(results, pts, op):
-            data = [(xs_of(p), [x for x in times_of(cells.get(point_key(p))) or [] if x == x]) for p in pts]
+            data = [(xs_of(p), times_of(cells.get(point_key(p)))) for p in pts]
             data = [(x, ts) for x, ts in data if ts]
             if not data:
                 continue
@@ -459,12 +462,10 @@ def measure(args, log_path, previous=None):
         report = previous
         report["resumed"] = report.get("resumed", 0) + 1
     else:
-        with open("/proc/meminfo") as f:
-            memory = next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemTotal:"))
         report = {"command": " ".join(["bash scripts/report.sh", *sys.argv[1:]]),
                   "date": time.strftime("%Y-%m-%d %H:%M"), "runs": args.runs, "budget_s": args.budget, "step_s": args.step,
                   "points": plan(args), "results": {},
-                  "wall_s": 0.0, "machine": {"cpus": os.cpu_count(), "memory_gb": memory / GB,
+                  "wall_s": 0.0, "machine": {"cpus": os.cpu_count(), "memory_gb": memory_total() / GB,
                                              "torch": torch.__version__, "dir": args.dir}}
     points = report["points"]
 
