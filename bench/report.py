@@ -85,6 +85,9 @@ def plan(args):
         if args.max_gb:
             largest = min(largest, args.max_gb * GB)
         largest = int(largest / (100 * MB)) * 100 * MB
+        if largest < 100 * MB:
+            sys.exit(f"report.py: even 100 MB does not fit here ({memory_total() / GB:.1f} GB of memory, "
+                     f"{shutil.disk_usage(args.dir).free / GB:.1f} GB free in {args.dir}): see largest_that_fits")
         sizes = sorted({s for s in (100 * MB, 400 * MB, 1600 * MB) if s < largest} | {largest})
         size_count = 100
         counts, count_bytes = [1, 10, 100, 1000, 10_000, 100_000], 100 * MB
@@ -544,6 +547,13 @@ def main():
                              "of memory maps, vm.max_map_count)")
     parser.add_argument("--task", nargs=4, metavar=("KIND", "BYTES", "TENSORS", "OUT"), help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.runs < 1:
+        parser.error(f"--runs {args.runs}: at least 1 run is needed")
+    if args.max_gb is not None and args.max_gb < 0.1:
+        parser.error(f"--max-gb {args.max_gb:g}: the bytes sweep starts at 100 MB, so the cap must be at least 0.1")
+    for option, path in (("--render", args.render), ("--resume", args.resume)):
+        if path and not os.path.isfile(path):
+            parser.error(f"{option} {path}: no such file (the report.json of an earlier run)")
     if args.quick:
         args.runs, args.step = min(args.runs, 2), 0.02
         if args.out is None:

@@ -134,6 +134,19 @@ def test_a_task_that_failed_as_a_whole_is_listed(quick_report, tmp_path):
     assert f"- {key} async: exited with status -9" in (out / "report.md").read_text()
 
 
+@pytest.mark.parametrize("arguments, message", [
+    (["--max-gb", "0.05"], "--max-gb 0.05: the bytes sweep starts at 100 MB"),
+    (["--runs", "0"], "--runs 0: at least 1 run is needed"),
+    (["--render", "/nonexistent/report.json"], "--render /nonexistent/report.json: no such file"),
+    (["--resume", "/nonexistent/report.json"], "--resume /nonexistent/report.json: no such file"),
+])
+def test_bad_options_are_named_before_anything_is_measured(tmp_path, arguments, message):
+    proc = subprocess.run([sys.executable, str(REPO / "bench" / "report.py"), *arguments, "--out", str(tmp_path)],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and message in proc.stderr, proc.stderr[-2000:]
+    assert not (tmp_path / "report.json").exists()
+
+
 def test_plan_spans_100_mb_to_the_cap_and_1_to_100000_tensors(tmp_path):
     class Args:
         quick, max_gb, dir = False, 2.0, str(tmp_path)
