@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Runs every test: the whole suite in Release, the Python suite, again under AddressSanitizer +
 # UndefinedBehaviorSanitizer, the concurrent components (staging, memory, common, checkpoint) under
-# ThreadSanitizer, and a bounded libFuzzer run on the checkpoint metadata parsers.
+# ThreadSanitizer, and bounded libFuzzer runs on the checkpoint metadata parsers and the whole reader.
 # The CUDA code paths are tested against a fake CUDA runtime built by the tests; the real-GPU
 # tests (label gpu) skip without a GPU. The Release suite includes the 4-rank MPI test (label mpi,
 # built where MPI is found); the sanitizer and fuzzing builds leave MPI out (-DFASTDCP_WITH_MPI=OFF:
@@ -51,5 +51,11 @@ if [ "${FASTDCP_QUICK:-0}" != "1" ]; then
   # Progress lines (NEW/REDUCE/pulse) are dropped; findings and the final stats are shown.
   (cd build-fuzz && ./fuzz/fuzz_checkpoint_metadata -max_total_time="${FASTDCP_FUZZ_SECONDS:-60}" \
     -rss_limit_mb=2048 -timeout=10 -print_final_stats=1 corpus 2>&1 | grep -vE '^#[0-9]+[[:space:]]+(NEW|REDUCE|pulse)')
+  # The whole reader: rank files loaded every way and verified (fuzz/README.md).
+  echo "=== fastdcp tests: fuzzing the whole reader (${FASTDCP_FUZZ_SECONDS:-60} s) ==="
+  rm -rf build-fuzz/corpus_reader && cp -r fuzz/corpus_reader build-fuzz/corpus_reader
+  (cd build-fuzz && ./fuzz/fuzz_reader -max_total_time="${FASTDCP_FUZZ_SECONDS:-60}" -max_len=200000 \
+    -rss_limit_mb=4096 -timeout=30 -print_final_stats=1 corpus_reader 2>&1 |
+    grep -vE '^#[0-9]+[[:space:]]+(NEW|REDUCE|pulse)')
 fi
 echo "fastdcp: all test suites passed"

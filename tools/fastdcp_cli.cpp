@@ -108,6 +108,10 @@ int verify(const std::string& path) {
   std::printf("%s: OK, %d file%s, %s, %llu chunks verified\n", path.c_str(), report.files,
               report.files == 1 ? "" : "s", human_bytes(static_cast<double>(report.bytes)).c_str(),
               static_cast<unsigned long long>(report.chunks));
+  if (report.files_without_checksums > 0) {
+    std::printf("%d file%s without checksums (plain safetensors): header and layout checked, data not\n",
+                report.files_without_checksums, report.files_without_checksums == 1 ? " is" : "s are");
+  }
   return 0;
 }
 

@@ -65,5 +65,7 @@ def load(path, template=None, *, strict=False, verify=True, mmap=False, io_threa
 
 
 def verify(path):
-    """Checks every file of a checkpoint against its manifest and every chunk's checksum."""
+    """Checks every file of a checkpoint against its manifest, its header and tree as a load does,
+    and every chunk's checksum. Returns counts; ``files_without_checksums`` counts plain
+    safetensors files, whose data has no checksums to check."""
     return _C.verify(str(path))

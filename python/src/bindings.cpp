@@ -416,6 +416,7 @@ NB_MODULE(_C, m) {
     d["files"] = report.files;
     d["bytes"] = report.bytes;
     d["chunks"] = report.chunks;
+    d["files_without_checksums"] = report.files_without_checksums;
     return d;
   });
   m.def("cuda_available", [] { return CudaRuntime::instance()->available(); });

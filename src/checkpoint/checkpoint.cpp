@@ -447,11 +447,12 @@ Value CheckpointReader::read(const std::string& path) const {
   const RankFileHeader& header = opened.header;
   const auto& entries = header.entries();
   auto namer = [&](size_t e) { return describe_entry(header, e); };
+  const bool verify = options_.verify_checksums && header.has_checksums();
   std::shared_ptr<void> memory;
   const char* base = nullptr;
   if (reading.valid()) {
     reading.get();
-    if (options_.verify_checksums) {
+    if (verify) {
       verify_entries(opened.file.path(), entries, [&](size_t e) { return image->data() + entries[e].begin; }, threads,
                      namer);
     }
@@ -460,14 +461,14 @@ Value CheckpointReader::read(const std::string& path) const {
   } else if (options_.use_mmap && opened.file.size() > 0) {
     memory = map_file(opened.file, opened.file.size());
     base = static_cast<const char*>(memory.get()) + header.data_offset();
-    if (options_.verify_checksums) {
+    if (verify) {
       verify_entries(opened.file.path(), entries, [&](size_t e) { return base + entries[e].begin; }, threads, namer);
     }
   } else {
     // The whole data region into one allocation (Note [File-image reads]), each chunk verified
     // as its last window lands.
     image.emplace(opened.file, path, header.data_offset(), options_.direct_io);
-    image->read(header.data_offset(), entries, threads, options_.io_engine, options_.verify_checksums, namer);
+    image->read(header.data_offset(), entries, threads, options_.io_engine, verify, namer);
     memory = image->memory;
     base = image->data();
   }
@@ -599,7 +600,7 @@ LoadResult CheckpointReader::read_into(const std::string& path, Value& target, b
     selected[e] = true;
   }
   detail::read_entries(opened.file, entries, storages, detail::plan_io(entries, header.data_offset(), selected),
-                       io_thread_count(options_.io_threads), options_.verify_checksums,
+                       io_thread_count(options_.io_threads), options_.verify_checksums && header.has_checksums(),
                        [&](size_t e) { return describe_entry(header, e); });
   for (size_t c = 0; c < plan.copies.size(); ++c) {
     if (!direct[c]) copy_tensor(plan.copies[c].first, plan.copies[c].second);
@@ -618,7 +619,15 @@ VerifyReport verify_checkpoint(const std::string& path, const std::function<void
   uint64_t done = 0;
   for (int rank = 0; rank < manifest.world_size; ++rank) {
     OpenedRankFile opened = open_rank_file(path, manifest, rank);
+    // The tree too, as a load checks it (nesting, keys, every view inside its storage).
+    (void)opened.header.tensors();
     const auto& entries = opened.header.entries();
+    report.bytes += manifest.ranks[static_cast<size_t>(rank)].size;
+    ++report.files;
+    if (!opened.header.has_checksums()) {  // a plain safetensors file: nothing to check its bytes against
+      ++report.files_without_checksums;
+      continue;
+    }
     // Chunk by chunk, into one buffer per thread, so that memory stays bounded for any file size.
     const detail::IoPlan plan = detail::plan_io(entries, opened.header.data_offset());
     std::mutex progress_mutex;
@@ -636,8 +645,6 @@ VerifyReport verify_checkpoint(const std::string& path, const std::function<void
       }
     });
     report.chunks += plan.pieces.size();
-    report.bytes += manifest.ranks[static_cast<size_t>(rank)].size;
-    ++report.files;
   }
   return report;
 }

@@ -25,12 +25,16 @@ constexpr std::string_view kChunkBytesKey = "fastdcp.chunk_bytes";
 constexpr std::string_view kChecksumsKey = "fastdcp.crc32c";
 constexpr std::string_view kRawPrefix = "__fastdcp__.storage.";
 constexpr uint64_t kRawPadding = 64;
-// The deepest JSON the parser takes, and the deepest tree the writer renders: a tree level costs
-// up to three JSON levels (a dict's {"d":[ and the [key, value] pair). The parser's depth
-// bookkeeping costs 9 bytes a level, so it is sized to what a document of its length can nest.
-constexpr size_t kMaxJsonDepth = size_t{1} << 18;
-constexpr size_t kMaxTreeDepth = 80000;
-static_assert(3 * kMaxTreeDepth + 8 <= kMaxJsonDepth);
+// The deepest JSON the parser takes: a tree level costs up to three JSON levels (a dict's {"d":[
+// and the [key, value] pair), so any tree within kMaxTreeDepth parses, and deeper JSON is a tree
+// beyond it (Note [Tree depth limit]). The parser's depth bookkeeping costs 9 bytes a level, so it
+// is sized to what a document of its length can nest.
+constexpr size_t kMaxJsonDepth = 3 * kMaxTreeDepth + 8;
+
+// The one message for a tree beyond the limit, on save and load alike.
+std::string too_deep() {
+  return "containers nest more than " + std::to_string(kMaxTreeDepth) + " levels deep, the format's limit";
+}
 
 // dtypes that safetensors' readers (Python, torch) understand; others are stored raw.
 bool safetensors_knows(DType dtype) {
@@ -270,9 +274,7 @@ std::string render_tree(const Value& root, const std::unordered_map<const Storag
       case Value::Kind::kList:
       case Value::Kind::kTuple:
       case Value::Kind::kDict:
-        if (++containers > kMaxTreeDepth) {
-          fail(path, "containers are nested more than " + std::to_string(kMaxTreeDepth) + " deep");
-        }
+        if (++containers > kMaxTreeDepth) fail(path, too_deep());
         out += v.kind() == Value::Kind::kList ? R"({"l":[)" : v.kind() == Value::Kind::kTuple ? R"({"t":[)" : R"({"d":[)";
         stack.push_back({&v, 0, std::move(path)});
         break;
@@ -485,6 +487,7 @@ element parse_json(simdjson::dom::parser& parser, std::string_view text, const c
                    const RankFileHeader::Impl& impl) {
   element root;
   if (const auto error = parser.parse(text.data(), text.size(), /*realloc_if_needed=*/true).get(root); error) {
+    if (error == simdjson::DEPTH_ERROR) impl.corrupt(std::string(what) + ": " + too_deep());
     impl.corrupt(std::string(what) + " is not valid JSON (" + simdjson::error_message(error) + ")");
   }
   return root;
@@ -538,6 +541,16 @@ std::optional<std::array<element, N>> fixed_items(element j) {
   return out;
 }
 
+// Whether no key of a JSON object repeats: a reader taking the first and one taking the last must
+// not see different files.
+bool unique_keys(simdjson::dom::object object) {
+  std::unordered_set<std::string_view> seen;
+  for (const simdjson::dom::key_value_pair field : object) {
+    if (!seen.insert(field.key).second) return false;
+  }
+  return true;
+}
+
 std::string_view metadata_string(simdjson::dom::object metadata, std::string_view key,
                                  const RankFileHeader::Impl& impl) {
   std::string_view value;
@@ -552,9 +565,11 @@ std::string_view metadata_string(simdjson::dom::object metadata, std::string_vie
 uint64_t parse_header_length(const unsigned char (&prefix)[8], uint64_t file_size, const std::string& file_name) {
   uint64_t length = 0;
   for (int k = 7; k >= 0; --k) length = (length << 8) | prefix[k];
+  // The message echoes nothing of the file: it may be any file, a secret one included.
   if (length > kMaxHeaderBytes || 8 + length > file_size) {
-    throw Error(ErrorCode::kDataLoss, "corrupt checkpoint header in '" + file_name + "': it claims " +
-                                          std::to_string(length) + " bytes, the file has " + std::to_string(file_size));
+    throw Error(ErrorCode::kDataLoss, "'" + file_name + "' is not a fastdcp or safetensors rank file, or it is damaged: " +
+                                          "its header length is out of range for its " + std::to_string(file_size) +
+                                          " bytes");
   }
   return length;
 }
@@ -565,6 +580,7 @@ RankFileHeader& RankFileHeader::operator=(RankFileHeader&&) noexcept = default;
 RankFileHeader::~RankFileHeader() = default;
 
 int RankFileHeader::format_version() const { return impl_->version; }
+bool RankFileHeader::has_checksums() const { return impl_->version > 0; }
 const std::vector<StoredEntry>& RankFileHeader::entries() const { return impl_->entries; }
 uint64_t RankFileHeader::data_offset() const { return impl_->data_offset; }
 
@@ -586,12 +602,15 @@ RankFileHeader RankFileHeader::parse(std::string_view text, uint64_t file_size, 
     const std::string_view name = field.key;
     if (name == "__metadata__") {
       simdjson::dom::object m;
-      if (field.value.get_object().get(m) == simdjson::SUCCESS) metadata = m;
+      if (metadata || field.value.get_object().get(m) != simdjson::SUCCESS || !unique_keys(m)) {
+        impl->corrupt("__metadata__ is not one object of distinct keys");
+      }
+      metadata = m;
       continue;
     }
     simdjson::dom::object record;
-    if (field.value.get_object().get(record) != simdjson::SUCCESS) {
-      impl->corrupt("entry '" + std::string(name) + "' is not an object");
+    if (field.value.get_object().get(record) != simdjson::SUCCESS || !unique_keys(record)) {
+      impl->corrupt("entry '" + std::string(name) + "' is not an object of distinct keys");
     }
     StoredEntry e;
     e.name = std::string(name);
@@ -610,14 +629,9 @@ RankFileHeader RankFileHeader::parse(std::string_view text, uint64_t file_size, 
     e.begin = to_u64((*bounds)[0], "a data offset", *impl);
     e.end = to_u64((*bounds)[1], "a data offset", *impl);
     if (e.begin > e.end) impl->corrupt("entry '" + e.name + "' ends before it begins");
-    uint64_t numel = 1;
-    for (const int64_t d : e.shape) {
-      if (d < 0 || (d > 0 && numel > UINT64_MAX / 16 / static_cast<uint64_t>(d))) {
-        impl->corrupt("entry '" + e.name + "' has an invalid shape");
-      }
-      numel *= static_cast<uint64_t>(d);
-    }
-    if ((numel * dtype_bits(e.dtype) + 7) / 8 != e.end - e.begin) {
+    const std::optional<uint64_t> shape_bytes = contiguous_nbytes(e.dtype, e.shape);
+    if (!shape_bytes) impl->corrupt("entry '" + e.name + "' has an invalid shape");
+    if (*shape_bytes != e.end - e.begin) {
       impl->corrupt("entry '" + e.name + "' has " + std::to_string(e.end - e.begin) + " bytes for its shape and dtype");
     }
     e.nbytes = e.end - e.begin;
@@ -668,12 +682,15 @@ RankFileHeader RankFileHeader::parse(std::string_view text, uint64_t file_size, 
   const auto storages_parser = make_parser(storages_text.size(), *impl);
   const std::vector<element> storages = items_of(parse_json(*storages_parser, storages_text, "the storage list", *impl));
   if (storages.size() != entries.size()) impl->corrupt("the storage list does not match the entries");
+  std::vector<bool> named(entries.size(), false);
   for (const element& s : storages) {
     const auto record = fixed_items<2>(s);
     std::string_view name;
     if (!record || (*record)[0].get_string().get(name) != simdjson::SUCCESS) impl->corrupt("a storage record is malformed");
     const auto it = by_name.find(name);
     if (it == by_name.end()) impl->corrupt("a storage names a missing entry '" + std::string(name) + "'");
+    if (named[it->second]) impl->corrupt("two storages name the entry '" + std::string(name) + "'");
+    named[it->second] = true;
     StoredEntry e = entries[it->second];
     const uint64_t nbytes = to_u64((*record)[1], "a storage size", *impl);
     if (nbytes > e.end - e.begin) impl->corrupt("storage '" + e.name + "' is larger than its entry");
@@ -712,14 +729,18 @@ Value build_value(element root, const RankFileHeader::Impl& impl, MakeTensor&& m
     element node;
     Value* dst;
     std::string path;
+    size_t depth;  // containers around the node
   };
   std::vector<Frame> stack;
-  stack.push_back({root, &out, ""});
+  stack.push_back({root, &out, "", 0});
   while (!stack.empty()) {
     Frame f = std::move(stack.back());
     stack.pop_back();
     const element n = f.node;
-    auto bad = [&](const char* what) { impl.corrupt("the value at '" + f.path + "' " + what); };
+    auto bad = [&](const std::string& what) { impl.corrupt("the value at '" + f.path + "' " + what); };
+    auto open_container = [&] {
+      if (f.depth + 1 > kMaxTreeDepth) impl.corrupt("the value at '" + f.path + "': " + too_deep());
+    };
     switch (n.type()) {
       case element_type::NULL_VALUE: *f.dst = Value(); break;
       case element_type::BOOL: *f.dst = Value(bool(n.get_bool())); break;
@@ -750,6 +771,7 @@ Value build_value(element root, const RankFileHeader::Impl& impl, MakeTensor&& m
           *f.dst = make_tensor(body, f.path);
         } else if (tag == "l" || tag == "t") {
           if (!body.is_array()) bad("is a sequence without items");
+          open_container();
           const std::vector<element> children = items_of(body);
           *f.dst = tag == "l" ? Value::list() : Value::tuple();
           auto& items = f.dst->items();
@@ -757,34 +779,39 @@ Value build_value(element root, const RankFileHeader::Impl& impl, MakeTensor&& m
           for (size_t i = children.size(); i-- > 0;) {
             std::string p = f.path;
             append_index_path(p, i);
-            stack.push_back({children[i], &items[i], std::move(p)});
+            stack.push_back({children[i], &items[i], std::move(p), f.depth + 1});
           }
         } else if (tag == "d") {
           if (!body.is_array()) bad("is a dict without entries");
+          open_container();
           const std::vector<element> pairs = items_of(body);
           *f.dst = Value::dict();
-          auto& entries = f.dst->entries();
-          entries.reserve(pairs.size());
+          f.dst->entries().reserve(pairs.size());  // the children's addresses stay put
           std::vector<element> values;
           values.reserve(pairs.size());
           for (const element pair : pairs) {
             const auto kv = fixed_items<2>(pair);
             if (!kv) bad("has a malformed dict entry");
             const auto& [key_json, value] = *kv;
-            std::string_view key;
-            if (key_json.get_string().get(key) == simdjson::SUCCESS) {
-              entries.emplace_back(DictKey(std::string(key)), Value());
+            std::string_view text;
+            std::optional<DictKey> key;
+            if (key_json.get_string().get(text) == simdjson::SUCCESS) {
+              key.emplace(text);
             } else if (key_json.is_int64()) {
-              entries.emplace_back(DictKey(int64_t(key_json.get_int64())), Value());
+              key.emplace(int64_t(key_json.get_int64()));
             } else {
               bad("has a dict key that is neither a string nor a 64-bit integer");
             }
+            // A repeated key would make loads differ: the last wins in a dict, the first in a lookup.
+            if (f.dst->find(*key)) bad("has the key '" + key->str() + "' twice");
+            f.dst->insert(std::move(*key), Value());
             values.push_back(value);
           }
+          auto& entries = f.dst->entries();
           for (size_t i = entries.size(); i-- > 0;) {
             std::string p = f.path;
             append_key_path(p, entries[i].first);
-            stack.push_back({values[i], &entries[i].second, std::move(p)});
+            stack.push_back({values[i], &entries[i].second, std::move(p), f.depth + 1});
           }
         } else {
           bad("has an unknown tag");
@@ -816,7 +843,12 @@ TensorRecord parse_tensor(element body, const std::string& path, const RankFileH
   r.shape = to_dims(fields[2], "a tensor shape", impl);
   r.strides = to_dims(fields[3], "a tensor's strides", impl);
   r.offset = to_i64(fields[4], "a tensor offset", impl);
-  if (r.shape.size() != r.strides.size()) impl.corrupt("the tensor at '" + path + "' has shape and strides of different lengths");
+  // Checked here, not only when a Tensor is made, so that tensors() (inspect, verify) refuses what
+  // a load refuses.
+  if (std::string why = view_problem(r.dtype, r.shape, r.strides, r.offset, impl.entries[r.entry].nbytes);
+      !why.empty()) {
+    impl.corrupt("the tensor at '" + path + "' does not fit its storage: " + why);
+  }
   return r;
 }
 

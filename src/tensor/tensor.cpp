@@ -1,5 +1,6 @@
 #include "fastdcp/tensor/tensor.h"
 
+#include <climits>
 #include <cstring>
 #include <vector>
 
@@ -14,9 +15,113 @@ std::string dims_str(const Dims& dims) {
   for (size_t i = 0; i < dims.size(); ++i) out += (i ? ", " : "") + std::to_string(dims[i]);
   return out + "]";
 }
+
+// Note [Checked view arithmetic]
+// Shapes, strides and offsets come from files and from other libraries, so every size is computed
+// with overflow checks: a view whose extent wraps around 2^64 would pass a bounds check and address
+// bytes outside its storage. Frameworks compute sizes in int64 (torch's set_sizes_and_strides does
+// not check them), so the element count (zero sizes counted as one), the offset in bits and the
+// extent in bits must also fit int64; other views are refused.
+constexpr uint64_t kMaxSize = static_cast<uint64_t>(INT64_MAX);
+
+bool mul_fits(uint64_t a, uint64_t b, uint64_t& out) { return !__builtin_mul_overflow(a, b, &out) && out <= kMaxSize; }
+bool add_fits(uint64_t a, uint64_t b, uint64_t& out) { return !__builtin_add_overflow(a, b, &out) && out <= kMaxSize; }
+
+// The product of the sizes, zero sizes counted as one (what contiguous strides reach), or why it
+// is invalid.
+std::string shape_problem(const Dims& shape, uint64_t& span) {
+  span = 1;
+  for (size_t i = 0; i < shape.size(); ++i) {
+    if (shape[i] < 0) return "negative size in dimension " + std::to_string(i);
+    if (!mul_fits(span, static_cast<uint64_t>(std::max<int64_t>(shape[i], 1)), span)) {
+      return "its sizes multiply beyond 2^63";
+    }
+  }
+  return {};
+}
+
+// The [begin, end) bytes the view touches, or why it is invalid.
+std::string extent_problem(DType dtype, const Dims& shape, const Dims& strides, int64_t storage_offset,
+                           std::pair<uint64_t, uint64_t>& extent) {
+  if (shape.size() != strides.size()) return "shape and strides differ in rank";
+  if (storage_offset < 0) return "negative storage offset";
+  uint64_t span = 1;
+  if (std::string why = shape_problem(shape, span); !why.empty()) return why;
+  bool empty = false;
+  for (size_t i = 0; i < shape.size(); ++i) {
+    if (strides[i] < 0) return "negative stride in dimension " + std::to_string(i);
+    empty = empty || shape[i] == 0;
+  }
+  const auto bits = static_cast<uint64_t>(dtype_bits(dtype));
+  const std::string beyond = "its extent in bits is beyond 2^63";
+  uint64_t begin_bits = 0;
+  if (!mul_fits(static_cast<uint64_t>(storage_offset), bits, begin_bits)) return beyond;
+  // An empty view touches no bytes, so any offset is valid (frameworks allow offsets past the end).
+  if (empty) {
+    extent = {begin_bits / 8, begin_bits / 8};
+    return {};
+  }
+  uint64_t end_bits = 0;
+  if (dtype_is_sub_byte(dtype)) {  // contiguous (the constructor checks): span elements
+    uint64_t data_bits = 0;
+    if (!mul_fits(span, bits, data_bits) || !add_fits(begin_bits, data_bits, end_bits)) return beyond;
+  } else {
+    uint64_t last = static_cast<uint64_t>(storage_offset);  // the last element's index
+    for (size_t i = 0; i < shape.size(); ++i) {
+      uint64_t step = 0;
+      if (!mul_fits(static_cast<uint64_t>(shape[i] - 1), static_cast<uint64_t>(strides[i]), step) ||
+          !add_fits(last, step, last)) {
+        return beyond;
+      }
+    }
+    if (!add_fits(last, 1, last) || !mul_fits(last, bits, end_bits)) return beyond;
+  }
+  extent = {begin_bits / 8, (end_bits + 7) / 8};
+  return {};
+}
+
+bool contiguous_layout(const Dims& shape, const Dims& strides) {
+  int64_t expected = 1;
+  for (size_t i = shape.size(); i-- > 0;) {
+    if (shape[i] == 1) continue;
+    if (strides[i] != expected) return false;
+    expected *= shape[i];
+  }
+  return true;
+}
 }  // namespace
 
+std::optional<uint64_t> contiguous_nbytes(DType dtype, const Dims& shape) {
+  uint64_t span = 1, bits = 0;
+  if (!shape_problem(shape, span).empty()) return std::nullopt;
+  for (const int64_t d : shape) {
+    if (d == 0) return 0;
+  }
+  if (!mul_fits(span, static_cast<uint64_t>(dtype_bits(dtype)), bits)) return std::nullopt;
+  return (bits + 7) / 8;
+}
+
+std::string view_problem(DType dtype, const Dims& shape, const Dims& strides, int64_t storage_offset,
+                         uint64_t storage_nbytes) {
+  std::pair<uint64_t, uint64_t> extent;
+  if (std::string why = extent_problem(dtype, shape, strides, storage_offset, extent); !why.empty()) return why;
+  if (dtype_is_sub_byte(dtype)) {  // the sizes and the offset in bits fit int64 (checked above)
+    if (!contiguous_layout(shape, strides)) return "sub-byte dtypes must be contiguous";
+    if ((storage_offset * dtype_bits(dtype)) % 8 != 0) return "sub-byte view must start on a byte boundary";
+  }
+  const auto [begin, end] = extent;
+  if (begin != end && end > storage_nbytes) {
+    return "needs bytes [" + std::to_string(begin) + ", " + std::to_string(end) + ") but the storage has " +
+           std::to_string(storage_nbytes);
+  }
+  return {};
+}
+
 Dims contiguous_strides(const Dims& shape) {
+  uint64_t span = 1;
+  if (std::string why = shape_problem(shape, span); !why.empty()) {
+    throw Error(ErrorCode::kInvalidArgument, "no contiguous strides for the shape " + dims_str(shape) + ": " + why);
+  }
   Dims strides;
   strides.resize(shape.size());
   int64_t stride = 1;
@@ -34,21 +139,8 @@ Tensor::Tensor(Storage storage, DType dtype, Dims shape, Dims strides, int64_t s
     throw Error(ErrorCode::kInvalidArgument, "invalid tensor view " + describe() + ": " + why);
   };
   if (!storage_.defined()) fail("no storage");
-  if (shape_.size() != strides_.size()) fail("shape and strides differ in rank");
-  if (storage_offset_ < 0) fail("negative storage offset");
-  for (size_t i = 0; i < shape_.size(); ++i) {
-    if (shape_[i] < 0) fail("negative size in dimension " + std::to_string(i));
-    if (strides_[i] < 0) fail("negative stride in dimension " + std::to_string(i));
-  }
-  if (dtype_is_sub_byte(dtype_)) {
-    if (!is_contiguous()) fail("sub-byte dtypes must be contiguous");
-    if ((storage_offset_ * dtype_bits(dtype_)) % 8 != 0) fail("sub-byte view must start on a byte boundary");
-  }
-  // An empty view touches no bytes, so any offset is valid (frameworks allow offsets past the end).
-  auto [begin, end] = byte_extent();
-  if (begin != end && end > storage_.nbytes()) {
-    fail("needs bytes [" + std::to_string(begin) + ", " + std::to_string(end) + ") but the storage has " +
-         std::to_string(storage_.nbytes()));
+  if (std::string why = view_problem(dtype_, shape_, strides_, storage_offset_, storage_.nbytes()); !why.empty()) {
+    fail(why);
   }
 }
 
@@ -72,15 +164,7 @@ int64_t Tensor::numel() const {
 
 uint64_t Tensor::nbytes() const { return dtype_storage_bytes(dtype_, static_cast<uint64_t>(numel())); }
 
-bool Tensor::is_contiguous() const {
-  int64_t expected = 1;
-  for (size_t i = shape_.size(); i-- > 0;) {
-    if (shape_[i] == 1) continue;
-    if (strides_[i] != expected) return false;
-    expected *= shape_[i];
-  }
-  return true;
-}
+bool Tensor::is_contiguous() const { return contiguous_layout(shape_, strides_); }
 
 void* Tensor::data_ptr() const {
   return static_cast<char*>(storage_.data()) + storage_offset_ * dtype_bits(dtype_) / 8;
@@ -88,15 +172,13 @@ void* Tensor::data_ptr() const {
 
 std::pair<uint64_t, uint64_t> view_byte_extent(DType dtype, const Dims& shape, const Dims& strides,
                                                int64_t storage_offset) {
-  const uint64_t bits = static_cast<uint64_t>(dtype_bits(dtype));
-  const uint64_t begin = static_cast<uint64_t>(storage_offset) * bits / 8;
-  uint64_t numel = 1;
-  for (int64_t d : shape) numel *= static_cast<uint64_t>(d);
-  if (numel == 0) return {begin, begin};
-  if (dtype_is_sub_byte(dtype)) return {begin, begin + dtype_storage_bytes(dtype, numel)};
-  uint64_t last = static_cast<uint64_t>(storage_offset);
-  for (size_t i = 0; i < shape.size(); ++i) last += static_cast<uint64_t>((shape[i] - 1) * strides[i]);
-  return {begin, (last + 1) * bits / 8};
+  std::pair<uint64_t, uint64_t> extent;
+  if (std::string why = extent_problem(dtype, shape, strides, storage_offset, extent); !why.empty()) {
+    throw Error(ErrorCode::kInvalidArgument, "invalid view " + std::string(dtype_name(dtype)) + dims_str(shape) +
+                                                 " strides " + dims_str(strides) + " offset " +
+                                                 std::to_string(storage_offset) + ": " + why);
+  }
+  return extent;
 }
 
 std::pair<uint64_t, uint64_t> Tensor::byte_extent() const {

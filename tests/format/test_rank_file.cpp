@@ -7,6 +7,7 @@
 #include <random>
 
 #include "fastdcp/common/error.h"
+#include "support/crafted_checkpoint.h"
 
 namespace fastdcp {
 namespace {
@@ -139,29 +140,180 @@ TEST(RankFileHeader, RoundTripsEveryKindOfValueAndTheViews) {
   EXPECT_EQ(rebuilt.at("step").as_int(), 11);
 }
 
-TEST(RankFileHeader, DeepTreesNeitherRecurseNorOverflow) {
+// Lists nested `levels` deep, the innermost holding a tensor.
+Value nested_lists(size_t levels) {
   Value root = Value::list();
   Value* leaf = &root;
-  for (int i = 0; i < 50000; ++i) leaf = &leaf->append(Value::list());
+  for (size_t i = 1; i < levels; ++i) leaf = &leaf->append(Value::list());
   leaf->append(Value(iota(DType::kF32, {2})));
-  RankFilePlan plan = RankFilePlan::make(root);
+  return root;
+}
+
+TEST(RankFileHeader, TreesAsDeepAsTheLimitRoundTripWithoutRecursion) {
+  RankFilePlan plan = RankFilePlan::make(nested_lists(kMaxTreeDepth));
   const Value rebuilt = parse(plan).build_tree(plan.storages());
   const Value* v = &rebuilt;
-  for (int i = 0; i < 50000; ++i) v = &(*v)[0];
+  for (size_t i = 1; i < kMaxTreeDepth; ++i) v = &(*v)[0];
   EXPECT_TRUE((*v)[0].is_tensor());
 }
 
-TEST(RankFilePlan, TreesDeeperThanTheFormatTakesAreRefused) {
-  Value root = Value::list();
-  Value* leaf = &root;
-  for (int i = 0; i < 80000; ++i) leaf = &leaf->append(Value::list());
+template <class F>
+Error expect_error(F&& f) {
   try {
-    RankFilePlan::make(root);
-    FAIL() << "expected an error";
+    f();
   } catch (const Error& e) {
-    EXPECT_EQ(e.code(), ErrorCode::kInvalidArgument);
-    EXPECT_NE(std::string(e.what()).find("containers are nested more than 80000 deep"), std::string::npos);
+    return e;
   }
+  ADD_FAILURE() << "expected a fastdcp::Error";
+  return Error(ErrorCode::kInternal, "none");
+}
+
+const std::string kTooDeep = "containers nest more than 10000 levels deep, the format's limit";
+
+TEST(RankFilePlan, TreesDeeperThanTheFormatTakesAreRefused) {
+  static_assert(kMaxTreeDepth == 10000);
+  const Error e = expect_error([] { RankFilePlan::make(nested_lists(kMaxTreeDepth + 1)); });
+  EXPECT_EQ(e.code(), ErrorCode::kInvalidArgument);
+  EXPECT_NE(std::string(e.what()).find(kTooDeep), std::string::npos) << e.what();
+}
+
+// A header the writer would not make, parsed as a file of `data_bytes` bytes of data.
+RankFileHeader parse_crafted(const std::string& json, uint64_t data_bytes = 0) {
+  return RankFileHeader::parse(json, 8 + json.size() + data_bytes, "crafted.safetensors");
+}
+
+// Every way a reader takes a tree (loads build it, inspect and verify list its tensors) refuses it
+// with Error(kDataLoss) saying `what`.
+void expect_tree_refused(const std::string& json, uint64_t data_bytes, const std::string& what) {
+  Error e = expect_error([&] {
+    const RankFileHeader header = parse_crafted(json, data_bytes);
+    std::vector<Storage> storages;
+    for (const auto& entry : header.entries()) storages.push_back(Storage::allocate_cpu(entry.nbytes));
+    (void)header.build_tree(storages);
+  });
+  EXPECT_EQ(e.code(), ErrorCode::kDataLoss);
+  EXPECT_NE(std::string(e.what()).find(what), std::string::npos) << e.what();
+  e = expect_error([&] { (void)parse_crafted(json, data_bytes).tensors(); });
+  EXPECT_EQ(e.code(), ErrorCode::kDataLoss);
+  EXPECT_NE(std::string(e.what()).find(what), std::string::npos) << e.what();
+}
+
+std::string nested_list_json(size_t levels) {
+  std::string tree;
+  for (size_t i = 0; i < levels; ++i) tree += R"({"l":[)";
+  for (size_t i = 0; i < levels; ++i) tree += "]}";
+  return tree;
+}
+
+TEST(RankFileHeader, TreesDeeperThanTheLimitAreRefusedWithTheSaveMessage) {
+  const std::string ok = testing::fastdcp_header(nested_list_json(kMaxTreeDepth), "", "[]", "");
+  EXPECT_NO_THROW(parse_crafted(ok).tensors());
+  expect_tree_refused(testing::fastdcp_header(nested_list_json(kMaxTreeDepth + 1), "", "[]", ""), 0, kTooDeep);
+  // Deeper than the JSON parser goes: the same message, not a parser's.
+  expect_tree_refused(testing::fastdcp_header(nested_list_json(3 * kMaxTreeDepth), "", "[]", ""), 0, kTooDeep);
+}
+
+TEST(RankFileHeader, RepeatedDictKeysInTheTreeAreRefused) {
+  Value root = Value::dict();
+  Value model = Value::dict();
+  model.insert("wa", Value(iota(DType::kF32, {2})));
+  model.insert("wb", Value(iota(DType::kF32, {3})));
+  root.insert("model", std::move(model));
+  const RankFilePlan plan = RankFilePlan::make(root);
+  std::string json = plan.header().substr(8);
+  const size_t at = json.find(R"(\"wb\")");
+  ASSERT_NE(at, std::string::npos);
+  json[at + 3] = 'a';  // the tree's key "wb" becomes a second "wa"; entry names stay as they are
+  const uint64_t data = plan.file_size() - plan.data_offset();
+  expect_tree_refused(json, data, "the value at 'model' has the key 'wa' twice");
+  // Integer keys too.
+  expect_tree_refused(testing::fastdcp_header(R"({"d":[[1,null],[2,null],[1,true]]})", "", "[]", ""), 0,
+                      "has the key '1' twice");
+  // And in a dict big enough to be indexed.
+  std::string big = R"({"d":[)";
+  for (int i = 0; i < 40; ++i) big += "[\"k" + std::to_string(i) + "\",null],";
+  big += R"(["k17",null]]})";
+  expect_tree_refused(testing::fastdcp_header(big, "", "[]", ""), 0, "has the key 'k17' twice");
+}
+
+// The refusal of a header that does not even parse.
+void expect_header_refused(const std::string& json, uint64_t data_bytes, const std::string& what) {
+  const Error e = expect_error([&] { (void)parse_crafted(json, data_bytes); });
+  EXPECT_EQ(e.code(), ErrorCode::kDataLoss);
+  EXPECT_NE(std::string(e.what()).find(what), std::string::npos) << e.what();
+}
+
+const std::string kRawEntry(testing::kOneStorageEntry);
+
+TEST(RankFileHeader, RepeatedKeysInTheHeaderAreRefused) {
+  // An entry name twice (a plain safetensors header too).
+  expect_header_refused(R"({"a":{"dtype":"U8","shape":[4],"data_offsets":[0,4]},)"
+                        R"("a":{"dtype":"U8","shape":[4],"data_offsets":[4,8]}})",
+                        8, "entry 'a' appears twice");
+  // A key of an entry's record twice.
+  expect_header_refused(R"({"a":{"dtype":"U8","shape":[4],"data_offsets":[0,4],"dtype":"F32"}})", 4,
+                        "entry 'a' is not an object of distinct keys");
+  // __metadata__ twice, or a key in it twice.
+  expect_header_refused(R"({"__metadata__":{},"__metadata__":{"fastdcp.version":"1"}})", 0,
+                        "__metadata__ is not one object of distinct keys");
+  const std::string tree = R"({"T":[0,"U8",[64],[1],0]})";
+  std::string twice = testing::one_storage_header(tree);
+  twice.insert(twice.find(R"("fastdcp.tree")"), R"("fastdcp.tree":"null",)");
+  expect_header_refused(twice, 64, "__metadata__ is not one object of distinct keys");
+  // Two storages naming one entry (the list has as many records as there are entries).
+  const std::string two_entries = kRawEntry + R"(,"b":{"dtype":"U8","shape":[0],"data_offsets":[64,64]})";
+  expect_header_refused(testing::fastdcp_header("null", two_entries,
+                                                R"([["__fastdcp__.storage.0",64],["__fastdcp__.storage.0",64]])",
+                                                "0000000000000000"),
+                        64, "two storages name the entry '__fastdcp__.storage.0'");
+}
+
+// Views whose extent wraps around 2^64 look small; each must be refused, not built.
+TEST(RankFileHeader, ViewsWhoseSizesOverflowAreRefused) {
+  const auto refused = [](const std::string& tensor, const std::string& what) {
+    SCOPED_TRACE(tensor);
+    expect_tree_refused(testing::one_storage_header(R"({"d":[["x",{"T":)" + tensor + "}]]}"), 64,
+                        "the tensor at 'x' does not fit its storage: " + what);
+  };
+  const std::string beyond = "its extent in bits is beyond 2^63";
+  refused(R"([0,"F32",[2,2],[576460752303423488,1],0])", beyond);  // strides [2^59, 1]
+  refused(R"([0,"F32",[576460752303423488],[1],0])", beyond);       // shape [2^59]
+  refused(R"([0,"U8",[2],[9223372036854775807],0])", beyond);
+  refused(R"([0,"C128",[1],[1],9223372036854775807])", beyond);     // the offset in bits
+  refused(R"([0,"F32",[4294967296,4294967296],[1,1],0])", "its sizes multiply beyond 2^63");
+  refused(R"([0,"F32",[0,4294967296,4294967296],[1,1,1],0])", "its sizes multiply beyond 2^63");
+  refused(R"([0,"F32",[2],[-1],1])", "negative stride in dimension 0");
+  refused(R"([0,"F32",[-2],[1],0])", "negative size in dimension 0");
+  refused(R"([0,"F32",[2],[1],-1])", "negative storage offset");
+  refused(R"([0,"F32",[4,5],[4,1],0])", "needs bytes [0, 68) but the storage has 64");
+  // What fits is fine, empty views anywhere included.
+  for (const std::string ok : {R"([0,"F32",[4,4],[4,1],0])", R"([0,"F32",[0,3],[1,1],1000000])",
+                               R"([0,"F32",[2,2],[8,1],6])"}) {
+    const RankFileHeader header = parse_crafted(testing::one_storage_header(R"({"d":[["x",{"T":)" + ok + "}]]}"), 64);
+    EXPECT_NO_THROW((void)header.build_tree({Storage::allocate_cpu(64)})) << ok;
+  }
+}
+
+TEST(RankFileHeader, EntriesWhoseSizesOverflowAreRefused) {
+  // A plain safetensors entry of 2^59 F32 elements "in" 0 bytes: 2^59 * 32 bits wraps to 0.
+  expect_header_refused(R"({"x":{"dtype":"F32","shape":[576460752303423488],"data_offsets":[0,0]}})", 0,
+                        "entry 'x' has an invalid shape");
+  expect_header_refused(R"({"x":{"dtype":"C128","shape":[1152921504606846976],"data_offsets":[0,0]}})", 0,
+                        "entry 'x' has an invalid shape");
+  expect_header_refused(R"({"x":{"dtype":"U8","shape":[0,4294967296,4294967296],"data_offsets":[0,0]}})", 0,
+                        "entry 'x' has an invalid shape");
+}
+
+TEST(RankFileHeader, AForeignFilesLengthPrefixIsNotEchoed) {
+  // A zip file's first 8 bytes read as a length: the message must not disclose them.
+  const unsigned char prefix[8] = {'P', 'K', 3, 4, 20, 0, 8, 0};
+  uint64_t as_number = 0;
+  for (int k = 7; k >= 0; --k) as_number = (as_number << 8) | prefix[k];
+  const Error e = expect_error([&] { parse_header_length(prefix, 1000, "secret.zip"); });
+  EXPECT_EQ(e.code(), ErrorCode::kDataLoss);
+  const std::string message = e.what();
+  EXPECT_EQ(message.find(std::to_string(as_number)), std::string::npos) << message;
+  EXPECT_NE(message.find("'secret.zip' is not a fastdcp or safetensors rank file"), std::string::npos) << message;
 }
 
 TEST(RankFilePlan, ValuesTheFormatCannotHoldAreNamed) {

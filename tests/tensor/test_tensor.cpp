@@ -1,5 +1,7 @@
 #include <gtest/gtest.h>
 
+#include <climits>
+
 #include "fastdcp/common/error.h"
 #include "fastdcp/tensor/tensor.h"
 
@@ -91,6 +93,39 @@ TEST(Tensor, SubByteTensorsMustBeContiguous) {
   Tensor packed = Tensor::empty_cpu(DType::kF4, {8});
   EXPECT_EQ(packed.storage().nbytes(), 4u);
   EXPECT_THROW(packed.view_as({4}, {2}, 0), Error);
+}
+
+// Note [Checked view arithmetic]: extents that wrap around 2^64 look small and would pass the
+// bounds check; each of these views would address bytes far outside its 64-byte storage.
+TEST(Tensor, ViewsWhoseSizesOverflowAreRejected) {
+  const Storage storage = Storage::allocate_cpu(64);
+  constexpr int64_t k2p59 = int64_t{1} << 59, k2p32 = int64_t{1} << 32;
+  const auto rejected = [&](DType dtype, Dims shape, Dims strides, int64_t offset, const std::string& why) {
+    try {
+      Tensor(storage, dtype, shape, strides, offset);
+      ADD_FAILURE() << "expected an error: " << why;
+    } catch (const Error& e) {
+      EXPECT_EQ(e.code(), ErrorCode::kInvalidArgument);
+      EXPECT_NE(std::string(e.what()).find(why), std::string::npos) << e.what();
+    }
+    EXPECT_NE(view_problem(dtype, shape, strides, offset, 64), "");
+  };
+  const std::string beyond = "its extent in bits is beyond 2^63";
+  rejected(DType::kF32, {2, 2}, {k2p59, 1}, 0, beyond);
+  rejected(DType::kF32, {k2p59}, {1}, 0, beyond);
+  rejected(DType::kU8, {2}, {INT64_MAX}, 0, beyond);
+  rejected(DType::kC128, {1}, {1}, INT64_MAX / 64, beyond);
+  rejected(DType::kF4, {k2p59 * 4}, {1}, 0, beyond);
+  rejected(DType::kF32, {k2p32, k2p32}, {1, 1}, 0, "its sizes multiply beyond 2^63");
+  rejected(DType::kF32, {0, k2p32, k2p32}, {1, 1, 1}, 0, "its sizes multiply beyond 2^63");
+  EXPECT_THROW(view_byte_extent(DType::kF32, {2, 2}, {k2p59, 1}, 0), Error);
+  EXPECT_THROW(contiguous_strides({k2p32, k2p32}), Error);
+  EXPECT_EQ(contiguous_nbytes(DType::kF32, {k2p59}), std::nullopt);
+  EXPECT_EQ(contiguous_nbytes(DType::kF32, {0, k2p59}), 0u);
+  EXPECT_EQ(contiguous_nbytes(DType::kF4, {3}), 2u);
+  // The largest views that fit are fine.
+  EXPECT_NO_THROW(Tensor(storage, DType::kF32, {2, 2}, {15, 0}, 0));
+  EXPECT_EQ(view_byte_extent(DType::kF32, {2}, {15}, 0), (std::pair<uint64_t, uint64_t>{0, 64}));
 }
 
 TEST(Dims, HeapBeyondInlineCapacity) {

@@ -162,10 +162,13 @@ struct VerifyReport {
   int files = 0;
   uint64_t bytes = 0;
   uint64_t chunks = 0;
+  // Plain safetensors files (docs/format.md): their header and layout are checked, but they carry
+  // no checksums to check their bytes against.
+  int files_without_checksums = 0;
 };
-// Checks every rank's file against the manifest and every chunk's checksum; throws
-// Error(kDataLoss) naming the first damaged file, tensor and chunk. `progress(done, total)` is
-// called as bytes are checked.
+// Checks every rank's file against the manifest, its header and tree as a load does, and every
+// chunk's checksum; throws Error(kDataLoss) naming the first damaged file, tensor and chunk.
+// `progress(done, total)` is called as bytes are checked.
 VerifyReport verify_checkpoint(const std::string& path,
                                const std::function<void(uint64_t, uint64_t)>& progress = {});
 

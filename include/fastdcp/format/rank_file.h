@@ -33,6 +33,14 @@ inline constexpr uint64_t kDataAlignment = 4096;
 // A header longer than this is refused before it is read (safetensors' own limit is 100 MB).
 inline constexpr uint64_t kMaxHeaderBytes = uint64_t{1} << 30;
 
+// Note [Tree depth limit]
+// How deep containers may nest in a state dict: saves refuse deeper trees, and loads and verify
+// refuse files that hold them, with one message naming the limit. State dicts nest a handful of
+// levels; the limit keeps every conversion of a loaded tree safe, recursive ones included (a few
+// hundred bytes of stack per level, well inside a thread's 8 MiB even under sanitizers), and
+// Python's own tools (copy.deepcopy, pickle, ==) refuse trees deeper than its recursion limit.
+inline constexpr size_t kMaxTreeDepth = 10000;
+
 // One stored byte range: a storage of the state dict.
 struct StoredEntry {
   std::string name;  // the safetensors key
@@ -88,12 +96,15 @@ class RankFileHeader {
   ~RankFileHeader();
 
   int format_version() const;
+  // false for a plain safetensors file (no fastdcp metadata): its entries have no chunk checksums.
+  bool has_checksums() const;
   const std::vector<StoredEntry>& entries() const;
   uint64_t data_offset() const;
   // The state dict, with tensors viewing storages[i] for entry i (each at least entries()[i].nbytes).
   Value build_tree(const std::vector<Storage>& storages) const;
   // Every tensor of the tree, described but not loaded, with its key path, in tree order: for
-  // inspection and for naming the tensors in error messages.
+  // inspection and for naming the tensors in error messages. It checks the tree as build_tree does
+  // (nesting, duplicate keys, every view inside its storage), so it also validates a file.
   struct TensorRecord {
     std::string path;
     size_t entry;  // index into entries()

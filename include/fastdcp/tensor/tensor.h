@@ -3,6 +3,7 @@
 // two in elements, as in PyTorch. Tensors are cheap handles: copying one shares the storage.
 
 #include <cstdint>
+#include <optional>
 #include <string>
 
 #include "fastdcp/tensor/dims.h"
@@ -51,12 +52,20 @@ class Tensor {
   int64_t storage_offset_ = 0;
 };
 
+// Error(kInvalidArgument) for a shape without them (sizes beyond int64).
 Dims contiguous_strides(const Dims& shape);
 // Copies src's elements into dst (CPU tensors of one dtype and shape, any strides, not
 // overlapping); Error(kInvalidArgument) naming both otherwise.
 void copy_tensor(const Tensor& dst, const Tensor& src);
-// [begin, end) bytes that a view touches, relative to the start of its storage.
+// [begin, end) bytes that a view touches, relative to the start of its storage; Error(kInvalidArgument)
+// for negative sizes, strides or offset, or sizes beyond int64 (Note [Checked view arithmetic]).
 std::pair<uint64_t, uint64_t> view_byte_extent(DType dtype, const Dims& shape, const Dims& strides,
                                                int64_t storage_offset);
+// Why such a view of a storage of `storage_nbytes` bytes is invalid (a phrase), or "" if it is valid:
+// what the Tensor constructor checks, for callers that describe views before they have storages.
+std::string view_problem(DType dtype, const Dims& shape, const Dims& strides, int64_t storage_offset,
+                         uint64_t storage_nbytes);
+// The bytes of a contiguous tensor of this shape, or nullopt for a negative size or sizes beyond int64.
+std::optional<uint64_t> contiguous_nbytes(DType dtype, const Dims& shape);
 
 }  // namespace fastdcp
