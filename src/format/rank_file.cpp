@@ -738,8 +738,8 @@ Value build_value(element root, const RankFileHeader::Impl& impl, MakeTensor&& m
     stack.pop_back();
     const element n = f.node;
     auto bad = [&](const std::string& what) { impl.corrupt("the value at '" + f.path + "' " + what); };
-    auto open_container = [&] {
-      if (f.depth + 1 > kMaxTreeDepth) impl.corrupt("the value at '" + f.path + "': " + too_deep());
+    auto open_container = [&] {  // the path, kMaxTreeDepth steps long, would swamp the message
+      if (f.depth + 1 > kMaxTreeDepth) impl.corrupt("the tree: " + too_deep());
     };
     switch (n.type()) {
       case element_type::NULL_VALUE: *f.dst = Value(); break;
