@@ -5,7 +5,8 @@
 // a crash or sanitizer report, any exception but fastdcp::Error, a loaded view reaching outside
 // its storage (checked with 128-bit arithmetic, independent of the reader's), loads that disagree
 // (the mapped load, the in-place load and verify must accept what the full load accepts, and give
-// back the same values). Seeds: fuzz/corpus_reader (fuzz/make_reader_corpus.cpp writes them).
+// back the same values), a loaded tree nested beyond kMaxTreeDepth or with a dict key twice.
+// Seeds: fuzz/corpus_reader (fuzz/make_reader_corpus.cpp writes them).
 // Run by scripts/test.sh for a bounded time; fuzz/README.md says how to run it longer.
 
 #include <unistd.h>
@@ -25,6 +26,7 @@
 #include "fastdcp/checkpoint/checkpoint.h"
 #include "fastdcp/common/error.h"
 #include "fastdcp/format/checksum.h"
+#include "fastdcp/format/rank_file.h"
 #include "support/crafted_checkpoint.h"
 
 namespace fastdcp {
@@ -91,8 +93,28 @@ std::string check_view(const Tensor& t) {
   return std::string(static_cast<const char*>(copy.data_ptr()), copy.nbytes());
 }
 
+// What the format promises of a loaded tree: nesting within kMaxTreeDepth, no dict key twice.
+void check_tree(const Value& root) {
+  std::vector<std::pair<const Value*, size_t>> stack{{&root, 0}};  // a node and the containers around it
+  while (!stack.empty()) {
+    const auto [v, depth] = stack.back();
+    stack.pop_back();
+    if (v->kind() == Value::Kind::kList || v->kind() == Value::Kind::kTuple) {
+      if (depth + 1 > kMaxTreeDepth) finding("a loaded tree nests deeper than kMaxTreeDepth");
+      for (const auto& item : v->items()) stack.push_back({&item, depth + 1});
+    } else if (v->kind() == Value::Kind::kDict) {
+      if (depth + 1 > kMaxTreeDepth) finding("a loaded tree nests deeper than kMaxTreeDepth");
+      for (const auto& [key, child] : v->entries()) {
+        if (v->find(key) != &child) finding("a loaded dict holds the key '" + key.str() + "' twice");
+        stack.push_back({&child, depth + 1});
+      }
+    }
+  }
+}
+
 // What a loaded tree holds, node by node, for comparing loads; checks every tensor on the way.
 std::string digest(const Value& root) {
+  check_tree(root);
   std::string out;
   for_each_node(root, [&](const Value& v) {
     out += Value::kind_name(v.kind());
