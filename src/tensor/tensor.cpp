@@ -53,7 +53,7 @@ std::string extent_problem(DType dtype, const Dims& shape, const Dims& strides, 
     empty = empty || shape[i] == 0;
   }
   const auto bits = static_cast<uint64_t>(dtype_bits(dtype));
-  const std::string beyond = "its extent in bits is beyond 2^63";
+  const char* const beyond = "its extent in bits is beyond 2^63";  // no string built unless it is needed
   uint64_t begin_bits = 0;
   if (!mul_fits(static_cast<uint64_t>(storage_offset), bits, begin_bits)) return beyond;
   // An empty view touches no bytes, so any offset is valid (frameworks allow offsets past the end).
