@@ -20,13 +20,14 @@ const char* to_string(ErrorCode code) noexcept {
   return "unknown error";
 }
 
-Error::Error(ErrorCode code, const std::string& message) : std::runtime_error(message), code_(code) {}
+Error::Error(ErrorCode code, const std::string& message, int errnum)
+    : std::runtime_error(message), code_(code), errnum_(errnum) {}
 
 void throw_system_error(const std::string& what, int errnum) {
   char buffer[256];
   // GNU strerror_r may return a static string instead of filling the buffer.
   const char* text = strerror_r(errnum, buffer, sizeof buffer);
-  throw Error(ErrorCode::kIoError, what + ": " + text + " (errno " + std::to_string(errnum) + ")");
+  throw Error(ErrorCode::kIoError, what + ": " + text + " (errno " + std::to_string(errnum) + ")", errnum);
 }
 
 }  // namespace fastdcp

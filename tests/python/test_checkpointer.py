@@ -134,8 +134,9 @@ def test_sync_checkpointer_round_trip_and_strict_load(tmp_path):
     assert checkpointer.save(str(tmp_path / "c"), state) is None
     assert_same(checkpointer.load(str(tmp_path / "c")), state)
     template = {"model": {"weight": torch.zeros(256, 512)}, "extra": torch.zeros(3)}
-    with pytest.raises(Exception, match="extra"):
+    with pytest.raises(RuntimeError, match="Missing from the checkpoint: extra") as missing:  # upstream's type
         checkpointer.load(str(tmp_path / "c"), template, strict=True)
+    assert "model.bias" in str(missing.value)  # in the checkpoint, not in the template: named too
     assert torch.count_nonzero(template["model"]["weight"]) == 0  # strict checks before it changes anything
     checkpointer.close()
 
