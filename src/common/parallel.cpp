@@ -1,7 +1,6 @@
 #include "fastdcp/common/parallel.h"
 
 #include <pthread.h>
-#include <sys/resource.h>
 
 #include <algorithm>
 #include <atomic>
@@ -31,12 +30,9 @@ void throw_thread_start_error(const char* what, int errnum) {
     pthread_attr_getstacksize(&attr, &stack);
     pthread_attr_destroy(&attr);
   }
-  rlimit address_space{};
-  ::getrlimit(RLIMIT_AS, &address_space);
-  if (address_space.rlim_cur != RLIM_INFINITY) {
-    message += "Each thread reserves " + mib(stack) + " of address space for its stack, which must fit under the " +
-               "address-space limit of " + mib(address_space.rlim_cur) + " (ulimit -v): raise that limit " +
-               "(ulimit -v unlimited), lower the stack size (ulimit -s), or use fewer threads";
+  if (const std::string limit = address_space_limit_note(); !limit.empty()) {
+    message += "Each thread reserves " + mib(stack) + " of address space for its stack, and " + limit +
+               ", lower the stack size (ulimit -s), or use fewer threads";
   } else {
     message += "The process may have reached its limit of threads (ulimit -u) or of memory for their " + mib(stack) +
                " stacks: raise the limit or use fewer threads";

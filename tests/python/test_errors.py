@@ -7,10 +7,11 @@ import multiprocessing
 import os
 import socket
 import subprocess
+import sys
 import threading
 import time
 import traceback
-import uuid
+import re
 
 import numpy as np
 import pytest
@@ -286,3 +287,33 @@ def test_sync_rank_that_cannot_save_fails_every_rank_at_once(tmp_path):
         assert seconds < 10, details  # not the write_barrier_timeout_secs of 30 s
     for name in ("no_barrier", "dist_barrier"):
         assert not (tmp_path / name / "manifest.json").exists()
+
+
+# --- out of address space (ulimit -v): what could not be had, how big, and the fix -------------------
+ADDRESS_SPACE_SCRIPT = """
+import resource, sys, numpy as np, fastdcp
+big = {"w": np.ones(2**24, dtype=np.float32)}  # 64 MiB, allocated before the limit
+small = {"v": np.arange(1000, dtype=np.int64)}
+vm = int(open("/proc/self/status").read().split("VmSize:")[1].split()[0]) * 1024
+resource.setrlimit(resource.RLIMIT_AS, (vm + 2**22, vm + 2**22))  # 4 MiB more: not one 8 MiB thread stack
+fastdcp.save(sys.argv[1], small)  # fewer threads write it
+assert np.array_equal(fastdcp.load(sys.argv[1])["v"], small["v"])
+print("saved")
+try:
+    fastdcp.Stager().stage(big)
+except MemoryError as error:
+    print("MemoryError:", error)
+"""
+
+
+def test_out_of_address_space_says_what_and_how_to_fix(tmp_path):
+    result = subprocess.run([sys.executable, "-c", ADDRESS_SPACE_SCRIPT, str(tmp_path / "ck")],
+                            capture_output=True, text=True, timeout=120)
+    output = result.stdout + result.stderr
+    assert result.returncode == 0 and "saved" in result.stdout, output
+    assert "Resource temporarily unavailable" not in result.stdout, output  # no bare errno as the error
+    # The staging buffer: its size, and the limit to raise.
+    assert "MemoryError: cannot map 67108864 bytes of host memory" in result.stdout, output
+    assert "the address-space limit (ulimit -v) is" in result.stdout and "ulimit -v unlimited" in result.stdout, output
+    # Threads that could not start: which, the stack each reserves, and the fix (as warnings).
+    assert re.search(r"thread: Resource temporarily unavailable\. Each thread reserves \d+ MiB of address space", result.stderr), output

@@ -40,6 +40,10 @@ class Error : public std::runtime_error {
   int errnum_;
 };
 
+// For errors of memory that could not be reserved: "the address-space limit (ulimit -v) is N MiB;
+// raise it (ulimit -v unlimited)", or "" when there is no such limit.
+std::string address_space_limit_note();
+
 // Throws Error(kIoError, errnum) with "<what>: <strerror(errnum)>".
 [[noreturn]] void throw_system_error(const std::string& what, int errnum);
 
