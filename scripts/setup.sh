@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Installs what fastdcp needs to build and test, where it is missing: a C++20 compiler, CMake,
-# Ninja, GoogleTest, Google Benchmark, nlohmann-json, ISA-L, liburing, simdjson, clang 14 with
+# Ninja, GoogleTest, Google Benchmark, nlohmann-json, ISA-L, liburing, simdjson, CLI11, clang 14 with
 # libFuzzer, and OpenMPI (for the optional MPI barrier and its multi-rank test).
 # Idempotent; needs root (or sudo) only to install.
 set -euo pipefail
@@ -16,6 +16,7 @@ command -v ninja >/dev/null || need_apt+=(ninja-build)
 [ -f /usr/include/isa-l/crc.h ] || need_apt+=(libisal-dev)
 [ -f /usr/include/liburing.h ] || need_apt+=(liburing-dev)
 [ -f /usr/include/simdjson.h ] || need_apt+=(libsimdjson-dev)
+[ -f /usr/include/CLI/CLI.hpp ] || need_apt+=(libcli11-dev)
 command -v mpirun >/dev/null || need_apt+=(openmpi-bin)
 [ -f /usr/lib/x86_64-linux-gnu/openmpi/include/mpi.h ] || need_apt+=(libopenmpi-dev)
 command -v clang++-14 >/dev/null || need_apt+=(clang-14)

@@ -3,15 +3,17 @@
 //   fastdcp inspect PATH [--rank R]   the commit record, then each rank's tree: dtypes, shapes, sizes
 //   fastdcp verify PATH               every file against the manifest, every chunk's checksum
 //
-// Exit status: 0 success, 1 damaged or missing checkpoint, 2 bad usage.
+// PATH is the checkpoint directory or its manifest.json. Exit status: 0 success (and --help),
+// 1 damaged or missing checkpoint, 2 bad usage (the message names the option).
 
 #include <unistd.h>
 
+#include <CLI/CLI.hpp>
 #include <chrono>
 #include <cstdio>
-#include <cstring>
+#include <filesystem>
+#include <optional>
 #include <string>
-#include <vector>
 
 #include "fastdcp/checkpoint/checkpoint.h"
 #include "fastdcp/common/error.h"
@@ -22,9 +24,10 @@ namespace {
 
 using namespace fastdcp;
 
-constexpr const char* kUsage =
-    "usage: fastdcp inspect PATH [--rank R]\n"
-    "       fastdcp verify PATH\n";
+// Bad usage found once the checkpoint is open (a --rank it does not have): exit status 2.
+struct UsageError {
+  std::string message;
+};
 
 std::string human_bytes(double bytes) {
   const char* units[] = {"B", "KB", "MB", "GB", "TB"};
@@ -79,15 +82,20 @@ void print_tensors(const RankFileHeader& header, int rank) {
   }
 }
 
-int inspect(const std::string& path, int only_rank) {
+int inspect(const std::string& path, std::optional<int> only_rank) {
   const Manifest manifest = read_manifest(path);
+  if (only_rank && *only_rank >= manifest.world_size) {
+    throw UsageError{"--rank " + std::to_string(*only_rank) + ": '" + path + "' was written by " +
+                     std::to_string(manifest.world_size) + " rank" + (manifest.world_size == 1 ? "" : "s") +
+                     " (ranks 0 to " + std::to_string(manifest.world_size - 1) + ")"};
+  }
   uint64_t total = 0;
   for (const auto& r : manifest.ranks) total += r.size;
   std::printf("%s: committed checkpoint, generation %llu, %d rank%s, %s\n", path.c_str(),
               static_cast<unsigned long long>(manifest.generation), manifest.world_size,
               manifest.world_size == 1 ? "" : "s", human_bytes(static_cast<double>(total)).c_str());
   for (const auto& r : manifest.ranks) {
-    if (only_rank >= 0 && r.rank != only_rank) continue;
+    if (only_rank && r.rank != *only_rank) continue;
     const std::string file_path = join_path(path, r.file);
     const File file = File::open(file_path, File::Mode::kRead);
     const RankFileHeader header = RankFileHeader::read(
@@ -115,27 +123,50 @@ int verify(const std::string& path) {
   return 0;
 }
 
+// A checkpoint is named by its directory; its manifest.json names the same checkpoint.
+std::string checkpoint_dir(const std::string& path) {
+  const std::filesystem::path p(path);
+  std::error_code error;
+  if (p.filename() != kManifestName || std::filesystem::is_directory(p, error)) return path;
+  return p.has_parent_path() ? p.parent_path().string() : ".";
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
-  std::vector<std::string> args(argv + 1, argv + argc);
-  if (args.size() < 2 || (args[0] != "inspect" && args[0] != "verify")) {
-    std::fputs(kUsage, stderr);
+  CLI::App app{"Looks into fastdcp checkpoints and checks them (docs/cli.md).", "fastdcp"};
+  app.require_subcommand(0, 1);  // none is reported below, naming the commands
+  std::string path;
+  std::optional<int> rank;
+  CLI::App* inspect_command = app.add_subcommand(
+      "inspect", "The commit record, then each rank's tensors: dtypes, shapes, sizes (no data is read).");
+  inspect_command->add_option("PATH", path, "the checkpoint directory (or its manifest.json)")->required();
+  inspect_command->add_option("--rank", rank, "list only this rank's tensors (0 to the number of ranks - 1)");
+  CLI::App* verify_command =
+      app.add_subcommand("verify", "Every rank's file against the manifest, every chunk's checksum.");
+  verify_command->add_option("PATH", path, "the checkpoint directory (or its manifest.json)")->required();
+  const auto usage_error = [](const std::string& message) {
+    std::fprintf(stderr, "fastdcp: %s\nRun 'fastdcp --help' for usage.\n", message.c_str());
     return 2;
-  }
-  int rank = -1;
-  for (size_t i = 2; i < args.size(); ++i) {
-    if (args[0] == "inspect" && args[i] == "--rank" && i + 1 < args.size()) {
-      rank = std::atoi(args[++i].c_str());
-    } else {
-      std::fprintf(stderr, "fastdcp: unknown argument '%s'\n%s", args[i].c_str(), kUsage);
-      return 2;
-    }
-  }
+  };
   try {
-    return args[0] == "inspect" ? inspect(args[1], rank) : verify(args[1]);
+    app.parse(argc, argv);
+  } catch (const CLI::ParseError& e) {
+    if (e.get_exit_code() == 0) return app.exit(e);  // --help: the usage on standard output, status 0
+    return usage_error(e.what());
+  }
+  if (app.get_subcommands().empty()) return usage_error("a command is required: inspect or verify");
+  if (rank && *rank < 0) return usage_error("--rank: " + std::to_string(*rank) + " is not a rank (ranks start at 0)");
+  const bool inspecting = inspect_command->parsed();
+  const char* command = inspecting ? "inspect" : "verify";
+  try {
+    const std::string dir = checkpoint_dir(path);
+    return inspecting ? inspect(dir, rank) : verify(dir);
+  } catch (const UsageError& e) {
+    std::fprintf(stderr, "fastdcp %s: %s\n", command, e.message.c_str());
+    return 2;
   } catch (const fastdcp::Error& e) {
-    std::fprintf(stderr, "fastdcp %s: %s\n", args[0].c_str(), e.what());
+    std::fprintf(stderr, "fastdcp %s: %s\n", command, e.what());
     return 1;
   }
 }

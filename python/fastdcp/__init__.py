@@ -6,10 +6,10 @@ replacement for ``torch.distributed.checkpoint._experimental``.
 
 from fastdcp import _C
 from fastdcp._adapters import NumpyAdapter
-from fastdcp._C import StagingOptions, cuda_available
+from fastdcp._C import DataLossError, StagingOptions, cuda_available
 from fastdcp._C import Stager as _NativeStager
 
-__all__ = ["Stager", "StagingOptions", "cuda_available", "load", "save", "verify"]
+__all__ = ["DataLossError", "Stager", "StagingOptions", "cuda_available", "load", "save", "verify"]
 
 
 class Stager:

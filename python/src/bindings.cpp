@@ -23,7 +23,12 @@ using fastdcp::python::TreeConverter;
 
 namespace {
 
-// Error codes become Python exception types; see Note [Error policy].
+// fastdcp.DataLossError: a checkpoint whose stored bytes are truncated or corrupt (kDataLoss).
+// A RuntimeError, what torch.load raises for a damaged file.
+PyObject* data_loss_error = nullptr;
+
+// Error codes become Python exception types, here only; see Note [Error policy]. (The writer
+// process sends the exception object itself to the trainer: Note [Errors across the writer process].)
 void translate_errors() {
   nb::register_exception_translator([](const std::exception_ptr& p, void*) {
     try {
@@ -33,8 +38,17 @@ void translate_errors() {
         case ErrorCode::kInvalidArgument: PyErr_SetString(PyExc_ValueError, e.what()); break;
         case ErrorCode::kResourceExhausted: PyErr_SetString(PyExc_MemoryError, e.what()); break;
         case ErrorCode::kFailedPrecondition: PyErr_SetString(PyExc_RuntimeError, e.what()); break;
-        case ErrorCode::kIoError: PyErr_SetString(PyExc_OSError, e.what()); break;
+        case ErrorCode::kIoError:
+          if (e.errnum() != 0) {
+            // OSError(errno, message): errno stays readable, and OSError picks its subclass.
+            nb::object args = nb::make_tuple(e.errnum(), e.what());
+            PyErr_SetObject(PyExc_OSError, args.ptr());
+          } else {
+            PyErr_SetString(PyExc_OSError, e.what());
+          }
+          break;
         case ErrorCode::kNotFound: PyErr_SetString(PyExc_FileNotFoundError, e.what()); break;
+        case ErrorCode::kDataLoss: PyErr_SetString(data_loss_error, e.what()); break;
         default: PyErr_SetString(PyExc_RuntimeError, e.what()); break;
       }
     }
@@ -202,9 +216,14 @@ Value checkpointable_tree(TreeConverter& converter, nb::handle state_dict) {
   }
   if (!converter.opaque_leaves().empty()) {
     nb::handle leaf = converter.opaque_leaves().front();
+    const std::string where = "cannot save the value at '" + TreeConverter::path_of(state_dict, leaf) + "'";
+    if (PyLong_CheckExact(leaf.ptr())) {
+      throw Error(ErrorCode::kInvalidArgument,
+                  where + ": the int " + nb::cast<std::string>(nb::repr(leaf)) +
+                      " exceeds 64 bits (checkpoints hold ints from -2**63 to 2**63-1); store it as a str or bytes");
+    }
     throw Error(ErrorCode::kInvalidArgument,
-                "cannot save the value at '" + TreeConverter::path_of(state_dict, leaf) + "' (a " +
-                    Py_TYPE(leaf.ptr())->tp_name +
+                where + " (a " + Py_TYPE(leaf.ptr())->tp_name +
                     "): checkpoints hold tensors, dicts, lists, tuples, None, bool, int, float, str and bytes");
   }
   return tree;
@@ -242,16 +261,30 @@ class PyStateDictChannel {
 // Checkpoint writing and reading for one rank, with a framework adapter for the Python side.
 class PyCheckpointIO {
  public:
-  PyCheckpointIO(nb::object adapter, int rank, int world_size)
-      : converter_(std::move(adapter)), rank_{rank, world_size} {
+  // `overwrite_option`: how the Python API spells overwriting, for the error that asks for it.
+  PyCheckpointIO(nb::object adapter, int rank, int world_size, std::string overwrite_option)
+      : converter_(std::move(adapter)), rank_{rank, world_size}, overwrite_option_(std::move(overwrite_option)) {
     CheckpointReader check(rank_);  // validates the rank
   }
 
   nb::dict write(const std::string& path, nb::handle state_dict, bool overwrite, int io_threads, bool direct_io,
                  const std::string& io_engine, double barrier_timeout_s, nb::object barrier, nb::object pre_commit,
                  nb::object post_commit) {
-    return write_tree(path, checkpointable_tree(converter_, state_dict), overwrite, io_threads, direct_io, io_engine,
-                      barrier_timeout_s, std::move(barrier), std::move(pre_commit), std::move(post_commit));
+    Value tree;
+    try {
+      tree = checkpointable_tree(converter_, state_dict);
+    } catch (const std::exception& e) {
+      // This rank's state cannot be saved at all: vote against the save as the async path does,
+      // so that the other ranks fail now instead of waiting out the barrier timeout.
+      try {
+        abandon(path, e.what(), overwrite, barrier_timeout_s, barrier);
+      } catch (const std::exception& vote_error) {
+        warn("could not vote against the save to '" + path + "': " + vote_error.what());
+      }
+      throw;
+    }
+    return write_tree(path, std::move(tree), overwrite, io_threads, direct_io, io_engine, barrier_timeout_s,
+                      std::move(barrier), std::move(pre_commit), std::move(post_commit));
   }
 
   // The same for a state dict that another process shared (Note [Shared state dicts]): the writer
@@ -309,9 +342,10 @@ class PyCheckpointIO {
 
  private:
   // The options every save and vote shares.
-  static WriterOptions commit_options(bool overwrite, double barrier_timeout_s) {
+  WriterOptions commit_options(bool overwrite, double barrier_timeout_s) const {
     WriterOptions options;
     options.overwrite = overwrite;
+    options.overwrite_option = overwrite_option_;
     options.barrier_timeout = std::chrono::milliseconds(static_cast<int64_t>(barrier_timeout_s * 1000));
     return options;
   }
@@ -353,12 +387,17 @@ class PyCheckpointIO {
 
   TreeConverter converter_;
   RankInfo rank_;
+  std::string overwrite_option_;
   std::optional<DefaultStager> device_stager_;
 };
 
 }  // namespace
 
 NB_MODULE(_C, m) {
+  data_loss_error = PyErr_NewExceptionWithDoc(
+      "fastdcp.DataLossError", "A checkpoint's stored bytes are truncated or corrupt; the message names the file.",
+      PyExc_RuntimeError, nullptr);
+  m.attr("DataLossError") = nb::handle(data_loss_error);
   translate_errors();
   nb::class_<StagingOptions>(m, "StagingOptions")
       .def(nb::init<>())
@@ -384,7 +423,8 @@ NB_MODULE(_C, m) {
       .def_prop_ro("pinning_downgraded", &PyStager::pinning_downgraded)
       .def("stats", &PyStager::stats);
   nb::class_<PyCheckpointIO>(m, "CheckpointIO")
-      .def(nb::init<nb::object, int, int>(), nb::arg("adapter"), nb::arg("rank"), nb::arg("world_size"))
+      .def(nb::init<nb::object, int, int, std::string>(), nb::arg("adapter"), nb::arg("rank"), nb::arg("world_size"),
+           nb::arg("overwrite_option") = "overwrite=True")
       .def("write", &PyCheckpointIO::write, nb::arg("path"), nb::arg("state_dict"), nb::arg("overwrite"),
            nb::arg("io_threads"), nb::arg("direct_io"), nb::arg("io_engine"), nb::arg("barrier_timeout_s"),
            nb::arg("barrier").none(), nb::arg("pre_commit").none(), nb::arg("post_commit").none())

@@ -120,6 +120,7 @@ class TreeConverter {
       Value* dst;
     };
     std::vector<Frame> stack;
+    root_ = root;
     convert_leaf(root, out, stack);
     while (!stack.empty()) {
       Frame f = stack.back();
@@ -268,9 +269,9 @@ class TreeConverter {
                                      static_cast<DType>(d.dtype), Dims(std::span<const int64_t>(d.shape, static_cast<size_t>(d.ndim))),
                                      Dims(std::span<const int64_t>(d.strides, static_cast<size_t>(d.ndim))), d.storage_offset));
     } else if (tensor_type_.is_valid() && PyObject_TypeCheck(p, reinterpret_cast<PyTypeObject*>(tensor_type_.ptr()))) {
-      dst = Value(to_tensor_fast(obj));
+      dst = Value(tensor_at(obj, /*fast=*/true));
     } else if (nb::cast<bool>(is_tensor_(obj))) {
-      dst = Value(to_tensor(obj));
+      dst = Value(tensor_at(obj, /*fast=*/false));
     } else if (nb::object state = object_state_(obj); !state.is_none()) {
       // An object staged through its attributes (a dataclass): tensors in it are staged too.
       dst = Value::dict();
@@ -297,6 +298,25 @@ class TreeConverter {
     return described == 1;
   }
 
+  // A framework tensor as a source tensor. One that cannot be used (a meta or sparse tensor, a
+  // device fastdcp does not handle) is refused with its key path and the adapter's reason.
+  Tensor tensor_at(nb::handle obj, bool fast) {
+    try {
+      if (fast) {
+        try {
+          return to_tensor_fast(obj);
+        } catch (const std::exception&) {
+          // The adapter's describe() says why.
+        }
+      }
+      return to_tensor(obj);
+    } catch (const std::exception& e) {
+      const auto* python = dynamic_cast<const nb::python_error*>(&e);
+      const std::string why = python ? nb::cast<std::string>(nb::str(python->value())) : e.what();
+      throw Error(ErrorCode::kInvalidArgument, "cannot checkpoint the tensor at '" + path_of(root_, obj) + "': " + why);
+    }
+  }
+
   // The torch path: attribute calls from C++ instead of a Python function per tensor.
   // Method calls without building bound-method objects: this runs once per tensor.
   static nb::object call_method(nb::handle obj, const nb::str& name) {
@@ -313,10 +333,15 @@ class TreeConverter {
   Tensor to_tensor_fast(nb::handle obj) {
     auto dtype_it = dtype_codes_.find(obj.attr(names_.dtype).ptr());
     if (dtype_it == dtype_codes_.end()) return to_tensor(obj);  // unusual dtype: the adapter knows
+    const auto device = static_cast<int>(as_integer(call_method(obj, names_.get_device)));  // -1: CPU
+    // -1 is also a meta tensor's, and other devices have indices too: the adapter handles (or
+    // refuses) all but CPU and CUDA tensors.
+    const int on_device = PyObject_IsTrue(obj.attr(device < 0 ? names_.is_cpu : names_.is_cuda).ptr());
+    if (on_device < 0) throw nb::python_error();
+    if (!on_device) return to_tensor(obj);
     nb::object storage = call_method(obj, names_.untyped_storage);
     const auto data = static_cast<uintptr_t>(as_integer(call_method(storage, names_.data_ptr)));
     const auto nbytes = static_cast<uint64_t>(as_integer(call_method(storage, names_.nbytes)));
-    const auto device = static_cast<int>(as_integer(call_method(obj, names_.get_device)));  // -1: CPU
     nb::object shape_t = obj.attr(names_.shape);
     nb::object strides_t = call_method(obj, names_.stride);
     const auto offset = static_cast<int64_t>(as_integer(call_method(obj, names_.storage_offset)));
@@ -340,10 +365,12 @@ class TreeConverter {
       throw Error(ErrorCode::kInvalidArgument, "tensor shape and strides must have one length");
     }
     const StorageKey key{device_type, device_index, data, nbytes};
-    auto [it, inserted] = storages_.try_emplace(key);
-    if (inserted) {
+    auto it = storages_.find(key);
+    if (it == storages_.end()) {  // an entry only once wrapping succeeded
       const Device device = device_type == 0 ? Device::cpu() : Device::cuda(device_index);
-      it->second.storage = Storage::wrap(reinterpret_cast<void*>(data), nbytes, device);
+      Storage storage = Storage::wrap(reinterpret_cast<void*>(data), nbytes, device);
+      it = storages_.try_emplace(key).first;
+      it->second.storage = std::move(storage);
     }
     it->second.last_seen = epoch_;
     return Tensor(it->second.storage, dtype, std::move(shape), std::move(strides), offset);
@@ -604,7 +631,8 @@ class TreeConverter {
   // Interned attribute names, looked up once.
   struct Names {
     nb::str dtype{"dtype"}, untyped_storage{"untyped_storage"}, data_ptr{"data_ptr"}, nbytes{"nbytes"},
-        get_device{"get_device"}, shape{"shape"}, stride{"stride"}, storage_offset{"storage_offset"};
+        get_device{"get_device"}, shape{"shape"}, stride{"stride"}, storage_offset{"storage_offset"}, is_cpu{"is_cpu"},
+        is_cuda{"is_cuda"};
   } names_;
   nb::object tensor_type_, as_strided_, view_dtype_;
   const python::NativeTensorOps* native_ops_ = nullptr;
@@ -627,6 +655,7 @@ class TreeConverter {
   std::unordered_map<StorageKey, KnownStorage, StorageKeyHash> storages_;
   std::unordered_map<const StorageImpl*, WrappedStorage> wrapped_;
   std::vector<nb::object> opaque_;  // this call's leaves to deep-copy in Python
+  nb::handle root_;                 // the tree of the running from_python, for key paths in errors
 };
 
 }  // namespace fastdcp::python

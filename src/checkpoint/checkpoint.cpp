@@ -211,7 +211,7 @@ uint64_t CheckpointWriter::begin_save(const std::string& path) const {
   if (committed && !options_.overwrite) {
     throw Error(ErrorCode::kFailedPrecondition, "'" + path + "' already holds a committed checkpoint (generation " +
                                                     std::to_string(committed->generation) +
-                                                    "); pass overwrite=true to replace it");
+                                                    "); pass " + options_.overwrite_option + " to replace it");
   }
   uint64_t generation = committed ? committed->generation + 1 : 1;
   // An abandoned save's generation is not used again (Note [Commit protocol]).
@@ -398,9 +398,13 @@ namespace {
 Manifest manifest_for_rank(const std::string& path, const RankInfo& rank) {
   Manifest manifest = read_manifest(path);
   if (manifest.world_size != rank.global_world_size) {
-    throw Error(ErrorCode::kInvalidArgument, "'" + path + "' was written by " + std::to_string(manifest.world_size) +
-                                                 " ranks; it loads on as many ranks, not on " +
-                                                 std::to_string(rank.global_world_size));
+    const std::string n = std::to_string(manifest.world_size);
+    throw Error(ErrorCode::kInvalidArgument,
+                "'" + path + "' was written by " + n + " ranks; it loads on as many ranks, not on " +
+                    std::to_string(rank.global_world_size) + ". To read rank r's part on its own, make the reader " +
+                    "for rank r of " + n + " (fastdcp.torch: CheckpointReader(RankInfo(global_rank=r, " +
+                    "global_world_size=" + n + ")).read(path); C++: CheckpointReader(RankInfo{r, " + n +
+                    "})); `fastdcp inspect PATH --rank r` lists its tensors");
   }
   return manifest;
 }
@@ -581,7 +585,8 @@ LoadResult CheckpointReader::read_into(const std::string& path, Value& target, b
     std::string message = "strict load of '" + path + "' refused; nothing was changed.";
     if (!plan.result.missing_keys.empty()) message += " Missing from the checkpoint: " + list_keys(plan.result.missing_keys) + ".";
     if (!plan.result.unexpected_keys.empty()) message += " Not in the target: " + list_keys(plan.result.unexpected_keys) + ".";
-    throw Error(ErrorCode::kInvalidArgument, message);
+    // kFailedPrecondition, a RuntimeError in Python, as upstream's strict load raises.
+    throw Error(ErrorCode::kFailedPrecondition, message);
   }
   // Which entries to read, and which of them can land in the target's memory directly: a tensor
   // that is its storage, whole and contiguous, into a contiguous target.

@@ -21,6 +21,7 @@
 #include "fastdcp/checkpoint/shared_state_dict.h"
 #include "fastdcp/common/error.h"
 #include "fastdcp/common/logging.h"
+#include "fastdcp/common/parallel.h"
 
 extern char** environ;
 
@@ -349,7 +350,7 @@ void throw_if_failed(const Frame& reply) {
 CheckpointProcess::CheckpointProcess(RankInfo rank, WriterOptions writer, CheckpointProcessOptions options)
     : rank_(rank), writer_(writer), options_(std::move(options)) {
   if (options_.writer_executable.empty()) options_.writer_executable = default_writer_executable();
-  comms_ = std::thread([this] { comms_loop(); });
+  comms_ = start_thread("checkpoint writer connection", [this] { comms_loop(); });
   // The writer starts now, in the background, like upstream's; its failure goes to the first write.
   Promise<WriteStats> start;
   std::lock_guard lock(mutex_);

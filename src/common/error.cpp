@@ -1,5 +1,7 @@
 #include "fastdcp/common/error.h"
 
+#include <sys/resource.h>
+
 #include <cstring>
 
 namespace fastdcp {
@@ -20,13 +22,21 @@ const char* to_string(ErrorCode code) noexcept {
   return "unknown error";
 }
 
-Error::Error(ErrorCode code, const std::string& message) : std::runtime_error(message), code_(code) {}
+Error::Error(ErrorCode code, const std::string& message, int errnum)
+    : std::runtime_error(message), code_(code), errnum_(errnum) {}
+
+std::string address_space_limit_note() {
+  rlimit limit{};
+  if (::getrlimit(RLIMIT_AS, &limit) != 0 || limit.rlim_cur == RLIM_INFINITY) return "";
+  return "the address-space limit (ulimit -v) is " + std::to_string(limit.rlim_cur >> 20) +
+         " MiB; raise it (ulimit -v unlimited)";
+}
 
 void throw_system_error(const std::string& what, int errnum) {
   char buffer[256];
   // GNU strerror_r may return a static string instead of filling the buffer.
   const char* text = strerror_r(errnum, buffer, sizeof buffer);
-  throw Error(ErrorCode::kIoError, what + ": " + text + " (errno " + std::to_string(errnum) + ")");
+  throw Error(ErrorCode::kIoError, what + ": " + text + " (errno " + std::to_string(errnum) + ")", errnum);
 }
 
 }  // namespace fastdcp

@@ -1,13 +1,44 @@
 #include "fastdcp/common/parallel.h"
 
+#include <pthread.h>
+
 #include <algorithm>
 #include <atomic>
+#include <cstring>
 #include <exception>
 #include <mutex>
+#include <string>
 #include <thread>
 #include <vector>
 
+#include "fastdcp/common/error.h"
+#include "fastdcp/common/logging.h"
+
 namespace fastdcp {
+
+namespace {
+
+std::string mib(uint64_t bytes) { return std::to_string((bytes + (1 << 20) - 1) >> 20) + " MiB"; }
+
+}  // namespace
+
+void throw_thread_start_error(const char* what, int errnum) {
+  std::string message = std::string("cannot start a ") + what + " thread: " + std::strerror(errnum) + ". ";
+  size_t stack = 0;
+  pthread_attr_t attr;
+  if (pthread_getattr_default_np(&attr) == 0) {
+    pthread_attr_getstacksize(&attr, &stack);
+    pthread_attr_destroy(&attr);
+  }
+  if (const std::string limit = address_space_limit_note(); !limit.empty()) {
+    message += "Each thread reserves " + mib(stack) + " of address space for its stack, and " + limit +
+               ", lower the stack size (ulimit -s), or use fewer threads";
+  } else {
+    message += "The process may have reached its limit of threads (ulimit -u) or of memory for their " + mib(stack) +
+               " stacks: raise the limit or use fewer threads";
+  }
+  throw Error(ErrorCode::kResourceExhausted, message);
+}
 
 int resolve_thread_count(int requested) noexcept {
   if (requested > 0) return requested;
@@ -36,7 +67,14 @@ void parallel_for(size_t count, int threads, const std::function<void(size_t)>& 
   {
     std::vector<std::jthread> pool;
     pool.reserve(helpers);
-    for (size_t t = 0; t < helpers; ++t) pool.emplace_back(run);
+    for (size_t t = 0; t < helpers; ++t) {
+      try {
+        pool.push_back(start_thread<std::jthread>("worker", run));
+      } catch (const Error& e) {
+        warn(std::string(e.what()) + "; going on with " + std::to_string(t + 1) + " threads");
+        break;
+      }
+    }
     run();
   }
   if (error) std::rethrow_exception(error);

@@ -159,7 +159,7 @@ bool path_exists(const std::string& path) {
 void create_directories(const std::string& path) {
   std::error_code ec;
   std::filesystem::create_directories(path, ec);
-  if (ec) throw Error(ErrorCode::kIoError, "cannot create directory '" + path + "': " + ec.message());
+  if (ec) throw Error(ErrorCode::kIoError, "cannot create directory '" + path + "': " + ec.message(), ec.value());
 }
 
 void sync_directory(const std::string& path) {

@@ -127,7 +127,7 @@ void IoRing::run(const File& file, size_t count, const std::function<Request(siz
       } else if (ret != -EINTR && ret != -EAGAIN && ret != -EBUSY) {
         // What was not taken is never submitted: the ring is torn down with it unsent.
         fail(std::make_exception_ptr(Error(ErrorCode::kIoError, std::string("io_uring_submit for '") + file.path() +
-                                                                    "': " + std::strerror(-ret))));
+                                                                    "': " + std::strerror(-ret), -ret)));
       }
     }
     if (in_flight == 0) {

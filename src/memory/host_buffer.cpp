@@ -75,8 +75,9 @@ HostBuffer HostBuffer::allocate(size_t nbytes, HostMemoryTraits traits, std::sha
   if (data == MAP_FAILED) {
     const int err = errno;
     buffer.reset();
-    throw Error(ErrorCode::kResourceExhausted,
-                "cannot map " + std::to_string(size) + " bytes of host memory: " + std::strerror(err));
+    const std::string limit = address_space_limit_note();
+    throw Error(ErrorCode::kResourceExhausted, "cannot map " + std::to_string(size) + " bytes of host memory: " +
+                                                   std::strerror(err) + (limit.empty() ? "" : " (" + limit + ")"));
   }
   buffer.data_ = data;
   buffer.size_ = size;

@@ -2,12 +2,24 @@
 
 #include <algorithm>
 #include <cstring>
+#include <string>
+
+#include "fastdcp/common/error.h"
+#include "fastdcp/common/logging.h"
+#include "fastdcp/common/parallel.h"
 
 namespace fastdcp::detail {
 
 HostCopyEngine::HostCopyEngine(unsigned threads) {
   if (threads == 0) threads = std::max(1u, std::thread::hardware_concurrency());
-  for (unsigned i = 1; i < threads; ++i) workers_.emplace_back([this] { worker_loop(); });
+  for (unsigned i = 1; i < threads; ++i) {
+    try {
+      workers_.push_back(start_thread("staging copy", [this] { worker_loop(); }));
+    } catch (const Error& e) {  // the caller's thread copies too: fewer threads are slower, not wrong
+      warn(std::string(e.what()) + "; staging goes on with " + std::to_string(i) + " copy threads");
+      break;
+    }
+  }
 }
 
 HostCopyEngine::~HostCopyEngine() {

@@ -7,6 +7,7 @@
 #include <unordered_map>
 
 #include "fastdcp/common/logging.h"
+#include "fastdcp/common/parallel.h"
 #include "fastdcp/staging/stager.h"
 #include "staging/copy_engine.h"
 #include "staging/write_protect_copier.h"
@@ -121,7 +122,7 @@ struct DefaultStager::Impl {
     if (options.cuda_copy_chunk_bytes == 0) {
       throw Error(ErrorCode::kInvalidArgument, "cuda_copy_chunk_bytes must be positive");
     }
-    if (options.use_async_staging) worker = std::thread([this] { worker_loop(); });
+    if (options.use_async_staging) worker = start_thread("background staging", [this] { worker_loop(); });
   }
 
   ~Impl() { shutdown(); }

@@ -18,6 +18,7 @@
 #include <optional>
 
 #include "fastdcp/common/error.h"
+#include "fastdcp/common/parallel.h"
 
 #ifndef UFFD_FEATURE_WP_UNPOPULATED
 #define UFFD_FEATURE_WP_UNPOPULATED (1 << 13)
@@ -367,8 +368,12 @@ void WriteProtectCopier::collapse_later(const std::vector<CopyOp>& ops) {
   if (collapse_queue_.empty() || collapser_running_) return;
   // The previous collapser has left its loop (collapser_running_ was cleared under this lock).
   if (collapser_.joinable()) collapser_.join();
-  collapser_running_ = true;
-  collapser_ = std::thread([this] { collapser_loop(); });
+  try {
+    collapser_ = start_thread("page-table collapse", [this] { collapser_loop(); });  // waits for this lock
+    collapser_running_ = true;
+  } catch (const Error&) {
+    collapse_queue_.clear();  // huge pages only speed up later copies: none is needed
+  }
 }
 
 // Runs until the queue is empty, so that no thread of ours outlives the work (a process that
@@ -474,7 +479,8 @@ WriteProtectCopier::Result WriteProtectCopier::copy(
   struct ServingHandler {
     WriteProtectCopier& self;
     std::thread thread;
-    explicit ServingHandler(WriteProtectCopier& copier) : self(copier), thread([this] { self.handler_loop(); }) {}
+    explicit ServingHandler(WriteProtectCopier& copier)
+        : self(copier), thread(start_thread("copy-on-write fault handler", [this] { self.handler_loop(); })) {}
     ~ServingHandler() {
       const uint64_t one = 1;
       if (write(self.stop_fd_, &one, sizeof(one)) < 0) {

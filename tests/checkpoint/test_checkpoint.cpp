@@ -288,6 +288,7 @@ TEST_F(CheckpointTest, StrictLoadAndMismatchesChangeNothing) {
   Error e = expect_error([&] { CheckpointReader().read_into(path_, target, /*strict=*/true); });
   expect_contains(e, "nothing was changed");
   expect_contains(e, "model.big");
+  EXPECT_EQ(e.code(), ErrorCode::kFailedPrecondition);  // RuntimeError in Python, as upstream's strict load
   EXPECT_EQ(static_cast<const float*>(w.data_ptr())[5], 0.0f);
   // A shape mismatch names the key, strict or not.
   Value wrong = Value::dict();

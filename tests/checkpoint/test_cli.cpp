@@ -6,6 +6,7 @@
 #include <filesystem>
 #include <fstream>
 #include <string>
+#include <utility>
 
 #include "fastdcp/checkpoint/checkpoint.h"
 #include "fastdcp/io/file.h"
@@ -75,9 +76,70 @@ TEST_F(CliTest, BadUsageAndMissingCheckpoints) {
   EXPECT_EQ(run_cli("").status, 2);
   EXPECT_EQ(run_cli("inspect").status, 2);
   EXPECT_EQ(run_cli("verify " + path_ + " --bogus").status, 2);
+  EXPECT_EQ(run_cli("--help").status, 0);
   const CliRun r = run_cli("inspect " + join_path(dir_, "nothing"));
   EXPECT_EQ(r.status, 1);
   EXPECT_NE(r.output.find("does not exist"), std::string::npos) << r.output;
+}
+
+TEST_F(CliTest, HelpExitsZeroWithTheUsage) {
+  CliRun r = run_cli("--help");
+  EXPECT_EQ(r.status, 0) << r.output;
+  EXPECT_NE(r.output.find("inspect"), std::string::npos) << r.output;
+  EXPECT_NE(r.output.find("verify"), std::string::npos) << r.output;
+  r = run_cli("inspect --help");
+  EXPECT_EQ(r.status, 0) << r.output;
+  EXPECT_NE(r.output.find("--rank"), std::string::npos) << r.output;
+}
+
+// Every bad argument is refused with status 2 and a message that names it; none is taken for
+// "all ranks".
+TEST_F(CliTest, BadArgumentsExitTwoNamingTheOption) {
+  const std::pair<std::string, std::string> cases[] = {
+      {"inspect " + path_ + " --rank abc", "--rank"},
+      {"inspect " + path_ + " --rank -1", "--rank"},
+      {"inspect " + path_ + " --rank 1.5", "--rank"},
+      {"inspect " + path_ + " --rank 99999999999", "--rank"},
+      {"inspect " + path_ + " --rank", "--rank"},
+      {"inspect " + path_ + " --bogus", "--bogus"},
+      {"verify " + path_ + " --rank 0", "--rank"},
+      {"verify " + path_ + " " + path_, path_},
+      {"inspect", "PATH"},
+      {"bogus " + path_, "bogus"},
+      {"", "inspect or verify"},
+  };
+  for (const auto& [arguments, named] : cases) {
+    const CliRun r = run_cli(arguments);
+    EXPECT_EQ(r.status, 2) << arguments << "\n" << r.output;
+    EXPECT_NE(r.output.find(named), std::string::npos) << arguments << "\n" << r.output;
+    EXPECT_EQ(r.output.find("model.weight"), std::string::npos) << arguments << "\n" << r.output;
+  }
+}
+
+TEST_F(CliTest, InspectRankBeyondTheCheckpointIsAnError) {
+  CliRun r = run_cli("inspect " + path_ + " --rank 5");
+  EXPECT_EQ(r.status, 2) << r.output;
+  EXPECT_NE(r.output.find("--rank 5"), std::string::npos) << r.output;
+  EXPECT_NE(r.output.find("1 rank"), std::string::npos) << r.output;
+  r = run_cli("inspect " + path_ + " --rank 0");
+  EXPECT_EQ(r.status, 0) << r.output;
+  EXPECT_NE(r.output.find("[0] model.weight"), std::string::npos) << r.output;
+}
+
+TEST_F(CliTest, AManifestPathNamesItsCheckpoint) {
+  const std::string manifest = join_path(path_, "manifest.json");
+  CliRun r = run_cli("verify " + manifest);
+  EXPECT_EQ(r.status, 0) << r.output;
+  EXPECT_NE(r.output.find("OK, 1 file"), std::string::npos) << r.output;
+  r = run_cli("inspect " + manifest);
+  EXPECT_EQ(r.status, 0) << r.output;
+  EXPECT_NE(r.output.find("model.bias"), std::string::npos) << r.output;
+  // A directory without a commit is named as such, not as a missing manifest path.
+  const std::string uncommitted = join_path(dir_, "uncommitted");
+  std::filesystem::create_directories(uncommitted);
+  r = run_cli("verify " + join_path(uncommitted, "manifest.json"));
+  EXPECT_EQ(r.status, 1) << r.output;
+  EXPECT_NE(r.output.find("'" + uncommitted + "' holds no committed checkpoint"), std::string::npos) << r.output;
 }
 
 }  // namespace

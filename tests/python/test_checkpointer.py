@@ -134,8 +134,9 @@ def test_sync_checkpointer_round_trip_and_strict_load(tmp_path):
     assert checkpointer.save(str(tmp_path / "c"), state) is None
     assert_same(checkpointer.load(str(tmp_path / "c")), state)
     template = {"model": {"weight": torch.zeros(256, 512)}, "extra": torch.zeros(3)}
-    with pytest.raises(Exception, match="extra"):
+    with pytest.raises(RuntimeError, match="Missing from the checkpoint: extra") as missing:  # upstream's type
         checkpointer.load(str(tmp_path / "c"), template, strict=True)
+    assert "model.bias" in str(missing.value)  # in the checkpoint, not in the template: named too
     assert torch.count_nonzero(template["model"]["weight"]) == 0  # strict checks before it changes anything
     checkpointer.close()
 
@@ -242,7 +243,7 @@ def test_a_failed_write_fails_once_and_later_saves_work(tmp_path):
     try:
         (tmp_path / "not_a_dir").write_text("a file where the checkpoint directory should be")
         _, failed = checkpointer.save(str(tmp_path / "not_a_dir"), model_state(4))
-        with pytest.raises(RuntimeError, match="not_a_dir"):
+        with pytest.raises(NotADirectoryError, match="not_a_dir"):  # as a sync save: OSError, errno intact
             failed.result(timeout=120)
         state = model_state(5)
         staging, write = checkpointer.save(str(tmp_path / "ok"), state)  # does not re-raise the failure
@@ -317,7 +318,7 @@ def test_init_timeout_and_init_failure_are_reported_on_the_write_future(tmp_path
     failing = async_checkpointer(tmp_path, subprocess_init_fn=failing_init)
     try:
         _, write = failing.save(str(tmp_path / "never"), model_state(12))
-        with pytest.raises(RuntimeError, match="init refused by the test"):
+        with pytest.raises(ValueError, match="init refused by the test"):  # the init function's own error
             write.result(timeout=120)
     finally:
         failing.close()

@@ -62,6 +62,8 @@ struct WriterOptions {
   // Replacing a committed checkpoint must be asked for; the old one stays loadable until the
   // new one is committed.
   bool overwrite = false;
+  // How the caller's API spells turning `overwrite` on, for the error that refuses a replacement.
+  std::string overwrite_option = "WriterOptions{.overwrite = true}";
   // Threads writing (and checksumming) in parallel; 0: one per core, at least 4.
   int io_threads = 0;
   // false (the default): buffered pwritev from the staged buffers into preallocated space, with

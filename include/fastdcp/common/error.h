@@ -29,14 +29,22 @@ const char* to_string(ErrorCode code) noexcept;
 
 class Error : public std::runtime_error {
  public:
-  Error(ErrorCode code, const std::string& message);
+  Error(ErrorCode code, const std::string& message, int errnum = 0);
   ErrorCode code() const noexcept { return code_; }
+  // The operating system's errno behind a kIoError (ENOSPC, EACCES, ...), 0 when there is none;
+  // Python raises OSError with it.
+  int errnum() const noexcept { return errnum_; }
 
  private:
   ErrorCode code_;
+  int errnum_;
 };
 
-// Throws Error(kIoError) with "<what>: <strerror(errnum)>".
+// For errors of memory that could not be reserved: "the address-space limit (ulimit -v) is N MiB;
+// raise it (ulimit -v unlimited)", or "" when there is no such limit.
+std::string address_space_limit_note();
+
+// Throws Error(kIoError, errnum) with "<what>: <strerror(errnum)>".
 [[noreturn]] void throw_system_error(const std::string& what, int errnum);
 
 }  // namespace fastdcp

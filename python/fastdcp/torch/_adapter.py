@@ -63,6 +63,11 @@ class TorchAdapter:
 
     @staticmethod
     def describe(t):
+        if t.is_meta:
+            raise ValueError("meta tensors have no data to save; materialize it first "
+                             "(e.g. module.to_empty(device='cpu'), then initialize or load its values)")
+        if t.layout != torch.strided:
+            raise ValueError(f"{t.layout} tensors are not supported, only dense ones; convert it with .to_dense()")
         storage = t.untyped_storage()
         device = t.device
         name = _NAMES.get(t.dtype) or _RAW_BY_WIDTH.get(t.element_size())

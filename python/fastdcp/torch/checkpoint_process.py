@@ -9,6 +9,13 @@ passed with SCM_RIGHTS; the worker maps them and writes from the very pages the 
 records (request type, path, the writer's keyword arguments) are pickled, between this process and
 the child it spawned.
 
+Note [Errors across the writer process]
+A write that fails in the writer process fails the trainer's future with the very exception the
+writer raised, pickled with its class: the OSError of a full disk keeps its errno,
+fastdcp.DataLossError stays itself, a bad value stays a ValueError (the types bindings.cpp gives
+fastdcp's error codes, in its one mapping). The worker's traceback rides along as a note. Only an
+exception that cannot be pickled becomes a RuntimeError with that traceback.
+
 Where upstream falls short, this one differs (upstream-behaviour.md 5.2):
  - a failed write fails its own future and the worker keeps serving;
  - a worker that dies (or hangs past ``subprocess_write_timeout_secs``) fails the write in progress
@@ -22,6 +29,7 @@ Where upstream falls short, this one differs (upstream-behaviour.md 5.2):
 import logging
 import multiprocessing
 import os
+import pickle
 import signal
 import socket
 import time
@@ -32,7 +40,7 @@ from enum import Enum
 from multiprocessing.reduction import recvfds, sendfds
 from typing import Any, Callable
 
-from fastdcp.torch.checkpoint_writer import CheckpointWriter, CheckpointWriterConfig
+from fastdcp.torch.checkpoint_writer import CheckpointWriter, CheckpointWriterConfig, _native_io
 from fastdcp.torch.types import STATE_DICT, RankInfo
 
 __all__ = ["CheckpointProcess", "CheckpointProcessConfig", "RequestType", "WorkerRequest", "WorkerResponse"]
@@ -73,6 +81,29 @@ class WorkerResponse:
     payload: dict[str, Any] | None = None
 
 
+def _failure(request_type: RequestType, error: BaseException) -> WorkerResponse:
+    """A failed request's reply: the exception, pickled, and its traceback as text (Note [Errors
+    across the writer process])."""
+    try:
+        carried = pickle.dumps(error)
+    except Exception:  # noqa: BLE001 - then the text is all the trainer gets
+        carried = None
+    return WorkerResponse(request_type, False, "".join(traceback.format_exception(error)), {"exception": carried})
+
+
+def _raised(response: WorkerResponse) -> Exception:
+    """The exception a failed reply carries, as the writer process raised it."""
+    carried = (response.payload or {}).get("exception")
+    try:
+        error = pickle.loads(carried) if carried is not None else None
+    except Exception:  # noqa: BLE001 - a class the trainer cannot import: the text below
+        error = None
+    if not isinstance(error, Exception):
+        return RuntimeError(f"the checkpoint writer process failed: {response.error_msg}")
+    error.add_note(f"raised in the checkpoint writer process:\n{response.error_msg}")
+    return error
+
+
 def _fd_socket(connection) -> socket.socket:
     """A socket object over the connection's own Unix socket, for passing descriptors."""
     return socket.socket(fileno=os.dup(connection.fileno()))
@@ -88,16 +119,17 @@ def _worker_main(rank_info: RankInfo, connection, subprocess_init_fn, subprocess
     fd_socket = _fd_socket(connection)
     channel = _C.StateDictChannel(TorchAdapter())
 
-    def reply(request_type: RequestType, error: str | None = None, payload: dict | None = None) -> None:
-        connection.send(WorkerResponse(request_type, error is None, error, payload))
+    def reply(request_type: RequestType, error: BaseException | None = None, payload: dict | None = None) -> None:
+        connection.send(WorkerResponse(request_type, True, None, payload) if error is None
+                        else _failure(request_type, error))
 
     try:
         subprocess_init_fn(*subprocess_init_args)
         writer_kwargs = dict(checkpoint_writer_init_args)
         writer_kwargs.setdefault("rank_info", rank_info)
         writer = checkpoint_writer_init_fn(**writer_kwargs)
-    except BaseException:
-        reply(RequestType.PING, traceback.format_exc())
+    except BaseException as error:
+        reply(RequestType.PING, error)
         connection.close()
         return
     while True:
@@ -116,8 +148,8 @@ def _worker_main(rank_info: RankInfo, connection, subprocess_init_fn, subprocess
                     raise TypeError(f"{type(writer).__name__} cannot vote against a save")
                 writer._abandon(request.payload["path"], request.payload["abandon"])
                 reply(kind)
-            except Exception:
-                reply(kind, traceback.format_exc())
+            except Exception as error:
+                reply(kind, error)
         elif kind == RequestType.WRITE_CHECKPOINT:
             payload = request.payload
             fds: list[int] = []
@@ -136,27 +168,31 @@ def _worker_main(rank_info: RankInfo, connection, subprocess_init_fn, subprocess
                     writer.write(path=payload["path"], state_dict=state_dict, **payload["kwargs"])
                     del state_dict
                 reply(kind, payload={"seconds": time.monotonic() - started})
-            except Exception:
+            except Exception as error:
                 for fd in fds:
                     os.close(fd)
-                reply(kind, traceback.format_exc())  # this write failed; the worker goes on
+                reply(kind, error)  # this write failed; the worker goes on
         elif kind == RequestType.TERMINATE_PROCESS:
             close = getattr(writer, "close", None)
             try:
                 if close is not None:
                     close()
                 reply(kind)
-            except Exception:
-                reply(kind, traceback.format_exc())
+            except Exception as error:
+                reply(kind, error)
             break
         else:
-            reply(kind, f"Unknown request type: {kind}")
+            reply(kind, ValueError(f"Unknown request type: {kind}"))
     fd_socket.close()
     connection.close()
 
 
 class _WorkerGone(Exception):
-    """The worker process ended or stopped answering; it is started again by the next request."""
+    """The worker process ended or stopped answering; it is started again by the next request.
+    Private: callers get it as the RuntimeError of public()."""
+
+    def public(self) -> RuntimeError:
+        return RuntimeError(f"{self}; the next write starts a new writer process")
 
 
 class CheckpointProcess:
@@ -197,6 +233,9 @@ class CheckpointProcess:
             self._send(WorkerRequest(RequestType.PING, {}))
             self._receive(self._config.subprocess_init_timeout_secs, "initializing",
                           timeout_message="Timed out after {timeout}s waiting for checkpoint subprocess to initialize")
+        except _WorkerGone as gone:
+            self._stop_worker(kill=True)
+            raise gone.public() from None
         except BaseException:
             self._stop_worker(kill=True)
             raise
@@ -264,7 +303,7 @@ class CheckpointProcess:
             raise _WorkerGone(f"the checkpoint writer process terminated unexpectedly while {what}: "
                               f"{self._describe_exit()}") from error
         if not response.success:
-            raise RuntimeError(f"Unexpected response from worker process: {response.error_msg}")
+            raise _raised(response)
         return response.payload
 
     # --- writing ---------------------------------------------------------------------------------
@@ -297,7 +336,7 @@ class CheckpointProcess:
                 "write starts a new one") from None
         except _WorkerGone as gone:
             self._stop_worker(kill=True)
-            raise RuntimeError(f"{gone}; the next write starts a new writer process") from None
+            raise gone.public() from None
 
     def _vote_against(self, path: str, error: Exception) -> None:
         """The writer never got this save: vote against it (CheckpointWriter::abandon), so that no
@@ -306,9 +345,6 @@ class CheckpointProcess:
         The writer process votes when it can: it also joins the save's barrier, which may live in
         the writer processes (a TCPStoreBarrier made there), where the other ranks wait for it.
         Otherwise the trainer votes, and such a barrier waits out its timeout."""
-        from fastdcp import _C
-        from fastdcp.torch._adapter import TorchAdapter
-
         message = f"{type(error).__name__}: {error}"
         try:
             self._ensure_worker()
@@ -325,7 +361,7 @@ class CheckpointProcess:
         if not isinstance(config, CheckpointWriterConfig):
             config = CheckpointWriterConfig()
         try:
-            _C.CheckpointIO(TorchAdapter(), self._rank_info.global_rank, self._rank_info.global_world_size).abandon(
+            _native_io(self._rank_info).abandon(
                 path, message, config.overwrite, float(config.write_barrier_timeout_secs))
         except Exception as vote_error:  # noqa: BLE001 - the save's own error is what the caller gets
             logger.warning("could not vote against the save to %s: %s", path, vote_error)
@@ -344,7 +380,7 @@ class CheckpointProcess:
             if self.process.is_alive():
                 self._send(WorkerRequest(RequestType.TERMINATE_PROCESS, {}))
                 self._receive(self._config.subprocess_shutdown_timeout_secs, "shutting down")
-        except (TimeoutError, _WorkerGone, RuntimeError) as error:
+        except Exception as error:  # noqa: BLE001 - the worker goes anyway
             logger.warning("checkpoint writer process did not shut down cleanly: %s", error)
         finally:
             self._stop_worker(kill=False)

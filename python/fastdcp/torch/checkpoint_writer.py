@@ -44,6 +44,12 @@ class CheckpointWriterConfig:
     io_engine: str = "threads"
 
 
+def _native_io(rank_info: RankInfo):
+    """The native writer of one rank; its errors spell the overwrite option as this API does."""
+    return _C.CheckpointIO(TorchAdapter(), rank_info.global_rank, rank_info.global_world_size,
+                           overwrite_option="CheckpointWriterConfig(overwrite=True)")
+
+
 class CheckpointWriter:
     """Writes ``<path>/checkpoint_<rank>.g<generation>.safetensors``, then runs
     ``pre_commit`` -> barrier -> commit (rank 0) -> ``post_commit``, in upstream's order."""
@@ -54,7 +60,7 @@ class CheckpointWriter:
         self._rank_info = rank_info
         self._barrier = barrier
         self._commit_hook = commit_hook
-        self._io = _C.CheckpointIO(TorchAdapter(), rank_info.global_rank, rank_info.global_world_size)
+        self._io = _native_io(rank_info)
 
     def write(self, path: str, state_dict: STATE_DICT, **kwargs: Any) -> Future[None] | None:
         self._last_stats = self._io.write(str(path), state_dict, *self._native_options(kwargs))
