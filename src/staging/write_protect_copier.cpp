@@ -273,6 +273,13 @@ struct WriteProtectCopier::Snapshot {
     }
   }
 
+  // Whether a source has bytes in `page`, one of `chunk`'s pages.
+  bool holds_source_bytes(size_t chunk, Range page) const {
+    bool holds = false;
+    for_each_piece(chunk, [&](const CopyOp&, Range part) { holds |= part.begin < page.end && part.end > page.begin; });
+    return holds;
+  }
+
   void copy_chunk(size_t chunk) const {
     for_each_piece(chunk, [](const CopyOp& op, Range part) {
       const auto src = reinterpret_cast<uintptr_t>(op.src);
@@ -520,7 +527,10 @@ void WriteProtectCopier::serve_fault(uintptr_t address) {
   std::lock_guard lock(snapshot_mutex_);
   if (current_) {
     const size_t chunk = current_->chunk_of(page);
-    if (chunk != SIZE_MAX) {
+    // A page between sources (protected with them) holds nothing to stage: it is only unprotected,
+    // and the chunk's sources stay protected (a write there by another thread before release used
+    // to have them copied before it, and left out of bytes_copied_after_release).
+    if (chunk != SIZE_MAX && current_->holds_source_bytes(chunk, {page, page + page_bytes()})) {
       if (copy_chunk_and_release(*current_, chunk)) {
         current_->write_faults->fetch_add(1, std::memory_order_relaxed);
         return;
@@ -529,7 +539,8 @@ void WriteProtectCopier::serve_fault(uintptr_t address) {
       while (current_->states[chunk].load(std::memory_order_acquire) != kCopied) std::this_thread::yield();
     }
   }
-  // Copied already, or from no copy running: unprotect the page, which also wakes the writer. It
+  // Copied already, holding no source bytes, or from no copy running: unprotect the page, which
+  // also wakes the writer. It
   // may still be protected where its chunk's unprotect failed or did not reach it (remapped memory).
   release(page, page + page_bytes());
 }
@@ -696,15 +707,16 @@ WriteProtectCopier::Result WriteProtectCopier::copy(
       if (error) record_failure(Syscall::kWriteProtect, error);
     }
     throw_if_failed();  // nothing is released yet; unregistering makes it all writable again
-    for (const CopyOp& op : snapshot.ops) {
-      if (snapshot.states[snapshot.chunk_of(reinterpret_cast<uintptr_t>(op.src))].load() == kPending) {
-        result.protected_bytes += op.nbytes;
-      }
-    }
 
     std::exception_ptr failure;
     try {
       copy_unprotected(unprotected);
+      // What the handler has not copied yet is copied after release.
+      for (const CopyOp& op : snapshot.ops) {
+        if (snapshot.states[snapshot.chunk_of(reinterpret_cast<uintptr_t>(op.src))].load() == kPending) {
+          result.protected_bytes += op.nbytes;
+        }
+      }
       released();
     } catch (...) {
       failure = std::current_exception();  // still copy and unprotect everything before reporting it
