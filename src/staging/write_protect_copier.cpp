@@ -123,6 +123,11 @@ int register_range(int uffd, Range range) noexcept {
   return 0;
 }
 
+// Whether UFFDIO_REGISTER's `error` means memory that cannot be protected, which is copied before
+// release: a mapping of a kind write-protection does not support (EINVAL), a shared mapping
+// without write permission (EPERM), or memory registered with another userfaultfd (EBUSY).
+bool cannot_be_protected(int error) { return error == EINVAL || error == EPERM || error == EBUSY; }
+
 // The page covers of `ranges` (begin, length pairs), sorted, overlapping covers joined.
 template <class Ranges, class Of>
 std::vector<Range> sorted_covers(const Ranges& ranges, Of range_of) {
@@ -380,9 +385,9 @@ WriteProtectCopier::~WriteProtectCopier() {
 //  - Every failure of a copy() is recorded (the first one: the call and its errno; the handler
 //    records without allocating) and copy() then throws Error(kIoError) naming it, after it has
 //    copied and unprotected whatever it protected: the save fails with the reason.
-//  - Known, harmless refusals are not failures: UFFDIO_REGISTER's EINVAL (memory that cannot be
-//    protected, copied before release as documented) and ENOMEM for a group (a hole between its
-//    sources: its sources are registered one by one); UFFDIO_WRITEPROTECT's ENOENT over a range
+//  - Known, harmless refusals are not failures: UFFDIO_REGISTER's EINVAL, EPERM and EBUSY (memory
+//    that cannot be protected, copied before release as documented) and ENOMEM for a group (a hole
+//    between its sources: its sources are registered one by one); UFFDIO_WRITEPROTECT's ENOENT over a range
 //    something in which was unmapped or mapped again since it was registered (the memory between
 //    sources, not the sources: their own pages are protected or unprotected one by one).
 //  - A failure before `released` (registering, protecting, the state's mmap) ends the copy at once:
@@ -648,12 +653,13 @@ WriteProtectCopier::Result WriteProtectCopier::copy(
         registered.push_back(group);
         registered_parts.emplace_back(i, j);
       } else if (j == i + 1) {
-        if (error != EINVAL) record_failure(Syscall::kRegister, error);  // EINVAL: copied before release
+        if (!cannot_be_protected(error)) record_failure(Syscall::kRegister, error);
       } else {
-        if (error != EINVAL && error != ENOMEM) record_failure(Syscall::kRegister, error);
+        // ENOMEM: a hole between the sources.
+        if (!cannot_be_protected(error) && error != ENOMEM) record_failure(Syscall::kRegister, error);
         for (size_t k = i; k < j; ++k) {
           if (const int part_error = register_range(uffd_, parts[k])) {
-            if (part_error != EINVAL) record_failure(Syscall::kRegister, part_error);
+            if (!cannot_be_protected(part_error)) record_failure(Syscall::kRegister, part_error);
           } else {
             registered.push_back(parts[k]);
             registered_parts.emplace_back(k, k + 1);

@@ -470,9 +470,25 @@ TEST_F(CopyOnWriteTest, FailedProtectFailsTheSaveBeforeRelease) {
 TEST_F(CopyOnWriteTest, FailedRegisterFailsTheSaveBeforeRelease) {
   Watchdog watchdog(std::chrono::seconds(60));
   TwoSources sources;
-  ArmedFault fault(Syscall::kRegister, {.nth = 1, .times = kAlways, .errnum = EPERM});
-  expect_names(save_while_training(sources, Release::kNo), "ioctl(UFFDIO_REGISTER)", EPERM);
+  // EINVAL, EPERM and EBUSY mean memory that cannot be protected, copied before release instead.
+  ArmedFault fault(Syscall::kRegister, {.nth = 1, .times = kAlways, .errnum = EFAULT});
+  expect_names(save_while_training(sources, Release::kNo), "ioctl(UFFDIO_REGISTER)", EFAULT);
   expect_copy_on_write_works();
+}
+
+TEST_F(CopyOnWriteTest, MemoryTheKernelWillNotRegisterIsCopiedBeforeRelease) {
+  Watchdog watchdog(std::chrono::seconds(60));
+  for (int errnum : {EINVAL, EPERM, EBUSY}) {
+    TwoSources sources;
+    ArmedFault fault(Syscall::kRegister, {.nth = 1, .times = kAlways, .errnum = errnum});
+    DefaultStager stager(cpu_staging());
+    StageCallOptions call;
+    call.on_sources_released = [&] { sources.write_all(9); };
+    Value staged = stager.stage_now(sources.tree(), call);
+    EXPECT_TRUE(has_pattern(staged_bytes(staged, "a"), TwoSources::kBytes, 21)) << errnum;
+    EXPECT_TRUE(has_pattern(staged_bytes(staged, "b"), TwoSources::kBytes, 22)) << errnum;
+    EXPECT_EQ(stager.stats().bytes_copied_after_release, 0u) << errnum;
+  }
 }
 
 TEST_F(CopyOnWriteTest, FailedUnregisterFailsTheSave) {
