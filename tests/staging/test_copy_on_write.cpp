@@ -422,16 +422,18 @@ std::string save_while_training(const TwoSources& sources, Release expect_releas
   return outcome;
 }
 
-// The next save, without faults, is staged copy-on-write again, and correctly.
-void expect_copy_on_write_works() {
-  TwoSources sources;
+// Stages `sources` on this thread, which writes them all once they are released; checks the
+// staged bytes and returns the stager's stats.
+StagerStats stage_and_write(const TwoSources& sources) {
   DefaultStager stager(cpu_staging());
   StageCallOptions call;
   call.on_sources_released = [&] { sources.write_all(0); };
+  fill_pattern(sources.a, TwoSources::kBytes, 21);
+  fill_pattern(sources.b, TwoSources::kBytes, 22);
   Value staged = stager.stage_now(sources.tree(), call);
   EXPECT_TRUE(has_pattern(staged_bytes(staged, "a"), TwoSources::kBytes, 21));
   EXPECT_TRUE(has_pattern(staged_bytes(staged, "b"), TwoSources::kBytes, 22));
-  EXPECT_EQ(stager.stats().bytes_copied_after_release, 2 * TwoSources::kBytes);
+  return stager.stats();
 }
 
 void expect_names(const std::string& message, const std::string& call, int errnum) {
@@ -441,63 +443,58 @@ void expect_names(const std::string& message, const std::string& call, int errnu
 
 constexpr uint64_t kAlways = UINT64_MAX;
 
-TEST_F(CopyOnWriteTest, FailedUnprotectFailsTheSaveAndTrainingGoesOn) {
-  // The fault handler's and the copy's unprotects all fail: the pages are unregistered instead.
+// With `fault` armed for `call`, a save fails naming it (`name`, errno) while training goes on; the
+// next save, without faults, is staged copy-on-write again, and correctly.
+struct FailedCall {
+  const char* test;
+  Syscall call;
+  SyscallFault fault;
+  const char* name;
+  Release release;
+};
+
+class CopyOnWriteFailure : public CopyOnWriteTest, public ::testing::WithParamInterface<FailedCall> {};
+
+TEST_P(CopyOnWriteFailure, FailsTheSaveNamingTheCallAndTrainingGoesOn) {
+  const FailedCall& failed = GetParam();
   Watchdog watchdog(std::chrono::seconds(60));
   TwoSources sources;
-  ArmedFault fault(Syscall::kUnprotect, {.nth = 1, .times = kAlways, .errnum = EIO});
-  expect_names(save_while_training(sources), "ioctl(UFFDIO_WRITEPROTECT) unprotecting", EIO);
-  expect_copy_on_write_works();
+  {
+    ArmedFault armed(failed.call, failed.fault);
+    expect_names(save_while_training(sources, failed.release), failed.name, failed.fault.errnum);
+  }
+  EXPECT_EQ(stage_and_write(sources).bytes_copied_after_release, 2 * TwoSources::kBytes);
 }
 
-TEST_F(CopyOnWriteTest, OneFailedUnprotectFailsTheSave) {
-  Watchdog watchdog(std::chrono::seconds(60));
-  TwoSources sources;
-  ArmedFault fault(Syscall::kUnprotect, {.nth = 1, .times = 1, .errnum = EIO});
-  expect_names(save_while_training(sources), "ioctl(UFFDIO_WRITEPROTECT) unprotecting", EIO);
-  expect_copy_on_write_works();
-}
-
-TEST_F(CopyOnWriteTest, FailedProtectFailsTheSaveBeforeRelease) {
-  Watchdog watchdog(std::chrono::seconds(60));
-  TwoSources sources;
-  ArmedFault fault(Syscall::kWriteProtect, {.nth = 1, .times = 1, .errnum = ENOMEM});
-  expect_names(save_while_training(sources, Release::kNo), "ioctl(UFFDIO_WRITEPROTECT) protecting",
-               ENOMEM);
-  expect_copy_on_write_works();
-}
-
-TEST_F(CopyOnWriteTest, FailedRegisterFailsTheSaveBeforeRelease) {
-  Watchdog watchdog(std::chrono::seconds(60));
-  TwoSources sources;
-  // EINVAL, EPERM and EBUSY mean memory that cannot be protected, copied before release instead.
-  ArmedFault fault(Syscall::kRegister, {.nth = 1, .times = kAlways, .errnum = EFAULT});
-  expect_names(save_while_training(sources, Release::kNo), "ioctl(UFFDIO_REGISTER)", EFAULT);
-  expect_copy_on_write_works();
-}
+INSTANTIATE_TEST_SUITE_P(
+    Calls, CopyOnWriteFailure,
+    ::testing::Values(
+        // The fault handler's and the copy's unprotects all fail: the pages are unregistered instead.
+        FailedCall{"EveryUnprotect", Syscall::kUnprotect, {.nth = 1, .times = kAlways, .errnum = EIO},
+                   "ioctl(UFFDIO_WRITEPROTECT) unprotecting", Release::kYes},
+        FailedCall{"OneUnprotect", Syscall::kUnprotect, {.nth = 1, .times = 1, .errnum = EIO},
+                   "ioctl(UFFDIO_WRITEPROTECT) unprotecting", Release::kYes},
+        FailedCall{"Protect", Syscall::kWriteProtect, {.nth = 1, .times = 1, .errnum = ENOMEM},
+                   "ioctl(UFFDIO_WRITEPROTECT) protecting", Release::kNo},
+        // EINVAL, EPERM and EBUSY mean memory that cannot be protected, copied before release instead.
+        FailedCall{"Register", Syscall::kRegister, {.nth = 1, .times = kAlways, .errnum = EFAULT},
+                   "ioctl(UFFDIO_REGISTER)", Release::kNo},
+        // The range's unregister fails; its sources' own ranges are unregistered instead.
+        FailedCall{"Unregister", Syscall::kUnregister, {.nth = 1, .times = 1, .errnum = EIO},
+                   "ioctl(UFFDIO_UNREGISTER)", Release::kYes},
+        // Before release (the copy sees the failure early) or after it.
+        FailedCall{"Poll", Syscall::kPoll, {.nth = 1, .times = kAlways, .errnum = EBADF}, "poll on the userfaultfd",
+                   Release::kEither},
+        FailedCall{"StateMapping", Syscall::kMmap, {.nth = 1, .times = 1, .errnum = ENOMEM}, "mmap", Release::kNo}),
+    [](const ::testing::TestParamInfo<FailedCall>& info) { return std::string(info.param.test); });
 
 TEST_F(CopyOnWriteTest, MemoryTheKernelWillNotRegisterIsCopiedBeforeRelease) {
   Watchdog watchdog(std::chrono::seconds(60));
-  for (int errnum : {EINVAL, EPERM, EBUSY}) {
-    TwoSources sources;
-    ArmedFault fault(Syscall::kRegister, {.nth = 1, .times = kAlways, .errnum = errnum});
-    DefaultStager stager(cpu_staging());
-    StageCallOptions call;
-    call.on_sources_released = [&] { sources.write_all(9); };
-    Value staged = stager.stage_now(sources.tree(), call);
-    EXPECT_TRUE(has_pattern(staged_bytes(staged, "a"), TwoSources::kBytes, 21)) << errnum;
-    EXPECT_TRUE(has_pattern(staged_bytes(staged, "b"), TwoSources::kBytes, 22)) << errnum;
-    EXPECT_EQ(stager.stats().bytes_copied_after_release, 0u) << errnum;
-  }
-}
-
-TEST_F(CopyOnWriteTest, FailedUnregisterFailsTheSave) {
-  // The range's unregister fails; its sources' own ranges are unregistered instead.
-  Watchdog watchdog(std::chrono::seconds(60));
   TwoSources sources;
-  ArmedFault fault(Syscall::kUnregister, {.nth = 1, .times = 1, .errnum = EIO});
-  expect_names(save_while_training(sources), "ioctl(UFFDIO_UNREGISTER)", EIO);
-  expect_copy_on_write_works();
+  for (int errnum : {EINVAL, EPERM, EBUSY}) {
+    ArmedFault fault(Syscall::kRegister, {.nth = 1, .times = kAlways, .errnum = errnum});
+    EXPECT_EQ(stage_and_write(sources).bytes_copied_after_release, 0u) << errnum;
+  }
 }
 
 TEST_F(CopyOnWriteTest, UnregisteringThatKeepsFailingTurnsCopyOnWriteOff) {
@@ -512,47 +509,26 @@ TEST_F(CopyOnWriteTest, UnregisteringThatKeepsFailingTurnsCopyOnWriteOff) {
           ArmedFault fault(Syscall::kUnregister, {.nth = 1, .times = kAlways, .errnum = EIO});
           expect_names(save_while_training(sources), "ioctl(UFFDIO_UNREGISTER)", EIO);
         }
-        DefaultStager stager(cpu_staging());
         std::string why;
-        EXPECT_FALSE(stager.copy_on_write_available(&why));
+        EXPECT_FALSE(DefaultStager(cpu_staging()).copy_on_write_available(&why));
         expect_names(why, "ioctl(UFFDIO_UNREGISTER)", EIO);
-        StageCallOptions call;
-        call.on_sources_released = [&] { sources.write_all(1); };
-        fill_pattern(sources.a, TwoSources::kBytes, 21);
-        Value staged = stager.stage_now(sources.tree(), call);
-        EXPECT_TRUE(has_pattern(staged_bytes(staged, "a"), TwoSources::kBytes, 21));
-        EXPECT_EQ(stager.stats().bytes_copied_after_release, 0u);
+        EXPECT_EQ(stage_and_write(sources).bytes_copied_after_release, 0u);
         std::exit(::testing::Test::HasFailure() ? 1 : 0);
       },
       ::testing::ExitedWithCode(0), "");
 }
 
-TEST_F(CopyOnWriteTest, FailingPollFailsTheSaveAndTrainingGoesOn) {
-  Watchdog watchdog(std::chrono::seconds(60));
-  TwoSources sources;
-  ArmedFault fault(Syscall::kPoll, {.nth = 1, .times = kAlways, .errnum = EBADF});
-  // Before release (the copy sees the failure early) or after it.
-  expect_names(save_while_training(sources, Release::kEither), "poll on the userfaultfd", EBADF);
-  expect_copy_on_write_works();
-}
-
 TEST_F(CopyOnWriteTest, FailingReadFailsTheSaveAndTrainingGoesOn) {
   Watchdog watchdog(std::chrono::seconds(60));
   TwoSources sources;
-  ArmedFault fault(Syscall::kRead, {.nth = 1, .times = kAlways, .errnum = EIO});
-  // The read only happens once a write faults, which the training thread may or may not beat the
-  // copy to; when it does, the save must fail naming the read.
-  const std::string outcome = save_while_training(sources);
-  if (!outcome.empty()) expect_names(outcome, "read of the userfaultfd", EIO);
-  expect_copy_on_write_works();
-}
-
-TEST_F(CopyOnWriteTest, FailedStateMappingFailsTheSaveBeforeRelease) {
-  Watchdog watchdog(std::chrono::seconds(60));
-  TwoSources sources;
-  ArmedFault fault(Syscall::kMmap, {.nth = 1, .times = 1, .errnum = ENOMEM});
-  expect_names(save_while_training(sources, Release::kNo), "mmap", ENOMEM);
-  expect_copy_on_write_works();
+  {
+    ArmedFault fault(Syscall::kRead, {.nth = 1, .times = kAlways, .errnum = EIO});
+    // The read only happens once a write faults, which the training thread may or may not beat
+    // the copy to; when it does, the save must fail naming the read.
+    const std::string outcome = save_while_training(sources);
+    if (!outcome.empty()) expect_names(outcome, "read of the userfaultfd", EIO);
+  }
+  EXPECT_EQ(stage_and_write(sources).bytes_copied_after_release, 2 * TwoSources::kBytes);
 }
 
 TEST_F(CopyOnWriteTest, FailedCollapseLeavesTheSaveAndTheNextOnesAlone) {
@@ -560,7 +536,7 @@ TEST_F(CopyOnWriteTest, FailedCollapseLeavesTheSaveAndTheNextOnesAlone) {
   TwoSources sources;
   ArmedFault fault(Syscall::kCollapse, {.nth = 1, .times = kAlways, .errnum = EIO});
   EXPECT_EQ(save_while_training(sources), "");
-  expect_copy_on_write_works();
+  EXPECT_EQ(stage_and_write(sources).bytes_copied_after_release, 2 * TwoSources::kBytes);
 }
 
 TEST(CopyOnWriteSetup, FailedUserfaultfdOrApiSaysWhy) {
@@ -598,14 +574,8 @@ TEST_F(CopyOnWriteTest, MemoryBetweenSourcesRemappedBeforeProtectingStillProtect
   TwoSources sources;
   ArmedFault fault(Syscall::kWriteProtect, {.nth = 1, .times = 1, .errnum = 0, .before = remap_gap,
                                             .context = sources.gap});
-  DefaultStager stager(cpu_staging());
-  StageCallOptions call;
-  call.on_sources_released = [&] { sources.write_all(3); };
-  Value staged = stager.stage_now(sources.tree(), call);
-  EXPECT_TRUE(has_pattern(staged_bytes(staged, "a"), TwoSources::kBytes, 21));
-  EXPECT_TRUE(has_pattern(staged_bytes(staged, "b"), TwoSources::kBytes, 22));
-  EXPECT_EQ(stager.stats().bytes_copied_after_release, 2 * TwoSources::kBytes);
-  EXPECT_EQ(sources.b[0], 3);
+  EXPECT_EQ(stage_and_write(sources).bytes_copied_after_release, 2 * TwoSources::kBytes);
+  EXPECT_EQ(sources.b[0], 0);
 }
 
 TEST_F(CopyOnWriteTest, WriteBetweenSourcesBeforeReleaseLeavesThemProtected) {
