@@ -16,6 +16,7 @@
 #include <cstring>
 #include <new>
 #include <optional>
+#include <utility>
 
 #include "fastdcp/common/error.h"
 #include "fastdcp/common/parallel.h"
@@ -81,36 +82,79 @@ Range page_cover(uintptr_t begin, uintptr_t end) {
   return {begin & ~(page - 1), (end + page - 1) & ~(page - 1)};
 }
 
-bool set_protection(int uffd, Range range, bool protect) {
+// The userfaultfd calls below return 0 or the errno they failed with, which may have been
+// injected by a test (Note [Syscall fault injection]).
+int uffd_ioctl(Syscall call, int uffd, unsigned long request, void* arg) noexcept {
+  if (const int injected = injected_errno(call)) return injected;
+  return ioctl(uffd, request, arg) == 0 ? 0 : errno;
+}
+
+int set_protection(int uffd, Range range, bool protect) noexcept {
   uffdio_writeprotect wp{};
   wp.range.start = range.begin;
   wp.range.len = range.end - range.begin;
   wp.mode = protect ? UFFDIO_WRITEPROTECT_MODE_WP : 0;  // unprotecting also wakes the writers
-  return ioctl(uffd, UFFDIO_WRITEPROTECT, &wp) == 0;
+  return uffd_ioctl(protect ? Syscall::kWriteProtect : Syscall::kUnprotect, uffd, UFFDIO_WRITEPROTECT, &wp);
 }
 
-bool unregister_range(int uffd, Range range) {
-  // Unregistering also clears the protection and wakes any writer still waiting.
+void wake(int uffd, Range range) noexcept {
+  uffdio_range r{range.begin, range.end - range.begin};
+  uffd_ioctl(Syscall::kWake, uffd, UFFDIO_WAKE, &r);
+}
+
+int unregister_range(int uffd, Range range) noexcept {
+  // Unregistering also clears the protection, but wakes only writers waiting on missing pages
+  // (Linux 6.18 at least), not those waiting on protected ones: they are woken here.
   uffdio_range unreg{range.begin, range.end - range.begin};
-  return ioctl(uffd, UFFDIO_UNREGISTER, &unreg) == 0;
+  const int error = uffd_ioctl(Syscall::kUnregister, uffd, UFFDIO_UNREGISTER, &unreg);
+  if (error == 0) wake(uffd, range);
+  return error;
 }
 
-bool register_range(int uffd, Range range) {
+int register_range(int uffd, Range range) noexcept {
   uffdio_register reg{};
   reg.range.start = range.begin;
   reg.range.len = range.end - range.begin;
   reg.mode = UFFDIO_REGISTER_MODE_WP;
-  if (ioctl(uffd, UFFDIO_REGISTER, &reg) != 0) return false;
-  if ((reg.ioctls & (uint64_t{1} << _UFFDIO_WRITEPROTECT)) == 0) {
+  if (const int error = uffd_ioctl(Syscall::kRegister, uffd, UFFDIO_REGISTER, &reg)) return error;
+  if ((reg.ioctls & (uint64_t{1} << _UFFDIO_WRITEPROTECT)) == 0) {  // memory that cannot be protected
     unregister_range(uffd, range);
-    return false;
+    return EINVAL;
   }
-  return true;
+  return 0;
 }
 
-void wake(int uffd, Range range) {
-  uffdio_range r{range.begin, range.end - range.begin};
-  ioctl(uffd, UFFDIO_WAKE, &r);
+// Whether UFFDIO_REGISTER's `error` means memory that cannot be protected, which is copied before
+// release: a mapping of a kind write-protection does not support (EINVAL), a shared mapping
+// without write permission (EPERM), or memory registered with another userfaultfd (EBUSY).
+bool cannot_be_protected(int error) { return error == EINVAL || error == EPERM || error == EBUSY; }
+
+// The page covers of `ranges` (begin, length pairs), sorted, overlapping covers joined.
+template <class Ranges, class Of>
+std::vector<Range> sorted_covers(const Ranges& ranges, Of range_of) {
+  std::vector<Range> covers;
+  covers.reserve(ranges.size());
+  for (const auto& r : ranges) {
+    const auto [begin, nbytes] = range_of(r);
+    if (nbytes != 0) covers.push_back(page_cover(begin, begin + nbytes));
+  }
+  std::sort(covers.begin(), covers.end(), [](const Range& a, const Range& b) { return a.begin < b.begin; });
+  std::vector<Range> joined;
+  for (const Range& cover : covers) {
+    if (!joined.empty() && cover.begin < joined.back().end) {
+      joined.back().end = std::max(joined.back().end, cover.end);
+    } else {
+      joined.push_back(cover);
+    }
+  }
+  return joined;
+}
+
+// Whether [r.begin, r.end) meets one of `sorted` (sorted, disjoint).
+bool meets(const std::vector<Range>& sorted, Range r) {
+  auto it = std::upper_bound(sorted.begin(), sorted.end(), r.end - 1,
+                             [](uintptr_t a, const Range& x) { return a < x.begin; });
+  return r.begin < r.end && it != sorted.begin() && std::prev(it)->end > r.begin;
 }
 
 // An anonymous mapping of its own, for state the fault handler writes: memory from malloc may
@@ -118,8 +162,13 @@ void wake(int uffd, Range range) {
 class PrivateMapping {
  public:
   explicit PrivateMapping(size_t bytes) : bytes_(std::max<size_t>(bytes, 1)) {
-    data_ = mmap(nullptr, bytes_, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
-    if (data_ == MAP_FAILED) throw Error(ErrorCode::kResourceExhausted, "copy-on-write staging: mmap failed");
+    const int injected = injected_errno(Syscall::kMmap);
+    data_ = injected ? MAP_FAILED : mmap(nullptr, bytes_, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (data_ == MAP_FAILED) {
+      throw Error(ErrorCode::kResourceExhausted, "copy-on-write staging: mmap of " + std::to_string(bytes_) +
+                                                     " bytes for its state failed: " +
+                                                     std::strerror(injected ? injected : errno));
+    }
   }
   ~PrivateMapping() { munmap(data_, bytes_); }
   PrivateMapping(const PrivateMapping&) = delete;
@@ -132,32 +181,37 @@ class PrivateMapping {
 };
 
 int open_userfaultfd(std::string& why_not) {
-  int fd = static_cast<int>(syscall(SYS_userfaultfd, O_CLOEXEC | O_NONBLOCK));
+  int syscall_errno = injected_errno(Syscall::kUserfaultfd);
+  int fd = syscall_errno ? -1 : static_cast<int>(syscall(SYS_userfaultfd, O_CLOEXEC | O_NONBLOCK));
   if (fd >= 0) return fd;
-  const int syscall_errno = errno;
+  if (!syscall_errno) syscall_errno = errno;
   // Without CAP_SYS_PTRACE (and with vm.unprivileged_userfaultfd=0) the device may still be open to us.
-  const int device = open("/dev/userfaultfd", O_RDWR | O_CLOEXEC);
+  const int device = injected_errno(Syscall::kUserfaultfd) ? -1 : open("/dev/userfaultfd", O_RDWR | O_CLOEXEC);
   if (device >= 0) {
     fd = ioctl(device, USERFAULTFD_IOC_NEW, O_CLOEXEC | O_NONBLOCK);
     close(device);
     if (fd >= 0) return fd;
   }
-  why_not = std::string("userfaultfd is not permitted (") + std::strerror(syscall_errno) +
-            "; needs CAP_SYS_PTRACE, vm.unprivileged_userfaultfd=1 or access to /dev/userfaultfd)";
+  why_not = std::string("userfaultfd failed: ") + std::strerror(syscall_errno) +
+            " (it needs CAP_SYS_PTRACE, vm.unprivileged_userfaultfd=1 or access to /dev/userfaultfd)";
   return -1;
 }
 
-// Opens a userfaultfd with write-protect faults, including for pages never touched yet (without
-// that, a write to an unpopulated page would go unnoticed), or returns -1 with the reason.
+}  // namespace
+
 int open_write_protect_fd(std::string& why_not) {
   const int probe = open_userfaultfd(why_not);
   if (probe < 0) return -1;
   uffdio_api api{};
   api.api = UFFD_API;
-  const bool probed = ioctl(probe, UFFDIO_API, &api) == 0;
+  const int probe_error = uffd_ioctl(Syscall::kApi, probe, UFFDIO_API, &api);
   close(probe);
   const uint64_t needed = UFFD_FEATURE_PAGEFAULT_FLAG_WP | UFFD_FEATURE_WP_UNPOPULATED;
-  if (!probed || (api.features & needed) != needed) {
+  if (probe_error) {
+    why_not = std::string("ioctl(UFFDIO_API) failed: ") + std::strerror(probe_error);
+    return -1;
+  }
+  if ((api.features & needed) != needed) {
     why_not = "the kernel's userfaultfd lacks write-protect faults for unpopulated pages (Linux 6.4 or newer)";
     return -1;
   }
@@ -167,15 +221,13 @@ int open_write_protect_fd(std::string& why_not) {
   wanted.api = UFFD_API;
   // Shared memory (fastdcp's own staged buffers, staged again) can be protected where supported.
   wanted.features = needed | (api.features & UFFD_FEATURE_WP_HUGETLBFS_SHMEM);
-  if (ioctl(fd, UFFDIO_API, &wanted) != 0) {
-    why_not = std::string("UFFDIO_API failed: ") + std::strerror(errno);
+  if (const int error = uffd_ioctl(Syscall::kApi, fd, UFFDIO_API, &wanted)) {
+    why_not = std::string("ioctl(UFFDIO_API) failed: ") + std::strerror(error);
     close(fd);
     return -1;
   }
   return fd;
 }
-
-}  // namespace
 
 // The ranges of one copy() call, and per 2 MiB chunk of them, the ops it holds and its state.
 // Built before anything is protected; afterwards the handler only reads it, except for the chunk
@@ -225,6 +277,13 @@ struct WriteProtectCopier::Snapshot {
       const Range part{std::max(src, r.begin), std::min(src + op.nbytes, r.end)};
       if (part.begin < part.end) fn(op, part);
     }
+  }
+
+  // Whether a source has bytes in `page`, one of `chunk`'s pages.
+  bool holds_source_bytes(size_t chunk, Range page) const {
+    bool holds = false;
+    for_each_piece(chunk, [&](const CopyOp&, Range part) { holds |= part.begin < page.end && part.end > page.begin; });
+    return holds;
   }
 
   void copy_chunk(size_t chunk) const {
@@ -300,6 +359,10 @@ WriteProtectCopier* WriteProtectCopier::instance(std::string* why_not) {
     if (why_not) *why_not = slot.why_not;
     return nullptr;
   }
+  if (slot.copier->retired_.load(std::memory_order_acquire)) {
+    if (why_not) *why_not = slot.copier->retired_why_;
+    return nullptr;
+  }
   return &*slot.copier;
 }
 
@@ -314,7 +377,57 @@ WriteProtectCopier::~WriteProtectCopier() {
   collapse_cv_.notify_all();
   if (collapser_.joinable()) collapser_.join();
   close(stop_fd_);
-  close(uffd_);
+  if (uffd_ >= 0) close(uffd_);
+}
+
+// Note [Copy-on-write failures]
+// A userfaultfd call that fails must neither leave a training thread waiting (or faulting again
+// and again on a page that stays protected) nor go unreported. So:
+//  - Every failure of a copy() is recorded (the first one: the call and its errno; the handler
+//    records without allocating) and copy() then throws Error(kIoError) naming it, after it has
+//    copied and unprotected whatever it protected: the save fails with the reason.
+//  - Known, harmless refusals are not failures: UFFDIO_REGISTER's EINVAL, EPERM and EBUSY (memory
+//    that cannot be protected, copied before release as documented) and ENOMEM for a group (a hole
+//    between its sources: its sources are registered one by one); UFFDIO_WRITEPROTECT's ENOENT over a range
+//    something in which was unmapped or mapped again since it was registered (the memory between
+//    sources, not the sources: their own pages are protected or unprotected one by one).
+//  - A failure before `released` (registering, protecting, the state's mmap) ends the copy at once:
+//    nothing is released, and unregistering (below) makes everything writable again.
+//  - A page is made writable by unprotecting it (which wakes its writers), else by unregistering
+//    it (which clears the protection; then UFFDIO_WAKE wakes them), else, when copy() ends, by closing
+//    the userfaultfd, which unregisters everything: copy-on-write is then off in this process
+//    (instance() says why). A writer never faults on an unprotectable page in a loop: it waits,
+//    asleep, for one of those, and the copy (which never waits for a writer) ends in bounded time.
+//  - The fault handler keeps serving when poll() or read() fail (and records it); writers it
+//    cannot serve are woken as copy() unprotects their chunks.
+void WriteProtectCopier::record_failure(Syscall call, int errnum) noexcept {
+  int none = -1;
+  if (failed_call_.compare_exchange_strong(none, static_cast<int>(call))) failed_errno_.store(errnum);
+}
+
+void WriteProtectCopier::throw_if_failed() {
+  const int call = failed_call_.load();
+  if (call < 0) return;
+  throw Error(ErrorCode::kIoError,
+              std::string("copy-on-write staging failed: ") + syscall_name(static_cast<Syscall>(call)) + " failed: " +
+                  std::strerror(failed_errno_.load()) +
+                  "; the sources were made writable again and this save is abandoned (set "
+                  "StagingOptions::copy_on_write=false or FASTDCP_COPY_ON_WRITE=0 to stage by plain copies)");
+}
+
+void WriteProtectCopier::release(uintptr_t begin, uintptr_t end) noexcept {
+  const Range range{begin, end};
+  const int error = set_protection(uffd_, range, false);
+  if (error == 0) return;
+  if (error == ENOENT) {  // not registered (any more), so not protected: a writer may still wait
+    wake(uffd_, range);
+    return;
+  }
+  record_failure(Syscall::kUnprotect, error);
+  if (const int unregister_error = unregister_range(uffd_, range)) {
+    record_failure(Syscall::kUnregister, unregister_error);
+    must_close_.store(true);
+  }
 }
 
 // Note [Fault handler]
@@ -326,15 +439,30 @@ WriteProtectCopier::~WriteProtectCopier() {
 // wakes the writer.
 void WriteProtectCopier::handler_loop() {
   uffd_msg messages[64];
+  // After a failed poll or read (Note [Copy-on-write failures]): try again shortly, until stopped.
+  auto failed = [&](Syscall call, int error) {
+    record_failure(call, error);
+    if (stop_handler_.load()) return true;
+    std::this_thread::sleep_for(std::chrono::milliseconds(1));
+    return false;
+  };
   for (;;) {
     pollfd fds[2] = {{uffd_, POLLIN, 0}, {stop_fd_, POLLIN, 0}};
-    if (poll(fds, 2, -1) < 0) {  // EINTR (or worse: keep serving, writers depend on it)
-      if (errno != EINTR) std::this_thread::sleep_for(std::chrono::milliseconds(1));
+    int error = injected_errno(Syscall::kPoll);
+    if (!error && poll(fds, 2, -1) < 0) error = errno;
+    if (error == EINTR) continue;
+    if (error) {
+      if (failed(Syscall::kPoll, error)) return;
       continue;
     }
     if (fds[1].revents) return;
-    const ssize_t n = read(uffd_, messages, sizeof(messages));
-    if (n < 0) continue;  // EAGAIN: another wake-up raced us
+    error = injected_errno(Syscall::kRead);
+    const ssize_t n = error ? -1 : read(uffd_, messages, sizeof(messages));
+    if (n < 0) {
+      if (!error) error = errno;
+      if (error != EAGAIN && error != EINTR && failed(Syscall::kRead, error)) return;
+      continue;  // EAGAIN: another wake-up raced us
+    }
     for (ssize_t i = 0; i < n / static_cast<ssize_t>(sizeof(uffd_msg)); ++i) {
       if (messages[i].event == UFFD_EVENT_PAGEFAULT) serve_fault(messages[i].arg.pagefault.address);
     }
@@ -386,7 +514,9 @@ void WriteProtectCopier::collapser_loop() {
     lock.unlock();
     // One huge page per call, so that stopping (and the memory's other users) never wait long.
     for (uintptr_t at = begin; at < end; at += kChunkBytes) {
-      if (madvise(reinterpret_cast<void*>(at), kChunkBytes, MADV_COLLAPSE) != 0 && errno != EAGAIN) break;
+      int error = injected_errno(Syscall::kCollapse);
+      if (!error && madvise(reinterpret_cast<void*>(at), kChunkBytes, MADV_COLLAPSE) != 0) error = errno;
+      if (error && error != EAGAIN) break;
       std::lock_guard check(collapse_mutex_);
       if (stopping_) break;
     }
@@ -401,42 +531,46 @@ void WriteProtectCopier::wait_for_collapses() {
   collapse_cv_.wait(lock, [&] { return !collapser_running_; });
 }
 
+
 void WriteProtectCopier::serve_fault(uintptr_t address) {
   const uintptr_t page = address & ~(page_bytes() - 1);
   std::lock_guard lock(snapshot_mutex_);
   if (current_) {
     const size_t chunk = current_->chunk_of(page);
-    if (chunk != SIZE_MAX) {
-      copy_chunk_and_release(*current_, chunk, /*by_fault=*/true);
-      return;
+    // A page between sources (protected with them) holds nothing to stage: it is only unprotected,
+    // and the chunk's sources stay protected (a write there by another thread before release used
+    // to have them copied before it, and left out of bytes_copied_after_release).
+    if (chunk != SIZE_MAX && current_->holds_source_bytes(chunk, {page, page + page_bytes()})) {
+      if (copy_chunk_and_release(*current_, chunk)) {
+        current_->write_faults->fetch_add(1, std::memory_order_relaxed);
+        return;
+      }
+      // copy() is copying it, and it never waits for a writer; or it is copied already.
+      while (current_->states[chunk].load(std::memory_order_acquire) != kCopied) std::this_thread::yield();
     }
   }
-  // A fault from a finished copy (already unprotected), or from a page that stayed protected
-  // because unregistering failed: unprotect it, which also wakes the writer.
-  const Range one{page, page + page_bytes()};
-  if (!set_protection(uffd_, one, false)) wake(uffd_, one);
+  // Copied already, holding no source bytes, or from no copy running: unprotect the page, which
+  // also wakes the writer. It
+  // may still be protected where its chunk's unprotect failed or did not reach it (remapped memory).
+  release(page, page + page_bytes());
 }
 
-void WriteProtectCopier::copy_chunk_and_release(Snapshot& snapshot, size_t chunk, bool by_fault) {
+bool WriteProtectCopier::copy_chunk_and_release(Snapshot& snapshot, size_t chunk) {
   std::atomic<uint8_t>& state = snapshot.states[chunk];
   uint8_t expected = kPending;
-  if (state.compare_exchange_strong(expected, kCopying, std::memory_order_acq_rel)) {
-    snapshot.copy_chunk(chunk);
-    if (!set_protection(uffd_, snapshot.chunk_range(chunk), false)) {
-      // Memory between sources in this chunk was unmapped and mapped again meanwhile (it is no
-      // longer registered, which fails the whole range): unprotect the sources' own pages.
-      snapshot.for_each_piece(chunk, [&](const CopyOp&, Range part) {
-        set_protection(uffd_, page_cover(part.begin, part.end), false);  // chunk ranges are page-aligned
-      });
-    }
-    state.store(kCopied, std::memory_order_release);
-    if (by_fault) snapshot.write_faults->fetch_add(1, std::memory_order_relaxed);
-    return;
+  if (!state.compare_exchange_strong(expected, kCopying, std::memory_order_acq_rel)) return false;
+  snapshot.copy_chunk(chunk);
+  if (const int error = set_protection(uffd_, snapshot.chunk_range(chunk), false)) {
+    // ENOENT: memory between sources in this chunk was unmapped and mapped again meanwhile (it is
+    // no longer registered, which fails the whole range). Either way, release the sources' own pages.
+    if (error != ENOENT) record_failure(Syscall::kUnprotect, error);
+    snapshot.for_each_piece(chunk, [&](const CopyOp&, Range part) {
+      const Range pages = page_cover(part.begin, part.end);  // chunk ranges are page-aligned
+      release(pages.begin, pages.end);
+    });
   }
-  if (!by_fault) return;  // the handler has it
-  // copy() is copying it; the writer is woken when that is done, or by us if it already was.
-  while (state.load(std::memory_order_acquire) != kCopied) std::this_thread::yield();
-  wake(uffd_, snapshot.chunk_range(chunk));
+  state.store(kCopied, std::memory_order_release);
+  return true;
 }
 
 WriteProtectCopier::Result WriteProtectCopier::copy(
@@ -452,28 +586,20 @@ WriteProtectCopier::Result WriteProtectCopier::copy(
   // Page-aligned covers of the sources: `parts` join overlapping covers (sources sharing a page),
   // groups (below) join parts closer than kMergeGapBytes. A group that cannot be registered (a
   // hole or an unsupported mapping inside it) is registered part by part instead.
-  std::vector<Range> parts;
-  for (const CopyOp& op : ops) {
-    const auto src = reinterpret_cast<uintptr_t>(op.src);
-    const Range cover = page_cover(src, src + op.nbytes);
-    if (!parts.empty() && cover.begin < parts.back().end) {
-      parts.back().end = std::max(parts.back().end, cover.end);
-    } else {
-      parts.push_back(cover);
-    }
-  }
-  // A destination inside a protected range would make the copy fault on its own writes.
-  const bool destination_protected = std::any_of(ops.begin(), ops.end(), [&](const CopyOp& op) {
-    const auto dst = reinterpret_cast<uintptr_t>(op.dst);
-    auto it = std::upper_bound(parts.begin(), parts.end(), dst + op.nbytes,
-                               [](uintptr_t a, const Range& r) { return a <= r.begin; });
-    return it != parts.begin() && std::prev(it)->end > dst;
-  });
-  if (total < kMinProtectedBytes || destination_protected) {
+  const std::vector<Range> parts =
+      sorted_covers(ops, [](const CopyOp& op) { return std::pair{reinterpret_cast<uintptr_t>(op.src), op.nbytes}; });
+  const std::vector<Range> destinations =
+      sorted_covers(ops, [](const CopyOp& op) { return std::pair{reinterpret_cast<uintptr_t>(op.dst), op.nbytes}; });
+  // A destination inside a protected range would make the copy fault on its own writes: one on a
+  // source's page falls back to plain copies, and no group spans one.
+  const bool destination_protected =
+      std::any_of(destinations.begin(), destinations.end(), [&](const Range& d) { return meets(parts, d); });
+  if (total < kMinProtectedBytes || destination_protected || retired_.load()) {
     copy_unprotected(ops);
     released();
     return result;
   }
+  failed_call_.store(-1);
   // The fault handler runs while anything is registered: it is started here and stopped (after
   // the block below has unregistered everything) on every way out.
   struct ServingHandler {
@@ -482,6 +608,7 @@ WriteProtectCopier::Result WriteProtectCopier::copy(
     explicit ServingHandler(WriteProtectCopier& copier)
         : self(copier), thread(start_thread("copy-on-write fault handler", [this] { self.handler_loop(); })) {}
     ~ServingHandler() {
+      self.stop_handler_.store(true);
       const uint64_t one = 1;
       if (write(self.stop_fd_, &one, sizeof(one)) < 0) {
       }
@@ -489,36 +616,57 @@ WriteProtectCopier::Result WriteProtectCopier::copy(
       uint64_t count = 0;
       if (read(self.stop_fd_, &count, sizeof(count)) < 0) {  // reset the eventfd for the next copy
       }
+      self.stop_handler_.store(false);
+      if (self.must_close_.exchange(false)) self.retire();
     }
-  } serving_handler{*this};
+  };
+  std::optional<ServingHandler> serving_handler(std::in_place, *this);
   // Everything protected is unprotected and unregistered when this block ends, however it ends.
   std::vector<CopyOp> protected_ops;
   {
     std::vector<Range> registered;
     std::vector<std::pair<size_t, size_t>> registered_parts;  // per registered range: its parts [first, last)
     struct Unregister {  // on every way out; also clears any protection left and wakes its writers
-      int uffd;
+      WriteProtectCopier& self;
       const std::vector<Range>& ranges;
       const std::vector<std::pair<size_t, size_t>>& ranges_parts;
       const std::vector<Range>& parts;
       ~Unregister() {
         for (size_t i = 0; i < ranges.size(); ++i) {
-          if (unregister_range(uffd, ranges[i])) continue;
-          // Memory between the parts was remapped meanwhile: unregister the sources' own ranges.
-          for (size_t k = ranges_parts[i].first; k < ranges_parts[i].second; ++k) unregister_range(uffd, parts[k]);
+          const int error = unregister_range(self.uffd_, ranges[i]);
+          if (error == 0) continue;
+          // EINVAL: memory between the parts was mapped again, as something that cannot be
+          // registered: unregister the sources' own ranges.
+          if (error != EINVAL) self.record_failure(Syscall::kUnregister, error);
+          for (size_t k = ranges_parts[i].first; k < ranges_parts[i].second; ++k) {
+            if (const int part_error = unregister_range(self.uffd_, parts[k])) {
+              self.record_failure(Syscall::kUnregister, part_error);
+              self.must_close_.store(true);  // Note [Copy-on-write failures]
+            }
+          }
         }
       }
-    } unregister_all{uffd_, registered, registered_parts, parts};
+    } unregister_all{*this, registered, registered_parts, parts};
     for (size_t i = 0; i < parts.size();) {
       size_t j = i + 1;
-      while (j < parts.size() && parts[j].begin - parts[j - 1].end <= kMergeGapBytes) ++j;
+      while (j < parts.size() && parts[j].begin - parts[j - 1].end <= kMergeGapBytes &&
+             !meets(destinations, {parts[j - 1].end, parts[j].begin})) {
+        ++j;
+      }
       const Range group{parts[i].begin, parts[j - 1].end};
-      if (register_range(uffd_, group)) {
+      const int error = register_range(uffd_, group);
+      if (error == 0) {
         registered.push_back(group);
         registered_parts.emplace_back(i, j);
+      } else if (j == i + 1) {
+        if (!cannot_be_protected(error)) record_failure(Syscall::kRegister, error);
       } else {
+        // ENOMEM: a hole between the sources.
+        if (!cannot_be_protected(error) && error != ENOMEM) record_failure(Syscall::kRegister, error);
         for (size_t k = i; k < j; ++k) {
-          if (register_range(uffd_, parts[k])) {
+          if (const int part_error = register_range(uffd_, parts[k])) {
+            if (!cannot_be_protected(part_error)) record_failure(Syscall::kRegister, part_error);
+          } else {
             registered.push_back(parts[k]);
             registered_parts.emplace_back(k, k + 1);
           }
@@ -526,6 +674,7 @@ WriteProtectCopier::Result WriteProtectCopier::copy(
       }
       i = j;
     }
+    throw_if_failed();
 
     Snapshot snapshot;
     std::vector<CopyOp> unprotected;
@@ -548,7 +697,7 @@ WriteProtectCopier::Result WriteProtectCopier::copy(
       std::lock_guard lock(snapshot_mutex_);
       current_ = &snapshot;
     }
-    struct Uninstall {  // runs before unregister_all; a fault read after it is only woken
+    struct Uninstall {  // runs before unregister_all; a fault read after it is only released
       WriteProtectCopier& self;
       ~Uninstall() {
         std::lock_guard lock(self.snapshot_mutex_);
@@ -557,26 +706,29 @@ WriteProtectCopier::Result WriteProtectCopier::copy(
     };
     Uninstall uninstall{*this};
 
-    for (const auto& interval : snapshot.intervals) {
-      if (set_protection(uffd_, interval.range, true)) continue;
-      // Not protected: copy its ops now, and mark its chunks done so that nobody copies them later.
-      for (size_t c = interval.first_chunk; c < interval.first_chunk + Snapshot::chunks_in(interval.range); ++c) {
-        snapshot.states[c].store(kCopied, std::memory_order_relaxed);
+    for (size_t i = 0; i < registered.size(); ++i) {
+      int error = set_protection(uffd_, registered[i], true);
+      if (error == ENOENT) {
+        // Memory between its sources was unmapped or mapped again since it was registered (by
+        // another thread; the kernel stops at that memory): protect the sources' own pages.
+        error = 0;
+        for (size_t k = registered_parts[i].first; k < registered_parts[i].second && !error; ++k) {
+          error = set_protection(uffd_, parts[k], true);
+        }
       }
-      for (const CopyOp& op : snapshot.ops) {
-        const auto src = reinterpret_cast<uintptr_t>(op.src);
-        if (src >= interval.range.begin && src < interval.range.end) unprotected.push_back(op);
-      }
+      if (error) record_failure(Syscall::kWriteProtect, error);
     }
-    for (const CopyOp& op : snapshot.ops) {
-      if (snapshot.states[snapshot.chunk_of(reinterpret_cast<uintptr_t>(op.src))].load() == kPending) {
-        result.protected_bytes += op.nbytes;
-      }
-    }
+    throw_if_failed();  // nothing is released yet; unregistering makes it all writable again
 
     std::exception_ptr failure;
     try {
       copy_unprotected(unprotected);
+      // What the handler has not copied yet is copied after release.
+      for (const CopyOp& op : snapshot.ops) {
+        if (snapshot.states[snapshot.chunk_of(reinterpret_cast<uintptr_t>(op.src))].load() == kPending) {
+          result.protected_bytes += op.nbytes;
+        }
+      }
       released();
     } catch (...) {
       failure = std::current_exception();  // still copy and unprotect everything before reporting it
@@ -584,16 +736,30 @@ WriteProtectCopier::Result WriteProtectCopier::copy(
     const size_t chunks = snapshot.chunk_count();
     // Back to front: training tends to write its tensors in order (an optimizer step), so the
     // handler copies from the front what it writes first while this thread copies from the back.
-    for (size_t c = chunks; c-- > 0;) copy_chunk_and_release(snapshot, c, /*by_fault=*/false);
+    for (size_t c = chunks; c-- > 0;) copy_chunk_and_release(snapshot, c);
     for (size_t c = 0; c < chunks; ++c) {
       while (snapshot.states[c].load(std::memory_order_acquire) != kCopied) std::this_thread::yield();
     }
     result.write_faults = snapshot.write_faults->load();
-    protected_ops = snapshot.ops;
+    protected_ops.swap(snapshot.ops);  // no allocation while a writer may still wait inside malloc
     if (failure) std::rethrow_exception(failure);
   }
+  serving_handler.reset();
+  throw_if_failed();
   collapse_later(protected_ops);  // Note [Huge pages for protected sources]
   return result;
+}
+
+void WriteProtectCopier::retire() noexcept {
+  close(uffd_);  // unregisters everything left and wakes its writers
+  uffd_ = -1;
+  try {
+    retired_why_ = "copy-on-write staging was turned off in this process after " +
+                   std::string(syscall_name(static_cast<Syscall>(failed_call_.load()))) + " failed: " +
+                   std::strerror(failed_errno_.load());
+  } catch (...) {
+  }
+  retired_.store(true, std::memory_order_release);
 }
 
 }  // namespace fastdcp::detail

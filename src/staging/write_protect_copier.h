@@ -13,8 +13,13 @@
 #include <vector>
 
 #include "staging/copy_engine.h"
+#include "staging/syscall_faults.h"
 
 namespace fastdcp::detail {
+
+// Opens a userfaultfd with write-protect faults, including for pages never touched yet (without
+// that, a write to an unpopulated page would go unnoticed), or returns -1 with the reason.
+int open_write_protect_fd(std::string& why_not);
 
 class WriteProtectCopier {
  public:
@@ -33,6 +38,8 @@ class WriteProtectCopier {
   // may change from then on) and the protected bytes are copied on this thread, a chunk that is
   // written first being copied by the fault handler before the write goes on. Returns once every
   // byte is copied and nothing is protected any more. One call at a time (later calls wait).
+  // Throws Error(kIoError) naming the call when a userfaultfd call failed, before `released` or
+  // after it, with nothing left protected (Note [Copy-on-write failures]).
   Result copy(std::vector<CopyOp> ops, const std::function<void(const std::vector<CopyOp>&)>& copy_unprotected,
               const std::function<void()>& released);
 
@@ -50,12 +57,25 @@ class WriteProtectCopier {
  private:
   void handler_loop();
   void serve_fault(uintptr_t address);
-  void copy_chunk_and_release(Snapshot& snapshot, size_t chunk, bool by_fault);
+  // Copies the chunk and unprotects it unless someone else has (then returns false).
+  bool copy_chunk_and_release(Snapshot& snapshot, size_t chunk);
+  // Makes [begin, end) writable and wakes its writers, however it can (Note [Copy-on-write failures]).
+  void release(uintptr_t begin, uintptr_t end) noexcept;
+  void record_failure(Syscall call, int errnum) noexcept;
+  void throw_if_failed();
+  void retire() noexcept;
   void collapse_later(const std::vector<CopyOp>& ops);
   void collapser_loop();
 
-  const int uffd_;
+  int uffd_;           // -1 once retired
   const int stop_fd_;  // an eventfd that ends handler_loop (which runs during copy() only)
+  std::atomic<bool> stop_handler_{false};  // also ends it, where polling fails
+  // The first failure of the running copy(): the Syscall (-1: none) and its errno.
+  std::atomic<int> failed_call_{-1};
+  std::atomic<int> failed_errno_{0};
+  std::atomic<bool> must_close_{false};  // something stayed registered: close the userfaultfd
+  std::atomic<bool> retired_{false};     // it was closed; retired_why_ (written before) says why
+  std::string retired_why_;
   std::mutex run_mutex_;             // one copy() at a time
   std::mutex snapshot_mutex_;        // guards current_ against the handler
   Snapshot* current_ = nullptr;

@@ -1,6 +1,15 @@
 #pragma once
 // A small value-or-error future shared between one producer (Promise) and any number of readers.
 // Unlike std::future it supports callbacks, many readers, and moving the value out once.
+//
+// Note [Throwing future callbacks]
+// A callback runs on whichever thread completes the future (a staging worker, a writer's comms
+// loop) or, when the future is already ready, inside on_ready(). Neither caller can do anything
+// useful with the callback's exception, and letting it escape a thread's loop ends the process
+// (std::terminate). So an exception thrown by a callback is caught and reported through warn()
+// (fastdcp/common/logging.h), naming it; the future keeps its value or error, and its other
+// callbacks still run. A callback that must report a failure does so itself (e.g. by failing a
+// promise of its own).
 
 #include <chrono>
 #include <condition_variable>
@@ -20,6 +29,9 @@ template <class T>
 class Future;
 
 namespace detail {
+// Runs a future callback under Note [Throwing future callbacks]: never throws.
+void run_future_callback(const std::function<void()>& callback) noexcept;
+
 template <class T>
 struct FutureState {
   std::mutex mutex;
@@ -40,7 +52,7 @@ struct FutureState {
       to_run.swap(callbacks);
     }
     ready_cv.notify_all();
-    for (auto& callback : to_run) callback();
+    for (auto& callback : to_run) run_future_callback(callback);
   }
 
   void wait() {
@@ -88,7 +100,8 @@ class Future {
   }
 
   // Runs `callback(future)` once the future is ready: at once on this thread if it already is,
-  // otherwise on the thread that completes it.
+  // otherwise on the thread that completes it. What it throws is reported, never passed on:
+  // Note [Throwing future callbacks].
   void on_ready(std::function<void(const Future&)> callback) const {
     auto& state = checked();
     {
@@ -98,7 +111,7 @@ class Future {
         return;
       }
     }
-    callback(*this);
+    detail::run_future_callback([&] { callback(*this); });
   }
 
  private:

@@ -74,7 +74,9 @@ struct StageCallOptions {
   // See Note [Staging leases]; null: the buffers staged into are not held.
   std::shared_ptr<const void> lease;
   // Called once, before the call's future is ready, as soon as the sources may change again (with
-  // copy-on-write staging, before their bytes are all copied); not called when staging fails.
+  // copy-on-write staging, before their bytes are all copied); not called when staging fails
+  // before that point. A copy-on-write failure after it fails the future (Note [Copy-on-write
+  // staging]); the sources may still change.
   // It runs on the staging thread and must not wait for that stager's future.
   std::function<void()> on_sources_released;
 };
@@ -89,7 +91,8 @@ struct StageCallOptions {
 // per chunk and the staged bytes are exactly those at the stage() call. The future is ready once
 // every byte is copied and nothing is protected.
 //  - Pages are protected whole, so bytes beside a source (malloc's own, other objects) fault too;
-//    their chunk is copied and they go on. The handler takes no lock and allocates nothing, so a
+//    their chunk is copied and they go on. Pages between sources less than 256 KiB apart are
+//    protected with them; a write there is let through at once, the sources staying protected. The handler takes no lock and allocates nothing, so a
 //    writer blocked inside malloc cannot deadlock it (Note [Fault handler]).
 //  - Memory that cannot be protected (file mappings, pinned CUDA memory, hugetlbfs, a host
 //    without userfaultfd or this feature) is copied before the callback, as without this option.
@@ -104,6 +107,10 @@ struct StageCallOptions {
 //    and later saves of them block training for about a millisecond per GiB (Note [Huge pages
 //    for protected sources] in src/staging/write_protect_copier.cpp).
 //  - One protected copy runs at a time per process; FASTDCP_COPY_ON_WRITE=0 turns it off.
+//  - A userfaultfd call that fails fails the call's future with Error(kIoError) naming the call
+//    and errno, after every page is writable again; training never stays blocked on it (Note
+//    [Copy-on-write failures] in src/staging/write_protect_copier.cpp). Sources less than 256 KiB
+//    apart are protected as one range, never across a staged buffer.
 
 class CheckpointStager {
  public:
