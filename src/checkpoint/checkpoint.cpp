@@ -398,8 +398,14 @@ void CheckpointWriter::commit(const Directory& dir, uint64_t generation, std::op
     vote_failed(dir, generation, *why);  // rank 0's failure record: the attempt is abandoned
     throw Error(ErrorCode::kCancelled, "the save to '" + path + "' was abandoned: " + *why + "; nothing was committed");
   }
-  dir.sync();  // every data file's directory entry is durable before the commit
-  write_small_file_atomically(dir, kManifestName, render_manifest(manifest));
+  try {
+    dir.sync();  // every data file's directory entry is durable before the commit
+    write_small_file_atomically(dir, kManifestName, render_manifest(manifest));
+  } catch (const std::exception& e) {
+    // Not committed: the other ranks learn it now rather than at their timeout.
+    vote_failed(dir, generation, "rank 0 failed to commit: " + std::string(e.what()));
+    throw;
+  }
   dir.sync();
   // Committed. Files of other generations (the replaced checkpoint, failed saves) go now, and
   // this generation's votes: by name only, never following a link (Note [Files the writer creates]).

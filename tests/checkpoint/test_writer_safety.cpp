@@ -12,6 +12,7 @@
 #include <fstream>
 #include <set>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "fastdcp/checkpoint/checkpoint.h"
@@ -285,6 +286,36 @@ INSTANTIATE_TEST_SUITE_P(Calls, SaveFaultTest,
                                            Fault{"renameat", 1, EIO}, Fault{"renameat", 2, EXDEV},
                                            Fault{"unlinkat", 1, EACCES}, Fault{"close", 1, EIO}),
                          describe);
+
+// Rank 0 failing to write the manifest marks the attempt abandoned: the other ranks fail at once
+// instead of waiting out their timeout, and the next save commits.
+TEST_F(WriterSafetyTest, AFailedCommitFailsTheOtherRanksAtOnce) {
+  const WriterOptions options{.barrier_timeout = std::chrono::seconds(60)};
+  const auto start = std::chrono::steady_clock::now();
+  {
+    const fault::Scope faults;
+    fault::inject("fsync", 1, EIO);  // only rank 0's commit syncs the directory
+    std::string rank1;
+    std::thread other([&] {
+      try {
+        CheckpointWriter({1, 2}, options).write(path_, state(11));
+      } catch (const Error& e) {
+        rank1 = e.what();
+      }
+    });
+    const Error e = expect_error([&] { CheckpointWriter({0, 2}, options).write(path_, state(10)); });
+    other.join();
+    EXPECT_NE(std::string(e.what()).find("fsync"), std::string::npos) << e.what();
+    EXPECT_NE(rank1.find("was not committed: rank 0 failed to commit"), std::string::npos) << rank1;
+  }
+  EXPECT_LT(std::chrono::steady_clock::now() - start, std::chrono::seconds(20));
+  EXPECT_THROW(read_manifest(path_), Error);
+  std::thread other([&] { CheckpointWriter({1, 2}, options).write(path_, state(13)); });
+  CheckpointWriter({0, 2}, options).write(path_, state(12));
+  other.join();
+  EXPECT_EQ(CheckpointReader({1, 2}).read(path_).at("step").as_int(), 13);
+  EXPECT_NO_THROW(verify_checkpoint(path_));
+}
 
 class LoadFaultTest : public WriterSafetyTest, public ::testing::WithParamInterface<Fault> {};
 
