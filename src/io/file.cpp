@@ -157,7 +157,9 @@ void File::reserve(uint64_t size) const {
 }
 
 void File::sync() const {
-  if (guarded("fdatasync", [&] { return ::fdatasync(fd_); }) != 0) throw_file_error("cannot sync", path_, "fdatasync", errno);
+  if (guarded("fdatasync", [&] { return ::fdatasync(fd_); }) != 0) {
+    throw_file_error("cannot sync", path_, "fdatasync", errno);
+  }
 }
 
 void File::close() {
@@ -225,41 +227,25 @@ std::vector<std::string> list_directory(const std::string& path) {
 Directory Directory::open(const std::string& path) {
   const int fd = guarded("open", [&] { return ::open(path.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC); });
   if (fd < 0) throw_file_error("cannot open directory", path, "open", errno);
-  return Directory(fd, path);
-}
-
-Directory::Directory(Directory&& other) noexcept : fd_(other.fd_), path_(std::move(other.path_)) { other.fd_ = -1; }
-
-Directory& Directory::operator=(Directory&& other) noexcept {
-  if (this != &other) {
-    if (fd_ >= 0) ::close(fd_);
-    fd_ = other.fd_;
-    path_ = std::move(other.path_);
-    other.fd_ = -1;
-  }
-  return *this;
-}
-
-Directory::~Directory() {
-  if (fd_ >= 0) ::close(fd_);
+  return Directory(File(fd, path));
 }
 
 File Directory::create(const std::string& name, File::Options options) const {
   int flags = O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC;
   if (options.direct_io) flags |= O_DIRECT;
-  const int fd = guarded("openat", [&] { return ::openat(fd_, name.c_str(), flags, 0644); });
+  const int fd = guarded("openat", [&] { return ::openat(handle_.fd(), name.c_str(), flags, 0644); });
   if (fd < 0) throw_file_error("cannot create", path_of(name), "openat", errno);
   return File(fd, path_of(name));
 }
 
 void Directory::rename(const std::string& from, const std::string& to) const {
-  if (guarded("renameat", [&] { return ::renameat(fd_, from.c_str(), fd_, to.c_str()); }) != 0) {
+  if (guarded("renameat", [&] { return ::renameat(handle_.fd(), from.c_str(), handle_.fd(), to.c_str()); }) != 0) {
     throw_file_error(("cannot rename to '" + path_of(to) + "' from").c_str(), path_of(from), "renameat", errno);
   }
 }
 
 void Directory::remove(const std::string& name) const {
-  if (guarded("unlinkat", [&] { return ::unlinkat(fd_, name.c_str(), 0); }) != 0 && errno != ENOENT &&
+  if (guarded("unlinkat", [&] { return ::unlinkat(handle_.fd(), name.c_str(), 0); }) != 0 && errno != ENOENT &&
       errno != EISDIR) {
     throw_file_error("cannot remove", path_of(name), "unlinkat", errno);
   }
@@ -267,18 +253,18 @@ void Directory::remove(const std::string& name) const {
 
 bool Directory::contains(const std::string& name) const {
   struct stat st{};
-  return ::fstatat(fd_, name.c_str(), &st, AT_SYMLINK_NOFOLLOW) == 0;
+  return ::fstatat(handle_.fd(), name.c_str(), &st, AT_SYMLINK_NOFOLLOW) == 0;
 }
 
 std::vector<std::string> Directory::list() const {
   // fdopendir takes the descriptor it is given: a duplicate, opened at the start.
-  const int fd = guarded("openat", [&] { return ::openat(fd_, ".", O_RDONLY | O_DIRECTORY | O_CLOEXEC); });
-  if (fd < 0) throw_file_error("cannot list directory", path_, "openat", errno);
+  const int fd = guarded("openat", [&] { return ::openat(handle_.fd(), ".", O_RDONLY | O_DIRECTORY | O_CLOEXEC); });
+  if (fd < 0) throw_file_error("cannot list directory", path(), "openat", errno);
   std::unique_ptr<DIR, int (*)(DIR*)> dir(::fdopendir(fd), &::closedir);
   if (!dir) {
     const int error = errno;
     ::close(fd);
-    throw_file_error("cannot list directory", path_, "fdopendir", error);
+    throw_file_error("cannot list directory", path(), "fdopendir", error);
   }
   std::vector<std::string> names;
   while (const dirent* entry = ::readdir(dir.get())) {
@@ -289,13 +275,15 @@ std::vector<std::string> Directory::list() const {
 }
 
 void Directory::sync() const {
-  if (guarded("fsync", [&] { return ::fsync(fd_); }) != 0) throw_file_error("cannot sync directory", path_, "fsync", errno);
+  if (guarded("fsync", [&] { return ::fsync(handle_.fd()); }) != 0) {
+    throw_file_error("cannot sync directory", path(), "fsync", errno);
+  }
 }
 
 std::optional<DirectoryLock> Directory::try_lock(const std::string& name) const {
   for (;;) {
     const int fd = guarded("openat", [&] {
-      return ::openat(fd_, name.c_str(), O_RDWR | O_CREAT | O_NOFOLLOW | O_CLOEXEC, 0644);
+      return ::openat(handle_.fd(), name.c_str(), O_RDWR | O_CREAT | O_NOFOLLOW | O_CLOEXEC, 0644);
     });
     if (fd < 0) throw_file_error("cannot create the lock file", path_of(name), "openat", errno);
     File file(fd, path_of(name));
@@ -308,11 +296,11 @@ std::optional<DirectoryLock> Directory::try_lock(const std::string& name) const 
     struct stat locked{};
     struct stat named{};
     if (::fstat(fd, &locked) != 0) throw_file_error("cannot stat", path_of(name), "fstat", errno);
-    if (::fstatat(fd_, name.c_str(), &named, AT_SYMLINK_NOFOLLOW) == 0 && named.st_ino == locked.st_ino &&
+    if (::fstatat(handle_.fd(), name.c_str(), &named, AT_SYMLINK_NOFOLLOW) == 0 && named.st_ino == locked.st_ino &&
         named.st_dev == locked.st_dev) {
-      const int copy = ::fcntl(fd_, F_DUPFD_CLOEXEC, 0);
-      if (copy < 0) throw_file_error("cannot duplicate the descriptor of", path_, "fcntl", errno);
-      return DirectoryLock(Directory(copy, path_), std::move(file), name);
+      const int copy = ::fcntl(handle_.fd(), F_DUPFD_CLOEXEC, 0);
+      if (copy < 0) throw_file_error("cannot duplicate the descriptor of", path(), "fcntl", errno);
+      return DirectoryLock(Directory(File(copy, path())), std::move(file), name);
     }
   }
 }

@@ -24,6 +24,7 @@
 namespace fastdcp {
 namespace {
 
+using testing::expect_error;
 using testing::patterned_tensor;
 
 // `extra_mib` MiB more in one tensor: several 16 MiB write batches.
@@ -61,17 +62,6 @@ size_t open_fds() {
   size_t n = 0;
   for ([[maybe_unused]] const auto& e : std::filesystem::directory_iterator("/proc/self/fd")) ++n;
   return n;
-}
-
-template <class F>
-Error expect_error(F&& f) {
-  try {
-    f();
-  } catch (const Error& e) {
-    return e;
-  }
-  ADD_FAILURE() << "expected a fastdcp::Error";
-  return Error(ErrorCode::kInternal, "none");
 }
 
 class WriterSafetyTest : public ::testing::Test {

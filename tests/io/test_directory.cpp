@@ -116,7 +116,8 @@ TEST_F(DirectoryTest, InjectedFailuresNameTheCallTheFileAndTheErrno) {
   } catch (const Error& e) {
     EXPECT_EQ(e.code(), ErrorCode::kIoError);
     const std::string what = e.what();
-    for (const std::string& part : {path, std::string("pwritev"), std::string("errno 28"), std::string("disk is full")}) {
+    for (const std::string& part :
+         {path, std::string("pwritev"), std::string("errno 28"), std::string("disk is full")}) {
       EXPECT_NE(what.find(part), std::string::npos) << what;
     }
   }

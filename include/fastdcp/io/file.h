@@ -102,12 +102,6 @@ class Directory {
   // Opens `path`, a directory (a link to one is followed).
   static Directory open(const std::string& path);
 
-  Directory() = default;
-  Directory(Directory&&) noexcept;
-  Directory& operator=(Directory&&) noexcept;
-  Directory(const Directory&) = delete;
-  Directory& operator=(const Directory&) = delete;
-  ~Directory();
 
   // A new file `name`, write-only: Error(kIoError) if anything (a link included) has that name.
   File create(const std::string& name, File::Options options = {}) const;
@@ -124,13 +118,12 @@ class Directory {
   // nothing if another open file description holds it. See DirectoryLock.
   std::optional<DirectoryLock> try_lock(const std::string& name) const;
 
-  const std::string& path() const { return path_; }
-  std::string path_of(const std::string& name) const { return join_path(path_, name); }
+  const std::string& path() const { return handle_.path(); }
+  std::string path_of(const std::string& name) const { return join_path(path(), name); }
 
  private:
-  Directory(int fd, std::string path) : fd_(fd), path_(std::move(path)) {}
-  int fd_ = -1;
-  std::string path_;
+  explicit Directory(File handle) : handle_(std::move(handle)) {}
+  File handle_;  // O_DIRECTORY, read-only
 };
 
 // Held from Directory::try_lock until destroyed, or until the process dies (the kernel releases a
