@@ -202,7 +202,7 @@ CheckpointWriter::CheckpointWriter(RankInfo rank, WriterOptions options, std::sh
 
 struct CheckpointWriter::Save {
   Directory dir;
-  DirectoryLock lock;  // Note [One writer per checkpoint path]
+  std::optional<DirectoryLock> lock;  // Note [One writer per checkpoint path]; none without flock
   uint64_t generation;
 };
 
@@ -241,8 +241,18 @@ CheckpointWriter::Save CheckpointWriter::begin_save(const std::string& path) con
   create_directories(path);
   Directory dir = Directory::open(path);  // a link to a directory is the user's: saved into
   const int rank = rank_.global_rank;
-  std::optional<DirectoryLock> lock = dir.try_lock(lock_file_name(rank));
-  if (!lock) {
+  std::optional<DirectoryLock> lock;
+  bool locked = false;
+  try {
+    lock = dir.try_lock(lock_file_name(rank));
+    locked = lock.has_value();
+  } catch (const Error& e) {
+    if (e.code() != ErrorCode::kUnavailable) throw;
+    warn("saving to '" + path + "' without its one-writer lock: " + e.what() +
+         "; make sure no other process saves there at the same time");
+    locked = true;  // as before the lock existed
+  }
+  if (!locked) {
     throw Error(ErrorCode::kFailedPrecondition,
                 "another process is saving rank " + std::to_string(rank) + " to '" + path + "' (it holds the lock '" +
                     dir.path_of(lock_file_name(rank)) +
@@ -262,7 +272,7 @@ CheckpointWriter::Save CheckpointWriter::begin_save(const std::string& path) con
   // are replaced as they are written.
   dir.remove(receipt_file_name(rank, generation));
   dir.remove(failure_file_name(rank, generation));
-  return Save{std::move(dir), std::move(*lock), generation};
+  return Save{std::move(dir), std::move(lock), generation};
 }
 
 void CheckpointWriter::finish_save(const Save& save, const std::optional<std::string>& failure) {

@@ -8,6 +8,7 @@
 
 #include <algorithm>
 #include <cerrno>
+#include <cstring>
 #include <filesystem>
 #include <memory>
 
@@ -288,8 +289,13 @@ std::optional<DirectoryLock> Directory::try_lock(const std::string& name) const 
     if (fd < 0) throw_file_error("cannot create the lock file", path_of(name), "openat", errno);
     File file(fd, path_of(name));
     if (guarded("flock", [&] { return ::flock(fd, LOCK_EX | LOCK_NB); }) != 0) {
-      if (errno == EWOULDBLOCK) return std::nullopt;
-      throw_file_error("cannot lock", path_of(name), "flock", errno);
+      const int error = errno;
+      if (error == EWOULDBLOCK) return std::nullopt;
+      if (error == ENOLCK || error == EOPNOTSUPP || error == ENOSYS) {
+        throw Error(ErrorCode::kUnavailable, "the file system of '" + path() + "' has no flock (" +
+                                                 std::strerror(error) + ")");
+      }
+      throw_file_error("cannot lock", path_of(name), "flock", error);
     }
     // The holder before us may have removed the name before releasing the file we locked: then
     // ours is not the lock, the file now under that name (or none) is.
@@ -305,13 +311,24 @@ std::optional<DirectoryLock> Directory::try_lock(const std::string& name) const 
   }
 }
 
-DirectoryLock::~DirectoryLock() {
+DirectoryLock& DirectoryLock::operator=(DirectoryLock&& other) noexcept {
+  if (this != &other) {
+    release();
+    directory_ = std::move(other.directory_);
+    file_ = std::move(other.file_);
+    name_ = std::move(other.name_);
+  }
+  return *this;
+}
+
+void DirectoryLock::release() noexcept {
   if (!file_.is_open()) return;  // moved from
   try {
     directory_.remove(name_);  // while still held: see Directory::try_lock
   } catch (const Error&) {
     // a lock file left behind is locked and reused by the next holder
   }
+  file_ = File();  // closing it releases the lock
 }
 
 std::string join_path(const std::string& directory, const std::string& name) {

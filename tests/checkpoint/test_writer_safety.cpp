@@ -221,6 +221,20 @@ TEST_F(WriterSafetyTest, ASecondSaveOfTheSameRankWhileOneRunsIsRefused) {
   expect_holds(path_, 1);
 }
 
+// Where the file system has no flock, a save goes on without the lock (as before it existed); any
+// other failure to lock is an error.
+TEST_F(WriterSafetyTest, AFileSystemWithoutFlockSavesWithoutTheLock) {
+  const fault::Scope faults;
+  fault::inject("flock", 1, ENOLCK);
+  CheckpointWriter().write(path_, state(1));
+  expect_holds(path_, 1);
+  fault::inject("flock", 1, EIO);
+  const Error e = expect_error([&] { CheckpointWriter({}, overwrite_).write(path_, state(2)); });
+  EXPECT_EQ(e.code(), ErrorCode::kIoError);
+  EXPECT_NE(std::string(e.what()).find("flock"), std::string::npos) << e.what();
+  expect_holds(path_, 1);
+}
+
 struct Fault {
   const char* call;
   int nth;

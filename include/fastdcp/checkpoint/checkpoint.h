@@ -31,7 +31,8 @@
 // whose old writer still runs) fails at once with Error(kFailedPrecondition) instead of writing
 // over the first one's files. Holding the lock also makes the files of its generation ours to
 // remove: leftovers of a crashed save (whose lock died with it) are removed before being created
-// afresh (Note [Files the writer creates] in fastdcp/io/file.h).
+// afresh (Note [Files the writer creates] in fastdcp/io/file.h). A file system without flock
+// gets a warning, and the save goes on unlocked.
 
 #include <chrono>
 #include <functional>

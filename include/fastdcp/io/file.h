@@ -115,7 +115,8 @@ class Directory {
   std::vector<std::string> list() const;
   void sync() const;  // fsync: creations, renames and removals in it are durable
   // An exclusive claim (flock) on the file `name`, created if missing (never through a link), or
-  // nothing if another open file description holds it. See DirectoryLock.
+  // nothing if another open file description holds it; Error(kUnavailable) where the file system
+  // has no flock (some network file systems). See DirectoryLock.
   std::optional<DirectoryLock> try_lock(const std::string& name) const;
 
   const std::string& path() const { return handle_.path(); }
@@ -132,10 +133,11 @@ class Directory {
 class DirectoryLock {
  public:
   DirectoryLock(DirectoryLock&&) noexcept = default;
-  DirectoryLock& operator=(DirectoryLock&&) = delete;
-  ~DirectoryLock();
+  DirectoryLock& operator=(DirectoryLock&& other) noexcept;
+  ~DirectoryLock() { release(); }
 
  private:
+  void release() noexcept;
   friend class Directory;
   DirectoryLock(Directory directory, File file, std::string name)
       : directory_(std::move(directory)), file_(std::move(file)), name_(std::move(name)) {}
