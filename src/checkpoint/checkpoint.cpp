@@ -44,15 +44,41 @@ std::string read_small_file(const std::string& path) {
   return text;
 }
 
-// Writes a small file durably under its final name: temporary name, fsync, rename.
-void write_small_file_atomically(const std::string& directory, const std::string& name, const std::string& text) {
-  const std::string temporary = join_path(directory, "." + name + ".tmp");
-  File file = File::open(temporary, File::Mode::kCreate);
-  file.write_at(text.data(), text.size(), 0);
-  file.sync();
-  file.close();
-  rename_path(temporary, join_path(directory, name));
+std::string temporary_name(const std::string& name) { return "." + name + ".tmp"; }
+
+// Whether `name` is a file a save writes, of a generation other than `generation`, or a vote of
+// it: what the commit removes.
+bool replaced_by_commit(std::string_view name, uint64_t generation) {
+  if (name.starts_with(".") && name.ends_with(".tmp")) {
+    const std::string_view inner = name.substr(1, name.size() - 5);
+    return inner == kManifestName || generation_of(inner) != 0;  // a crashed save's temporary
+  }
+  const uint64_t g = generation_of(name);
+  return (g != 0 && g != generation) || (g == generation && name.starts_with("rank_"));
 }
+
+// Writes a small file durably under its final name: a temporary name created new, fsync, rename.
+// Any earlier file of the temporary name is a crashed save's (this save holds the lock).
+void write_small_file_atomically(const Directory& dir, const std::string& name, const std::string& text) {
+  const std::string temporary = temporary_name(name);
+  dir.remove(temporary);
+  try {
+    File file = dir.create(temporary);
+    file.write_at(text.data(), text.size(), 0);
+    file.sync();
+    file.close();
+    dir.rename(temporary, name);
+  } catch (...) {
+    try {
+      dir.remove(temporary);
+    } catch (const Error&) {
+      // the next save's commit removes it
+    }
+    throw;
+  }
+}
+
+std::string lock_file_name(int rank) { return "rank_" + std::to_string(rank) + ".lock"; }
 
 std::optional<Manifest> committed_manifest(const std::string& path) {
   const std::string file = join_path(path, kManifestName);
@@ -174,9 +200,16 @@ CheckpointWriter::CheckpointWriter(RankInfo rank, WriterOptions options, std::sh
   check_rank(rank_);
 }
 
+struct CheckpointWriter::Save {
+  Directory dir;
+  std::optional<DirectoryLock> lock;  // Note [One writer per checkpoint path]; none without flock
+  uint64_t generation;
+};
+
 WriteStats CheckpointWriter::write(const std::string& path, const Value& state_dict) {
   const auto start = Clock::now();
-  const uint64_t generation = begin_save(path);
+  const Save save = begin_save(path);
+  const uint64_t generation = save.generation;
   const int rank = rank_.global_rank;
 
   // Phase one: this rank's file and pre_commit, then its vote. See Note [Commit protocol].
@@ -185,14 +218,14 @@ WriteStats CheckpointWriter::write(const std::string& path, const Value& state_d
   std::optional<std::string> failure;
   try {
     ManifestRank receipt;
-    stats = write_rank_file(path, state_dict, generation, receipt);
+    stats = write_rank_file(save.dir, state_dict, generation, receipt);
     if (hook_) hook_->pre_commit(path);
-    write_small_file_atomically(path, receipt_file_name(rank, generation), render_receipt(receipt, generation));
+    write_small_file_atomically(save.dir, receipt_file_name(rank, generation), render_receipt(receipt, generation));
   } catch (const std::exception& e) {
     error = std::current_exception();
     failure = "rank " + std::to_string(rank) + " failed: " + e.what();
   }
-  finish_save(path, generation, failure);
+  finish_save(save, failure);
   if (error) std::rethrow_exception(error);
   if (hook_) hook_->post_commit(path);
   stats.seconds_total = seconds_since(start);
@@ -200,13 +233,32 @@ WriteStats CheckpointWriter::write(const std::string& path, const Value& state_d
 }
 
 void CheckpointWriter::abandon(const std::string& path, const std::string& error) {
-  const uint64_t generation = begin_save(path);
-  finish_save(path, generation, "rank " + std::to_string(rank_.global_rank) + " failed: " + error);
+  finish_save(begin_save(path), "rank " + std::to_string(rank_.global_rank) + " failed: " + error);
 }
 
-uint64_t CheckpointWriter::begin_save(const std::string& path) const {
+CheckpointWriter::Save CheckpointWriter::begin_save(const std::string& path) const {
   if (path.empty()) throw Error(ErrorCode::kInvalidArgument, "the checkpoint path is empty");
   create_directories(path);
+  Directory dir = Directory::open(path);  // a link to a directory is the user's: saved into
+  const int rank = rank_.global_rank;
+  std::optional<DirectoryLock> lock;
+  bool locked = false;
+  try {
+    lock = dir.try_lock(lock_file_name(rank));
+    locked = lock.has_value();
+  } catch (const Error& e) {
+    if (e.code() != ErrorCode::kUnavailable) throw;
+    warn("saving to '" + path + "' without its one-writer lock: " + e.what() +
+         "; make sure no other process saves there at the same time");
+    locked = true;  // as before the lock existed
+  }
+  if (!locked) {
+    throw Error(ErrorCode::kFailedPrecondition,
+                "another process is saving rank " + std::to_string(rank) + " to '" + path + "' (it holds the lock '" +
+                    dir.path_of(lock_file_name(rank)) +
+                    "'); a checkpoint path has one writer at a time: wait for that save to finish, stop that "
+                    "process (an earlier run of this job may still be saving), or save to another path");
+  }
   const std::optional<Manifest> committed = committed_manifest(path);
   if (committed && !options_.overwrite) {
     throw Error(ErrorCode::kFailedPrecondition, "'" + path + "' already holds a committed checkpoint (generation " +
@@ -215,15 +267,20 @@ uint64_t CheckpointWriter::begin_save(const std::string& path) const {
   }
   uint64_t generation = committed ? committed->generation + 1 : 1;
   // An abandoned save's generation is not used again (Note [Commit protocol]).
-  while (path_exists(join_path(path, failure_file_name(0, generation)))) ++generation;
-  return generation;
+  while (dir.contains(failure_file_name(0, generation))) ++generation;
+  // Votes of a crashed attempt at this generation are this rank's to take back; its other files
+  // are replaced as they are written.
+  dir.remove(receipt_file_name(rank, generation));
+  dir.remove(failure_file_name(rank, generation));
+  return Save{std::move(dir), std::move(lock), generation};
 }
 
-void CheckpointWriter::finish_save(const std::string& path, uint64_t generation,
-                                   const std::optional<std::string>& failure) {
+void CheckpointWriter::finish_save(const Save& save, const std::optional<std::string>& failure) {
+  const std::string& path = save.dir.path();
+  const uint64_t generation = save.generation;
   const int rank = rank_.global_rank;
   // Rank 0 records its own failure only once every rank has voted: its record ends the attempt.
-  if (failure && rank != 0) vote_failed(path, generation, *failure);
+  if (failure && rank != 0) vote_failed(save.dir, generation, *failure);
   if (barrier_) {
     try {
       barrier_->execute(options_.barrier_timeout);
@@ -239,7 +296,7 @@ void CheckpointWriter::finish_save(const std::string& path, uint64_t generation,
   // that failed reports its own error, whatever the decision.
   try {
     if (rank == 0) {
-      commit(path, generation, failure);
+      commit(save.dir, generation, failure);
     } else {
       await_commit(path, generation);
     }
@@ -248,7 +305,7 @@ void CheckpointWriter::finish_save(const std::string& path, uint64_t generation,
   }
 }
 
-WriteStats CheckpointWriter::write_rank_file(const std::string& path, const Value& state_dict, uint64_t generation,
+WriteStats CheckpointWriter::write_rank_file(const Directory& dir, const Value& state_dict, uint64_t generation,
                                              ManifestRank& receipt) {
   const auto start = Clock::now();
   const int rank = rank_.global_rank;
@@ -256,21 +313,24 @@ WriteStats CheckpointWriter::write_rank_file(const std::string& path, const Valu
   WriteStats stats;
   stats.file = rank_file_name(rank, generation);
   {
-    const std::string file_path = join_path(path, stats.file);
     const int threads = io_thread_count(options_.io_threads);
     File file;
     bool direct = options_.direct_io;
+    // A file of this name is a crashed save's, or anyone's link: this save holds the lock, so it
+    // goes, and the file is created new (Note [Files the writer creates]).
+    dir.remove(stats.file);
     if (direct) {
       try {
-        file = File::open(file_path, File::Mode::kCreate, File::Options{.direct_io = true});
+        file = dir.create(stats.file, File::Options{.direct_io = true});
       } catch (const Error&) {
         direct = false;  // a file system without O_DIRECT (tmpfs): buffered writes
+        dir.remove(stats.file);  // the failed open may have created it
       }
     }
-    if (!direct) file = File::open(file_path, File::Mode::kCreate);
+    if (!direct) file = dir.create(stats.file);
     file.reserve(plan.file_size());  // a full disk fails here, before any data is written
     if (direct) {
-      const size_t alignment = direct_io_alignment(path);
+      const size_t alignment = direct_io_alignment(dir.path());
       const auto crcs = detail::write_entries_direct(
           file, plan.entries(), plan.storages(), plan.data_offset(), plan.file_size() - plan.data_offset(), alignment,
           options_.io_threads > 0 ? options_.io_threads : detail::kDirectWritesInFlight, options_.io_engine);
@@ -299,28 +359,29 @@ WriteStats CheckpointWriter::write_rank_file(const std::string& path, const Valu
   return stats;
 }
 
-void CheckpointWriter::vote_failed(const std::string& path, uint64_t generation, const std::string& error) noexcept {
+void CheckpointWriter::vote_failed(const Directory& dir, uint64_t generation, const std::string& error) noexcept {
   try {
-    write_small_file_atomically(path, failure_file_name(rank_.global_rank, generation),
+    write_small_file_atomically(dir, failure_file_name(rank_.global_rank, generation),
                                 render_failure(rank_.global_rank, generation, error));
   } catch (...) {
     // The directory itself may be what failed; the others then wait out their timeout.
   }
 }
 
-std::optional<std::string> CheckpointWriter::collect_votes(const std::string& path, uint64_t generation,
+std::optional<std::string> CheckpointWriter::collect_votes(const Directory& dir, uint64_t generation,
                                                            Manifest& manifest, int first_rank) const {
+  const std::string& path = dir.path();
   const auto deadline = Clock::now() + options_.barrier_timeout;
   std::optional<std::string> why;
   for (int r = first_rank; r < rank_.global_world_size; ++r) {
-    const std::string receipt = join_path(path, receipt_file_name(r, generation));
-    const std::string failure = join_path(path, failure_file_name(r, generation));
+    const std::string receipt = dir.path_of(receipt_file_name(r, generation));
+    const std::string failure = dir.path_of(failure_file_name(r, generation));
     for (;;) {
-      if (r != 0 && path_exists(failure)) {
+      if (r != 0 && dir.contains(failure_file_name(r, generation))) {
         if (!why) why = parse_failure(read_small_file(failure));  // "rank <r> failed: ..."
         break;
       }
-      if (path_exists(receipt)) {
+      if (dir.contains(receipt_file_name(r, generation))) {
         if (!why) manifest.ranks.push_back(parse_receipt(read_small_file(receipt), generation, receipt));
         break;
       }
@@ -334,27 +395,32 @@ std::optional<std::string> CheckpointWriter::collect_votes(const std::string& pa
   return why;
 }
 
-void CheckpointWriter::commit(const std::string& path, uint64_t generation, std::optional<std::string> why) {
+void CheckpointWriter::commit(const Directory& dir, uint64_t generation, std::optional<std::string> why) {
+  const std::string& path = dir.path();
   Manifest manifest;
   manifest.generation = generation;
   manifest.world_size = rank_.global_world_size;
   // Every rank's vote, even when this save is lost already: a rank that has not voted may not have
   // picked its generation yet, and must not see this one abandoned before it does.
-  const std::optional<std::string> votes = collect_votes(path, generation, manifest, /*first_rank=*/why ? 1 : 0);
+  const std::optional<std::string> votes = collect_votes(dir, generation, manifest, /*first_rank=*/why ? 1 : 0);
   if (!why) why = votes;
   if (why) {
-    vote_failed(path, generation, *why);  // rank 0's failure record: the attempt is abandoned
+    vote_failed(dir, generation, *why);  // rank 0's failure record: the attempt is abandoned
     throw Error(ErrorCode::kCancelled, "the save to '" + path + "' was abandoned: " + *why + "; nothing was committed");
   }
-  sync_directory(path);  // every data file's directory entry is durable before the commit
-  write_small_file_atomically(path, kManifestName, render_manifest(manifest));
-  sync_directory(path);
+  try {
+    dir.sync();  // every data file's directory entry is durable before the commit
+    write_small_file_atomically(dir, kManifestName, render_manifest(manifest));
+  } catch (const std::exception& e) {
+    // Not committed: the other ranks learn it now rather than at their timeout.
+    vote_failed(dir, generation, "rank 0 failed to commit: " + std::string(e.what()));
+    throw;
+  }
+  dir.sync();
   // Committed. Files of other generations (the replaced checkpoint, failed saves) go now, and
-  // this generation's votes.
-  for (const std::string& name : list_directory(path)) {
-    const uint64_t g = generation_of(name);
-    const bool vote_of_this = g == generation && name.starts_with("rank_");
-    if ((g != 0 && g != generation) || vote_of_this) remove_file(join_path(path, name));
+  // this generation's votes: by name only, never following a link (Note [Files the writer creates]).
+  for (const std::string& name : dir.list()) {
+    if (replaced_by_commit(name, generation)) dir.remove(name);
   }
 }
 

@@ -16,6 +16,7 @@
 #include "fastdcp/common/error.h"
 #include "fastdcp/common/parallel.h"
 #include "fastdcp/format/checksum.h"
+#include "fastdcp/io/fault.h"
 #include "io/file_error.h"
 
 namespace fastdcp::detail {
@@ -279,11 +280,13 @@ void read_file_image(const File& file, bool direct, uint64_t data_offset, uint64
     const uint64_t length = window_length(needed);
     uint64_t done = 0;
     while (done < needed) {
-      const ssize_t n = ::pread(file.fd(), image + start + done, length - done,
-                                static_cast<off_t>(data_offset + start + done));
+      const int injected = fault::injected("pread");  // Note [Fault injection]
+      const ssize_t n = injected ? (errno = injected, -1)
+                                 : ::pread(file.fd(), image + start + done, length - done,
+                                           static_cast<off_t>(data_offset + start + done));
       if (n < 0) {
         if (errno == EINTR) continue;
-        throw_file_error("cannot read", file.path(), errno);
+        throw_file_error("cannot read", file.path(), "pread", errno);
       }
       done += static_cast<uint64_t>(n);
       // A short read ends the file; O_DIRECT could not go on from an unaligned place anyway.

@@ -2,25 +2,49 @@
 
 #include <dirent.h>
 #include <fcntl.h>
+#include <sys/file.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
 #include <algorithm>
 #include <cerrno>
+#include <cstring>
 #include <filesystem>
 #include <memory>
 
 #include "fastdcp/common/error.h"
+#include "fastdcp/io/fault.h"
 #include "io/file_error.h"
 
 namespace fastdcp {
 [[noreturn]] void throw_file_error(const char* operation, const std::string& path, int error) {
+  throw_file_error(operation, path, nullptr, error);
+}
+
+[[noreturn]] void throw_file_error(const char* operation, const std::string& path, const char* call, int error) {
   std::string what = std::string(operation) + " '" + path + "'";
   if (error == ENOSPC) what += " (the disk is full)";
   if (error == EFBIG) what += " (the file-size limit was reached)";
+  if (error == ELOOP) what += " (it is a symbolic link, which fastdcp does not write through)";
+  if (call) what += std::string(": ") + call;
   if (error == ENOENT) throw Error(ErrorCode::kNotFound, what + ": no such file or directory");
   throw_system_error(what, error);
 }
+
+namespace {
+
+// Makes a system call unless a test injected its failure (Note [Fault injection]): then returns
+// -1 with errno set, as the call would.
+template <class Call>
+auto guarded(const char* name, Call call) -> decltype(call()) {
+  if (const int error = fault::injected(name)) {
+    errno = error;
+    return -1;
+  }
+  return call();
+}
+
+}  // namespace
 
 File File::open(const std::string& path, Mode mode, Options options) {
   int flags = O_CLOEXEC;
@@ -30,8 +54,8 @@ File File::open(const std::string& path, Mode mode, Options options) {
     case Mode::kCreateNew: flags |= O_WRONLY | O_CREAT | O_EXCL; break;
   }
   if (options.direct_io) flags |= O_DIRECT;
-  const int fd = ::open(path.c_str(), flags, 0644);
-  if (fd < 0) throw_file_error(mode == Mode::kRead ? "cannot open" : "cannot create", path, errno);
+  const int fd = guarded("open", [&] { return ::open(path.c_str(), flags, 0644); });
+  if (fd < 0) throw_file_error(mode == Mode::kRead ? "cannot open" : "cannot create", path, "open", errno);
   return File(fd, path);
 }
 
@@ -65,14 +89,17 @@ void transfer(int fd, const std::string& path, bool write, std::vector<iovec> io
       continue;
     }
     const int count = static_cast<int>(std::min(iov.size() - first, kMaxIovecs));
-    const ssize_t n = write ? ::pwritev(fd, iov.data() + first, count, static_cast<off_t>(offset))
-                            : ::preadv(fd, iov.data() + first, count, static_cast<off_t>(offset));
+    const char* call = write ? "pwritev" : "preadv";
+    const ssize_t n = guarded(call, [&] {
+      return write ? ::pwritev(fd, iov.data() + first, count, static_cast<off_t>(offset))
+                   : ::preadv(fd, iov.data() + first, count, static_cast<off_t>(offset));
+    });
     if (n < 0) {
       if (errno == EINTR) continue;
-      throw_file_error(write ? "cannot write" : "cannot read", path, errno);
+      throw_file_error(write ? "cannot write" : "cannot read", path, call, errno);
     }
     if (n == 0) {
-      if (write) throw_file_error("cannot write", path, ENOSPC);
+      if (write) throw_file_error("cannot write", path, call, ENOSPC);
       throw Error(ErrorCode::kDataLoss, "'" + path + "' is truncated: it ends at byte " + std::to_string(offset) +
                                             ", and " + std::to_string(wanted) + " bytes were wanted from byte " +
                                             std::to_string(start));
@@ -112,30 +139,39 @@ void File::write_vectored_at(std::vector<iovec> iov, uint64_t offset) const {
 
 uint64_t File::size() const {
   struct stat st{};
-  if (::fstat(fd_, &st) != 0) throw_file_error("cannot stat", path_, errno);
+  if (guarded("fstat", [&] { return ::fstat(fd_, &st); }) != 0) throw_file_error("cannot stat", path_, "fstat", errno);
   return static_cast<uint64_t>(st.st_size);
 }
 
 void File::truncate(uint64_t size) const {
-  if (::ftruncate(fd_, static_cast<off_t>(size)) != 0) throw_file_error("cannot resize", path_, errno);
+  if (guarded("ftruncate", [&] { return ::ftruncate(fd_, static_cast<off_t>(size)); }) != 0) {
+    throw_file_error("cannot resize", path_, "ftruncate", errno);
+  }
 }
 
 void File::reserve(uint64_t size) const {
   if (size == 0) return;
-  if (::fallocate(fd_, 0, 0, static_cast<off_t>(size)) != 0 && errno != EOPNOTSUPP && errno != ENOSYS) {
-    throw_file_error("cannot reserve space for", path_, errno);
+  if (guarded("fallocate", [&] { return ::fallocate(fd_, 0, 0, static_cast<off_t>(size)); }) != 0 &&
+      errno != EOPNOTSUPP && errno != ENOSYS) {
+    throw_file_error("cannot reserve space for", path_, "fallocate", errno);
   }
 }
 
 void File::sync() const {
-  if (::fdatasync(fd_) != 0) throw_file_error("cannot sync", path_, errno);
+  if (guarded("fdatasync", [&] { return ::fdatasync(fd_); }) != 0) {
+    throw_file_error("cannot sync", path_, "fdatasync", errno);
+  }
 }
 
 void File::close() {
   if (fd_ < 0) return;
   const int fd = fd_;
   fd_ = -1;
-  if (::close(fd) != 0 && errno != EINTR) throw_file_error("cannot close", path_, errno);
+  if (const int error = fault::injected("close")) {
+    ::close(fd);  // released all the same, as a failing close does
+    throw_file_error("cannot close", path_, "close", error);
+  }
+  if (::close(fd) != 0 && errno != EINTR) throw_file_error("cannot close", path_, "close", errno);
 }
 
 size_t direct_io_alignment(const std::string& directory) {
@@ -163,20 +199,19 @@ void create_directories(const std::string& path) {
 }
 
 void sync_directory(const std::string& path) {
-  const int fd = ::open(path.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
-  if (fd < 0) throw_file_error("cannot open directory", path, errno);
-  const int rc = ::fsync(fd);
-  const int error = errno;
-  ::close(fd);
-  if (rc != 0) throw_file_error("cannot sync directory", path, error);
+  Directory::open(path).sync();
 }
 
 void rename_path(const std::string& from, const std::string& to) {
-  if (::rename(from.c_str(), to.c_str()) != 0) throw_file_error(("cannot rename to '" + to + "' from").c_str(), from, errno);
+  if (guarded("rename", [&] { return ::rename(from.c_str(), to.c_str()); }) != 0) {
+    throw_file_error(("cannot rename to '" + to + "' from").c_str(), from, "rename", errno);
+  }
 }
 
 void remove_file(const std::string& path) {
-  if (::unlink(path.c_str()) != 0 && errno != ENOENT) throw_file_error("cannot remove", path, errno);
+  if (guarded("unlink", [&] { return ::unlink(path.c_str()); }) != 0 && errno != ENOENT) {
+    throw_file_error("cannot remove", path, "unlink", errno);
+  }
 }
 
 std::vector<std::string> list_directory(const std::string& path) {
@@ -188,6 +223,112 @@ std::vector<std::string> list_directory(const std::string& path) {
     if (name != "." && name != "..") names.push_back(name);
   }
   return names;
+}
+
+Directory Directory::open(const std::string& path) {
+  const int fd = guarded("open", [&] { return ::open(path.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC); });
+  if (fd < 0) throw_file_error("cannot open directory", path, "open", errno);
+  return Directory(File(fd, path));
+}
+
+File Directory::create(const std::string& name, File::Options options) const {
+  int flags = O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC;
+  if (options.direct_io) flags |= O_DIRECT;
+  const int fd = guarded("openat", [&] { return ::openat(handle_.fd(), name.c_str(), flags, 0644); });
+  if (fd < 0) throw_file_error("cannot create", path_of(name), "openat", errno);
+  return File(fd, path_of(name));
+}
+
+void Directory::rename(const std::string& from, const std::string& to) const {
+  if (guarded("renameat", [&] { return ::renameat(handle_.fd(), from.c_str(), handle_.fd(), to.c_str()); }) != 0) {
+    throw_file_error(("cannot rename to '" + path_of(to) + "' from").c_str(), path_of(from), "renameat", errno);
+  }
+}
+
+void Directory::remove(const std::string& name) const {
+  if (guarded("unlinkat", [&] { return ::unlinkat(handle_.fd(), name.c_str(), 0); }) != 0 && errno != ENOENT &&
+      errno != EISDIR) {
+    throw_file_error("cannot remove", path_of(name), "unlinkat", errno);
+  }
+}
+
+bool Directory::contains(const std::string& name) const {
+  struct stat st{};
+  return ::fstatat(handle_.fd(), name.c_str(), &st, AT_SYMLINK_NOFOLLOW) == 0;
+}
+
+std::vector<std::string> Directory::list() const {
+  // fdopendir takes the descriptor it is given: a duplicate, opened at the start.
+  const int fd = guarded("openat", [&] { return ::openat(handle_.fd(), ".", O_RDONLY | O_DIRECTORY | O_CLOEXEC); });
+  if (fd < 0) throw_file_error("cannot list directory", path(), "openat", errno);
+  std::unique_ptr<DIR, int (*)(DIR*)> dir(::fdopendir(fd), &::closedir);
+  if (!dir) {
+    const int error = errno;
+    ::close(fd);
+    throw_file_error("cannot list directory", path(), "fdopendir", error);
+  }
+  std::vector<std::string> names;
+  while (const dirent* entry = ::readdir(dir.get())) {
+    const std::string name = entry->d_name;
+    if (name != "." && name != "..") names.push_back(name);
+  }
+  return names;
+}
+
+void Directory::sync() const {
+  if (guarded("fsync", [&] { return ::fsync(handle_.fd()); }) != 0) {
+    throw_file_error("cannot sync directory", path(), "fsync", errno);
+  }
+}
+
+std::optional<DirectoryLock> Directory::try_lock(const std::string& name) const {
+  for (;;) {
+    const int fd = guarded("openat", [&] {
+      return ::openat(handle_.fd(), name.c_str(), O_RDWR | O_CREAT | O_NOFOLLOW | O_CLOEXEC, 0644);
+    });
+    if (fd < 0) throw_file_error("cannot create the lock file", path_of(name), "openat", errno);
+    File file(fd, path_of(name));
+    if (guarded("flock", [&] { return ::flock(fd, LOCK_EX | LOCK_NB); }) != 0) {
+      const int error = errno;
+      if (error == EWOULDBLOCK) return std::nullopt;
+      if (error == ENOLCK || error == EOPNOTSUPP || error == ENOSYS) {
+        throw Error(ErrorCode::kUnavailable, "the file system of '" + path() + "' has no flock (" +
+                                                 std::strerror(error) + ")");
+      }
+      throw_file_error("cannot lock", path_of(name), "flock", error);
+    }
+    // The holder before us may have removed the name before releasing the file we locked: then
+    // ours is not the lock, the file now under that name (or none) is.
+    struct stat locked{};
+    struct stat named{};
+    if (::fstat(fd, &locked) != 0) throw_file_error("cannot stat", path_of(name), "fstat", errno);
+    if (::fstatat(handle_.fd(), name.c_str(), &named, AT_SYMLINK_NOFOLLOW) == 0 && named.st_ino == locked.st_ino &&
+        named.st_dev == locked.st_dev) {
+      const int copy = ::fcntl(handle_.fd(), F_DUPFD_CLOEXEC, 0);
+      if (copy < 0) throw_file_error("cannot duplicate the descriptor of", path(), "fcntl", errno);
+      return DirectoryLock(Directory(File(copy, path())), std::move(file), name);
+    }
+  }
+}
+
+DirectoryLock& DirectoryLock::operator=(DirectoryLock&& other) noexcept {
+  if (this != &other) {
+    release();
+    directory_ = std::move(other.directory_);
+    file_ = std::move(other.file_);
+    name_ = std::move(other.name_);
+  }
+  return *this;
+}
+
+void DirectoryLock::release() noexcept {
+  if (!file_.is_open()) return;  // moved from
+  try {
+    directory_.remove(name_);  // while still held: see Directory::try_lock
+  } catch (const Error&) {
+    // a lock file left behind is locked and reused by the next holder
+  }
+  file_ = File();  // closing it releases the lock
 }
 
 std::string join_path(const std::string& directory, const std::string& name) {

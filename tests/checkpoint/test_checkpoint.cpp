@@ -19,6 +19,7 @@
 namespace fastdcp {
 namespace {
 
+using testing::expect_error;
 using testing::patterned_tensor;
 
 bool same_bytes(const Tensor& a, const Tensor& b) {
@@ -51,17 +52,6 @@ class CheckpointTest : public ::testing::Test {
   const std::string& dir_ = temp_.path();
   const std::string path_ = join_path(dir_, "step");
 };
-
-template <class F>
-Error expect_error(F&& f) {
-  try {
-    f();
-  } catch (const Error& e) {
-    return e;
-  }
-  ADD_FAILURE() << "expected a fastdcp::Error";
-  return Error(ErrorCode::kInternal, "none");
-}
 
 void expect_contains(const Error& e, const std::string& text) {
   EXPECT_NE(std::string(e.what()).find(text), std::string::npos) << e.what();

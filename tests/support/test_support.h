@@ -7,6 +7,7 @@
 #include <sys/resource.h>
 #include <sys/wait.h>
 #include <unistd.h>
+#include <gtest/gtest.h>
 
 #include <filesystem>
 #include <functional>
@@ -72,6 +73,18 @@ inline bool fails_with_file_size_limit(uint64_t limit_bytes, const std::function
   int status = 0;
   ::waitpid(pid, &status, 0);
   return WIFEXITED(status) && WEXITSTATUS(status) == 0;
+}
+
+// The fastdcp::Error that `f` throws; a test failure if it throws none.
+template <class F>
+Error expect_error(F&& f) {
+  try {
+    f();
+  } catch (const Error& e) {
+    return e;
+  }
+  ADD_FAILURE() << "expected a fastdcp::Error";
+  return Error(ErrorCode::kInternal, "none");
 }
 
 }  // namespace fastdcp::testing

@@ -24,6 +24,15 @@
 //     any collective.)
 // A crash at any moment leaves either the previous manifest with all its files, or the new one
 // with all of its own; files no manifest names are never read, and the next save removes them.
+//
+// Note [One writer per checkpoint path]
+// Each rank holds an exclusive flock on rank_<rank>.lock in the directory for its whole save, the
+// commit included, so a second process saving the same rank to the same path (a restarted job
+// whose old writer still runs) fails at once with Error(kFailedPrecondition) instead of writing
+// over the first one's files. Holding the lock also makes the files of its generation ours to
+// remove: leftovers of a crashed save (whose lock died with it) are removed before being created
+// afresh (Note [Files the writer creates] in fastdcp/io/file.h). A file system without flock
+// gets a warning, and the save goes on unlocked.
 
 #include <chrono>
 #include <functional>
@@ -33,6 +42,7 @@
 #include <vector>
 
 #include "fastdcp/format/manifest.h"
+#include "fastdcp/io/file.h"
 #include "fastdcp/io/io_ring.h"
 #include "fastdcp/tensor/value.h"
 
@@ -102,15 +112,16 @@ class CheckpointWriter {
   const WriterOptions& options() const { return options_; }
 
  private:
-  uint64_t begin_save(const std::string& path) const;
-  void finish_save(const std::string& path, uint64_t generation, const std::optional<std::string>& failure);
-  WriteStats write_rank_file(const std::string& path, const Value& state_dict, uint64_t generation,
+  struct Save;  // one save: its directory, this rank's lock on it, its generation (checkpoint.cpp)
+  Save begin_save(const std::string& path) const;
+  void finish_save(const Save& save, const std::optional<std::string>& failure);
+  WriteStats write_rank_file(const Directory& dir, const Value& state_dict, uint64_t generation,
                              ManifestRank& receipt);
-  void vote_failed(const std::string& path, uint64_t generation, const std::string& error) noexcept;
+  void vote_failed(const Directory& dir, uint64_t generation, const std::string& error) noexcept;
   // Rank 0: the votes of ranks first_rank.. (within the barrier timeout); why the save cannot commit, if it cannot.
-  std::optional<std::string> collect_votes(const std::string& path, uint64_t generation, Manifest& manifest,
+  std::optional<std::string> collect_votes(const Directory& dir, uint64_t generation, Manifest& manifest,
                                            int first_rank) const;
-  void commit(const std::string& path, uint64_t generation, std::optional<std::string> why);
+  void commit(const Directory& dir, uint64_t generation, std::optional<std::string> why);
   void await_commit(const std::string& path, uint64_t generation) const;
 
   RankInfo rank_;

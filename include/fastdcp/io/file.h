@@ -14,6 +14,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -65,6 +66,7 @@ class File {
   bool is_open() const { return fd_ >= 0; }
 
  private:
+  friend class Directory;
   File(int fd, std::string path) : fd_(fd), path_(std::move(path)) {}
   int fd_ = -1;
   std::string path_;
@@ -84,5 +86,64 @@ void remove_file(const std::string& path);  // a missing file is not an error
 // Names of the entries of a directory (not . and ..).
 std::vector<std::string> list_directory(const std::string& path);
 std::string join_path(const std::string& directory, const std::string& name);
+
+// Note [Files the writer creates]
+// A checkpoint directory may be shared, and anyone may have put a file or a symbolic link in it
+// under one of the names fastdcp writes. So a writer opens the directory once (following a link
+// there: a directory the user linked is theirs to save into) and does everything relative to that
+// descriptor: it creates each file new (O_CREAT|O_EXCL|O_NOFOLLOW), so that it never writes
+// through a link or into a file someone else holds open; it commits by renaming a file it
+// created; and it removes names with unlinkat, which removes a link itself, never its target,
+// and leaves a directory of that name alone.
+class DirectoryLock;
+
+class Directory {
+ public:
+  // Opens `path`, a directory (a link to one is followed).
+  static Directory open(const std::string& path);
+
+
+  // A new file `name`, write-only: Error(kIoError) if anything (a link included) has that name.
+  File create(const std::string& name, File::Options options = {}) const;
+  // renameat(2) within this directory: atomically replaces `to` (a link named `to` is replaced,
+  // not followed).
+  void rename(const std::string& from, const std::string& to) const;
+  // unlinkat(2): a link goes itself; a missing name, or a directory, is left as it is.
+  void remove(const std::string& name) const;
+  // Whether something (a link included) has this name.
+  bool contains(const std::string& name) const;
+  std::vector<std::string> list() const;
+  void sync() const;  // fsync: creations, renames and removals in it are durable
+  // An exclusive claim (flock) on the file `name`, created if missing (never through a link), or
+  // nothing if another open file description holds it; Error(kUnavailable) where the file system
+  // has no flock (some network file systems). See DirectoryLock.
+  std::optional<DirectoryLock> try_lock(const std::string& name) const;
+
+  const std::string& path() const { return handle_.path(); }
+  std::string path_of(const std::string& name) const { return join_path(path(), name); }
+
+ private:
+  explicit Directory(File handle) : handle_(std::move(handle)) {}
+  File handle_;  // O_DIRECTORY, read-only
+};
+
+// Held from Directory::try_lock until destroyed, or until the process dies (the kernel releases a
+// flock then, so a crashed holder never blocks the next one). Destruction removes the lock file
+// before releasing it; a locker checks after its flock that the name still is the file it locked.
+class DirectoryLock {
+ public:
+  DirectoryLock(DirectoryLock&&) noexcept = default;
+  DirectoryLock& operator=(DirectoryLock&& other) noexcept;
+  ~DirectoryLock() { release(); }
+
+ private:
+  void release() noexcept;
+  friend class Directory;
+  DirectoryLock(Directory directory, File file, std::string name)
+      : directory_(std::move(directory)), file_(std::move(file)), name_(std::move(name)) {}
+  Directory directory_;
+  File file_;
+  std::string name_;
+};
 
 }  // namespace fastdcp
