@@ -61,7 +61,8 @@ class TreeConverter {
   // adapter: the framework glue, a Python object with
   //   is_tensor(obj) -> bool
   //   describe(t) -> (storage_ptr, storage_nbytes, device_type (0 cpu, 1 cuda), device_index,
-  //                   dtype_name, shape tuple, strides tuple, storage_offset)
+  //                   dtype_name, shape tuple, strides tuple, storage_offset[, trait_flags,
+  //                   framework_dtype]) (flags: kTrait* below; Note [Tensor traits])
   //   wrap_storage(dlpack_capsule_of_bytes, shared, pinned) -> framework storage
   //   make_view(storage, source_tensor, shape, strides, storage_offset) -> staged tensor (the
   //     source's Python attributes are then deep-copied onto it here)
@@ -73,6 +74,7 @@ class TreeConverter {
   //   typed_view(storage, dtype_name, shape, strides, storage_offset) (for loading) -> a tensor
   //     of the named fastdcp dtype
   //   native_ops (optional) -> a capsule of NativeTensorOps, see Note [Native tensor ops]
+  //   apply_traits(t, trait_flags, framework_dtype) (optional) -> a loaded tensor with its traits
   explicit TreeConverter(nb::object adapter) : adapter_(std::move(adapter)) {
     is_tensor_ = adapter_.attr("is_tensor");
     // Frameworks may name a tensor type and dtype table: then tensors are described here, without a
@@ -87,6 +89,7 @@ class TreeConverter {
       }
       as_strided_ = adapter_.attr("as_strided");
       view_dtype_ = adapter_.attr("view_dtype");
+      is_parameter_ = adapter_.attr("is_parameter");
     }
     if (nb::hasattr(adapter_, "native_ops")) {
       nb::object capsule = adapter_.attr("native_ops");
@@ -103,6 +106,7 @@ class TreeConverter {
     wrap_storage_ = adapter_.attr("wrap_storage");
     make_view_ = adapter_.attr("make_view");
     if (nb::hasattr(adapter_, "typed_view")) typed_view_ = adapter_.attr("typed_view");
+    if (nb::hasattr(adapter_, "apply_traits")) apply_traits_ = adapter_.attr("apply_traits");
     deepcopy_ = adapter_.attr("deepcopy");
     rebuild_container_ = adapter_.attr("rebuild_container");
     object_state_ = adapter_.attr("object_state");
@@ -264,9 +268,11 @@ class TreeConverter {
       dst = Value::tuple();
       stack.push_back({obj, &dst});
     } else if (python::NativeTensorDescription d; native_ops_ && describe_natively(p, d)) {
-      dst = Value(make_source_tensor(d.storage_data, d.storage_nbytes, d.device_type, d.device_index,
-                                     static_cast<DType>(d.dtype), Dims(std::span<const int64_t>(d.shape, static_cast<size_t>(d.ndim))),
-                                     Dims(std::span<const int64_t>(d.strides, static_cast<size_t>(d.ndim))), d.storage_offset));
+      Tensor t = make_source_tensor(d.storage_data, d.storage_nbytes, d.device_type, d.device_index,
+                                    static_cast<DType>(d.dtype), Dims(std::span<const int64_t>(d.shape, static_cast<size_t>(d.ndim))),
+                                    Dims(std::span<const int64_t>(d.strides, static_cast<size_t>(d.ndim))), d.storage_offset);
+      if (d.trait_flags) t.set_traits(traits_from_flags(d.trait_flags, {}));
+      dst = Value(std::move(t));
     } else if (tensor_type_.is_valid() && PyObject_TypeCheck(p, reinterpret_cast<PyTypeObject*>(tensor_type_.ptr()))) {
       dst = Value(to_tensor_fast(obj));
     } else if (nb::cast<bool>(is_tensor_(obj))) {
@@ -289,6 +295,22 @@ class TreeConverter {
     v.append(Value(static_cast<int64_t>(opaque_.size())));
     opaque_.push_back(nb::borrow(obj));
     return v;
+  }
+
+  static TensorTraits traits_from_flags(long long flags, std::string framework_dtype) {
+    TensorTraits traits;
+    traits.conj = flags & python::kTraitConj;
+    traits.neg = flags & python::kTraitNeg;
+    traits.requires_grad = flags & python::kTraitRequiresGrad;
+    traits.parameter = flags & python::kTraitParameter;
+    traits.quantized = flags & python::kTraitQuantized;
+    traits.framework_dtype = std::move(framework_dtype);
+    return traits;
+  }
+  static long long flags_of(const TensorTraits& traits) {
+    return (traits.conj ? python::kTraitConj : 0) | (traits.neg ? python::kTraitNeg : 0) |
+           (traits.requires_grad ? python::kTraitRequiresGrad : 0) | (traits.parameter ? python::kTraitParameter : 0) |
+           (traits.quantized ? python::kTraitQuantized : 0);
   }
 
   bool describe_natively(PyObject* obj, python::NativeTensorDescription& d) const {
@@ -320,8 +342,18 @@ class TreeConverter {
     nb::object shape_t = obj.attr(names_.shape);
     nb::object strides_t = call_method(obj, names_.stride);
     const auto offset = static_cast<int64_t>(as_integer(call_method(obj, names_.storage_offset)));
-    return make_source_tensor(data, nbytes, device < 0 ? 0 : 1, std::max(device, 0), dtype_it->second,
-                              dims_from_tuple(shape_t), dims_from_tuple(strides_t), offset);
+    Tensor t = make_source_tensor(data, nbytes, device < 0 ? 0 : 1, std::max(device, 0), dtype_it->second,
+                                  dims_from_tuple(shape_t), dims_from_tuple(strides_t), offset);
+    const long long flags =
+        (call_method(obj, names_.is_conj).ptr() == Py_True ? python::kTraitConj : 0) |
+        (call_method(obj, names_.is_neg).ptr() == Py_True ? python::kTraitNeg : 0) |
+        (obj.attr(names_.requires_grad).ptr() == Py_True ? python::kTraitRequiresGrad : 0) |
+        (Py_TYPE(obj.ptr()) != reinterpret_cast<PyTypeObject*>(tensor_type_.ptr()) &&
+                 nb::cast<bool>(is_parameter_(obj))
+             ? python::kTraitParameter
+             : 0);
+    if (flags) t.set_traits(traits_from_flags(flags, {}));
+    return t;
   }
 
   static Dims dims_from_tuple(nb::handle tuple) {
@@ -355,13 +387,20 @@ class TreeConverter {
     const auto nbytes = nb::cast<uint64_t>(d[1]);
     const auto dtype = dtype_from_name(nb::cast<std::string>(d[4]));
     if (!dtype) throw Error(ErrorCode::kInvalidArgument, "unsupported dtype " + nb::cast<std::string>(d[4]));
-    return make_source_tensor(data, nbytes, nb::cast<int>(d[2]), nb::cast<int>(d[3]), *dtype, dims_from_tuple(d[5]),
-                              dims_from_tuple(d[6]), nb::cast<int64_t>(d[7]));
+    Tensor t = make_source_tensor(data, nbytes, nb::cast<int>(d[2]), nb::cast<int>(d[3]), *dtype, dims_from_tuple(d[5]),
+                                  dims_from_tuple(d[6]), nb::cast<int64_t>(d[7]));
+    if (d.size() > 8) {
+      const auto flags = nb::cast<long long>(d[8]);
+      std::string framework_dtype = d.size() > 9 ? nb::cast<std::string>(d[9]) : std::string();
+      if (flags || !framework_dtype.empty()) t.set_traits(traits_from_flags(flags, std::move(framework_dtype)));
+    }
+    return t;
   }
 
   nb::object build(nb::handle src, const Value& v) {
     // Recursive over containers (from_python, which meets untrusted depth first, is iterative):
-    // the C++ stack bounds the nesting here to tens of thousands of levels.
+    // the C++ stack bounds the nesting here to tens of thousands of levels. Loaded trees, whose
+    // depth the file sets, are built without recursion (build_loaded).
     switch (v.kind()) {
       case Value::Kind::kNone: return nb::none();
       case Value::Kind::kBool: return nb::bool_(v.as_bool());
@@ -430,40 +469,75 @@ class TreeConverter {
     }
   }
 
-  nb::object build_loaded(const Value& v) {
-    switch (v.kind()) {
-      case Value::Kind::kTensor: return loaded_tensor(v.as_tensor());
-      case Value::Kind::kList:
-      case Value::Kind::kTuple: {
-        nb::list items;
-        for (const Value& item : v.items()) items.append(build_loaded(item));
-        if (v.kind() == Value::Kind::kList) return std::move(items);
-        return nb::steal(PyList_AsTuple(items.ptr()));
+  // Without recursion: a checkpoint may nest containers as deep as the format allows.
+  nb::object build_loaded(const Value& root) {
+    if (!root.is_container()) return loaded_leaf(root);
+    struct Frame {
+      const Value* v;
+      nb::object out;  // a dict, or a list (made a tuple when complete)
+      size_t next = 0;
+    };
+    std::vector<Frame> stack;
+    auto open = [&](const Value& v) {
+      stack.push_back({&v, v.kind() == Value::Kind::kDict ? nb::object(nb::dict()) : nb::object(nb::list()), 0});
+    };
+    // Puts a finished child into the container on top of the stack, at the item it is.
+    auto attach = [&](nb::handle child) {
+      Frame& parent = stack.back();
+      if (parent.v->kind() != Value::Kind::kDict) {
+        if (PyList_Append(parent.out.ptr(), child.ptr()) != 0) throw nb::python_error();
+        return;
       }
-      case Value::Kind::kDict: {
-        nb::dict out;
-        for (const auto& [key, child] : v.entries()) {
-          nb::object k = key.is_int() ? nb::object(nb::int_(key.as_int()))
-                                      : nb::object(nb::str(key.as_string().c_str(), key.as_string().size()));
-          if (PyDict_SetItem(out.ptr(), k.ptr(), build_loaded(child).ptr()) != 0) throw nb::python_error();
-        }
-        return std::move(out);
+      const DictKey& key = parent.v->entries()[parent.next - 1].first;
+      nb::object k = key.is_int() ? nb::object(nb::int_(key.as_int()))
+                                  : nb::object(nb::str(key.as_string().c_str(), key.as_string().size()));
+      if (PyDict_SetItem(parent.out.ptr(), k.ptr(), child.ptr()) != 0) throw nb::python_error();
+    };
+    open(root);
+    while (true) {
+      Frame& f = stack.back();
+      if (f.next == f.v->size()) {
+        nb::object done = f.v->kind() == Value::Kind::kTuple ? nb::steal(PyList_AsTuple(f.out.ptr())) : std::move(f.out);
+        if (!done.is_valid()) throw nb::python_error();
+        stack.pop_back();
+        if (stack.empty()) return done;
+        attach(done);
+        continue;
       }
-      default: return build(nb::none(), v);  // scalars
+      const size_t i = f.next++;
+      const Value& child = f.v->kind() == Value::Kind::kDict ? f.v->entries()[i].second : f.v->items()[i];
+      if (child.is_container()) {
+        open(child);
+      } else {
+        attach(loaded_leaf(child));
+      }
     }
+  }
+
+  nb::object loaded_leaf(const Value& v) {
+    if (v.is_tensor()) return loaded_tensor(v.as_tensor());
+    return build(nb::none(), v);  // scalars
   }
 
   nb::object loaded_tensor(const Tensor& t) {
     WrappedStorage& wrapped = wrap_storage(t.storage());
+    nb::object out;
     if (native_ops_) {
       PyObject* view = native_ops_->make_typed_view(wrapped.py_storage.ptr(), static_cast<int32_t>(t.dtype()),
                                                     static_cast<int32_t>(t.dim()), t.shape().data(),
                                                     t.strides().data(), t.storage_offset());
       if (!view) throw nb::python_error();
-      return nb::steal(view);
+      out = nb::steal(view);
+    } else {
+      out = typed_view_(wrapped.py_storage, std::string(dtype_name(t.dtype())), dims_to_tuple(t.shape()),
+                        dims_to_tuple(t.strides()), t.storage_offset());
     }
-    return typed_view_(wrapped.py_storage, std::string(dtype_name(t.dtype())), dims_to_tuple(t.shape()),
-                       dims_to_tuple(t.strides()), t.storage_offset());
+    const TensorTraits& traits = t.traits();
+    if (traits.is_default()) return out;
+    if (!apply_traits_.is_valid()) {
+      throw Error(ErrorCode::kInvalidArgument, "this framework cannot load a tensor saved as " + t.describe());
+    }
+    return apply_traits_(out, flags_of(traits), traits.framework_dtype);
   }
 
   static nb::tuple dims_to_tuple(const Dims& dims) {
@@ -604,12 +678,14 @@ class TreeConverter {
   // Interned attribute names, looked up once.
   struct Names {
     nb::str dtype{"dtype"}, untyped_storage{"untyped_storage"}, data_ptr{"data_ptr"}, nbytes{"nbytes"},
-        get_device{"get_device"}, shape{"shape"}, stride{"stride"}, storage_offset{"storage_offset"};
+        get_device{"get_device"}, shape{"shape"}, stride{"stride"}, storage_offset{"storage_offset"},
+        is_conj{"is_conj"}, is_neg{"is_neg"}, requires_grad{"requires_grad"};
   } names_;
   nb::object tensor_type_, as_strided_, view_dtype_;
   const python::NativeTensorOps* native_ops_ = nullptr;
   nb::object finish_view_;
   nb::object typed_view_;  // typed_view(byte_storage, dtype_name, shape, strides, offset), for loading
+  nb::object apply_traits_, is_parameter_;
   bool copy_attributes_ = false;
   nb::object native_ops_owner_;  // the capsule (and module) that native_ops_ points into
   std::unordered_map<PyObject*, DType> dtype_codes_;

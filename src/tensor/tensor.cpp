@@ -104,13 +104,18 @@ std::pair<uint64_t, uint64_t> Tensor::byte_extent() const {
 }
 
 Tensor Tensor::view_as(Dims shape, Dims strides, int64_t storage_offset) const {
-  return Tensor(storage_, dtype_, std::move(shape), std::move(strides), storage_offset);
+  Tensor out(storage_, dtype_, std::move(shape), std::move(strides), storage_offset);
+  out.traits_ = traits_;
+  return out;
 }
 
 std::string Tensor::describe() const {
   std::ostringstream out;
   out << dtype_name(dtype_) << dims_str(shape_) << " strides " << dims_str(strides_) << " offset "
       << storage_offset_ << " on " << storage_.device().str();
+  if (!traits_.framework_dtype.empty()) out << " (" << traits_.framework_dtype << ")";
+  if (traits_.conj) out << " conjugated";
+  if (traits_.neg) out << " negated";
   return out.str();
 }
 

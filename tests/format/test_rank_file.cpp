@@ -64,6 +64,10 @@ RankFileHeader parse(const RankFilePlan& plan) {
   return RankFileHeader::parse(std::string_view(plan.header()).substr(8), plan.file_size(), "test.safetensors");
 }
 
+Value parse_and_build(const std::string& header, const RankFilePlan& plan) {
+  return RankFileHeader::parse(header, plan.file_size(), "test.safetensors").build_tree(plan.storages());
+}
+
 TEST(RankFilePlan, PlainTensorsKeepTheirNamesAndAliasedStoragesAreRaw) {
   const RankFilePlan plan = RankFilePlan::make(sample());
   std::vector<std::string> names;
@@ -98,7 +102,7 @@ TEST(RankFileHeader, RoundTripsEveryKindOfValueAndTheViews) {
     plan.set_checksums(i, crcs);
   }
   const RankFileHeader header = parse(plan);
-  EXPECT_EQ(header.format_version(), kRankFileFormatVersion);
+  EXPECT_EQ(header.format_version(), 1);  // no traits: readers of version 1 can read it
   ASSERT_EQ(header.entries().size(), plan.entries().size());
   for (size_t i = 0; i < plan.entries().size(); ++i) {
     EXPECT_EQ(header.entries()[i].name, plan.entries()[i].name);
@@ -175,6 +179,79 @@ TEST(RankFilePlan, ValuesTheFormatCannotHoldAreNamed) {
   } catch (const Error& e) {
     EXPECT_EQ(e.code(), ErrorCode::kInvalidArgument);
     EXPECT_NE(std::string(e.what()).find("'cfg.name'"), std::string::npos) << e.what();
+  }
+}
+
+TEST(RankFileHeader, TensorTraitsRoundTripInVersion2Only) {
+  Tensor conj = iota(DType::kC64, {3});
+  TensorTraits t1;
+  t1.conj = t1.neg = t1.parameter = t1.requires_grad = true;
+  conj.set_traits(t1);
+  Tensor half = iota(DType::kU32, {2});
+  TensorTraits t2;
+  t2.framework_dtype = "complex32";
+  half.set_traits(t2);
+  Value root = Value::dict();
+  root.insert("z", Value(conj));
+  root.insert("h", Value(half));
+  root.insert("plain", Value(iota(DType::kF32, {2})));
+  RankFilePlan plan = RankFilePlan::make(root);
+  EXPECT_NE(plan.header().find(R"(0,{\"conj\":true,\"neg\":true,\"param\":true,\"grad\":true}]})"), std::string::npos)
+      << plan.header();
+  const RankFileHeader header = parse(plan);
+  EXPECT_EQ(header.format_version(), 2);
+  const Value rebuilt = header.build_tree(plan.storages());
+  EXPECT_EQ(rebuilt.at("z").as_tensor().traits(), t1);
+  EXPECT_EQ(rebuilt.at("h").as_tensor().traits(), t2);
+  EXPECT_TRUE(rebuilt.at("plain").as_tensor().traits().is_default());
+  EXPECT_EQ(header.tensors()[1].traits.framework_dtype, "complex32");
+}
+
+TEST(RankFileHeader, TraitsInAVersion1FileOrUnknownTraitsAreCorrupt) {
+  Tensor z = iota(DType::kC64, {3});
+  TensorTraits traits;
+  traits.conj = true;
+  z.set_traits(traits);
+  Value root = Value::dict();
+  root.insert("z", Value(z));
+  RankFilePlan plan = RankFilePlan::make(root);
+  const std::string header = plan.header().substr(8);
+  for (const auto& [from, to] : std::vector<std::pair<std::string, std::string>>{
+           {"\"fastdcp.version\":\"2\"", "\"fastdcp.version\":\"1\""},
+           {"{\\\"conj\\\":true}", "{\\\"conj\\\":1234}"},
+           {"{\\\"conj\\\":true}", "{\\\"sign\\\":true}"},
+           {"{\\\"conj\\\":true}", "[\\\"conj\\\",true]"}}) {
+    std::string damaged = header;
+    const size_t at = damaged.find(from);
+    ASSERT_NE(at, std::string::npos) << from << " in " << header;
+    damaged.replace(at, from.size(), to);
+    damaged.resize(header.size(), ' ');
+    try {
+      parse_and_build(damaged, plan);
+      FAIL() << to;
+    } catch (const Error& e) {
+      EXPECT_EQ(e.code(), ErrorCode::kDataLoss) << e.what();
+      EXPECT_NE(std::string(e.what()).find("'z'"), std::string::npos) << e.what();
+    }
+  }
+}
+
+TEST(RankFilePlan, QuantizedTensorsAreRefusedByKeyPath) {
+  Tensor q = iota(DType::kI8, {4});
+  TensorTraits traits;
+  traits.quantized = true;
+  q.set_traits(traits);
+  Value inner = Value::dict();
+  inner.insert("qweight", Value(q));
+  Value root = Value::dict();
+  root.insert("layer", std::move(inner));
+  try {
+    RankFilePlan::make(root);
+    FAIL() << "expected an error";
+  } catch (const Error& e) {
+    EXPECT_EQ(e.code(), ErrorCode::kInvalidArgument);
+    EXPECT_NE(std::string(e.what()).find("'layer.qweight'"), std::string::npos) << e.what();
+    EXPECT_NE(std::string(e.what()).find("quantized"), std::string::npos) << e.what();
   }
 }
 

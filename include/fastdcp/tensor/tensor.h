@@ -11,6 +11,26 @@
 
 namespace fastdcp {
 
+// Note [Tensor traits]
+// What a framework knows about a tensor beyond its bytes and layout, carried beside it through
+// staging, the writer (the 6th element of a tensor record, docs/format.md) and the reader, so that
+// a load gives back what torch.load would: lazy conjugate/negative bits, autograd flags, and the
+// framework's own dtype where fastdcp stores the bytes under another one (torch.complex32 as U32).
+// All defaults, the common case, cost an empty string's copy.
+struct TensorTraits {
+  bool conj = false;           // lazily conjugated: the values are the conjugates of the bytes
+  bool neg = false;            // lazily negated
+  bool requires_grad = false;
+  bool parameter = false;      // an nn.Parameter (or the framework's equivalent)
+  bool quantized = false;      // the bytes lack scale and zero point: saving refuses it
+  std::string framework_dtype;  // empty: the dtype says it all; else the framework's dtype name
+
+  bool is_default() const {
+    return !conj && !neg && !requires_grad && !parameter && !quantized && framework_dtype.empty();
+  }
+  bool operator==(const TensorTraits&) const = default;
+};
+
 class Tensor {
  public:
   Tensor() = default;
@@ -27,6 +47,8 @@ class Tensor {
   const Dims& shape() const { return shape_; }
   const Dims& strides() const { return strides_; }
   int64_t storage_offset() const { return storage_offset_; }
+  const TensorTraits& traits() const { return traits_; }
+  void set_traits(TensorTraits traits) { traits_ = std::move(traits); }
   Device device() const { return storage_.device(); }
   size_t dim() const { return shape_.size(); }
   int64_t numel() const;
@@ -38,7 +60,8 @@ class Tensor {
   // [begin, end) byte range of the storage that this view touches; empty views give begin == end.
   std::pair<uint64_t, uint64_t> byte_extent() const;
 
-  // A new view of the same storage: what `view`, `narrow` and slicing produce in frameworks.
+  // A new view of the same storage, with the same traits: what `view`, `narrow` and slicing
+  // produce in frameworks.
   Tensor view_as(Dims shape, Dims strides, int64_t storage_offset) const;
 
   std::string describe() const;  // "F32[10, 10] strides [10, 1] offset 0 on cpu"
@@ -49,6 +72,7 @@ class Tensor {
   Dims shape_;
   Dims strides_;
   int64_t storage_offset_ = 0;
+  TensorTraits traits_;
 };
 
 Dims contiguous_strides(const Dims& shape);
