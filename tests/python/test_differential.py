@@ -32,7 +32,7 @@ NAMED = [torch.bool, torch.uint8, torch.int8, torch.int16, torch.uint16, torch.i
 TORCH_ONLY = [torch.complex32, torch.float4_e2m1fn_x2, torch.bits8, torch.bits16, torch.bits1x8, torch.bits2x4,
               torch.bits4x2] + [getattr(torch, f"{k}{b}") for k in ("uint", "int") for b in range(1, 8)]
 INT_OF_WIDTH = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
-COUNTS = {"cases": 0, "refused": 0}
+COUNTS = {"cases": 0, "refused": 0, "torch_refused": 0}
 
 
 @pytest.fixture(scope="module")
@@ -50,8 +50,16 @@ def sync_checkpointer():
 
 @pytest.fixture(scope="module", autouse=True)
 def report_counts():
+    # torch cannot print tensors of some dtypes (uint1, ...); failing examples must still show.
+    torch_repr = torch.Tensor.__repr__
+    torch.Tensor.__repr__ = lambda t, **kwargs: (
+        f"<{type(t).__name__} {t.dtype} {tuple(t.shape)} strides {t.stride()} offset {t.storage_offset()}"
+        f"{' conj' if t.is_conj() else ''}{' neg' if t.is_neg() else ''}"
+        f"{' grad' if t.requires_grad else ''} bytes {bytes(t.untyped_storage()).hex()}>")
     yield
-    print(f"\ndifferential: {COUNTS['cases']} cases, {COUNTS['refused']} refused by key")
+    torch.Tensor.__repr__ = torch_repr
+    print(f"\ndifferential: {COUNTS['cases']} cases, {COUNTS['refused']} refused by key, "
+          f"{COUNTS['torch_refused']} compared with the source (torch.save refused them)")
 
 
 # --- random state dicts ------------------------------------------------------------------------
@@ -134,7 +142,7 @@ def resolved_bytes(t):
         t = torch.view_as_real(t)
     if t.element_size() in INT_OF_WIDTH and t.dtype not in (torch.complex128,):
         t = t.view(INT_OF_WIDTH[t.element_size()])
-    return bytes(t.contiguous().view(torch.uint8).reshape(-1).numpy()) if t.numel() else b""
+    return bytes(t.reshape(-1).contiguous().view(torch.uint8).numpy()) if t.numel() else b""
 
 
 def same_float(a, b):
@@ -202,13 +210,21 @@ def test_a_load_gives_what_torch_load_gives(tmp_path_factory, sync_checkpointer,
         COUNTS["refused"] += 1
         return
     assert not has_quantized(source)
-    oracle = torch_round_trip(source)
     loaded = sync_checkpointer.load(path)
-    if use_async:
-        # The async checkpointer saves the staged copy, which is made as torch's stager makes it:
-        # plain tensors without requires_grad (test_torch_staging pins this); everything else holds.
-        oracle = torch_round_trip(_as_staged(source))
-    assert_like_torch_load(loaded, oracle)
+    # The async checkpointer saves the staged copy, which is made as torch's stager makes it:
+    # plain tensors without requires_grad (test_torch_staging pins this); everything else holds.
+    expected = _as_staged(source) if use_async else source
+    assert_like_torch_load(loaded, oracle_of(expected))
+
+
+def oracle_of(tree):
+    """torch.load(torch.save(tree)), or the tree itself where torch cannot save it (uint1-7 and
+    int1-7 tensors, a complex and a float view of one storage)."""
+    try:
+        return torch_round_trip(tree)
+    except (RuntimeError, NotImplementedError, KeyError):
+        COUNTS["torch_refused"] += 1
+        return tree
 
 
 def _as_staged(tree):
@@ -254,7 +270,7 @@ def test_a_load_into_a_template_fills_it_as_upstream_does(tmp_path_factory, sync
     COUNTS["cases"] += 1
     path = str(tmp_path_factory.mktemp("ck"))
     sync_checkpointer.save(path, source)
-    oracle = torch_round_trip(source)
+    oracle = oracle_of(source)
     kept = dict(template)
     mismatched = [k for k, v in template.items() if k in source and isinstance(v, torch.Tensor)
                   and (v.dtype, v.shape) != (source[k].dtype, source[k].shape)]

@@ -21,6 +21,8 @@ _RAW_BY_WIDTH = {1: "U8", 2: "U16", 4: "U32", 8: "U64", 16: "C128"}
 _DTYPES = {name: dtype for dtype, name in _NAMES.items()}
 # Trait bits, as in python/src/native_tensor_ops.h.
 _CONJ, _NEG, _REQUIRES_GRAD, _PARAMETER, _QUANTIZED = 1, 2, 4, 8, 16
+# A staged copy of a quantized tensor has its dtype but not its quantizer: it is refused as well.
+_QUANTIZED_DTYPES = {torch.quint8, torch.qint8, torch.qint32, torch.quint4x2, torch.quint2x4}
 
 
 def _traits(t):
@@ -28,7 +30,7 @@ def _traits(t):
     flags = ((_CONJ if t.is_conj() else 0) | (_NEG if t.is_neg() else 0)
              | (_REQUIRES_GRAD if t.requires_grad else 0)
              | (_PARAMETER if isinstance(t, torch.nn.Parameter) else 0)
-             | (_QUANTIZED if t.is_quantized else 0))
+             | (_QUANTIZED if t.is_quantized or t.dtype in _QUANTIZED_DTYPES else 0))
     return flags, ("" if t.dtype in _NAMES else str(t.dtype).removeprefix("torch."))
 
 
