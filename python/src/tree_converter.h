@@ -344,8 +344,9 @@ class TreeConverter {
     const auto offset = static_cast<int64_t>(as_integer(call_method(obj, names_.storage_offset)));
     Tensor t = make_source_tensor(data, nbytes, device < 0 ? 0 : 1, std::max(device, 0), dtype_it->second,
                                   dims_from_tuple(shape_t), dims_from_tuple(strides_t), offset);
+    const bool complex = dtype_it->second == DType::kC64 || dtype_it->second == DType::kC128;  // conj needs one
     const long long flags =
-        (call_method(obj, names_.is_conj).ptr() == Py_True ? python::kTraitConj : 0) |
+        (complex && call_method(obj, names_.is_conj).ptr() == Py_True ? python::kTraitConj : 0) |
         (call_method(obj, names_.is_neg).ptr() == Py_True ? python::kTraitNeg : 0) |
         (obj.attr(names_.requires_grad).ptr() == Py_True ? python::kTraitRequiresGrad : 0) |
         (Py_TYPE(obj.ptr()) != reinterpret_cast<PyTypeObject*>(tensor_type_.ptr()) &&

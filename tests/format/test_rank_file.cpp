@@ -18,6 +18,11 @@ Tensor iota(DType dtype, Dims shape) {
   return t;
 }
 
+Tensor with_traits(Tensor t, TensorTraits traits) {
+  t.set_traits(std::move(traits));
+  return t;
+}
+
 // A state dict with every kind of value, views and aliasing.
 Value sample() {
   Tensor base = iota(DType::kF32, {10, 10});
@@ -183,17 +188,11 @@ TEST(RankFilePlan, ValuesTheFormatCannotHoldAreNamed) {
 }
 
 TEST(RankFileHeader, TensorTraitsRoundTripInVersion2Only) {
-  Tensor conj = iota(DType::kC64, {3});
-  TensorTraits t1;
-  t1.conj = t1.neg = t1.parameter = t1.requires_grad = true;
-  conj.set_traits(t1);
-  Tensor half = iota(DType::kU32, {2});
-  TensorTraits t2;
-  t2.framework_dtype = "complex32";
-  half.set_traits(t2);
+  const TensorTraits t1{.conj = true, .neg = true, .requires_grad = true, .parameter = true};
+  const TensorTraits t2{.framework_dtype = "complex32"};
   Value root = Value::dict();
-  root.insert("z", Value(conj));
-  root.insert("h", Value(half));
+  root.insert("z", Value(with_traits(iota(DType::kC64, {3}), t1)));
+  root.insert("h", Value(with_traits(iota(DType::kU32, {2}), t2)));
   root.insert("plain", Value(iota(DType::kF32, {2})));
   RankFilePlan plan = RankFilePlan::make(root);
   EXPECT_NE(plan.header().find(R"(0,{\"conj\":true,\"neg\":true,\"param\":true,\"grad\":true}]})"), std::string::npos)
@@ -208,12 +207,8 @@ TEST(RankFileHeader, TensorTraitsRoundTripInVersion2Only) {
 }
 
 TEST(RankFileHeader, TraitsInAVersion1FileOrUnknownTraitsAreCorrupt) {
-  Tensor z = iota(DType::kC64, {3});
-  TensorTraits traits;
-  traits.conj = true;
-  z.set_traits(traits);
   Value root = Value::dict();
-  root.insert("z", Value(z));
+  root.insert("z", Value(with_traits(iota(DType::kC64, {3}), {.conj = true})));
   RankFilePlan plan = RankFilePlan::make(root);
   const std::string header = plan.header().substr(8);
   for (const auto& [from, to] : std::vector<std::pair<std::string, std::string>>{
@@ -237,12 +232,8 @@ TEST(RankFileHeader, TraitsInAVersion1FileOrUnknownTraitsAreCorrupt) {
 }
 
 TEST(RankFilePlan, QuantizedTensorsAreRefusedByKeyPath) {
-  Tensor q = iota(DType::kI8, {4});
-  TensorTraits traits;
-  traits.quantized = true;
-  q.set_traits(traits);
   Value inner = Value::dict();
-  inner.insert("qweight", Value(q));
+  inner.insert("qweight", Value(with_traits(iota(DType::kI8, {4}), {.quantized = true})));
   Value root = Value::dict();
   root.insert("layer", std::move(inner));
   try {
