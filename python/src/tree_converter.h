@@ -156,7 +156,7 @@ class TreeConverter {
   // forgotten, so that the stager's cache entries for them can go too.
   nb::object to_python(nb::handle source, const Value& staged) {
     path_.clear();
-    nb::object out = build(source, staged);
+    nb::object out = build(source, staged, /*mirror=*/true);
     std::erase_if(wrapped_, [&](const auto& e) { return e.second.last_seen != epoch_; });
     return out;
   }
@@ -167,7 +167,7 @@ class TreeConverter {
   // tensors, not at the reader's next load.
   nb::object loaded_to_python(const Value& v) {
     ++epoch_;
-    nb::object out = build_loaded(v);
+    nb::object out = build(nb::none(), v, /*mirror=*/false);
     wrapped_.clear();
     return out;
   }
@@ -398,57 +398,108 @@ class TreeConverter {
     return t;
   }
 
-  nb::object build(nb::handle src, const Value& v) {
-    // Recursive over containers (from_python, which meets untrusted depth first, is iterative):
-    // the C++ stack bounds the nesting here to tens of thousands of levels. Loaded trees, whose
-    // depth the file sets, are built without recursion (build_loaded).
+  // Python objects for a Value, without recursion: a checkpoint may nest containers as deep as
+  // the format allows, and a staged tree is as deep as its source. With `mirror` (staging), `src`
+  // is the source tree: containers get its types and attributes, tensors are views made like the
+  // source tensors, and opaque leaves are copies of its objects. Without (loading), containers
+  // are dicts, lists and tuples, and tensors are made from the loaded dtype and traits.
+  nb::object build(nb::handle src_root, const Value& root, bool mirror) {
+    struct Frame {
+      nb::handle src;
+      const Value* v;
+      nb::object out;           // a dict, or a list (rebuilt as the tuple when complete)
+      nb::object source_items;  // mirroring a dict: the source's entries (an object's attributes)
+      nb::object key;           // the dict key of the child being built
+      size_t next = 0;
+      Py_ssize_t pos = 0;
+    };
+    std::vector<Frame> stack;
+    const auto is_container = [&](nb::handle src, const Value& v) {
+      return v.kind() == Value::Kind::kList || v.kind() == Value::Kind::kDict ||
+             (v.kind() == Value::Kind::kTuple && (!mirror || PyTuple_Check(src.ptr())));
+    };
+    const auto leaf = [&](nb::handle src, const Value& v) -> nb::object {
+      if (v.is_tensor()) return mirror ? tensor_to_python(src, v.as_tensor()) : loaded_tensor(v.as_tensor());
+      if (v.kind() == Value::Kind::kTuple) return copy_opaque(src);  // see opaque()
+      return scalar(v);
+    };
+    const auto open = [&](nb::handle src, const Value& v) {
+      Frame f{src, &v};
+      f.out = v.kind() == Value::Kind::kDict ? nb::object(nb::dict()) : nb::object(nb::list());
+      if (mirror && v.kind() == Value::Kind::kDict) {
+        f.source_items = PyDict_Check(src.ptr()) ? nb::borrow(src) : object_state_(src);  // else staged through its attributes
+      }
+      stack.push_back(std::move(f));
+    };
+    const auto finish = [&](Frame& f) -> nb::object {
+      if (f.v->kind() == Value::Kind::kList) return std::move(f.out);
+      if (f.v->kind() == Value::Kind::kTuple) {
+        if (mirror) return rebuild_container_(f.src, f.out);
+        PyObject* tuple = PyList_AsTuple(f.out.ptr());
+        if (!tuple) throw nb::python_error();
+        return nb::steal(tuple);
+      }
+      if (!mirror || PyDict_CheckExact(f.src.ptr())) return std::move(f.out);
+      if (!PyDict_Check(f.src.ptr())) return rebuild_object_(f.src, f.out);
+      return rebuild_container_(f.src, f.out);
+    };
+    // Puts a finished child into the container on top of the stack.
+    const auto attach = [&](const nb::object& child) {
+      path_.pop_back();
+      Frame& parent = stack.back();
+      const int failed = parent.v->kind() == Value::Kind::kDict ? PyDict_SetItem(parent.out.ptr(), parent.key.ptr(), child.ptr())
+                                                                 : PyList_Append(parent.out.ptr(), child.ptr());
+      if (failed != 0) throw nb::python_error();
+    };
+    if (!is_container(src_root, root)) return leaf(src_root, root);
+    open(src_root, root);
+    while (true) {
+      Frame& f = stack.back();
+      nb::handle child_src;
+      const Value* child = nullptr;
+      if (f.v->kind() != Value::Kind::kDict) {
+        if (f.next < f.v->size()) {
+          if (mirror) child_src = PySequence_Fast_ITEMS(f.src.ptr())[f.next];
+          path_.push_back({nullptr, f.next});
+          child = &f.v->items()[f.next++];
+        }
+      } else if (mirror) {
+        PyObject *key, *value;
+        if (PyDict_Next(f.source_items.ptr(), &f.pos, &key, &value)) {
+          f.key = nb::borrow(key);
+          child_src = value;
+          child = &f.v->entries()[f.next++].second;
+        }
+      } else if (f.next < f.v->size()) {
+        const auto& [key, value] = f.v->entries()[f.next++];
+        f.key = key.is_int() ? nb::object(nb::int_(key.as_int()))
+                             : nb::object(nb::str(key.as_string().c_str(), key.as_string().size()));
+        child = &value;
+      }
+      if (child && f.v->kind() == Value::Kind::kDict) path_.push_back({f.key.ptr(), 0});
+      if (!child) {
+        nb::object done = finish(f);
+        stack.pop_back();
+        if (stack.empty()) return done;
+        attach(done);
+      } else if (is_container(child_src, *child)) {
+        open(child_src, *child);  // `f` is not used after this: the stack may have moved
+      } else {
+        attach(leaf(child_src, *child));
+      }
+    }
+  }
+
+  static nb::object scalar(const Value& v) {
     switch (v.kind()) {
-      case Value::Kind::kNone: return nb::none();
       case Value::Kind::kBool: return nb::bool_(v.as_bool());
       case Value::Kind::kInt: return nb::int_(v.as_int());
       case Value::Kind::kDouble: return nb::float_(v.as_double());
       case Value::Kind::kString: return nb::str(v.as_string().c_str(), v.as_string().size());
       case Value::Kind::kBytes:
         return nb::steal(PyBytes_FromStringAndSize(v.as_bytes().data.data(), v.as_bytes().data.size()));
-      case Value::Kind::kTensor: return tensor_to_python(src, v.as_tensor());
-      case Value::Kind::kTuple:
-        if (!PyTuple_Check(src.ptr())) return copy_opaque(src);
-        return rebuild_container_(src, build_items(src, v));
-      case Value::Kind::kList:
-        return build_items(src, v);
-      case Value::Kind::kDict: {
-        const bool is_object = !PyDict_Check(src.ptr());  // staged through its attributes
-        nb::object source_items = is_object ? object_state_(src) : nb::borrow(src);
-        nb::dict items;
-        PyObject *key, *value;
-        Py_ssize_t pos = 0;
-        size_t i = 0;
-        const auto& entries = v.entries();
-        while (PyDict_Next(source_items.ptr(), &pos, &key, &value)) {
-          path_.push_back({key, 0});
-          if (PyDict_SetItem(items.ptr(), key, build(value, entries[i++].second).ptr()) != 0) {
-            throw nb::python_error();
-          }
-          path_.pop_back();
-        }
-        if (is_object) return rebuild_object_(src, items);
-        if (PyDict_CheckExact(src.ptr())) return std::move(items);
-        return rebuild_container_(src, items);
-      }
+      default: return nb::none();
     }
-    return nb::none();
-  }
-
-  // The items of a list or tuple, as a list.
-  nb::list build_items(nb::handle src, const Value& v) {
-    nb::list items;
-    PyObject** srcs = PySequence_Fast_ITEMS(src.ptr());
-    for (size_t i = 0; i < v.size(); ++i) {
-      path_.push_back({nullptr, i});
-      items.append(build(srcs[i], v[i]));
-      path_.pop_back();
-    }
-    return items;
   }
 
   // Opaque leaves are deep-copied by Python; a failure names the leaf's key path.
@@ -468,56 +519,6 @@ class TreeConverter {
                                   Py_TYPE(src.ptr())->tp_name + ")";
       nb::raise_from(e, e.type().ptr(), "%s", message.c_str());
     }
-  }
-
-  // Without recursion: a checkpoint may nest containers as deep as the format allows.
-  nb::object build_loaded(const Value& root) {
-    if (!root.is_container()) return loaded_leaf(root);
-    struct Frame {
-      const Value* v;
-      nb::object out;  // a dict, or a list (made a tuple when complete)
-      size_t next = 0;
-    };
-    std::vector<Frame> stack;
-    auto open = [&](const Value& v) {
-      stack.push_back({&v, v.kind() == Value::Kind::kDict ? nb::object(nb::dict()) : nb::object(nb::list()), 0});
-    };
-    // Puts a finished child into the container on top of the stack, at the item it is.
-    auto attach = [&](nb::handle child) {
-      Frame& parent = stack.back();
-      if (parent.v->kind() != Value::Kind::kDict) {
-        if (PyList_Append(parent.out.ptr(), child.ptr()) != 0) throw nb::python_error();
-        return;
-      }
-      const DictKey& key = parent.v->entries()[parent.next - 1].first;
-      nb::object k = key.is_int() ? nb::object(nb::int_(key.as_int()))
-                                  : nb::object(nb::str(key.as_string().c_str(), key.as_string().size()));
-      if (PyDict_SetItem(parent.out.ptr(), k.ptr(), child.ptr()) != 0) throw nb::python_error();
-    };
-    open(root);
-    while (true) {
-      Frame& f = stack.back();
-      if (f.next == f.v->size()) {
-        nb::object done = f.v->kind() == Value::Kind::kTuple ? nb::steal(PyList_AsTuple(f.out.ptr())) : std::move(f.out);
-        if (!done.is_valid()) throw nb::python_error();
-        stack.pop_back();
-        if (stack.empty()) return done;
-        attach(done);
-        continue;
-      }
-      const size_t i = f.next++;
-      const Value& child = f.v->kind() == Value::Kind::kDict ? f.v->entries()[i].second : f.v->items()[i];
-      if (child.is_container()) {
-        open(child);
-      } else {
-        attach(loaded_leaf(child));
-      }
-    }
-  }
-
-  nb::object loaded_leaf(const Value& v) {
-    if (v.is_tensor()) return loaded_tensor(v.as_tensor());
-    return build(nb::none(), v);  // scalars
   }
 
   nb::object loaded_tensor(const Tensor& t) {
@@ -579,7 +580,7 @@ class TreeConverter {
       }
       return rebuild_container_(py, items);
     }
-    return build_loaded(v);
+    return build(nb::none(), v, /*mirror=*/false);
   }
 
   // The framework storage of a fastdcp Storage: made once from a DLPack capsule of its bytes and

@@ -18,7 +18,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from fastdcp.torch import CheckpointerConfig, CheckpointStagerConfig, RankInfo, make_async_checkpointer
+from fastdcp.torch import CheckpointerConfig, CheckpointStagerConfig, DefaultStager, RankInfo, make_async_checkpointer
 from fastdcp.torch import make_sync_checkpointer
 
 RANK = RankInfo(global_rank=0, global_world_size=1)
@@ -291,3 +291,31 @@ def test_a_load_into_a_template_fills_it_as_upstream_does(tmp_path_factory, sync
             assert out[key] is value  # filled in place
             assert resolved_bytes(value) == resolved_bytes(source[key]), key
     assert set(out) == set(kept)
+
+
+def test_a_list_nested_79000_deep_round_trips_and_stages(tmp_path, sync_checkpointer):
+    # Once, not per tensor path: the conversion of containers is the same for both.
+    depth = 79_000
+    root = []
+    leaf = root
+    for _ in range(depth):
+        leaf.append([])
+        leaf = leaf[0]
+    leaf.append(torch.arange(3))
+    sync_checkpointer.save(str(tmp_path / "ck"), {"deep": root})
+    stager = DefaultStager(CheckpointStagerConfig(use_pinned_memory=False, use_non_blocking_copy=False,
+                                                  use_async_staging=False))
+    try:
+        staged = stager.stage({"deep": root})
+        loads = [sync_checkpointer.load(str(tmp_path / "ck")), sync_checkpointer.load(str(tmp_path / "ck"), {"deep": None})]
+        for out in loads + [staged]:
+            node = out["deep"]
+            for _ in range(depth):
+                assert type(node) is list and len(node) == 1
+                node = node[0]
+            assert torch.equal(node[0], torch.arange(3))
+    finally:
+        stager.close()
+    # The original is the oracle: torch.save cannot pickle this depth.
+    with pytest.raises(RecursionError):
+        torch.save(root, io.BytesIO())
