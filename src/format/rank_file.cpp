@@ -381,9 +381,13 @@ RankFilePlan RankFilePlan::make(const Value& state_dict) {
   for (size_t i = 0; i < uses.size(); ++i) {
     const StorageUse& u = uses[i];
     const Tensor& t = *u.first;
+    // A safetensors reader sees only dtype and bytes: a lazily conjugated or negated tensor, or one
+    // of a framework dtype stored under another, would read as other values there.
+    const TensorTraits& traits = t.traits();
+    const bool bytes_are_values = !traits.conj && !traits.neg && traits.framework_dtype.empty();
     plain[i] = u.uses == 1 && t.is_contiguous() && t.storage_offset() == 0 && t.nbytes() == u.storage.nbytes() &&
-               safetensors_knows(t.dtype()) && !u.first_path.empty() && !u.first_path.starts_with("__") &&
-               names.insert(u.first_path).second;
+               safetensors_knows(t.dtype()) && bytes_are_values && !u.first_path.empty() &&
+               !u.first_path.starts_with("__") && names.insert(u.first_path).second;
   }
   // Entry i is storage i; its place in the file follows Note [Rank file layout].
   plan.entries_.resize(uses.size());

@@ -194,7 +194,12 @@ TEST(RankFileHeader, TensorTraitsRoundTripInVersion2Only) {
   root.insert("z", Value(with_traits(iota(DType::kC64, {3}), t1)));
   root.insert("h", Value(with_traits(iota(DType::kU32, {2}), t2)));
   root.insert("plain", Value(iota(DType::kF32, {2})));
+  root.insert("param", Value(with_traits(iota(DType::kF32, {2}), {.requires_grad = true, .parameter = true})));
   RankFilePlan plan = RankFilePlan::make(root);
+  // Safetensors readers see plain entries as dtype and bytes: only where those are the values.
+  std::vector<std::string> names;
+  for (const StoredEntry& e : plan.entries()) names.push_back(e.name);
+  EXPECT_EQ(names, (std::vector<std::string>{"__fastdcp__.storage.0", "__fastdcp__.storage.1", "plain", "param"}));
   EXPECT_NE(plan.header().find(R"(0,{\"conj\":true,\"neg\":true,\"param\":true,\"grad\":true}]})"), std::string::npos)
       << plan.header();
   const RankFileHeader header = parse(plan);

@@ -3,8 +3,10 @@ templates with None, lazy conjugate/negative bits, dtypes fastdcp has no name fo
 tensors, nn.Parameter and requires_grad. (Deep trees: test_differential.py.)"""
 
 import io
+import json
 
 import pytest
+import safetensors.torch
 import torch
 
 from fastdcp.torch import (CheckpointerConfig, CheckpointReader, CheckpointStagerConfig, CheckpointWriter,
@@ -72,6 +74,10 @@ def test_lazy_conjugate_and_negative_bits_load_as_torch_load_gives(tmp_path):
         assert_same_tensor(loaded[key], torch_round_trip(source[key]), key)
         assert torch.equal(loaded[key].resolve_conj().resolve_neg(), source[key].resolve_conj().resolve_neg()), key
     assert loaded["imag"].untyped_storage().data_ptr() == loaded["plain"].untyped_storage().data_ptr()
+    # A safetensors reader sees dtype and bytes only: no plain entry may read as other values.
+    manifest = json.loads((tmp_path / "ck" / "manifest.json").read_text())
+    flat = safetensors.torch.load_file(str(tmp_path / "ck" / manifest["ranks"][0]["file"]))
+    assert not {"conj", "t"} & set(flat)
     # Into a template: a template of the same kind is filled, one whose bits differ is refused.
     target = torch.zeros(3, 4, dtype=torch.complex64).conj()
     load(tmp_path / "ck", {"conj": target})
