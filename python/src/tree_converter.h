@@ -537,7 +537,10 @@ class TreeConverter {
     const TensorTraits& traits = t.traits();
     if (traits.is_default()) return out;
     if (!apply_traits_.is_valid()) {
-      throw Error(ErrorCode::kInvalidArgument, "this framework cannot load a tensor saved as " + t.describe());
+      // Without the framework's notion of them, autograd flags are dropped; values are not changed.
+      if (!traits.conj && !traits.neg && traits.framework_dtype.empty()) return out;
+      throw Error(ErrorCode::kInvalidArgument, "this framework cannot load a tensor saved as " + t.describe() +
+                                                   ": load it with fastdcp.torch");
     }
     return apply_traits_(out, flags_of(traits), traits.framework_dtype);
   }

@@ -149,3 +149,13 @@ def test_the_async_checkpointer_keeps_lazy_bits_and_torch_only_dtypes(tmp_path):
     loaded = load(tmp_path / "ck")
     for key in source:
         assert_same_tensor(loaded[key], torch_round_trip(source[key]), key)
+
+
+def test_the_numpy_api_loads_parameters_and_refuses_what_it_would_misread(tmp_path):
+    import fastdcp
+    weight = torch.nn.Parameter(torch.randn(2, 3))
+    save(tmp_path / "p", {"w": weight})
+    assert (fastdcp.load(tmp_path / "p")["w"] == weight.detach().numpy()).all()
+    save(tmp_path / "z", {"zc": torch.randn(2, dtype=torch.complex64).conj()})
+    with pytest.raises(ValueError, match="fastdcp.torch"):
+        fastdcp.load(tmp_path / "z")
