@@ -409,7 +409,8 @@ class TreeConverter {
       const Value* v;
       nb::object out;           // a dict, or a list (rebuilt as the tuple when complete)
       nb::object source_items;  // mirroring a dict: the source's entries (an object's attributes)
-      nb::object key;           // the dict key of the child being built
+      PyObject* key = nullptr;  // the dict key of the child being built (borrowed)
+      nb::object key_owner;     // that key, where made here
       size_t next = 0;
       Py_ssize_t pos = 0;
     };
@@ -447,7 +448,7 @@ class TreeConverter {
     const auto attach = [&](const nb::object& child) {
       path_.pop_back();
       Frame& parent = stack.back();
-      const int failed = parent.v->kind() == Value::Kind::kDict ? PyDict_SetItem(parent.out.ptr(), parent.key.ptr(), child.ptr())
+      const int failed = parent.v->kind() == Value::Kind::kDict ? PyDict_SetItem(parent.out.ptr(), parent.key, child.ptr())
                                                                  : PyList_Append(parent.out.ptr(), child.ptr());
       if (failed != 0) throw nb::python_error();
     };
@@ -466,17 +467,18 @@ class TreeConverter {
       } else if (mirror) {
         PyObject *key, *value;
         if (PyDict_Next(f.source_items.ptr(), &f.pos, &key, &value)) {
-          f.key = nb::borrow(key);
+          f.key = key;  // alive in f.source_items
           child_src = value;
           child = &f.v->entries()[f.next++].second;
         }
       } else if (f.next < f.v->size()) {
         const auto& [key, value] = f.v->entries()[f.next++];
-        f.key = key.is_int() ? nb::object(nb::int_(key.as_int()))
-                             : nb::object(nb::str(key.as_string().c_str(), key.as_string().size()));
+        f.key_owner = key.is_int() ? nb::object(nb::int_(key.as_int()))
+                                   : nb::object(nb::str(key.as_string().c_str(), key.as_string().size()));
+        f.key = f.key_owner.ptr();
         child = &value;
       }
-      if (child && f.v->kind() == Value::Kind::kDict) path_.push_back({f.key.ptr(), 0});
+      if (child && f.v->kind() == Value::Kind::kDict) path_.push_back({f.key, 0});
       if (!child) {
         nb::object done = finish(f);
         stack.pop_back();

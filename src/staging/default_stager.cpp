@@ -258,7 +258,7 @@ struct DefaultStager::Impl {
       case Value::Kind::kTensor: {
         const Tensor& t = src.as_tensor();
         Tensor staged(staged_storage_for(t.storage()), t.dtype(), t.shape(), t.strides(), t.storage_offset());
-        if (!t.traits().is_default()) staged.set_traits(t.traits());
+        staged.share_traits(t);
         return Value(std::move(staged));
       }
       case Value::Kind::kList: return Value::list(ValueList(src.size()));
