@@ -76,7 +76,8 @@ void print_tensors(const RankFileHeader& header, int rank) {
       shape += (shape.empty() ? "" : ", ") + std::to_string(d);
       numel *= static_cast<uint64_t>(d);
     }
-    const std::string_view dtype = dtype_name(t.dtype);
+    // The framework's dtype where the bytes are stored under another (torch.complex32 as U32).
+    const std::string_view dtype = t.traits.framework_dtype.empty() ? dtype_name(t.dtype) : t.traits.framework_dtype;
     std::printf("  [%d] %-60s %-6.*s [%s]  %s\n", rank, t.path.c_str(), static_cast<int>(dtype.size()), dtype.data(),
                 shape.c_str(), human_bytes(static_cast<double>(dtype_storage_bytes(t.dtype, numel))).c_str());
   }

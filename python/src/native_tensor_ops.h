@@ -17,7 +17,15 @@
 
 namespace fastdcp::python {
 
-inline constexpr const char* kNativeTensorOpsCapsule = "fastdcp.native_tensor_ops.v3";
+inline constexpr const char* kNativeTensorOpsCapsule = "fastdcp.native_tensor_ops.v4";
+
+// A tensor's traits (Note [Tensor traits]) as bits, in NativeTensorDescription::trait_flags and in
+// the adapters' describe() and apply_traits().
+inline constexpr int kTraitConj = 1;
+inline constexpr int kTraitNeg = 2;
+inline constexpr int kTraitRequiresGrad = 4;
+inline constexpr int kTraitParameter = 8;
+inline constexpr int kTraitQuantized = 16;
 
 struct NativeTensorDescription {
   uintptr_t storage_data;
@@ -29,10 +37,12 @@ struct NativeTensorDescription {
   const int64_t* shape;  // valid while the described object is alive and unchanged
   const int64_t* strides;
   int64_t storage_offset;
+  int32_t trait_flags;   // kTrait* bits
 };
 
 struct NativeTensorOps {
   // 1: described; 0: not a tensor this module handles (ask the adapter); -1: Python error set.
+  // Tensors whose dtype fastdcp lacks are the adapter's, which names the framework dtype.
   int (*describe)(PyObject* obj, NativeTensorDescription* out);
   // A new tensor of source's dtype over the storage of byte_tensor (a tensor made by the adapter's
   // wrap_storage); a new reference, or nullptr with a Python error set.

@@ -16,8 +16,7 @@ using fastdcp::DType;
 using fastdcp::python::NativeTensorDescription;
 using fastdcp::python::NativeTensorOps;
 
-// torch dtypes without a fastdcp name travel as raw bytes of their width; the staged view gets the
-// source's own dtype back (make_view reads it from the source).
+// torch dtypes without a fastdcp name are described by the adapter, which records the torch dtype.
 std::optional<DType> fastdcp_dtype(const at::Tensor& t) {
   switch (t.scalar_type()) {
     case at::kBool: return DType::kBool;
@@ -40,17 +39,11 @@ std::optional<DType> fastdcp_dtype(const at::Tensor& t) {
     case at::kFloat8_e4m3fnuz: return DType::kF8_E4M3FNUZ;
     case at::kFloat8_e5m2fnuz: return DType::kF8_E5M2FNUZ;
     case at::kFloat8_e8m0fnu: return DType::kF8_E8M0;
-    default: break;
-  }
-  switch (t.element_size()) {
-    case 1: return DType::kU8;
-    case 2: return DType::kU16;
-    case 4: return DType::kU32;
-    case 8: return DType::kU64;
-    case 16: return DType::kC128;
     default: return std::nullopt;
   }
 }
+
+PyTypeObject* parameter_type = nullptr;  // torch.nn.Parameter, set when the module loads
 
 int describe(PyObject* obj, NativeTensorDescription* out) {
   try {
@@ -81,6 +74,9 @@ int describe(PyObject* obj, NativeTensorDescription* out) {
     out->shape = t.sizes().data();
     out->strides = t.strides().data();
     out->storage_offset = t.storage_offset();
+    out->trait_flags = (t.is_conj() ? fastdcp::python::kTraitConj : 0) | (t.is_neg() ? fastdcp::python::kTraitNeg : 0) |
+                       (t.requires_grad() ? fastdcp::python::kTraitRequiresGrad : 0) |
+                       (PyObject_TypeCheck(obj, parameter_type) ? fastdcp::python::kTraitParameter : 0);
     return 1;
   } catch (const std::exception& e) {
     PyErr_SetString(PyExc_RuntimeError, e.what());
@@ -182,6 +178,17 @@ PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_torch_C", "Native torch tenso
 }  // namespace
 
 PyMODINIT_FUNC PyInit__torch_C() {
+  PyObject* parameter_module = PyImport_ImportModule("torch.nn.parameter");
+  if (!parameter_module) return nullptr;
+  PyObject* parameter = PyObject_GetAttrString(parameter_module, "Parameter");
+  Py_DECREF(parameter_module);
+  if (!parameter) return nullptr;
+  if (!PyType_Check(parameter)) {
+    Py_DECREF(parameter);
+    PyErr_SetString(PyExc_ImportError, "torch.nn.parameter.Parameter is not a type");
+    return nullptr;
+  }
+  parameter_type = reinterpret_cast<PyTypeObject*>(parameter);  // kept for the process's life
   PyObject* module = PyModule_Create(&module_def);
   if (!module) return nullptr;
   PyObject* ops = PyCapsule_New(const_cast<NativeTensorOps*>(&kOps), fastdcp::python::kNativeTensorOpsCapsule, nullptr);

@@ -61,7 +61,8 @@ class TreeConverter {
   // adapter: the framework glue, a Python object with
   //   is_tensor(obj) -> bool
   //   describe(t) -> (storage_ptr, storage_nbytes, device_type (0 cpu, 1 cuda), device_index,
-  //                   dtype_name, shape tuple, strides tuple, storage_offset)
+  //                   dtype_name, shape tuple, strides tuple, storage_offset[, trait_flags,
+  //                   framework_dtype]) (flags: kTrait* below; Note [Tensor traits])
   //   wrap_storage(dlpack_capsule_of_bytes, shared, pinned) -> framework storage
   //   make_view(storage, source_tensor, shape, strides, storage_offset) -> staged tensor (the
   //     source's Python attributes are then deep-copied onto it here)
@@ -73,6 +74,7 @@ class TreeConverter {
   //   typed_view(storage, dtype_name, shape, strides, storage_offset) (for loading) -> a tensor
   //     of the named fastdcp dtype
   //   native_ops (optional) -> a capsule of NativeTensorOps, see Note [Native tensor ops]
+  //   apply_traits(t, trait_flags, framework_dtype) (optional) -> a loaded tensor with its traits
   explicit TreeConverter(nb::object adapter) : adapter_(std::move(adapter)) {
     is_tensor_ = adapter_.attr("is_tensor");
     // Frameworks may name a tensor type and dtype table: then tensors are described here, without a
@@ -87,6 +89,7 @@ class TreeConverter {
       }
       as_strided_ = adapter_.attr("as_strided");
       view_dtype_ = adapter_.attr("view_dtype");
+      is_parameter_ = adapter_.attr("is_parameter");
     }
     if (nb::hasattr(adapter_, "native_ops")) {
       nb::object capsule = adapter_.attr("native_ops");
@@ -103,6 +106,7 @@ class TreeConverter {
     wrap_storage_ = adapter_.attr("wrap_storage");
     make_view_ = adapter_.attr("make_view");
     if (nb::hasattr(adapter_, "typed_view")) typed_view_ = adapter_.attr("typed_view");
+    if (nb::hasattr(adapter_, "apply_traits")) apply_traits_ = adapter_.attr("apply_traits");
     deepcopy_ = adapter_.attr("deepcopy");
     rebuild_container_ = adapter_.attr("rebuild_container");
     object_state_ = adapter_.attr("object_state");
@@ -153,7 +157,7 @@ class TreeConverter {
   // forgotten, so that the stager's cache entries for them can go too.
   nb::object to_python(nb::handle source, const Value& staged) {
     path_.clear();
-    nb::object out = build(source, staged);
+    nb::object out = build(source, staged, /*mirror=*/true);
     std::erase_if(wrapped_, [&](const auto& e) { return e.second.last_seen != epoch_; });
     return out;
   }
@@ -164,7 +168,7 @@ class TreeConverter {
   // tensors, not at the reader's next load.
   nb::object loaded_to_python(const Value& v) {
     ++epoch_;
-    nb::object out = build_loaded(v);
+    nb::object out = build(nb::none(), v, /*mirror=*/false);
     wrapped_.clear();
     return out;
   }
@@ -265,9 +269,11 @@ class TreeConverter {
       dst = Value::tuple();
       stack.push_back({obj, &dst});
     } else if (python::NativeTensorDescription d; native_ops_ && describe_natively(p, d)) {
-      dst = Value(make_source_tensor(d.storage_data, d.storage_nbytes, d.device_type, d.device_index,
-                                     static_cast<DType>(d.dtype), Dims(std::span<const int64_t>(d.shape, static_cast<size_t>(d.ndim))),
-                                     Dims(std::span<const int64_t>(d.strides, static_cast<size_t>(d.ndim))), d.storage_offset));
+      Tensor t = make_source_tensor(d.storage_data, d.storage_nbytes, d.device_type, d.device_index,
+                                    static_cast<DType>(d.dtype), Dims(std::span<const int64_t>(d.shape, static_cast<size_t>(d.ndim))),
+                                    Dims(std::span<const int64_t>(d.strides, static_cast<size_t>(d.ndim))), d.storage_offset);
+      if (d.trait_flags) t.set_traits(traits_from_flags(d.trait_flags, {}));
+      dst = Value(std::move(t));
     } else if (tensor_type_.is_valid() && PyObject_TypeCheck(p, reinterpret_cast<PyTypeObject*>(tensor_type_.ptr()))) {
       dst = Value(tensor_at(obj, /*fast=*/true));
     } else if (nb::cast<bool>(is_tensor_(obj))) {
@@ -290,6 +296,22 @@ class TreeConverter {
     v.append(Value(static_cast<int64_t>(opaque_.size())));
     opaque_.push_back(nb::borrow(obj));
     return v;
+  }
+
+  static TensorTraits traits_from_flags(long long flags, std::string framework_dtype) {
+    TensorTraits traits;
+    traits.conj = flags & python::kTraitConj;
+    traits.neg = flags & python::kTraitNeg;
+    traits.requires_grad = flags & python::kTraitRequiresGrad;
+    traits.parameter = flags & python::kTraitParameter;
+    traits.quantized = flags & python::kTraitQuantized;
+    traits.framework_dtype = std::move(framework_dtype);
+    return traits;
+  }
+  static long long flags_of(const TensorTraits& traits) {
+    return (traits.conj ? python::kTraitConj : 0) | (traits.neg ? python::kTraitNeg : 0) |
+           (traits.requires_grad ? python::kTraitRequiresGrad : 0) | (traits.parameter ? python::kTraitParameter : 0) |
+           (traits.quantized ? python::kTraitQuantized : 0);
   }
 
   bool describe_natively(PyObject* obj, python::NativeTensorDescription& d) const {
@@ -345,8 +367,19 @@ class TreeConverter {
     nb::object shape_t = obj.attr(names_.shape);
     nb::object strides_t = call_method(obj, names_.stride);
     const auto offset = static_cast<int64_t>(as_integer(call_method(obj, names_.storage_offset)));
-    return make_source_tensor(data, nbytes, device < 0 ? 0 : 1, std::max(device, 0), dtype_it->second,
-                              dims_from_tuple(shape_t), dims_from_tuple(strides_t), offset);
+    Tensor t = make_source_tensor(data, nbytes, device < 0 ? 0 : 1, std::max(device, 0), dtype_it->second,
+                                  dims_from_tuple(shape_t), dims_from_tuple(strides_t), offset);
+    const bool complex = dtype_it->second == DType::kC64 || dtype_it->second == DType::kC128;  // conj needs one
+    const long long flags =
+        (complex && call_method(obj, names_.is_conj).ptr() == Py_True ? python::kTraitConj : 0) |
+        (call_method(obj, names_.is_neg).ptr() == Py_True ? python::kTraitNeg : 0) |
+        (obj.attr(names_.requires_grad).ptr() == Py_True ? python::kTraitRequiresGrad : 0) |
+        (Py_TYPE(obj.ptr()) != reinterpret_cast<PyTypeObject*>(tensor_type_.ptr()) &&
+                 nb::cast<bool>(is_parameter_(obj))
+             ? python::kTraitParameter
+             : 0);
+    if (flags) t.set_traits(traits_from_flags(flags, {}));
+    return t;
   }
 
   static Dims dims_from_tuple(nb::handle tuple) {
@@ -382,60 +415,120 @@ class TreeConverter {
     const auto nbytes = nb::cast<uint64_t>(d[1]);
     const auto dtype = dtype_from_name(nb::cast<std::string>(d[4]));
     if (!dtype) throw Error(ErrorCode::kInvalidArgument, "unsupported dtype " + nb::cast<std::string>(d[4]));
-    return make_source_tensor(data, nbytes, nb::cast<int>(d[2]), nb::cast<int>(d[3]), *dtype, dims_from_tuple(d[5]),
-                              dims_from_tuple(d[6]), nb::cast<int64_t>(d[7]));
+    Tensor t = make_source_tensor(data, nbytes, nb::cast<int>(d[2]), nb::cast<int>(d[3]), *dtype, dims_from_tuple(d[5]),
+                                  dims_from_tuple(d[6]), nb::cast<int64_t>(d[7]));
+    if (d.size() > 8) {
+      const auto flags = nb::cast<long long>(d[8]);
+      std::string framework_dtype = d.size() > 9 ? nb::cast<std::string>(d[9]) : std::string();
+      if (flags || !framework_dtype.empty()) t.set_traits(traits_from_flags(flags, std::move(framework_dtype)));
+    }
+    return t;
   }
 
-  nb::object build(nb::handle src, const Value& v) {
-    // Recursive over containers (from_python, which meets untrusted depth first, is iterative):
-    // the C++ stack bounds the nesting here to tens of thousands of levels.
+  // Python objects for a Value, without recursion: a checkpoint may nest containers as deep as
+  // the format allows, and a staged tree is as deep as its source. With `mirror` (staging), `src`
+  // is the source tree: containers get its types and attributes, tensors are views made like the
+  // source tensors, and opaque leaves are copies of its objects. Without (loading), containers
+  // are dicts, lists and tuples, and tensors are made from the loaded dtype and traits.
+  nb::object build(nb::handle src_root, const Value& root, bool mirror) {
+    struct Frame {
+      nb::handle src;
+      const Value* v;
+      nb::object out;           // a dict, or a list (rebuilt as the tuple when complete)
+      nb::object source_items;  // mirroring a dict: the source's entries (an object's attributes)
+      PyObject* key = nullptr;  // the dict key of the child being built (borrowed)
+      nb::object key_owner;     // that key, where made here
+      size_t next = 0;
+      Py_ssize_t pos = 0;
+    };
+    std::vector<Frame> stack;
+    const auto is_container = [&](nb::handle src, const Value& v) {
+      return v.kind() == Value::Kind::kList || v.kind() == Value::Kind::kDict ||
+             (v.kind() == Value::Kind::kTuple && (!mirror || PyTuple_Check(src.ptr())));
+    };
+    const auto leaf = [&](nb::handle src, const Value& v) -> nb::object {
+      if (v.is_tensor()) return mirror ? tensor_to_python(src, v.as_tensor()) : loaded_tensor(v.as_tensor());
+      if (v.kind() == Value::Kind::kTuple) return copy_opaque(src);  // see opaque()
+      return scalar(v);
+    };
+    const auto open = [&](nb::handle src, const Value& v) {
+      Frame f{src, &v};
+      f.out = v.kind() == Value::Kind::kDict ? nb::object(nb::dict()) : nb::object(nb::list());
+      if (mirror && v.kind() == Value::Kind::kDict) {
+        f.source_items = PyDict_Check(src.ptr()) ? nb::borrow(src) : object_state_(src);  // else staged through its attributes
+      }
+      stack.push_back(std::move(f));
+    };
+    const auto finish = [&](Frame& f) -> nb::object {
+      if (f.v->kind() == Value::Kind::kList) return std::move(f.out);
+      if (f.v->kind() == Value::Kind::kTuple) {
+        if (mirror) return rebuild_container_(f.src, f.out);
+        PyObject* tuple = PyList_AsTuple(f.out.ptr());
+        if (!tuple) throw nb::python_error();
+        return nb::steal(tuple);
+      }
+      if (!mirror || PyDict_CheckExact(f.src.ptr())) return std::move(f.out);
+      if (!PyDict_Check(f.src.ptr())) return rebuild_object_(f.src, f.out);
+      return rebuild_container_(f.src, f.out);
+    };
+    // Puts a finished child into the container on top of the stack.
+    const auto attach = [&](const nb::object& child) {
+      path_.pop_back();
+      Frame& parent = stack.back();
+      const int failed = parent.v->kind() == Value::Kind::kDict ? PyDict_SetItem(parent.out.ptr(), parent.key, child.ptr())
+                                                                 : PyList_Append(parent.out.ptr(), child.ptr());
+      if (failed != 0) throw nb::python_error();
+    };
+    if (!is_container(src_root, root)) return leaf(src_root, root);
+    open(src_root, root);
+    while (true) {
+      Frame& f = stack.back();
+      nb::handle child_src;
+      const Value* child = nullptr;
+      if (f.v->kind() != Value::Kind::kDict) {
+        if (f.next < f.v->size()) {
+          if (mirror) child_src = PySequence_Fast_ITEMS(f.src.ptr())[f.next];
+          path_.push_back({nullptr, f.next});
+          child = &f.v->items()[f.next++];
+        }
+      } else if (mirror) {
+        PyObject *key, *value;
+        if (PyDict_Next(f.source_items.ptr(), &f.pos, &key, &value)) {
+          f.key = key;  // alive in f.source_items
+          child_src = value;
+          child = &f.v->entries()[f.next++].second;
+        }
+      } else if (f.next < f.v->size()) {
+        const auto& [key, value] = f.v->entries()[f.next++];
+        f.key_owner = key.is_int() ? nb::object(nb::int_(key.as_int()))
+                                   : nb::object(nb::str(key.as_string().c_str(), key.as_string().size()));
+        f.key = f.key_owner.ptr();
+        child = &value;
+      }
+      if (child && f.v->kind() == Value::Kind::kDict) path_.push_back({f.key, 0});
+      if (!child) {
+        nb::object done = finish(f);
+        stack.pop_back();
+        if (stack.empty()) return done;
+        attach(done);
+      } else if (is_container(child_src, *child)) {
+        open(child_src, *child);  // `f` is not used after this: the stack may have moved
+      } else {
+        attach(leaf(child_src, *child));
+      }
+    }
+  }
+
+  static nb::object scalar(const Value& v) {
     switch (v.kind()) {
-      case Value::Kind::kNone: return nb::none();
       case Value::Kind::kBool: return nb::bool_(v.as_bool());
       case Value::Kind::kInt: return nb::int_(v.as_int());
       case Value::Kind::kDouble: return nb::float_(v.as_double());
       case Value::Kind::kString: return nb::str(v.as_string().c_str(), v.as_string().size());
       case Value::Kind::kBytes:
         return nb::steal(PyBytes_FromStringAndSize(v.as_bytes().data.data(), v.as_bytes().data.size()));
-      case Value::Kind::kTensor: return tensor_to_python(src, v.as_tensor());
-      case Value::Kind::kTuple:
-        if (!PyTuple_Check(src.ptr())) return copy_opaque(src);
-        return rebuild_container_(src, build_items(src, v));
-      case Value::Kind::kList:
-        return build_items(src, v);
-      case Value::Kind::kDict: {
-        const bool is_object = !PyDict_Check(src.ptr());  // staged through its attributes
-        nb::object source_items = is_object ? object_state_(src) : nb::borrow(src);
-        nb::dict items;
-        PyObject *key, *value;
-        Py_ssize_t pos = 0;
-        size_t i = 0;
-        const auto& entries = v.entries();
-        while (PyDict_Next(source_items.ptr(), &pos, &key, &value)) {
-          path_.push_back({key, 0});
-          if (PyDict_SetItem(items.ptr(), key, build(value, entries[i++].second).ptr()) != 0) {
-            throw nb::python_error();
-          }
-          path_.pop_back();
-        }
-        if (is_object) return rebuild_object_(src, items);
-        if (PyDict_CheckExact(src.ptr())) return std::move(items);
-        return rebuild_container_(src, items);
-      }
+      default: return nb::none();
     }
-    return nb::none();
-  }
-
-  // The items of a list or tuple, as a list.
-  nb::list build_items(nb::handle src, const Value& v) {
-    nb::list items;
-    PyObject** srcs = PySequence_Fast_ITEMS(src.ptr());
-    for (size_t i = 0; i < v.size(); ++i) {
-      path_.push_back({nullptr, i});
-      items.append(build(srcs[i], v[i]));
-      path_.pop_back();
-    }
-    return items;
   }
 
   // Opaque leaves are deep-copied by Python; a failure names the leaf's key path.
@@ -457,40 +550,28 @@ class TreeConverter {
     }
   }
 
-  nb::object build_loaded(const Value& v) {
-    switch (v.kind()) {
-      case Value::Kind::kTensor: return loaded_tensor(v.as_tensor());
-      case Value::Kind::kList:
-      case Value::Kind::kTuple: {
-        nb::list items;
-        for (const Value& item : v.items()) items.append(build_loaded(item));
-        if (v.kind() == Value::Kind::kList) return std::move(items);
-        return nb::steal(PyList_AsTuple(items.ptr()));
-      }
-      case Value::Kind::kDict: {
-        nb::dict out;
-        for (const auto& [key, child] : v.entries()) {
-          nb::object k = key.is_int() ? nb::object(nb::int_(key.as_int()))
-                                      : nb::object(nb::str(key.as_string().c_str(), key.as_string().size()));
-          if (PyDict_SetItem(out.ptr(), k.ptr(), build_loaded(child).ptr()) != 0) throw nb::python_error();
-        }
-        return std::move(out);
-      }
-      default: return build(nb::none(), v);  // scalars
-    }
-  }
-
   nb::object loaded_tensor(const Tensor& t) {
     WrappedStorage& wrapped = wrap_storage(t.storage());
+    nb::object out;
     if (native_ops_) {
       PyObject* view = native_ops_->make_typed_view(wrapped.py_storage.ptr(), static_cast<int32_t>(t.dtype()),
                                                     static_cast<int32_t>(t.dim()), t.shape().data(),
                                                     t.strides().data(), t.storage_offset());
       if (!view) throw nb::python_error();
-      return nb::steal(view);
+      out = nb::steal(view);
+    } else {
+      out = typed_view_(wrapped.py_storage, std::string(dtype_name(t.dtype())), dims_to_tuple(t.shape()),
+                        dims_to_tuple(t.strides()), t.storage_offset());
     }
-    return typed_view_(wrapped.py_storage, std::string(dtype_name(t.dtype())), dims_to_tuple(t.shape()),
-                       dims_to_tuple(t.strides()), t.storage_offset());
+    const TensorTraits& traits = t.traits();
+    if (traits.is_default()) return out;
+    if (!apply_traits_.is_valid()) {
+      // Without the framework's notion of them, autograd flags are dropped; values are not changed.
+      if (!traits.conj && !traits.neg && traits.framework_dtype.empty()) return out;
+      throw Error(ErrorCode::kInvalidArgument, "this framework cannot load a tensor saved as " + t.describe() +
+                                                   ": load it with fastdcp.torch");
+    }
+    return apply_traits_(out, flags_of(traits), traits.framework_dtype);
   }
 
   static nb::tuple dims_to_tuple(const Dims& dims) {
@@ -531,7 +612,7 @@ class TreeConverter {
       }
       return rebuild_container_(py, items);
     }
-    return build_loaded(v);
+    return build(nb::none(), v, /*mirror=*/false);
   }
 
   // The framework storage of a fastdcp Storage: made once from a DLPack capsule of its bytes and
@@ -632,12 +713,13 @@ class TreeConverter {
   struct Names {
     nb::str dtype{"dtype"}, untyped_storage{"untyped_storage"}, data_ptr{"data_ptr"}, nbytes{"nbytes"},
         get_device{"get_device"}, shape{"shape"}, stride{"stride"}, storage_offset{"storage_offset"}, is_cpu{"is_cpu"},
-        is_cuda{"is_cuda"};
+        is_cuda{"is_cuda"}, is_conj{"is_conj"}, is_neg{"is_neg"}, requires_grad{"requires_grad"};
   } names_;
   nb::object tensor_type_, as_strided_, view_dtype_;
   const python::NativeTensorOps* native_ops_ = nullptr;
   nb::object finish_view_;
   nb::object typed_view_;  // typed_view(byte_storage, dtype_name, shape, strides, offset), for loading
+  nb::object apply_traits_, is_parameter_;
   bool copy_attributes_ = false;
   nb::object native_ops_owner_;  // the capsule (and module) that native_ops_ points into
   std::unordered_map<PyObject*, DType> dtype_codes_;

@@ -558,8 +558,30 @@ namespace {
 struct LoadPlan {
   std::vector<std::pair<Tensor, Tensor>> copies;        // (target, source)
   std::vector<std::pair<Value*, const Value*>> leaves;  // target leaf := source value
+  // Storages that a leaf taken whole views (a None in the target: Note [None in a load target]).
+  std::vector<const StorageImpl*> taken;
   LoadResult result;
 };
+
+// Note [None in a load target]
+// As in upstream's reader, a None where the checkpoint has a tensor or a container means "what
+// the checkpoint holds here": the leaf takes the whole source subtree, its tensors over storages
+// read in full (views of one storage stay views of one storage, as in a load without a target).
+// Such storages are never read straight into a target tensor, whose memory they would alias.
+void take_subtree(const Value& source, LoadPlan& plan) {
+  std::vector<const Value*> stack{&source};
+  while (!stack.empty()) {
+    const Value* v = stack.back();
+    stack.pop_back();
+    if (v->is_tensor()) {
+      plan.taken.push_back(v->as_tensor().storage().identity());
+    } else if (v->kind() == Value::Kind::kDict) {
+      for (const auto& [key, child] : v->entries()) stack.push_back(&child);
+    } else if (v->kind() == Value::Kind::kList || v->kind() == Value::Kind::kTuple) {
+      for (const Value& child : v->items()) stack.push_back(&child);
+    }
+  }
+}
 
 void plan_load(Value& target, const Value& source, LoadPlan& plan) {
   struct Frame {
@@ -581,7 +603,12 @@ void plan_load(Value& target, const Value& source, LoadPlan& plan) {
       if (!s.is_tensor()) mismatch(std::string("the target is a tensor, the checkpoint has a ") + Value::kind_name(s.kind()));
       const Tensor& tt = t.as_tensor();
       const Tensor& st = s.as_tensor();
-      if (tt.dtype() != st.dtype() || tt.shape() != st.shape()) {
+      // The bytes are copied as they are: a lazy conjugate or negative bit, or a framework dtype
+      // stored under another one, must match too, or the values would change.
+      const TensorTraits& ta = tt.traits();
+      const TensorTraits& sa = st.traits();
+      if (tt.dtype() != st.dtype() || tt.shape() != st.shape() || ta.framework_dtype != sa.framework_dtype ||
+          ta.conj != sa.conj || ta.neg != sa.neg) {
         mismatch("the target is " + tt.describe() + ", the checkpoint has " + st.describe());
       }
       if (!tt.device().is_cpu()) mismatch("the target tensor is on " + tt.device().str() + "; load into CPU tensors");
@@ -620,8 +647,11 @@ void plan_load(Value& target, const Value& source, LoadPlan& plan) {
           stack.push_back({&t.items()[i], &s.items()[i], std::move(p)});
         }
       }
+    } else if (t.kind() == Value::Kind::kNone) {
+      take_subtree(s, plan);
+      plan.leaves.emplace_back(&t, &s);
     } else {
-      if (s.is_tensor()) mismatch("the target is not a tensor, the checkpoint has one: pass a tensor to load into");
+      if (s.is_tensor()) mismatch("the target is not a tensor, the checkpoint has one: pass a tensor or None to load into");
       plan.leaves.emplace_back(&t, &s);
     }
   }
@@ -659,6 +689,7 @@ LoadResult CheckpointReader::read_into(const std::string& path, Value& target, b
   std::unordered_map<const StorageImpl*, size_t> entry_of;
   for (size_t i = 0; i < storages.size(); ++i) entry_of.emplace(storages[i].identity(), i);
   std::vector<bool> selected(entries.size(), false);
+  for (const StorageImpl* storage : plan.taken) selected[entry_of.at(storage)] = true;  // read whole, not direct
   std::vector<bool> direct(plan.copies.size(), false);
   for (size_t c = 0; c < plan.copies.size(); ++c) {
     const auto& [t, s] = plan.copies[c];

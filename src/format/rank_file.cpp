@@ -226,8 +226,42 @@ void for_each_tensor(const Value& root, Visit&& visit) {
   }
 }
 
+// A tensor record's 6th element: the non-default traits (docs/format.md).
+void append_traits(std::string& out, const TensorTraits& traits, const std::string& path) {
+  if (traits.quantized) {
+    // Scale and zero point (per tensor or per channel) are not captured: the bytes alone would
+    // load as different values.
+    throw Error(ErrorCode::kInvalidArgument, "cannot save the tensor at '" + path +
+                                                 "': it is quantized, and fastdcp does not store scales and zero "
+                                                 "points; save its dequantize() or int_repr() with its q_scale()");
+  }
+  out += ",{";
+  const size_t start = out.size();
+  auto flag = [&](bool on, std::string_view key) {
+    if (!on) return;
+    if (out.size() > start) out += ',';
+    append_json_string(out, key);
+    out += ":true";
+  };
+  flag(traits.conj, "conj");
+  flag(traits.neg, "neg");
+  flag(traits.parameter, "param");
+  flag(traits.requires_grad, "grad");
+  if (!traits.framework_dtype.empty()) {
+    if (out.size() > start) out += ',';
+    out += "\"dtype\":";
+    if (!valid_utf8(traits.framework_dtype)) {
+      throw Error(ErrorCode::kInvalidArgument, "cannot save the tensor at '" + path + "': its dtype name is not UTF-8");
+    }
+    append_json_string(out, traits.framework_dtype);
+  }
+  out += '}';
+}
+
 // Renders the tree (see docs/format.md) without recursion; tensors name their storage's entry.
-std::string render_tree(const Value& root, const std::unordered_map<const StorageImpl*, size_t>& entry_of) {
+// uses_traits: set when a tensor record has traits, which needs format version 2.
+std::string render_tree(const Value& root, const std::unordered_map<const StorageImpl*, size_t>& entry_of,
+                        bool& uses_traits) {
   std::string out;
   struct Frame {
     const Value* v;
@@ -268,6 +302,10 @@ std::string render_tree(const Value& root, const std::unordered_map<const Storag
         append_dims(out, t.strides());
         out += ',';
         append_number(out, t.storage_offset());
+        if (!t.traits().is_default()) {
+          append_traits(out, t.traits(), path);
+          uses_traits = true;
+        }
         out += "]}";
         break;
       }
@@ -345,9 +383,13 @@ RankFilePlan RankFilePlan::make(const Value& state_dict) {
   for (size_t i = 0; i < uses.size(); ++i) {
     const StorageUse& u = uses[i];
     const Tensor& t = *u.first;
+    // A safetensors reader sees only dtype and bytes: a lazily conjugated or negated tensor, or one
+    // of a framework dtype stored under another, would read as other values there.
+    const TensorTraits& traits = t.traits();
+    const bool bytes_are_values = !traits.conj && !traits.neg && traits.framework_dtype.empty();
     plain[i] = u.uses == 1 && t.is_contiguous() && t.storage_offset() == 0 && t.nbytes() == u.storage.nbytes() &&
-               safetensors_knows(t.dtype()) && !u.first_path.empty() && !u.first_path.starts_with("__") &&
-               names.insert(u.first_path).second;
+               safetensors_knows(t.dtype()) && bytes_are_values && !u.first_path.empty() &&
+               !u.first_path.starts_with("__") && names.insert(u.first_path).second;
   }
   // Entry i is storage i; its place in the file follows Note [Rank file layout].
   plan.entries_.resize(uses.size());
@@ -405,10 +447,12 @@ RankFilePlan RankFilePlan::make(const Value& state_dict) {
     append_json_string(text, value);
     text += ',';
   };
-  field(kVersionKey, std::to_string(kRankFileFormatVersion));
+  bool uses_traits = false;
+  std::string tree = render_tree(state_dict, index_of, uses_traits);
+  field(kVersionKey, uses_traits ? "2" : "1");
   field(kChunkBytesKey, std::to_string(kChecksumChunkBytes));
   field(kStoragesKey, storages);
-  field(kTreeKey, render_tree(state_dict, index_of));
+  field(kTreeKey, tree);
   append_json_string(text, kChecksumsKey);
   text += ":\"";
   const size_t checksums_at = text.size();
@@ -826,13 +870,40 @@ Value build_value(element root, const RankFileHeader::Impl& impl, MakeTensor&& m
 
 using TensorRecord = RankFileHeader::TensorRecord;
 
+// A tensor record's optional 6th element (version 2): an object of the non-default traits.
+TensorTraits parse_traits(element j, const std::string& path, const RankFileHeader::Impl& impl) {
+  simdjson::dom::object object;
+  if (impl.version < 2 || j.get_object().get(object) != simdjson::SUCCESS) {
+    impl.corrupt("the tensor at '" + path + "' has a malformed traits record");
+  }
+  TensorTraits traits;
+  for (const simdjson::dom::key_value_pair field : object) {
+    const std::string_view key = field.key;
+    bool* flag = key == "conj" ? &traits.conj : key == "neg" ? &traits.neg : key == "param" ? &traits.parameter
+               : key == "grad" ? &traits.requires_grad : nullptr;
+    std::string_view name;
+    if (flag && field.value.get_bool().get(*flag) == simdjson::SUCCESS) continue;
+    if (key == "dtype" && field.value.get_string().get(name) == simdjson::SUCCESS && !name.empty()) {
+      traits.framework_dtype = std::string(name);
+      continue;
+    }
+    impl.corrupt("the tensor at '" + path + "' has an unknown or malformed trait '" + std::string(key) + "'");
+  }
+  return traits;
+}
+
 TensorRecord parse_tensor(element body, const std::string& path, const RankFileHeader::Impl& impl) {
-  const auto record = fixed_items<5>(body);
+  // [storage, dtype, shape, strides, offset] and, from version 2, an optional traits object.
+  simdjson::dom::array list;
+  std::array<element, 6> fields;
+  size_t n = 0;
+  if (body.get_array().get(list) == simdjson::SUCCESS && (list.size() == 5 || list.size() == 6)) {
+    for (const element item : list) fields[n++] = item;
+  }
   std::string_view dtype_text;
-  if (!record || (*record)[1].get_string().get(dtype_text) != simdjson::SUCCESS) {
+  if (n < 5 || fields[1].get_string().get(dtype_text) != simdjson::SUCCESS) {
     impl.corrupt("the tensor at '" + path + "' is malformed");
   }
-  const std::array<element, 5>& fields = *record;
   TensorRecord r;
   r.path = path;
   r.entry = to_u64(fields[0], "a tensor's storage", impl);
@@ -843,6 +914,8 @@ TensorRecord parse_tensor(element body, const std::string& path, const RankFileH
   r.shape = to_dims(fields[2], "a tensor shape", impl);
   r.strides = to_dims(fields[3], "a tensor's strides", impl);
   r.offset = to_i64(fields[4], "a tensor offset", impl);
+  if (r.shape.size() != r.strides.size()) impl.corrupt("the tensor at '" + path + "' has shape and strides of different lengths");
+  if (n == 6) r.traits = parse_traits(fields[5], path, impl);
   // Checked here, not only when a Tensor is made, so that tensors() (inspect, verify) refuses what
   // a load refuses.
   if (std::string why = view_problem(r.dtype, r.shape, r.strides, r.offset, impl.entries[r.entry].nbytes);
@@ -868,7 +941,9 @@ Value RankFileHeader::build_tree(const std::vector<Storage>& storages) const {
   return build_value(impl.tree, impl, [&](element body, const std::string& path) {
     const TensorRecord r = parse_tensor(body, path, impl);
     try {
-      return Value(Tensor(storages[r.entry], r.dtype, r.shape, r.strides, r.offset));
+      Tensor t(storages[r.entry], r.dtype, r.shape, r.strides, r.offset);
+      if (!r.traits.is_default()) t.set_traits(r.traits);
+      return Value(std::move(t));
     } catch (const Error& e) {
       impl.corrupt("the tensor at '" + path + "' does not fit its storage: " + e.what());
     }
@@ -881,7 +956,7 @@ std::vector<RankFileHeader::TensorRecord> RankFileHeader::tensors() const {
   if (impl.version == 0) {
     for (size_t i = 0; i < impl.entries.size(); ++i) {
       const StoredEntry& e = impl.entries[i];
-      out.push_back({e.name, i, e.dtype, e.shape, contiguous_strides(e.shape), 0});
+      out.push_back({e.name, i, e.dtype, e.shape, contiguous_strides(e.shape), 0, {}});
     }
     return out;
   }

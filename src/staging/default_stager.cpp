@@ -258,7 +258,9 @@ struct DefaultStager::Impl {
       case Value::Kind::kBytes: return Value(src.as_bytes());
       case Value::Kind::kTensor: {
         const Tensor& t = src.as_tensor();
-        return Value(Tensor(staged_storage_for(t.storage()), t.dtype(), t.shape(), t.strides(), t.storage_offset()));
+        Tensor staged(staged_storage_for(t.storage()), t.dtype(), t.shape(), t.strides(), t.storage_offset());
+        staged.share_traits(t);
+        return Value(std::move(staged));
       }
       case Value::Kind::kList: return Value::list(ValueList(src.size()));
       case Value::Kind::kTuple: return Value::tuple(ValueList(src.size()));

@@ -185,14 +185,29 @@ std::pair<uint64_t, uint64_t> Tensor::byte_extent() const {
   return view_byte_extent(dtype_, shape_, strides_, storage_offset_);
 }
 
+const TensorTraits& Tensor::traits() const {
+  static const TensorTraits kDefault;
+  return traits_ ? *traits_ : kDefault;
+}
+
+void Tensor::set_traits(TensorTraits traits) {
+  traits_ = traits.is_default() ? nullptr : std::make_shared<const TensorTraits>(std::move(traits));
+}
+
 Tensor Tensor::view_as(Dims shape, Dims strides, int64_t storage_offset) const {
-  return Tensor(storage_, dtype_, std::move(shape), std::move(strides), storage_offset);
+  Tensor out(storage_, dtype_, std::move(shape), std::move(strides), storage_offset);
+  out.traits_ = traits_;
+  return out;
 }
 
 std::string Tensor::describe() const {
   std::ostringstream out;
   out << dtype_name(dtype_) << dims_str(shape_) << " strides " << dims_str(strides_) << " offset "
       << storage_offset_ << " on " << storage_.device().str();
+  const TensorTraits& traits = this->traits();
+  if (!traits.framework_dtype.empty()) out << " (" << traits.framework_dtype << ")";
+  if (traits.conj) out << " conjugated";
+  if (traits.neg) out << " negated";
   return out.str();
 }
 

@@ -267,6 +267,51 @@ TEST_F(CheckpointTest, PartialLoadFillsTargetsInPlaceAndReportsKeys) {
   EXPECT_EQ(unexpected, (std::vector<std::string>{"lr", "model.base", "model.cols"}));
 }
 
+TEST_F(CheckpointTest, NoneInATargetTakesWhatTheCheckpointHoldsThere) {
+  // Note [None in a load target]: a None tensor leaf and a None subtree get the checkpoint's
+  // values, read in full; views keep sharing a storage, and a storage that a filled target
+  // tensor also views is not read into the target's memory (which the None subtree would alias).
+  CheckpointWriter().write(path_, state(4));
+  const Value source = state(4);
+  Tensor base = Tensor::empty_cpu(DType::kF32, {64, 64});
+  Value model = Value::dict();
+  model.insert("w", Value());
+  model.insert("base", Value(base));
+  model.insert("cols", Value());
+  Value target = Value::dict();
+  target.insert("model", std::move(model));
+  Value subtree_target = Value::dict();
+  subtree_target.insert("model", Value());
+  subtree_target.insert("step", Value());
+  for (Value* t : {&target, &subtree_target}) {
+    const LoadResult result = CheckpointReader().read_into(path_, *t);
+    const Value& m = t->at("model");
+    for (const char* key : {"w", "base", "cols"}) {
+      EXPECT_TRUE(same_bytes(m.at(key).as_tensor(), source.at("model").at(key).as_tensor())) << key;
+    }
+    EXPECT_NE(m.at("cols").as_tensor().storage(), base.storage());
+    EXPECT_TRUE(result.missing_keys.empty());
+  }
+  const Value& m = subtree_target.at("model");
+  EXPECT_TRUE(same_bytes(m.at("big").as_tensor(), source.at("model").at("big").as_tensor()));
+  EXPECT_EQ(m.at("cols").as_tensor().storage(), m.at("base").as_tensor().storage());
+  EXPECT_EQ(subtree_target.at("step").as_int(), 4);
+}
+
+TEST_F(CheckpointTest, ATargetWhoseTraitsChangeTheValuesIsRefused) {
+  Tensor z = patterned_tensor(DType::kC64, {4}, 1);
+  TensorTraits conj;
+  conj.conj = true;
+  z.set_traits(conj);
+  Value saved = Value::dict();
+  saved.insert("z", Value(z));
+  CheckpointWriter().write(path_, saved);
+  EXPECT_EQ(CheckpointReader().read(path_).at("z").as_tensor().traits(), conj);
+  Value target = Value::dict();
+  target.insert("z", Value(Tensor::empty_cpu(DType::kC64, {4})));  // not conjugated
+  expect_contains(expect_error([&] { CheckpointReader().read_into(path_, target); }), "'z'");
+}
+
 TEST_F(CheckpointTest, StrictLoadAndMismatchesChangeNothing) {
   CheckpointWriter().write(path_, state(3));
   Tensor w = Tensor::empty_cpu(DType::kF32, {16, 16});

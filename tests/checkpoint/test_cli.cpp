@@ -57,6 +57,19 @@ TEST_F(CliTest, InspectShowsTheCommitAndEveryTensor) {
   EXPECT_NE(r.output.find("model.bias"), std::string::npos) << r.output;
 }
 
+TEST_F(CliTest, InspectNamesTheFrameworkDtypeOfBytesStoredUnderAnother) {
+  Tensor half = Tensor::empty_cpu(DType::kU32, {3});
+  half.set_traits({.framework_dtype = "complex32"});
+  Value root = Value::dict();
+  root.insert("half", Value(half));
+  const std::string path = join_path(dir_, "traits");
+  CheckpointWriter().write(path, root);
+  const CliRun r = run_cli("inspect " + path);
+  EXPECT_EQ(r.status, 0) << r.output;
+  EXPECT_NE(r.output.find("format version 2"), std::string::npos) << r.output;
+  EXPECT_NE(r.output.find("complex32 [3]  12 B"), std::string::npos) << r.output;
+}
+
 TEST_F(CliTest, VerifyExitsZeroThenOneOnDamageNamingTheTensor) {
   CliRun r = run_cli("verify " + path_);
   EXPECT_EQ(r.status, 0) << r.output;

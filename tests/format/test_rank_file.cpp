@@ -19,6 +19,11 @@ Tensor iota(DType dtype, Dims shape) {
   return t;
 }
 
+Tensor with_traits(Tensor t, TensorTraits traits) {
+  t.set_traits(std::move(traits));
+  return t;
+}
+
 // A state dict with every kind of value, views and aliasing.
 Value sample() {
   Tensor base = iota(DType::kF32, {10, 10});
@@ -65,6 +70,10 @@ RankFileHeader parse(const RankFilePlan& plan) {
   return RankFileHeader::parse(std::string_view(plan.header()).substr(8), plan.file_size(), "test.safetensors");
 }
 
+Value parse_and_build(const std::string& header, const RankFilePlan& plan) {
+  return RankFileHeader::parse(header, plan.file_size(), "test.safetensors").build_tree(plan.storages());
+}
+
 TEST(RankFilePlan, PlainTensorsKeepTheirNamesAndAliasedStoragesAreRaw) {
   const RankFilePlan plan = RankFilePlan::make(sample());
   std::vector<std::string> names;
@@ -99,7 +108,7 @@ TEST(RankFileHeader, RoundTripsEveryKindOfValueAndTheViews) {
     plan.set_checksums(i, crcs);
   }
   const RankFileHeader header = parse(plan);
-  EXPECT_EQ(header.format_version(), kRankFileFormatVersion);
+  EXPECT_EQ(header.format_version(), 1);  // no traits: readers of version 1 can read it
   ASSERT_EQ(header.entries().size(), plan.entries().size());
   for (size_t i = 0; i < plan.entries().size(); ++i) {
     EXPECT_EQ(header.entries()[i].name, plan.entries()[i].name);
@@ -327,6 +336,70 @@ TEST(RankFilePlan, ValuesTheFormatCannotHoldAreNamed) {
   } catch (const Error& e) {
     EXPECT_EQ(e.code(), ErrorCode::kInvalidArgument);
     EXPECT_NE(std::string(e.what()).find("'cfg.name'"), std::string::npos) << e.what();
+  }
+}
+
+TEST(RankFileHeader, TensorTraitsRoundTripInVersion2Only) {
+  const TensorTraits t1{.conj = true, .neg = true, .requires_grad = true, .parameter = true};
+  const TensorTraits t2{.framework_dtype = "complex32"};
+  Value root = Value::dict();
+  root.insert("z", Value(with_traits(iota(DType::kC64, {3}), t1)));
+  root.insert("h", Value(with_traits(iota(DType::kU32, {2}), t2)));
+  root.insert("plain", Value(iota(DType::kF32, {2})));
+  root.insert("param", Value(with_traits(iota(DType::kF32, {2}), {.requires_grad = true, .parameter = true})));
+  RankFilePlan plan = RankFilePlan::make(root);
+  // Safetensors readers see plain entries as dtype and bytes: only where those are the values.
+  std::vector<std::string> names;
+  for (const StoredEntry& e : plan.entries()) names.push_back(e.name);
+  EXPECT_EQ(names, (std::vector<std::string>{"__fastdcp__.storage.0", "__fastdcp__.storage.1", "plain", "param"}));
+  EXPECT_NE(plan.header().find(R"(0,{\"conj\":true,\"neg\":true,\"param\":true,\"grad\":true}]})"), std::string::npos)
+      << plan.header();
+  const RankFileHeader header = parse(plan);
+  EXPECT_EQ(header.format_version(), 2);
+  const Value rebuilt = header.build_tree(plan.storages());
+  EXPECT_EQ(rebuilt.at("z").as_tensor().traits(), t1);
+  EXPECT_EQ(rebuilt.at("h").as_tensor().traits(), t2);
+  EXPECT_TRUE(rebuilt.at("plain").as_tensor().traits().is_default());
+  EXPECT_EQ(header.tensors()[1].traits.framework_dtype, "complex32");
+}
+
+TEST(RankFileHeader, TraitsInAVersion1FileOrUnknownTraitsAreCorrupt) {
+  Value root = Value::dict();
+  root.insert("z", Value(with_traits(iota(DType::kC64, {3}), {.conj = true})));
+  RankFilePlan plan = RankFilePlan::make(root);
+  const std::string header = plan.header().substr(8);
+  for (const auto& [from, to] : std::vector<std::pair<std::string, std::string>>{
+           {"\"fastdcp.version\":\"2\"", "\"fastdcp.version\":\"1\""},
+           {"{\\\"conj\\\":true}", "{\\\"conj\\\":1234}"},
+           {"{\\\"conj\\\":true}", "{\\\"sign\\\":true}"},
+           {"{\\\"conj\\\":true}", "[\\\"conj\\\",true]"}}) {
+    std::string damaged = header;
+    const size_t at = damaged.find(from);
+    ASSERT_NE(at, std::string::npos) << from << " in " << header;
+    damaged.replace(at, from.size(), to);
+    damaged.resize(header.size(), ' ');
+    try {
+      parse_and_build(damaged, plan);
+      FAIL() << to;
+    } catch (const Error& e) {
+      EXPECT_EQ(e.code(), ErrorCode::kDataLoss) << e.what();
+      EXPECT_NE(std::string(e.what()).find("'z'"), std::string::npos) << e.what();
+    }
+  }
+}
+
+TEST(RankFilePlan, QuantizedTensorsAreRefusedByKeyPath) {
+  Value inner = Value::dict();
+  inner.insert("qweight", Value(with_traits(iota(DType::kI8, {4}), {.quantized = true})));
+  Value root = Value::dict();
+  root.insert("layer", std::move(inner));
+  try {
+    RankFilePlan::make(root);
+    FAIL() << "expected an error";
+  } catch (const Error& e) {
+    EXPECT_EQ(e.code(), ErrorCode::kInvalidArgument);
+    EXPECT_NE(std::string(e.what()).find("'layer.qweight'"), std::string::npos) << e.what();
+    EXPECT_NE(std::string(e.what()).find("quantized"), std::string::npos) << e.what();
   }
 }
 

@@ -70,6 +70,20 @@ TEST(DefaultStager, SixViewsOfOneBaseStageIntoOneBuffer) {
   EXPECT_EQ(stager.stats().bytes_copied, 400u);  // the storage is copied once
 }
 
+TEST(DefaultStager, StagedTensorsKeepTheirTraits) {
+  Tensor z = Tensor::empty_cpu(DType::kC64, {4});
+  z.set_traits({.conj = true, .neg = true, .requires_grad = true, .parameter = true, .framework_dtype = "x"});
+  Value sd = Value::dict();
+  sd.insert("z", z);
+  sd.insert("tail", z.view_as({2}, {1}, 2));
+  sd.insert("plain", Tensor::empty_cpu(DType::kF32, {2}));
+  DefaultStager stager(testing::cpu_staging(), no_cuda());
+  const Value staged = stager.stage_now(sd);
+  EXPECT_EQ(staged.at("z").as_tensor().traits(), z.traits());
+  EXPECT_EQ(staged.at("tail").as_tensor().traits(), z.traits());  // a view keeps them too
+  EXPECT_TRUE(staged.at("plain").as_tensor().traits().is_default());
+}
+
 TEST(DefaultStager, CacheReusesBuffersAcrossCallsAndShowsNewValues) {
   Tensor a = Tensor::empty_cpu(DType::kF32, {1000});
   Tensor b = Tensor::empty_cpu(DType::kI64, {10});

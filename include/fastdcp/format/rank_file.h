@@ -27,7 +27,9 @@
 
 namespace fastdcp {
 
-inline constexpr int kRankFileFormatVersion = 1;
+// The newest format this build reads. It writes version 2 only into files that need it (a tensor
+// with non-default traits, Note [Tensor traits]); every other file stays version 1.
+inline constexpr int kRankFileFormatVersion = 2;
 inline constexpr uint64_t kChecksumChunkBytes = uint64_t{4} << 20;
 inline constexpr uint64_t kDataAlignment = 4096;
 // A header longer than this is refused before it is read (safetensors' own limit is 100 MB).
@@ -111,6 +113,7 @@ class RankFileHeader {
     DType dtype;
     Dims shape, strides;
     int64_t offset;
+    TensorTraits traits;
   };
   std::vector<TensorRecord> tensors() const;
 

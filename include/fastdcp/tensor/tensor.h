@@ -3,6 +3,7 @@
 // two in elements, as in PyTorch. Tensors are cheap handles: copying one shares the storage.
 
 #include <cstdint>
+#include <memory>
 #include <optional>
 #include <string>
 
@@ -11,6 +12,27 @@
 #include "fastdcp/tensor/storage.h"
 
 namespace fastdcp {
+
+// Note [Tensor traits]
+// What a framework knows about a tensor beyond its bytes and layout, carried beside it through
+// staging, the writer (the 6th element of a tensor record, docs/format.md) and the reader, so that
+// a load gives back what torch.load would: lazy conjugate/negative bits, autograd flags, and the
+// framework's own dtype where fastdcp stores the bytes under another one (torch.complex32 as U32).
+// A Tensor holds non-default traits behind a shared immutable pointer and default ones as null,
+// so that copying the common tensor costs two pointer copies (100,000 tensors stage with each).
+struct TensorTraits {
+  bool conj = false;           // lazily conjugated: the values are the conjugates of the bytes
+  bool neg = false;            // lazily negated
+  bool requires_grad = false;
+  bool parameter = false;      // an nn.Parameter (or the framework's equivalent)
+  bool quantized = false;      // the bytes lack scale and zero point: saving refuses it
+  std::string framework_dtype;  // empty: the dtype says it all; else the framework's dtype name
+
+  bool is_default() const {
+    return !conj && !neg && !requires_grad && !parameter && !quantized && framework_dtype.empty();
+  }
+  bool operator==(const TensorTraits&) const = default;
+};
 
 class Tensor {
  public:
@@ -28,6 +50,9 @@ class Tensor {
   const Dims& shape() const { return shape_; }
   const Dims& strides() const { return strides_; }
   int64_t storage_offset() const { return storage_offset_; }
+  const TensorTraits& traits() const;
+  void set_traits(TensorTraits traits);
+  void share_traits(const Tensor& other) { traits_ = other.traits_; }  // a pointer copy
   Device device() const { return storage_.device(); }
   size_t dim() const { return shape_.size(); }
   int64_t numel() const;
@@ -39,7 +64,8 @@ class Tensor {
   // [begin, end) byte range of the storage that this view touches; empty views give begin == end.
   std::pair<uint64_t, uint64_t> byte_extent() const;
 
-  // A new view of the same storage: what `view`, `narrow` and slicing produce in frameworks.
+  // A new view of the same storage, with the same traits: what `view`, `narrow` and slicing
+  // produce in frameworks.
   Tensor view_as(Dims shape, Dims strides, int64_t storage_offset) const;
 
   std::string describe() const;  // "F32[10, 10] strides [10, 1] offset 0 on cpu"
@@ -50,6 +76,7 @@ class Tensor {
   Dims shape_;
   Dims strides_;
   int64_t storage_offset_ = 0;
+  std::shared_ptr<const TensorTraits> traits_;  // null: all default
 };
 
 // Error(kInvalidArgument) for a shape without them (sizes beyond int64).

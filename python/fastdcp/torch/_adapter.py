@@ -6,8 +6,8 @@ import torch
 
 from fastdcp._adapters import _CPU, _CUDA, _object_state, _rebuild_container, _rebuild_object
 
-# fastdcp dtype names; dtypes without one travel as raw bytes of the same width and come back
-# with their own torch dtype (the staged view is made from the source tensor's dtype).
+# fastdcp dtype names; dtypes without one travel as raw bytes of the same width, with the torch
+# dtype recorded beside them (Note [Tensor traits]) and restored on load.
 _NAMES = {
     torch.bool: "BOOL", torch.uint8: "U8", torch.int8: "I8", torch.int16: "I16",
     torch.uint16: "U16", torch.int32: "I32", torch.uint32: "U32", torch.int64: "I64",
@@ -19,6 +19,19 @@ _NAMES = {
 }
 _RAW_BY_WIDTH = {1: "U8", 2: "U16", 4: "U32", 8: "U64", 16: "C128"}
 _DTYPES = {name: dtype for dtype, name in _NAMES.items()}
+# Trait bits, as in python/src/native_tensor_ops.h.
+_CONJ, _NEG, _REQUIRES_GRAD, _PARAMETER, _QUANTIZED = 1, 2, 4, 8, 16
+# A staged copy of a quantized tensor has its dtype but not its quantizer: it is refused as well.
+_QUANTIZED_DTYPES = {torch.quint8, torch.qint8, torch.qint32, torch.quint4x2, torch.quint2x4}
+
+
+def _traits(t):
+    """describe()'s trait flags and framework dtype of a tensor (Note [Tensor traits])."""
+    flags = ((_CONJ if t.is_conj() else 0) | (_NEG if t.is_neg() else 0)
+             | (_REQUIRES_GRAD if t.requires_grad else 0)
+             | (_PARAMETER if isinstance(t, torch.nn.Parameter) else 0)
+             | (_QUANTIZED if t.is_quantized or t.dtype in _QUANTIZED_DTYPES else 0))
+    return flags, ("" if t.dtype in _NAMES else str(t.dtype).removeprefix("torch."))
 
 
 def _native_ops():
@@ -80,7 +93,29 @@ class TorchAdapter:
         else:
             raise ValueError(f"tensors on {device} cannot be staged (CPU and CUDA can)")
         return (storage.data_ptr(), storage.nbytes(), kind, index, name, tuple(t.shape), t.stride(),
-                t.storage_offset())
+                t.storage_offset(), *_traits(t))
+
+    @staticmethod
+    def is_parameter(t):
+        return isinstance(t, torch.nn.Parameter)
+
+    @staticmethod
+    def apply_traits(t, flags, framework_dtype):
+        # The loaded view as torch.load would give it: framework dtype, lazy bits, autograd flags.
+        if framework_dtype:
+            dtype = getattr(torch, framework_dtype, None)
+            if not isinstance(dtype, torch.dtype) or dtype.itemsize != t.element_size():
+                raise ValueError(f"this torch has no {t.element_size()}-byte dtype torch.{framework_dtype}")
+            t = t.view(dtype)
+        if flags & _CONJ:
+            torch._C._set_conj(t, True)
+        if flags & _NEG:
+            torch._C._set_neg(t, True)
+        if flags & _PARAMETER:
+            return torch.nn.Parameter(t, requires_grad=bool(flags & _REQUIRES_GRAD))
+        if flags & _REQUIRES_GRAD:
+            t.requires_grad_(True)
+        return t
 
     @staticmethod
     def wrap_storage(capsule, shared, pinned):
