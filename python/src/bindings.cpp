@@ -72,7 +72,7 @@ class PyStager {
   // before stage() returns; see Note [Copy-on-write staging]. `producer_streams`: (device,
   // cudaStream_t as an integer) pairs whose queued work the device-to-host copies wait for.
   nb::object stage(nb::handle state_dict, const PyStagingLease* lease, nb::handle on_released,
-                   const std::vector<std::pair<int, uintptr_t>>& producer_streams) {
+                   const std::vector<std::pair<int, uintptr_t>>& producer_streams, bool autograd_traits) {
     using Clock = std::chrono::steady_clock;
     CyclicGcPause gc_pause;
     const auto t0 = Clock::now();
@@ -102,7 +102,7 @@ class PyStager {
       staged = stager_.stage_now(source, call);
     }
     const auto t2 = Clock::now();
-    nb::object out = converter_.to_python(state_dict, staged);
+    nb::object out = converter_.to_python(state_dict, staged, autograd_traits);
     const auto t3 = Clock::now();
     auto seconds = [](auto d) { return std::chrono::duration<double>(d).count(); };
     last_phases_ = {seconds(t1 - t0), seconds(t2 - t1), seconds(t3 - t2)};
@@ -417,7 +417,7 @@ NB_MODULE(_C, m) {
       .def(nb::init<StagingOptions, bool, nb::object>(), nb::arg("options"), nb::arg("use_cuda"), nb::arg("adapter"))
       .def("stage", &PyStager::stage, nb::arg("state_dict"), nb::arg("lease").none() = nb::none(),
            nb::arg("on_released").none() = nb::none(),
-           nb::arg("producer_streams") = std::vector<std::pair<int, uintptr_t>>{})
+           nb::arg("producer_streams") = std::vector<std::pair<int, uintptr_t>>{}, nb::arg("autograd_traits") = false)
       .def("copy_on_write_available", &PyStager::copy_on_write_available)
       .def("close", &PyStager::close)
       .def_prop_ro("pinning_downgraded", &PyStager::pinning_downgraded)

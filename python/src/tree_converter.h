@@ -155,8 +155,13 @@ class TreeConverter {
 
   // Framework storages (and wrappers of staged buffers) not used by the latest call are
   // forgotten, so that the stager's cache entries for them can go too.
-  nb::object to_python(nb::handle source, const Value& staged) {
+  // With `autograd_traits`, staged copies of parameters and of tensors that require grad are made
+  // so again: for a staged tree that only a writer reads (the async checkpointer's), where they
+  // must reach the file; copies handed to the caller stay plain tensors, as upstream's stager
+  // makes them.
+  nb::object to_python(nb::handle source, const Value& staged, bool autograd_traits = false) {
     path_.clear();
+    autograd_traits_ = autograd_traits && apply_traits_.is_valid();
     nb::object out = build(source, staged, /*mirror=*/true);
     std::erase_if(wrapped_, [&](const auto& e) { return e.second.last_seen != epoch_; });
     return out;
@@ -447,7 +452,7 @@ class TreeConverter {
              (v.kind() == Value::Kind::kTuple && (!mirror || PyTuple_Check(src.ptr())));
     };
     const auto leaf = [&](nb::handle src, const Value& v) -> nb::object {
-      if (v.is_tensor()) return mirror ? tensor_to_python(src, v.as_tensor()) : loaded_tensor(v.as_tensor());
+      if (v.is_tensor()) return mirror ? staged_tensor(src, v.as_tensor()) : loaded_tensor(v.as_tensor());
       if (v.kind() == Value::Kind::kTuple) return copy_opaque(src);  // see opaque()
       return scalar(v);
     };
@@ -645,6 +650,13 @@ class TreeConverter {
     return it->second;
   }
 
+  nb::object staged_tensor(nb::handle src, const Tensor& t) {
+    nb::object out = tensor_to_python(src, t);
+    const long long autograd = flags_of(t.traits()) & (python::kTraitParameter | python::kTraitRequiresGrad);
+    if (!autograd_traits_ || autograd == 0) return out;
+    return apply_traits_(out, autograd, "");
+  }
+
   nb::object tensor_to_python(nb::handle src, const Tensor& t) {
     WrappedStorage& wrapped = wrap_storage(t.storage());
     if (python::NativeTensorDescription d; native_ops_ && describe_natively(src.ptr(), d)) {
@@ -720,6 +732,7 @@ class TreeConverter {
   nb::object finish_view_;
   nb::object typed_view_;  // typed_view(byte_storage, dtype_name, shape, strides, offset), for loading
   nb::object apply_traits_, is_parameter_;
+  bool autograd_traits_ = false;  // see to_python
   bool copy_attributes_ = false;
   nb::object native_ops_owner_;  // the capsule (and module) that native_ops_ points into
   std::unordered_map<PyObject*, DType> dtype_codes_;

@@ -270,6 +270,14 @@ std::string render_tree(const Value& root, const std::unordered_map<const Storag
   };
   std::vector<Frame> stack;
   size_t containers = 0;  // open on the stack
+  // A path kMaxTreeDepth steps long would swamp the message: its start names the value well enough.
+  auto shortened_path = [](const std::string& path) {
+    constexpr size_t kShown = 80;
+    if (path.size() <= kShown) return path;
+    size_t end = kShown;
+    while (end > 0 && (static_cast<unsigned char>(path[end]) & 0xC0) == 0x80) --end;  // whole UTF-8 characters
+    return path.substr(0, end) + "...";
+  };
   auto fail = [](const std::string& path, const std::string& what) {
     throw Error(ErrorCode::kInvalidArgument,
                 "cannot save the value at '" + path + "': " + what);
@@ -312,7 +320,7 @@ std::string render_tree(const Value& root, const std::unordered_map<const Storag
       case Value::Kind::kList:
       case Value::Kind::kTuple:
       case Value::Kind::kDict:
-        if (++containers > kMaxTreeDepth) fail(path, too_deep());
+        if (++containers > kMaxTreeDepth) fail(shortened_path(path), too_deep());
         out += v.kind() == Value::Kind::kList ? R"({"l":[)" : v.kind() == Value::Kind::kTuple ? R"({"t":[)" : R"({"d":[)";
         stack.push_back({&v, 0, std::move(path)});
         break;

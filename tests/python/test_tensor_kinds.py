@@ -10,7 +10,7 @@ import safetensors.torch
 import torch
 
 from fastdcp.torch import (CheckpointerConfig, CheckpointReader, CheckpointStagerConfig, CheckpointWriter,
-                           CheckpointWriterConfig, RankInfo, make_async_checkpointer)
+                           CheckpointWriterConfig, DefaultStager, RankInfo, make_async_checkpointer)
 
 RANK = RankInfo(global_rank=0, global_world_size=1)
 STAGING = CheckpointStagerConfig(use_pinned_memory=False, use_non_blocking_copy=False, use_async_staging=False)
@@ -136,6 +136,34 @@ def test_parameters_and_requires_grad_load_as_torch_load_gives(tmp_path):
     out = load(tmp_path / "ck", {"weight": None, "grad": None})
     assert_same_tensor(out["weight"], oracle["weight"])
     assert_same_tensor(out["grad"], oracle["grad"])
+
+
+def test_the_async_checkpointer_keeps_parameters_and_requires_grad(tmp_path):
+    module = torch.nn.Linear(3, 2)
+    module.bias.requires_grad_(False)
+    source = dict(module.state_dict(keep_vars=True))
+    source["grad"] = torch.randn(2, requires_grad=True)
+    source["tied"] = source["weight"]
+    checkpointer = make_async_checkpointer(CheckpointerConfig(staging_config=STAGING), RANK)
+    try:
+        staging, write = checkpointer.save(str(tmp_path / "ck"), source)
+        staging.result()
+        write.result()
+    finally:
+        checkpointer.close()
+    loaded = load(tmp_path / "ck")
+    oracle = torch_round_trip(source)
+    for key in source:
+        assert_same_tensor(loaded[key], oracle[key], key)
+    assert loaded["tied"].data_ptr() == loaded["weight"].data_ptr()
+    # The caller's own staged copies stay as upstream's stager makes them: plain tensors.
+    stager = DefaultStager(STAGING)
+    try:
+        staged = stager.stage(source)
+        staged = staged.result() if hasattr(staged, "result") else staged
+        assert type(staged["weight"]) is torch.Tensor and not staged["grad"].requires_grad
+    finally:
+        stager.close()
 
 
 def test_the_async_checkpointer_keeps_lazy_bits_and_torch_only_dtypes(tmp_path):

@@ -97,9 +97,10 @@ class DefaultStager(CheckpointStager):
         stream = torch.cuda.current_stream()
         return [(stream.device.index, stream.cuda_stream)]
 
-    def _stage(self, state_dict: STATE_DICT, lease=None, on_released=None, producers=()) -> STATE_DICT:
+    def _stage(self, state_dict: STATE_DICT, lease=None, on_released=None, producers=(),
+               autograd_traits=False) -> STATE_DICT:
         with self._lock, torch.no_grad():
-            return self._native.stage(state_dict, lease, on_released, list(producers))
+            return self._native.stage(state_dict, lease, on_released, list(producers), autograd_traits)
 
     def _stage_leased(self, state_dict: STATE_DICT, on_released=None) -> Future:
         """A future of ``(staged, lease)``: no later stage() writes into the staged buffers until
@@ -113,7 +114,8 @@ class DefaultStager(CheckpointStager):
 
         def stage_and_hold():
             # The task holds `state_dict`, so its tensors stay allocated until the copy is done.
-            return self._stage(state_dict, lease, on_released, producers), lease
+            # Only the writer reads this copy: it keeps parameters and requires_grad for the file.
+            return self._stage(state_dict, lease, on_released, producers, autograd_traits=True), lease
 
         if self._executor is not None:
             return self._executor.submit(stage_and_hold)
