@@ -14,9 +14,9 @@
 #include <mutex>
 
 #include "fastdcp/common/error.h"
+#include "fastdcp/common/fault.h"
 #include "fastdcp/common/parallel.h"
 #include "fastdcp/format/checksum.h"
-#include "fastdcp/io/fault.h"
 #include "io/file_error.h"
 
 namespace fastdcp::detail {

@@ -13,7 +13,7 @@
 #include <memory>
 
 #include "fastdcp/common/error.h"
-#include "fastdcp/io/fault.h"
+#include "fastdcp/common/fault.h"
 #include "io/file_error.h"
 
 namespace fastdcp {

@@ -19,6 +19,7 @@
 #include <utility>
 
 #include "fastdcp/common/error.h"
+#include "fastdcp/common/fault.h"
 #include "fastdcp/common/parallel.h"
 
 #ifndef UFFD_FEATURE_WP_UNPOPULATED
@@ -39,6 +40,23 @@ constexpr uintptr_t kChunkBytes = uintptr_t{2} << 20;
 constexpr uintptr_t kMergeGapBytes = uintptr_t{256} << 10;
 // Below this many bytes in all, protecting costs more than copying.
 constexpr uint64_t kMinProtectedBytes = uint64_t{1} << 20;
+
+// The calls whose failures copy-on-write staging must survive (Note [Copy-on-write failures]),
+// named as its errors name them. Most cannot be provoked from outside, so tests inject them by
+// these names (Note [Fault injection]).
+namespace calls {
+constexpr char kUserfaultfd[] = "userfaultfd";  // userfaultfd(2) or /dev/userfaultfd
+constexpr char kApi[] = "ioctl(UFFDIO_API)";
+constexpr char kRegister[] = "ioctl(UFFDIO_REGISTER)";
+constexpr char kUnregister[] = "ioctl(UFFDIO_UNREGISTER)";
+constexpr char kWriteProtect[] = "ioctl(UFFDIO_WRITEPROTECT) protecting";
+constexpr char kUnprotect[] = "ioctl(UFFDIO_WRITEPROTECT) unprotecting";
+constexpr char kWake[] = "ioctl(UFFDIO_WAKE)";
+constexpr char kMmap[] = "mmap";  // of the copy's private state
+constexpr char kCollapse[] = "madvise(MADV_COLLAPSE)";
+constexpr char kPoll[] = "poll on the userfaultfd";
+constexpr char kRead[] = "read of the userfaultfd";
+}  // namespace calls
 
 enum ChunkState : uint8_t { kPending = 0, kCopying = 1, kCopied = 2 };
 
@@ -83,9 +101,9 @@ Range page_cover(uintptr_t begin, uintptr_t end) {
 }
 
 // The userfaultfd calls below return 0 or the errno they failed with, which may have been
-// injected by a test (Note [Syscall fault injection]).
-int uffd_ioctl(Syscall call, int uffd, unsigned long request, void* arg) noexcept {
-  if (const int injected = injected_errno(call)) return injected;
+// injected by a test (Note [Fault injection]).
+int uffd_ioctl(const char* call, int uffd, unsigned long request, void* arg) noexcept {
+  if (const int injected = fault::injected(call)) return injected;
   return ioctl(uffd, request, arg) == 0 ? 0 : errno;
 }
 
@@ -94,19 +112,19 @@ int set_protection(int uffd, Range range, bool protect) noexcept {
   wp.range.start = range.begin;
   wp.range.len = range.end - range.begin;
   wp.mode = protect ? UFFDIO_WRITEPROTECT_MODE_WP : 0;  // unprotecting also wakes the writers
-  return uffd_ioctl(protect ? Syscall::kWriteProtect : Syscall::kUnprotect, uffd, UFFDIO_WRITEPROTECT, &wp);
+  return uffd_ioctl(protect ? calls::kWriteProtect : calls::kUnprotect, uffd, UFFDIO_WRITEPROTECT, &wp);
 }
 
 void wake(int uffd, Range range) noexcept {
   uffdio_range r{range.begin, range.end - range.begin};
-  uffd_ioctl(Syscall::kWake, uffd, UFFDIO_WAKE, &r);
+  uffd_ioctl(calls::kWake, uffd, UFFDIO_WAKE, &r);
 }
 
 int unregister_range(int uffd, Range range) noexcept {
   // Unregistering also clears the protection, but wakes only writers waiting on missing pages
   // (Linux 6.18 at least), not those waiting on protected ones: they are woken here.
   uffdio_range unreg{range.begin, range.end - range.begin};
-  const int error = uffd_ioctl(Syscall::kUnregister, uffd, UFFDIO_UNREGISTER, &unreg);
+  const int error = uffd_ioctl(calls::kUnregister, uffd, UFFDIO_UNREGISTER, &unreg);
   if (error == 0) wake(uffd, range);
   return error;
 }
@@ -116,7 +134,7 @@ int register_range(int uffd, Range range) noexcept {
   reg.range.start = range.begin;
   reg.range.len = range.end - range.begin;
   reg.mode = UFFDIO_REGISTER_MODE_WP;
-  if (const int error = uffd_ioctl(Syscall::kRegister, uffd, UFFDIO_REGISTER, &reg)) return error;
+  if (const int error = uffd_ioctl(calls::kRegister, uffd, UFFDIO_REGISTER, &reg)) return error;
   if ((reg.ioctls & (uint64_t{1} << _UFFDIO_WRITEPROTECT)) == 0) {  // memory that cannot be protected
     unregister_range(uffd, range);
     return EINVAL;
@@ -162,7 +180,7 @@ bool meets(const std::vector<Range>& sorted, Range r) {
 class PrivateMapping {
  public:
   explicit PrivateMapping(size_t bytes) : bytes_(std::max<size_t>(bytes, 1)) {
-    const int injected = injected_errno(Syscall::kMmap);
+    const int injected = fault::injected(calls::kMmap);
     data_ = injected ? MAP_FAILED : mmap(nullptr, bytes_, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
     if (data_ == MAP_FAILED) {
       throw Error(ErrorCode::kResourceExhausted, "copy-on-write staging: mmap of " + std::to_string(bytes_) +
@@ -181,12 +199,12 @@ class PrivateMapping {
 };
 
 int open_userfaultfd(std::string& why_not) {
-  int syscall_errno = injected_errno(Syscall::kUserfaultfd);
+  int syscall_errno = fault::injected(calls::kUserfaultfd);
   int fd = syscall_errno ? -1 : static_cast<int>(syscall(SYS_userfaultfd, O_CLOEXEC | O_NONBLOCK));
   if (fd >= 0) return fd;
   if (!syscall_errno) syscall_errno = errno;
   // Without CAP_SYS_PTRACE (and with vm.unprivileged_userfaultfd=0) the device may still be open to us.
-  const int device = injected_errno(Syscall::kUserfaultfd) ? -1 : open("/dev/userfaultfd", O_RDWR | O_CLOEXEC);
+  const int device = fault::injected(calls::kUserfaultfd) ? -1 : open("/dev/userfaultfd", O_RDWR | O_CLOEXEC);
   if (device >= 0) {
     fd = ioctl(device, USERFAULTFD_IOC_NEW, O_CLOEXEC | O_NONBLOCK);
     close(device);
@@ -204,7 +222,7 @@ int open_write_protect_fd(std::string& why_not) {
   if (probe < 0) return -1;
   uffdio_api api{};
   api.api = UFFD_API;
-  const int probe_error = uffd_ioctl(Syscall::kApi, probe, UFFDIO_API, &api);
+  const int probe_error = uffd_ioctl(calls::kApi, probe, UFFDIO_API, &api);
   close(probe);
   const uint64_t needed = UFFD_FEATURE_PAGEFAULT_FLAG_WP | UFFD_FEATURE_WP_UNPOPULATED;
   if (probe_error) {
@@ -221,7 +239,7 @@ int open_write_protect_fd(std::string& why_not) {
   wanted.api = UFFD_API;
   // Shared memory (fastdcp's own staged buffers, staged again) can be protected where supported.
   wanted.features = needed | (api.features & UFFD_FEATURE_WP_HUGETLBFS_SHMEM);
-  if (const int error = uffd_ioctl(Syscall::kApi, fd, UFFDIO_API, &wanted)) {
+  if (const int error = uffd_ioctl(calls::kApi, fd, UFFDIO_API, &wanted)) {
     why_not = std::string("ioctl(UFFDIO_API) failed: ") + std::strerror(error);
     close(fd);
     return -1;
@@ -400,16 +418,16 @@ WriteProtectCopier::~WriteProtectCopier() {
 //    asleep, for one of those, and the copy (which never waits for a writer) ends in bounded time.
 //  - The fault handler keeps serving when poll() or read() fail (and records it); writers it
 //    cannot serve are woken as copy() unprotects their chunks.
-void WriteProtectCopier::record_failure(Syscall call, int errnum) noexcept {
-  int none = -1;
-  if (failed_call_.compare_exchange_strong(none, static_cast<int>(call))) failed_errno_.store(errnum);
+void WriteProtectCopier::record_failure(const char* call, int errnum) noexcept {
+  const char* none = nullptr;
+  if (failed_call_.compare_exchange_strong(none, call)) failed_errno_.store(errnum);
 }
 
 void WriteProtectCopier::throw_if_failed() {
-  const int call = failed_call_.load();
-  if (call < 0) return;
+  const char* call = failed_call_.load();
+  if (call == nullptr) return;
   throw Error(ErrorCode::kIoError,
-              std::string("copy-on-write staging failed: ") + syscall_name(static_cast<Syscall>(call)) + " failed: " +
+              std::string("copy-on-write staging failed: ") + call + " failed: " +
                   std::strerror(failed_errno_.load()) +
                   "; the sources were made writable again and this save is abandoned (set "
                   "StagingOptions::copy_on_write=false or FASTDCP_COPY_ON_WRITE=0 to stage by plain copies)");
@@ -423,9 +441,9 @@ void WriteProtectCopier::release(uintptr_t begin, uintptr_t end) noexcept {
     wake(uffd_, range);
     return;
   }
-  record_failure(Syscall::kUnprotect, error);
+  record_failure(calls::kUnprotect, error);
   if (const int unregister_error = unregister_range(uffd_, range)) {
-    record_failure(Syscall::kUnregister, unregister_error);
+    record_failure(calls::kUnregister, unregister_error);
     must_close_.store(true);
   }
 }
@@ -440,7 +458,7 @@ void WriteProtectCopier::release(uintptr_t begin, uintptr_t end) noexcept {
 void WriteProtectCopier::handler_loop() {
   uffd_msg messages[64];
   // After a failed poll or read (Note [Copy-on-write failures]): try again shortly, until stopped.
-  auto failed = [&](Syscall call, int error) {
+  auto failed = [&](const char* call, int error) {
     record_failure(call, error);
     if (stop_handler_.load()) return true;
     std::this_thread::sleep_for(std::chrono::milliseconds(1));
@@ -448,19 +466,19 @@ void WriteProtectCopier::handler_loop() {
   };
   for (;;) {
     pollfd fds[2] = {{uffd_, POLLIN, 0}, {stop_fd_, POLLIN, 0}};
-    int error = injected_errno(Syscall::kPoll);
+    int error = fault::injected(calls::kPoll);
     if (!error && poll(fds, 2, -1) < 0) error = errno;
     if (error == EINTR) continue;
     if (error) {
-      if (failed(Syscall::kPoll, error)) return;
+      if (failed(calls::kPoll, error)) return;
       continue;
     }
     if (fds[1].revents) return;
-    error = injected_errno(Syscall::kRead);
+    error = fault::injected(calls::kRead);
     const ssize_t n = error ? -1 : read(uffd_, messages, sizeof(messages));
     if (n < 0) {
       if (!error) error = errno;
-      if (error != EAGAIN && error != EINTR && failed(Syscall::kRead, error)) return;
+      if (error != EAGAIN && error != EINTR && failed(calls::kRead, error)) return;
       continue;  // EAGAIN: another wake-up raced us
     }
     for (ssize_t i = 0; i < n / static_cast<ssize_t>(sizeof(uffd_msg)); ++i) {
@@ -514,7 +532,7 @@ void WriteProtectCopier::collapser_loop() {
     lock.unlock();
     // One huge page per call, so that stopping (and the memory's other users) never wait long.
     for (uintptr_t at = begin; at < end; at += kChunkBytes) {
-      int error = injected_errno(Syscall::kCollapse);
+      int error = fault::injected(calls::kCollapse);
       if (!error && madvise(reinterpret_cast<void*>(at), kChunkBytes, MADV_COLLAPSE) != 0) error = errno;
       if (error && error != EAGAIN) break;
       std::lock_guard check(collapse_mutex_);
@@ -563,7 +581,7 @@ bool WriteProtectCopier::copy_chunk_and_release(Snapshot& snapshot, size_t chunk
   if (const int error = set_protection(uffd_, snapshot.chunk_range(chunk), false)) {
     // ENOENT: memory between sources in this chunk was unmapped and mapped again meanwhile (it is
     // no longer registered, which fails the whole range). Either way, release the sources' own pages.
-    if (error != ENOENT) record_failure(Syscall::kUnprotect, error);
+    if (error != ENOENT) record_failure(calls::kUnprotect, error);
     snapshot.for_each_piece(chunk, [&](const CopyOp&, Range part) {
       const Range pages = page_cover(part.begin, part.end);  // chunk ranges are page-aligned
       release(pages.begin, pages.end);
@@ -599,7 +617,7 @@ WriteProtectCopier::Result WriteProtectCopier::copy(
     released();
     return result;
   }
-  failed_call_.store(-1);
+  failed_call_.store(nullptr);
   // The fault handler runs while anything is registered: it is started here and stopped (after
   // the block below has unregistered everything) on every way out.
   struct ServingHandler {
@@ -637,10 +655,10 @@ WriteProtectCopier::Result WriteProtectCopier::copy(
           if (error == 0) continue;
           // EINVAL: memory between the parts was mapped again, as something that cannot be
           // registered: unregister the sources' own ranges.
-          if (error != EINVAL) self.record_failure(Syscall::kUnregister, error);
+          if (error != EINVAL) self.record_failure(calls::kUnregister, error);
           for (size_t k = ranges_parts[i].first; k < ranges_parts[i].second; ++k) {
             if (const int part_error = unregister_range(self.uffd_, parts[k])) {
-              self.record_failure(Syscall::kUnregister, part_error);
+              self.record_failure(calls::kUnregister, part_error);
               self.must_close_.store(true);  // Note [Copy-on-write failures]
             }
           }
@@ -659,13 +677,13 @@ WriteProtectCopier::Result WriteProtectCopier::copy(
         registered.push_back(group);
         registered_parts.emplace_back(i, j);
       } else if (j == i + 1) {
-        if (!cannot_be_protected(error)) record_failure(Syscall::kRegister, error);
+        if (!cannot_be_protected(error)) record_failure(calls::kRegister, error);
       } else {
         // ENOMEM: a hole between the sources.
-        if (!cannot_be_protected(error) && error != ENOMEM) record_failure(Syscall::kRegister, error);
+        if (!cannot_be_protected(error) && error != ENOMEM) record_failure(calls::kRegister, error);
         for (size_t k = i; k < j; ++k) {
           if (const int part_error = register_range(uffd_, parts[k])) {
-            if (!cannot_be_protected(part_error)) record_failure(Syscall::kRegister, part_error);
+            if (!cannot_be_protected(part_error)) record_failure(calls::kRegister, part_error);
           } else {
             registered.push_back(parts[k]);
             registered_parts.emplace_back(k, k + 1);
@@ -716,7 +734,7 @@ WriteProtectCopier::Result WriteProtectCopier::copy(
           error = set_protection(uffd_, parts[k], true);
         }
       }
-      if (error) record_failure(Syscall::kWriteProtect, error);
+      if (error) record_failure(calls::kWriteProtect, error);
     }
     throw_if_failed();  // nothing is released yet; unregistering makes it all writable again
 
@@ -753,9 +771,10 @@ WriteProtectCopier::Result WriteProtectCopier::copy(
 void WriteProtectCopier::retire() noexcept {
   close(uffd_);  // unregisters everything left and wakes its writers
   uffd_ = -1;
+  const char* call = failed_call_.load();
   try {
     retired_why_ = "copy-on-write staging was turned off in this process after " +
-                   std::string(syscall_name(static_cast<Syscall>(failed_call_.load()))) + " failed: " +
+                   std::string(call ? call : "?") + " failed: " +
                    std::strerror(failed_errno_.load());
   } catch (...) {
   }

@@ -13,7 +13,6 @@
 #include <vector>
 
 #include "staging/copy_engine.h"
-#include "staging/syscall_faults.h"
 
 namespace fastdcp::detail {
 
@@ -61,7 +60,7 @@ class WriteProtectCopier {
   bool copy_chunk_and_release(Snapshot& snapshot, size_t chunk);
   // Makes [begin, end) writable and wakes its writers, however it can (Note [Copy-on-write failures]).
   void release(uintptr_t begin, uintptr_t end) noexcept;
-  void record_failure(Syscall call, int errnum) noexcept;
+  void record_failure(const char* call, int errnum) noexcept;  // `call`: one of `calls::` (static)
   void throw_if_failed();
   void retire() noexcept;
   void collapse_later(const std::vector<CopyOp>& ops);
@@ -70,8 +69,8 @@ class WriteProtectCopier {
   int uffd_;           // -1 once retired
   const int stop_fd_;  // an eventfd that ends handler_loop (which runs during copy() only)
   std::atomic<bool> stop_handler_{false};  // also ends it, where polling fails
-  // The first failure of the running copy(): the Syscall (-1: none) and its errno.
-  std::atomic<int> failed_call_{-1};
+  // The first failure of the running copy(): the call's name (nullptr: none) and its errno.
+  std::atomic<const char*> failed_call_{nullptr};
   std::atomic<int> failed_errno_{0};
   std::atomic<bool> must_close_{false};  // something stayed registered: close the userfaultfd
   std::atomic<bool> retired_{false};     // it was closed; retired_why_ (written before) says why

@@ -17,7 +17,7 @@
 
 #include "fastdcp/checkpoint/checkpoint.h"
 #include "fastdcp/common/error.h"
-#include "fastdcp/io/fault.h"
+#include "fastdcp/common/fault.h"
 #include "fastdcp/io/file.h"
 #include "support/test_support.h"
 

@@ -11,7 +11,7 @@
 #include <string>
 
 #include "fastdcp/common/error.h"
-#include "fastdcp/io/fault.h"
+#include "fastdcp/common/fault.h"
 #include "fastdcp/io/file.h"
 #include "support/test_support.h"
 

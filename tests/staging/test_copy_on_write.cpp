@@ -24,8 +24,8 @@
 
 #include <gtest/gtest.h>
 
+#include "fastdcp/common/fault.h"
 #include "fastdcp/staging/stager.h"
-#include "staging/syscall_faults.h"
 #include "staging/write_protect_copier.h"
 #include "support/test_support.h"
 
@@ -309,9 +309,6 @@ TEST(CopyOnWriteOption, NotReleasedWhenStagingFails) {
 // Note [Copy-on-write failures]: each one fails the save with its reason; a training thread
 // writing its tensors meanwhile finishes; nothing stays protected; no thread is left behind.
 
-using detail::Syscall;
-using detail::SyscallFault;
-
 // Ends the process, naming the test, when a scope outlives its deadline: a hang fails the test
 // instead of hanging CI.
 class Watchdog {
@@ -341,9 +338,8 @@ class Watchdog {
   std::thread thread_;
 };
 
-struct ArmedFault {
-  ArmedFault(Syscall call, SyscallFault fault) { detail::arm_syscall_fault(call, fault); }
-  ~ArmedFault() { detail::disarm_syscall_faults(); }
+struct ArmedFault : fault::Scope {
+  ArmedFault(const char* call, const fault::Fault& armed) { fault::inject(call, armed); }
 };
 
 size_t thread_count() {
@@ -414,7 +410,7 @@ std::string save_while_training(const TwoSources& sources, Release expect_releas
     if (expect_release != Release::kEither) EXPECT_EQ(released.load(), expect_release == Release::kYes);
     EXPECT_EQ(trained.load(), released.load());  // a released training thread always finishes
   }
-  detail::disarm_syscall_faults();
+  fault::clear();
   // Nothing stays protected: these writes would wait forever on a protected page.
   sources.write_all(0x6D);
   EXPECT_EQ(sources.b[TwoSources::kBytes - 1], 0x6D);
@@ -441,15 +437,12 @@ void expect_names(const std::string& message, const std::string& call, int errnu
   EXPECT_NE(message.find(std::strerror(errnum)), std::string::npos) << message;
 }
 
-constexpr uint64_t kAlways = UINT64_MAX;
-
-// With `fault` armed for `call`, a save fails naming it (`name`, errno) while training goes on; the
+// With `fault` armed for `call`, a save fails naming it and the errno while training goes on; the
 // next save, without faults, is staged copy-on-write again, and correctly.
 struct FailedCall {
   const char* test;
-  Syscall call;
-  SyscallFault fault;
-  const char* name;
+  const char* call;
+  fault::Fault fault;
   Release release;
 };
 
@@ -461,7 +454,7 @@ TEST_P(CopyOnWriteFailure, FailsTheSaveNamingTheCallAndTrainingGoesOn) {
   TwoSources sources;
   {
     ArmedFault armed(failed.call, failed.fault);
-    expect_names(save_while_training(sources, failed.release), failed.name, failed.fault.errnum);
+    expect_names(save_while_training(sources, failed.release), failed.call, failed.fault.error);
   }
   EXPECT_EQ(stage_and_write(sources).bytes_copied_after_release, 2 * TwoSources::kBytes);
 }
@@ -470,29 +463,28 @@ INSTANTIATE_TEST_SUITE_P(
     Calls, CopyOnWriteFailure,
     ::testing::Values(
         // The fault handler's and the copy's unprotects all fail: the pages are unregistered instead.
-        FailedCall{"EveryUnprotect", Syscall::kUnprotect, {.nth = 1, .times = kAlways, .errnum = EIO},
-                   "ioctl(UFFDIO_WRITEPROTECT) unprotecting", Release::kYes},
-        FailedCall{"OneUnprotect", Syscall::kUnprotect, {.nth = 1, .times = 1, .errnum = EIO},
-                   "ioctl(UFFDIO_WRITEPROTECT) unprotecting", Release::kYes},
-        FailedCall{"Protect", Syscall::kWriteProtect, {.nth = 1, .times = 1, .errnum = ENOMEM},
-                   "ioctl(UFFDIO_WRITEPROTECT) protecting", Release::kNo},
+        FailedCall{"EveryUnprotect", "ioctl(UFFDIO_WRITEPROTECT) unprotecting",
+                   {.nth = 1, .times = fault::kAlways, .error = EIO}, Release::kYes},
+        FailedCall{"OneUnprotect", "ioctl(UFFDIO_WRITEPROTECT) unprotecting", {.nth = 1, .times = 1, .error = EIO},
+                   Release::kYes},
+        FailedCall{"Protect", "ioctl(UFFDIO_WRITEPROTECT) protecting", {.nth = 1, .times = 1, .error = ENOMEM},
+                   Release::kNo},
         // EINVAL, EPERM and EBUSY mean memory that cannot be protected, copied before release instead.
-        FailedCall{"Register", Syscall::kRegister, {.nth = 1, .times = kAlways, .errnum = EFAULT},
-                   "ioctl(UFFDIO_REGISTER)", Release::kNo},
+        FailedCall{"Register", "ioctl(UFFDIO_REGISTER)", {.nth = 1, .times = fault::kAlways, .error = EFAULT},
+                   Release::kNo},
         // The range's unregister fails; its sources' own ranges are unregistered instead.
-        FailedCall{"Unregister", Syscall::kUnregister, {.nth = 1, .times = 1, .errnum = EIO},
-                   "ioctl(UFFDIO_UNREGISTER)", Release::kYes},
+        FailedCall{"Unregister", "ioctl(UFFDIO_UNREGISTER)", {.nth = 1, .times = 1, .error = EIO}, Release::kYes},
         // Before release (the copy sees the failure early) or after it.
-        FailedCall{"Poll", Syscall::kPoll, {.nth = 1, .times = kAlways, .errnum = EBADF}, "poll on the userfaultfd",
+        FailedCall{"Poll", "poll on the userfaultfd", {.nth = 1, .times = fault::kAlways, .error = EBADF},
                    Release::kEither},
-        FailedCall{"StateMapping", Syscall::kMmap, {.nth = 1, .times = 1, .errnum = ENOMEM}, "mmap", Release::kNo}),
+        FailedCall{"StateMapping", "mmap", {.nth = 1, .times = 1, .error = ENOMEM}, Release::kNo}),
     [](const ::testing::TestParamInfo<FailedCall>& info) { return std::string(info.param.test); });
 
 TEST_F(CopyOnWriteTest, MemoryTheKernelWillNotRegisterIsCopiedBeforeRelease) {
   Watchdog watchdog(std::chrono::seconds(60));
   TwoSources sources;
   for (int errnum : {EINVAL, EPERM, EBUSY}) {
-    ArmedFault fault(Syscall::kRegister, {.nth = 1, .times = kAlways, .errnum = errnum});
+    ArmedFault armed("ioctl(UFFDIO_REGISTER)", {.nth = 1, .times = fault::kAlways, .error = errnum});
     EXPECT_EQ(stage_and_write(sources).bytes_copied_after_release, 0u) << errnum;
   }
 }
@@ -506,7 +498,7 @@ TEST_F(CopyOnWriteTest, UnregisteringThatKeepsFailingTurnsCopyOnWriteOff) {
         Watchdog watchdog(std::chrono::seconds(60));
         TwoSources sources;
         {
-          ArmedFault fault(Syscall::kUnregister, {.nth = 1, .times = kAlways, .errnum = EIO});
+          ArmedFault armed("ioctl(UFFDIO_UNREGISTER)", {.nth = 1, .times = fault::kAlways, .error = EIO});
           expect_names(save_while_training(sources), "ioctl(UFFDIO_UNREGISTER)", EIO);
         }
         std::string why;
@@ -522,7 +514,7 @@ TEST_F(CopyOnWriteTest, FailingReadFailsTheSaveAndTrainingGoesOn) {
   Watchdog watchdog(std::chrono::seconds(60));
   TwoSources sources;
   {
-    ArmedFault fault(Syscall::kRead, {.nth = 1, .times = kAlways, .errnum = EIO});
+    ArmedFault armed("read of the userfaultfd", {.nth = 1, .times = fault::kAlways, .error = EIO});
     // The read only happens once a write faults, which the training thread may or may not beat
     // the copy to; when it does, the save must fail naming the read.
     const std::string outcome = save_while_training(sources);
@@ -534,7 +526,7 @@ TEST_F(CopyOnWriteTest, FailingReadFailsTheSaveAndTrainingGoesOn) {
 TEST_F(CopyOnWriteTest, FailedCollapseLeavesTheSaveAndTheNextOnesAlone) {
   Watchdog watchdog(std::chrono::seconds(60));
   TwoSources sources;
-  ArmedFault fault(Syscall::kCollapse, {.nth = 1, .times = kAlways, .errnum = EIO});
+  ArmedFault armed("madvise(MADV_COLLAPSE)", {.nth = 1, .times = fault::kAlways, .error = EIO});
   EXPECT_EQ(save_while_training(sources), "");
   EXPECT_EQ(stage_and_write(sources).bytes_copied_after_release, 2 * TwoSources::kBytes);
 }
@@ -542,12 +534,12 @@ TEST_F(CopyOnWriteTest, FailedCollapseLeavesTheSaveAndTheNextOnesAlone) {
 TEST(CopyOnWriteSetup, FailedUserfaultfdOrApiSaysWhy) {
   std::string why;
   {
-    ArmedFault fault(Syscall::kUserfaultfd, {.nth = 1, .times = kAlways, .errnum = ENOSYS});
+    ArmedFault armed("userfaultfd", {.nth = 1, .times = fault::kAlways, .error = ENOSYS});
     EXPECT_LT(detail::open_write_protect_fd(why), 0);
     expect_names(why, "userfaultfd failed", ENOSYS);
   }
   {
-    ArmedFault fault(Syscall::kApi, {.nth = 1, .times = kAlways, .errnum = EINVAL});
+    ArmedFault armed("ioctl(UFFDIO_API)", {.nth = 1, .times = fault::kAlways, .error = EINVAL});
     const int fd = detail::open_write_protect_fd(why);
     if (fd >= 0) close(fd);
     // Where userfaultfd itself is not permitted, that is the reason given.
@@ -572,8 +564,8 @@ void remap_gap(void* context) {
 TEST_F(CopyOnWriteTest, MemoryBetweenSourcesRemappedBeforeProtectingStillProtectsThem) {
   Watchdog watchdog(std::chrono::seconds(60));
   TwoSources sources;
-  ArmedFault fault(Syscall::kWriteProtect, {.nth = 1, .times = 1, .errnum = 0, .before = remap_gap,
-                                            .context = sources.gap});
+  ArmedFault armed("ioctl(UFFDIO_WRITEPROTECT) protecting",
+                   {.nth = 1, .times = 1, .error = 0, .before = remap_gap, .context = sources.gap});
   EXPECT_EQ(stage_and_write(sources).bytes_copied_after_release, 2 * TwoSources::kBytes);
   EXPECT_EQ(sources.b[0], 0);
 }
