@@ -759,6 +759,12 @@ WriteProtectCopier::Result WriteProtectCopier::copy(
       while (snapshot.states[c].load(std::memory_order_acquire) != kCopied) std::this_thread::yield();
     }
     result.write_faults = snapshot.write_faults->load();
+    {
+      // The handler reads snapshot.ops (holds_source_bytes): it stops before they are swapped out.
+      // Every chunk is copied, so from here a fault is only released, as it would be anyway.
+      std::lock_guard lock(snapshot_mutex_);
+      current_ = nullptr;
+    }
     protected_ops.swap(snapshot.ops);  // no allocation while a writer may still wait inside malloc
     if (failure) std::rethrow_exception(failure);
   }

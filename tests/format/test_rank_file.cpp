@@ -8,6 +8,7 @@
 
 #include "fastdcp/common/error.h"
 #include "support/crafted_checkpoint.h"
+#include "support/test_support.h"
 
 namespace fastdcp {
 namespace {
@@ -166,18 +167,10 @@ TEST(RankFileHeader, TreesAsDeepAsTheLimitRoundTripWithoutRecursion) {
   EXPECT_TRUE((*v)[0].is_tensor());
 }
 
-template <class F>
-Error expect_error(F&& f) {
-  try {
-    f();
-  } catch (const Error& e) {
-    return e;
-  }
-  ADD_FAILURE() << "expected a fastdcp::Error";
-  return Error(ErrorCode::kInternal, "none");
-}
+using fastdcp::testing::expect_error;
 
-const std::string kTooDeep = "containers nest more than 10000 levels deep, the format's limit";
+const std::string kTooDeep =
+    "containers nest more than " + std::to_string(kMaxTreeDepth) + " levels deep, the format's limit";
 
 TEST(RankFilePlan, TreesDeeperThanTheFormatTakesAreRefused) {
   static_assert(kMaxTreeDepth == 10000);

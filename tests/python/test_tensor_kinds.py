@@ -120,12 +120,19 @@ def test_quantized_tensors_are_refused_naming_the_key(tmp_path, make):
     assert not (tmp_path / "ck" / "manifest.json").exists()
 
 
-def test_parameters_and_requires_grad_load_as_torch_load_gives(tmp_path):
+def parameters_and_grads():
+    """A keep_vars state dict: a Parameter with and one without requires_grad, a plain tensor that
+    requires grad, and a tied Parameter."""
     module = torch.nn.Linear(3, 2)
     module.bias.requires_grad_(False)
     source = dict(module.state_dict(keep_vars=True))
     source["grad"] = torch.randn(2, requires_grad=True)
     source["tied"] = source["weight"]
+    return source
+
+
+def test_parameters_and_requires_grad_load_as_torch_load_gives(tmp_path):
+    source = parameters_and_grads()
     save(tmp_path / "ck", source)
     loaded = load(tmp_path / "ck")
     oracle = torch_round_trip(source)
@@ -139,11 +146,7 @@ def test_parameters_and_requires_grad_load_as_torch_load_gives(tmp_path):
 
 
 def test_the_async_checkpointer_keeps_parameters_and_requires_grad(tmp_path):
-    module = torch.nn.Linear(3, 2)
-    module.bias.requires_grad_(False)
-    source = dict(module.state_dict(keep_vars=True))
-    source["grad"] = torch.randn(2, requires_grad=True)
-    source["tied"] = source["weight"]
+    source = parameters_and_grads()
     checkpointer = make_async_checkpointer(CheckpointerConfig(staging_config=STAGING), RANK)
     try:
         staging, write = checkpointer.save(str(tmp_path / "ck"), source)

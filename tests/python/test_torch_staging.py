@@ -350,7 +350,7 @@ class _RecordingNative:
     def __init__(self):
         self.calls = []
 
-    def stage(self, state_dict, lease, on_released, producer_streams):
+    def stage(self, state_dict, lease, on_released, producer_streams, autograd_traits=False):
         self.calls.append(producer_streams)
         return state_dict
 
