@@ -49,7 +49,7 @@ def sync_checkpointer():
 
 
 @pytest.fixture(scope="module", autouse=True)
-def report_counts():
+def report_counts(request):
     # torch cannot print tensors of some dtypes (uint1, ...); failing examples must still show.
     torch_repr = torch.Tensor.__repr__
     torch.Tensor.__repr__ = lambda t, **kwargs: (
@@ -58,8 +58,17 @@ def report_counts():
         f"{' grad' if t.requires_grad else ''} bytes {bytes(t.untyped_storage()).hex()}>")
     yield
     torch.Tensor.__repr__ = torch_repr
-    print(f"\ndifferential: {COUNTS['cases']} cases, {COUNTS['refused']} refused by key, "
-          f"{COUNTS['torch_refused']} compared with the source (torch.save refused them)")
+    # Shown in CI's quiet output too (a print is captured).
+    line = (f"differential: {COUNTS['cases']} cases, {COUNTS['refused']} refused by key, "
+            f"{COUNTS['torch_refused']} compared with the source (torch.save refused them)")
+    reporter = request.config.pluginmanager.get_plugin("terminalreporter")
+    capture = request.config.pluginmanager.get_plugin("capturemanager")
+    if reporter is not None and capture is not None:
+        with capture.global_and_fixture_disabled():
+            reporter.write_line("")
+            reporter.write_line(line)
+    else:
+        print(line)
 
 
 # --- random state dicts ------------------------------------------------------------------------
