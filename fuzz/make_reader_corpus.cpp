@@ -98,7 +98,7 @@ int main(int argc, char** argv) {
   std::string plain_data(16, '\0');
   for (size_t i = 0; i < plain_data.size(); ++i) plain_data[i] = static_cast<char>(i * 7);
   seed("plain_safetensors",
-       testing::rank_file_bytes(R"({"__metadata__":{"format":"pt"},"b":{"dtype":"I32","shape":[2],"data_offsets":[8,16]},)"
+       fastdcp::testing::rank_file_bytes(R"({"__metadata__":{"format":"pt"},"b":{"dtype":"I32","shape":[2],"data_offsets":[8,16]},)"
                                 R"("a":{"dtype":"F64","shape":[1],"data_offsets":[0,8]},)"
                                 R"("e":{"dtype":"F32","shape":[0,3],"data_offsets":[16,16]}})",
                                 plain_data));
@@ -109,14 +109,14 @@ int main(int argc, char** argv) {
   seed("view_numel_wraps", crafted(R"({"d":[["x",{"T":[0,"F32",[4294967296,4294967296],[1,1],0]}]]})"));
   seed("view_negative_stride", crafted(R"({"d":[["x",{"T":[0,"F32",[2],[-4],4]}]]})"));
   seed("entry_shape_overflow",
-       testing::rank_file_bytes(R"({"x":{"dtype":"F32","shape":[576460752303423488],"data_offsets":[0,0]}})", ""));
+       fastdcp::testing::rank_file_bytes(R"({"x":{"dtype":"F32","shape":[576460752303423488],"data_offsets":[0,0]}})", ""));
   seed("duplicate_dict_key", crafted(R"({"d":[["x",)" + x + R"(],["x",)" + x + "]]}"));
-  seed("duplicate_entry", testing::rank_file_bytes(R"({"a":{"dtype":"U8","shape":[4],"data_offsets":[0,4]},)"
+  seed("duplicate_entry", fastdcp::testing::rank_file_bytes(R"({"a":{"dtype":"U8","shape":[4],"data_offsets":[0,4]},)"
                                                    R"("a":{"dtype":"U8","shape":[4],"data_offsets":[4,8]}})",
                                                    std::string(8, '\1')));
-  std::string twice = testing::one_storage_header(x);
+  std::string twice = fastdcp::testing::one_storage_header(x);
   twice.insert(twice.find(R"("fastdcp.tree")"), R"("fastdcp.tree":"null",)");
-  seed("duplicate_metadata_key", testing::rank_file_bytes(twice, std::string(64, '\0')));
+  seed("duplicate_metadata_key", fastdcp::testing::rank_file_bytes(twice, std::string(64, '\0')));
   std::string deep;
   for (size_t i = 0; i <= kMaxTreeDepth; ++i) deep += R"({"l":[)";
   for (size_t i = 0; i <= kMaxTreeDepth; ++i) deep += "]}";
