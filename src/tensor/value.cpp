@@ -127,8 +127,10 @@ Value::Kind Value::kind() const {
       if (!seq) return Kind::kNone;  // moved-from
       return seq->is_tuple ? Kind::kTuple : Kind::kList;
     }
-    default:
+    case 8:
       return std::get<std::unique_ptr<Dict>>(data_) ? Kind::kDict : Kind::kNone;
+    default:
+      return Kind::kSharded;
   }
 }
 
@@ -149,6 +151,7 @@ const char* Value::kind_name(Kind kind) {
     case Kind::kList: return "list";
     case Kind::kTuple: return "tuple";
     case Kind::kDict: return "dict";
+    case Kind::kSharded: return "sharded tensor";
   }
   return "?";
 }
@@ -184,6 +187,14 @@ const Tensor& Value::as_tensor() const {
 Tensor& Value::as_tensor() {
   if (auto* v = std::get_if<Tensor>(&data_)) return *v;
   wrong_kind("tensor");
+}
+const ShardedTensor& Value::as_sharded() const {
+  if (auto* v = std::get_if<ShardedTensor>(&data_)) return *v;
+  wrong_kind("sharded tensor");
+}
+ShardedTensor& Value::as_sharded() {
+  if (auto* v = std::get_if<ShardedTensor>(&data_)) return *v;
+  wrong_kind("sharded tensor");
 }
 
 Value::Sequence& Value::sequence(const char* wanted) const {

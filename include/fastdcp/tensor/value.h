@@ -1,6 +1,7 @@
 #pragma once
-// The state-dict model: a tree of values. Leaves are none, bool, int64, double, string, bytes and
-// tensors; containers are list, tuple and dict. Dicts keep insertion order and have string or
+// The state-dict model: a tree of values. Leaves are none, bool, int64, double, string, bytes,
+// tensors and sharded tensors (this rank's boxes of a tensor that ranks share, Note [Sharded
+// tensors]); containers are list, tuple and dict. Dicts keep insertion order and have string or
 // integer keys (optimizer state is keyed by parameter index).
 //
 // Note [Deep trees]
@@ -19,6 +20,7 @@
 #include <variant>
 #include <vector>
 
+#include "fastdcp/tensor/sharded.h"
 #include "fastdcp/tensor/tensor.h"
 
 namespace fastdcp {
@@ -58,7 +60,7 @@ using DictEntries = std::vector<std::pair<DictKey, Value>>;
 
 class Value {
  public:
-  enum class Kind : uint8_t { kNone, kBool, kInt, kDouble, kString, kBytes, kTensor, kList, kTuple, kDict };
+  enum class Kind : uint8_t { kNone, kBool, kInt, kDouble, kString, kBytes, kTensor, kList, kTuple, kDict, kSharded };
 
   Value() = default;
   Value(std::nullptr_t) {}              // NOLINT
@@ -70,6 +72,7 @@ class Value {
   Value(const char* v) : data_(std::string(v)) {}  // NOLINT
   Value(Bytes v) : data_(std::move(v)) {}  // NOLINT
   Value(Tensor v) : data_(std::move(v)) {}  // NOLINT
+  Value(ShardedTensor v) : data_(std::move(v)) {}  // NOLINT
   static Value list(ValueList items = {});
   static Value tuple(ValueList items = {});
   static Value dict(DictEntries entries = {});
@@ -86,6 +89,7 @@ class Value {
   Kind kind() const;
   bool is_none() const { return kind() == Kind::kNone; }
   bool is_tensor() const { return kind() == Kind::kTensor; }
+  bool is_sharded() const { return kind() == Kind::kSharded; }
   bool is_container() const;
 
   bool as_bool() const;
@@ -95,6 +99,8 @@ class Value {
   const Bytes& as_bytes() const;
   const Tensor& as_tensor() const;
   Tensor& as_tensor();
+  const ShardedTensor& as_sharded() const;
+  ShardedTensor& as_sharded();
 
   // List and tuple items.
   const ValueList& items() const;
@@ -139,7 +145,7 @@ class Value {
     const Value* find(const DictKey& key) const;
   };
   using Data = std::variant<std::monostate, bool, int64_t, double, std::string, Bytes, Tensor,
-                            std::unique_ptr<Sequence>, std::unique_ptr<Dict>>;
+                            std::unique_ptr<Sequence>, std::unique_ptr<Dict>, ShardedTensor>;
   [[noreturn]] void wrong_kind(const char* wanted) const;
   Sequence& sequence(const char* wanted) const;
   Dict& dict_node(const char* wanted) const;
