@@ -27,7 +27,9 @@ run_suite() {  # run_suite NAME BUILD_DIR CTEST_ARGS... -- CMAKE_ARGS...
 python_suite() {
   echo "=== fastdcp tests: python ==="
   bash scripts/python_env.sh
-  (cd tests/python && ../../.venv/bin/python -m pytest -q -p no:cacheprovider .)
+  # The differential test's C++ leg runs a program of the release build above.
+  (cd tests/python && FASTDCP_CPP_API_ROUND_TRIP="$root/build/tests/test_cpp_api_round_trip" \
+    ../../.venv/bin/python -m pytest -q -p no:cacheprovider .)
 }
 
 # The release build also compiles the benchmarks and examples, so that CI keeps them building.
