@@ -27,35 +27,63 @@ constexpr uint64_t kMaxSize = static_cast<uint64_t>(INT64_MAX);
 bool mul_fits(uint64_t a, uint64_t b, uint64_t& out) { return !__builtin_mul_overflow(a, b, &out) && out <= kMaxSize; }
 bool add_fits(uint64_t a, uint64_t b, uint64_t& out) { return !__builtin_add_overflow(a, b, &out) && out <= kMaxSize; }
 
-// The product of the sizes, zero sizes counted as one (what contiguous strides reach), or why it
-// is invalid.
-std::string shape_problem(const Dims& shape, uint64_t& span) {
+// What is wrong with a view, as a code (and the dimension it concerns): the checks run for every
+// tensor staged or loaded, so the message is built only for a view that fails them.
+struct ViewFault {
+  enum Code : uint8_t {
+    kNone, kRanksDiffer, kNegativeOffset, kNegativeSize, kSizesOverflow, kNegativeStride, kExtentOverflow,
+    kSubByteLayout, kSubByteOffset, kOutsideStorage
+  };
+  Code code = kNone;
+  size_t dim = 0;
+  std::pair<uint64_t, uint64_t> extent{};  // kOutsideStorage: the bytes the view needs
+  uint64_t storage_nbytes = 0;             // and those its storage has
+
+  explicit operator bool() const { return code != kNone; }
+  std::string message() const {
+    switch (code) {
+      case kNone: break;
+      case kRanksDiffer: return "shape and strides differ in rank";
+      case kNegativeOffset: return "negative storage offset";
+      case kNegativeSize: return "negative size in dimension " + std::to_string(dim);
+      case kSizesOverflow: return "its sizes multiply beyond 2^63";
+      case kNegativeStride: return "negative stride in dimension " + std::to_string(dim);
+      case kExtentOverflow: return "its extent in bits is beyond 2^63";
+      case kSubByteLayout: return "sub-byte dtypes must be contiguous";
+      case kSubByteOffset: return "sub-byte view must start on a byte boundary";
+      case kOutsideStorage:
+        return "needs bytes [" + std::to_string(extent.first) + ", " + std::to_string(extent.second) +
+               ") but the storage has " + std::to_string(storage_nbytes);
+    }
+    return {};
+  }
+};
+
+// The product of the sizes, zero sizes counted as one (what contiguous strides reach).
+ViewFault shape_span(const Dims& shape, uint64_t& span) {
   span = 1;
   for (size_t i = 0; i < shape.size(); ++i) {
-    if (shape[i] < 0) return "negative size in dimension " + std::to_string(i);
-    if (!mul_fits(span, static_cast<uint64_t>(std::max<int64_t>(shape[i], 1)), span)) {
-      return "its sizes multiply beyond 2^63";
-    }
+    if (shape[i] < 0) return {ViewFault::kNegativeSize, i};
+    if (!mul_fits(span, static_cast<uint64_t>(std::max<int64_t>(shape[i], 1)), span)) return {ViewFault::kSizesOverflow};
   }
   return {};
 }
 
-// The [begin, end) bytes the view touches, or why it is invalid.
-std::string extent_problem(DType dtype, const Dims& shape, const Dims& strides, int64_t storage_offset,
-                           std::pair<uint64_t, uint64_t>& extent) {
-  if (shape.size() != strides.size()) return "shape and strides differ in rank";
-  if (storage_offset < 0) return "negative storage offset";
+// The [begin, end) bytes the view touches.
+ViewFault view_extent(DType dtype, const Dims& shape, const Dims& strides, int64_t storage_offset,
+                      std::pair<uint64_t, uint64_t>& extent) {
+  if (shape.size() != strides.size()) return {ViewFault::kRanksDiffer};
+  if (storage_offset < 0) return {ViewFault::kNegativeOffset};
   uint64_t span = 1;
-  if (std::string why = shape_problem(shape, span); !why.empty()) return why;
+  if (ViewFault fault = shape_span(shape, span)) return fault;
   bool empty = false;
   for (size_t i = 0; i < shape.size(); ++i) {
-    if (strides[i] < 0) return "negative stride in dimension " + std::to_string(i);
+    if (strides[i] < 0) return {ViewFault::kNegativeStride, i};
     empty = empty || shape[i] == 0;
   }
   const auto bits = static_cast<uint64_t>(dtype_bits(dtype));
-  const char* const beyond = "its extent in bits is beyond 2^63";  // no string built unless it is needed
   uint64_t begin_bits = 0;
-  if (!mul_fits(static_cast<uint64_t>(storage_offset), bits, begin_bits)) return beyond;
+  if (!mul_fits(static_cast<uint64_t>(storage_offset), bits, begin_bits)) return {ViewFault::kExtentOverflow};
   // An empty view touches no bytes, so any offset is valid (frameworks allow offsets past the end).
   if (empty) {
     extent = {begin_bits / 8, begin_bits / 8};
@@ -64,17 +92,17 @@ std::string extent_problem(DType dtype, const Dims& shape, const Dims& strides, 
   uint64_t end_bits = 0;
   if (dtype_is_sub_byte(dtype)) {  // contiguous (the constructor checks): span elements
     uint64_t data_bits = 0;
-    if (!mul_fits(span, bits, data_bits) || !add_fits(begin_bits, data_bits, end_bits)) return beyond;
+    if (!mul_fits(span, bits, data_bits) || !add_fits(begin_bits, data_bits, end_bits)) return {ViewFault::kExtentOverflow};
   } else {
     uint64_t last = static_cast<uint64_t>(storage_offset);  // the last element's index
     for (size_t i = 0; i < shape.size(); ++i) {
       uint64_t step = 0;
       if (!mul_fits(static_cast<uint64_t>(shape[i] - 1), static_cast<uint64_t>(strides[i]), step) ||
           !add_fits(last, step, last)) {
-        return beyond;
+        return {ViewFault::kExtentOverflow};
       }
     }
-    if (!add_fits(last, 1, last) || !mul_fits(last, bits, end_bits)) return beyond;
+    if (!add_fits(last, 1, last) || !mul_fits(last, bits, end_bits)) return {ViewFault::kExtentOverflow};
   }
   extent = {begin_bits / 8, (end_bits + 7) / 8};
   return {};
@@ -93,7 +121,7 @@ bool contiguous_layout(const Dims& shape, const Dims& strides) {
 
 std::optional<uint64_t> contiguous_nbytes(DType dtype, const Dims& shape) {
   uint64_t span = 1, bits = 0;
-  if (!shape_problem(shape, span).empty()) return std::nullopt;
+  if (shape_span(shape, span)) return std::nullopt;
   for (const int64_t d : shape) {
     if (d == 0) return 0;
   }
@@ -101,26 +129,31 @@ std::optional<uint64_t> contiguous_nbytes(DType dtype, const Dims& shape) {
   return (bits + 7) / 8;
 }
 
-std::string view_problem(DType dtype, const Dims& shape, const Dims& strides, int64_t storage_offset,
-                         uint64_t storage_nbytes) {
+namespace {
+ViewFault check_view(DType dtype, const Dims& shape, const Dims& strides, int64_t storage_offset,
+                     uint64_t storage_nbytes) {
   std::pair<uint64_t, uint64_t> extent;
-  if (std::string why = extent_problem(dtype, shape, strides, storage_offset, extent); !why.empty()) return why;
+  if (ViewFault fault = view_extent(dtype, shape, strides, storage_offset, extent)) return fault;
   if (dtype_is_sub_byte(dtype)) {  // the sizes and the offset in bits fit int64 (checked above)
-    if (!contiguous_layout(shape, strides)) return "sub-byte dtypes must be contiguous";
-    if ((storage_offset * dtype_bits(dtype)) % 8 != 0) return "sub-byte view must start on a byte boundary";
+    if (!contiguous_layout(shape, strides)) return {ViewFault::kSubByteLayout};
+    if ((storage_offset * dtype_bits(dtype)) % 8 != 0) return {ViewFault::kSubByteOffset};
   }
-  const auto [begin, end] = extent;
-  if (begin != end && end > storage_nbytes) {
-    return "needs bytes [" + std::to_string(begin) + ", " + std::to_string(end) + ") but the storage has " +
-           std::to_string(storage_nbytes);
+  if (extent.first != extent.second && extent.second > storage_nbytes) {
+    return {ViewFault::kOutsideStorage, 0, extent, storage_nbytes};
   }
   return {};
+}
+}  // namespace
+
+std::string view_problem(DType dtype, const Dims& shape, const Dims& strides, int64_t storage_offset,
+                         uint64_t storage_nbytes) {
+  return check_view(dtype, shape, strides, storage_offset, storage_nbytes).message();
 }
 
 Dims contiguous_strides(const Dims& shape) {
   uint64_t span = 1;
-  if (std::string why = shape_problem(shape, span); !why.empty()) {
-    throw Error(ErrorCode::kInvalidArgument, "no contiguous strides for the shape " + dims_str(shape) + ": " + why);
+  if (ViewFault fault = shape_span(shape, span)) {
+    throw Error(ErrorCode::kInvalidArgument, "no contiguous strides for the shape " + dims_str(shape) + ": " + fault.message());
   }
   Dims strides;
   strides.resize(shape.size());
@@ -139,9 +172,7 @@ Tensor::Tensor(Storage storage, DType dtype, Dims shape, Dims strides, int64_t s
     throw Error(ErrorCode::kInvalidArgument, "invalid tensor view " + describe() + ": " + why);
   };
   if (!storage_.defined()) fail("no storage");
-  if (std::string why = view_problem(dtype_, shape_, strides_, storage_offset_, storage_.nbytes()); !why.empty()) {
-    fail(why);
-  }
+  if (ViewFault fault = check_view(dtype_, shape_, strides_, storage_offset_, storage_.nbytes())) fail(fault.message());
 }
 
 Tensor Tensor::contiguous(Storage storage, DType dtype, Dims shape, int64_t storage_offset) {
@@ -173,10 +204,10 @@ void* Tensor::data_ptr() const {
 std::pair<uint64_t, uint64_t> view_byte_extent(DType dtype, const Dims& shape, const Dims& strides,
                                                int64_t storage_offset) {
   std::pair<uint64_t, uint64_t> extent;
-  if (std::string why = extent_problem(dtype, shape, strides, storage_offset, extent); !why.empty()) {
+  if (ViewFault fault = view_extent(dtype, shape, strides, storage_offset, extent)) {
     throw Error(ErrorCode::kInvalidArgument, "invalid view " + std::string(dtype_name(dtype)) + dims_str(shape) +
                                                  " strides " + dims_str(strides) + " offset " +
-                                                 std::to_string(storage_offset) + ": " + why);
+                                                 std::to_string(storage_offset) + ": " + fault.message());
   }
   return extent;
 }

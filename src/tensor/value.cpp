@@ -113,32 +113,6 @@ void Value::release_iteratively() noexcept {
   }
 }
 
-Value::Kind Value::kind() const {
-  switch (data_.index()) {
-    case 0: return Kind::kNone;
-    case 1: return Kind::kBool;
-    case 2: return Kind::kInt;
-    case 3: return Kind::kDouble;
-    case 4: return Kind::kString;
-    case 5: return Kind::kBytes;
-    case 6: return Kind::kTensor;
-    case 7: {
-      const auto& seq = std::get<std::unique_ptr<Sequence>>(data_);
-      if (!seq) return Kind::kNone;  // moved-from
-      return seq->is_tuple ? Kind::kTuple : Kind::kList;
-    }
-    case 8:
-      return std::get<std::unique_ptr<Dict>>(data_) ? Kind::kDict : Kind::kNone;
-    default:
-      return Kind::kSharded;
-  }
-}
-
-bool Value::is_container() const {
-  const Kind k = kind();
-  return k == Kind::kList || k == Kind::kTuple || k == Kind::kDict;
-}
-
 const char* Value::kind_name(Kind kind) {
   switch (kind) {
     case Kind::kNone: return "none";

@@ -155,6 +155,33 @@ class Value {
   Data data_;
 };
 
+// Inline: every traversal asks each node its kind.
+inline Value::Kind Value::kind() const {
+  switch (data_.index()) {
+    case 0: return Kind::kNone;
+    case 1: return Kind::kBool;
+    case 2: return Kind::kInt;
+    case 3: return Kind::kDouble;
+    case 4: return Kind::kString;
+    case 5: return Kind::kBytes;
+    case 6: return Kind::kTensor;
+    case 7: {
+      const auto& seq = std::get<std::unique_ptr<Sequence>>(data_);
+      if (!seq) return Kind::kNone;  // moved-from
+      return seq->is_tuple ? Kind::kTuple : Kind::kList;
+    }
+    case 8:
+      return std::get<std::unique_ptr<Dict>>(data_) ? Kind::kDict : Kind::kNone;
+    default:
+      return Kind::kSharded;
+  }
+}
+
+inline bool Value::is_container() const {
+  const Kind k = kind();
+  return k == Kind::kList || k == Kind::kTuple || k == Kind::kDict;
+}
+
 // Appends one step to a key path, as upstream spells them: dict keys (string or integer) joined by
 // '.', sequence indices in brackets: "state.0.exp_avg", "param_groups[0].lr".
 void append_key_path(std::string& path, const DictKey& key);
