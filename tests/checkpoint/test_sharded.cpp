@@ -13,6 +13,7 @@
 
 #include "checkpoint/reshard.h"
 #include "fastdcp/checkpoint/checkpoint.h"
+#include "fastdcp/checkpoint/checkpointer.h"
 #include "fastdcp/checkpoint/shared_state_dict.h"
 #include "fastdcp/common/error.h"
 #include "fastdcp/format/rank_file.h"
@@ -621,6 +622,25 @@ TEST(ShardedStaging, ChunksStageAsViewsAndTravelToTheWriterProcess) {
   EXPECT_EQ(at.replica_count, 3);
   ASSERT_EQ(at.chunks.size(), 2u);
   for (size_t i = 0; i < 2; ++i) EXPECT_TRUE(same_bytes(at.chunks[i].data, box_view(global, s.chunks[i].box())));
+}
+
+// The async checkpointer: staged, sent to the writer process, written there (the writer process
+// assigns the replicas' writing), loaded whole.
+TEST_F(ShardedTest, TheAsyncCheckpointerSavesShardedLeavesThroughItsWriterProcess) {
+  const Tensor global = patterned_tensor(DType::kF16, {9, 5}, 8);
+  std::mt19937 rng(4);
+  ShardedTensor s = hold(global, {Box{{0, 0}, {4, 5}}, Box{{4, 0}, {5, 2}}, Box{{4, 2}, {5, 3}}}, rng);
+  s.replica_count = 2;  // replica 0 of 2, with one leaf: it writes
+  auto sd = std::make_shared<Value>(Value::dict());
+  sd->insert("w", Value(std::move(s)));
+  auto checkpointer = make_async_checkpointer();
+  auto [staged, written] = checkpointer->save(path_, sd);
+  staged.get();
+  written.get();
+  EXPECT_TRUE(same_bytes(checkpointer->load(path_).at("w").as_tensor(), global));
+  checkpointer->close();
+  ASSERT_EQ(read_manifest(path_).index.size(), 1u);
+  EXPECT_EQ(read_manifest(path_).index[0].chunks.size(), 3u);
 }
 
 // ---- the planner ---------------------------------------------------------------------------
