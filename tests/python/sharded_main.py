@@ -230,7 +230,7 @@ def phase_load(out: str, report: dict) -> None:
             for key, (shape, dtype, _, _) in SAVED.items():
                 # Every layout on every key: shift which layout each key gets.
                 layout_shape, layout_placements = layouts[(i + len(template)) % len(layouts)]
-                if any(p.is_shard() and p.dim >= len(shape) for p in layout_placements):
+                if any(isinstance(p, (Shard, _StridedShard)) and p.dim >= len(shape) for p in layout_placements):
                     layout_shape, layout_placements = mesh_shape, [Shard(0)] * len(mesh_shape)
                 template[key] = distribute_tensor(torch.full(shape, -1, dtype=dtype), meshes[layout_shape],
                                                   layout_placements)

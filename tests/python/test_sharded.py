@@ -3,31 +3,20 @@ ranks loaded at 4, 2, 3 (uneven), 1 and saves on 2 loaded at 4, with the sync an
 checkpointers, into DTensor templates of other layouts, plain tensors and no template; an FSDP2
 model with AdamW resumed at other world sizes (tests/python/sharded_main.py)."""
 
-import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+
+from conftest import run_torchrun
 
 SCRIPT = Path(__file__).with_name("sharded_main.py")
 
 
 def torchrun(phase: str, world: int, out: Path) -> dict:
     """Runs one phase on `world` ranks; returns the ranks' reports, failing with all of them."""
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    result = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={world}",
-         str(SCRIPT), phase, str(out)],
-        env=env, capture_output=True, text=True, timeout=300)
-    reports = {}
-    for rank in range(world):
-        report_file = out / f"{phase}_rank_{rank}.json"
-        if report_file.exists():
-            reports[rank] = json.loads(report_file.read_text())
-    details = f"{phase} on {world} ranks: exit {result.returncode}\n{json.dumps(reports, indent=1)}\n{result.stderr[-4000:]}"
-    assert result.returncode == 0, details
+    returncode, reports, details = run_torchrun(SCRIPT, world, [phase, out], lambda rank: out / f"{phase}_rank_{rank}.json")
+    details = f"{phase} on {world} ranks: {details}"
+    assert returncode == 0, details
     assert sorted(reports) == list(range(world)), details
     assert all(report["ok"] for report in reports.values()), details
     return reports

@@ -15,26 +15,53 @@ except ImportError:  # a torch built without distributed support has no DTensors
 __all__ = ["DTensor", "local_boxes", "describe_sharded", "rebuild_sharded"]
 
 
-def _runs(indices: torch.Tensor) -> list[tuple[int, int, int]]:
-    """(global start, local start, length) of each maximal run of consecutive global indices."""
+def _runs(indices: torch.Tensor) -> list[tuple[int, int]]:
+    """(global start, length) of each maximal run of consecutive global indices, in order."""
     if indices.numel() == 0:
         return []
     breaks = (torch.nonzero(indices[1:] - indices[:-1] != 1).flatten() + 1).tolist()
     starts = [0, *breaks]
     ends = [*breaks, indices.numel()]
-    first = indices[starts].tolist()
-    return [(g, s, e - s) for g, s, e in zip(first, starts, ends)]
+    return [(g, e - s) for g, s, e in zip(indices[starts].tolist(), starts, ends)]
+
+
+def _cut(runs: list[tuple[int, int]], start: int, size: int) -> list[tuple[int, int]]:
+    """The runs of local positions [start, start + size) of `runs`."""
+    out, position = [], 0
+    for first, length in runs:
+        lo, hi = max(start, position), min(start + size, position + length)
+        if lo < hi:
+            out.append((first + lo - position, hi - lo))
+        position += length
+    return out
+
+
+def _split(runs: list[tuple[int, int]], dim: int, placement, num_chunks: int, index: int):
+    """The runs that piece `index` of `num_chunks` holds when `placement` cuts `runs`, as DTensor
+    cuts its data: Shard by its own size and offset rule (torch.chunk's), _StridedShard by its own
+    split of the indices."""
+    total = sum(length for _, length in runs)
+    if not isinstance(placement, _StridedShard):
+        size, offset = Shard.local_shard_size_and_offset(total, num_chunks, index)
+        return _cut(runs, int(offset), int(size))
+    indices = torch.cat([torch.arange(first, first + length) for first, length in runs]) if runs \
+        else torch.zeros(0, dtype=torch.int64)
+    # _split_tensor cuts along placement.dim: give it the indices along that dim.
+    pieces, _ = placement._split_tensor(indices.view([1] * dim + [total]), num_chunks, with_padding=False,
+                                        contiguous=False)
+    return _runs(pieces[index].reshape(-1))
 
 
 def local_boxes(global_shape, mesh_shape, coordinate, placements):
     """The boxes of a global tensor that one mesh coordinate holds, and its replica number.
 
-    For each tensor dim, the global indices the local tensor holds along it, in local order: the
-    placements that shard that dim (``Shard(d)``, ``_StridedShard(d, split_factor)``) are applied
-    in mesh-dim order, each cutting the indices left by the previous ones with torch's own split
-    (``Placement._split_tensor`` on the indices, so that uneven sizes and strided shards are cut
-    exactly as DTensor cuts its data). Each maximal run of consecutive global indices is one
-    interval; the boxes are the products of one interval per dim.
+    For each tensor dim, the global indices the local tensor holds along it, in local order, kept
+    as runs of consecutive indices: the placements that shard that dim (``Shard(d)``,
+    ``_StridedShard(d, split_factor)``) are applied in mesh-dim order, each cutting what the
+    previous ones left, with DTensor's own rules (``Shard.local_shard_size_and_offset``, and
+    ``_StridedShard._split_tensor`` on the indices), so that uneven sizes and strided shards are
+    cut exactly as DTensor cuts its data. Each maximal run is one interval; the boxes are the
+    products of one interval per dim.
 
     Returns ``(boxes, replica_index, replica_count)``: ``boxes`` is a list of
     ``(global_offset, local_offset, sizes)`` tuples, in row-major order of the intervals (the first
@@ -44,23 +71,16 @@ def local_boxes(global_shape, mesh_shape, coordinate, placements):
     Raises ValueError for a ``Partial`` placement."""
     ndim = len(global_shape)
     replica_index, replica_count = 0, 1
-    indices: dict[int, torch.Tensor] = {}
+    per_dim = [[(0, n)] if n > 0 else [] for n in global_shape]
     for mesh_dim, placement in enumerate(placements):
         size = mesh_shape[mesh_dim]
         if placement.is_partial():
             raise ValueError(f"{placement} placements hold partial sums, not values: reduce it first "
                              "(dtensor.redistribute(placements=[Replicate() or Shard(d)]))")
         if isinstance(placement, (Shard, _StridedShard)):
-            if coordinate is None:
-                continue
-            dim = placement.dim % ndim
-            current = indices.get(dim)
-            if current is None:
-                current = torch.arange(global_shape[dim], dtype=torch.int64)
-            # _split_tensor cuts along placement.dim: give it the indices along that dim.
-            shaped = current.view([1] * dim + [current.numel()])
-            pieces, _ = placement._split_tensor(shaped, size, with_padding=False, contiguous=False)
-            indices[dim] = pieces[coordinate[mesh_dim]].reshape(-1)
+            if coordinate is not None:
+                dim = placement.dim % ndim
+                per_dim[dim] = _split(per_dim[dim], dim, placement, size, coordinate[mesh_dim])
         elif isinstance(placement, Replicate):
             replica_index = replica_index * size + (0 if coordinate is None else coordinate[mesh_dim])
             replica_count *= size
@@ -68,15 +88,18 @@ def local_boxes(global_shape, mesh_shape, coordinate, placements):
             raise ValueError(f"fastdcp cannot save {placement} placements (only Shard, _StridedShard and Replicate)")
     if coordinate is None:
         return [], 0, 1
-    per_dim = []
-    for dim in range(ndim):
-        if dim in indices:
-            per_dim.append(_runs(indices[dim]))
-        else:
-            per_dim.append([(0, 0, global_shape[dim])] if global_shape[dim] > 0 else [])
+    local_starts = []
+    for runs in per_dim:
+        starts, position = [], 0
+        for _, length in runs:
+            starts.append(position)
+            position += length
+        local_starts.append(starts)
     boxes = []
-    for runs in itertools.product(*per_dim):
-        boxes.append((tuple(r[0] for r in runs), tuple(r[1] for r in runs), tuple(r[2] for r in runs)))
+    for choice in itertools.product(*(range(len(runs)) for runs in per_dim)):
+        boxes.append((tuple(per_dim[d][i][0] for d, i in enumerate(choice)),
+                      tuple(local_starts[d][i] for d, i in enumerate(choice)),
+                      tuple(per_dim[d][i][1] for d, i in enumerate(choice))))
     return boxes, replica_index, replica_count
 
 
