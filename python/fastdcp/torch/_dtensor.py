@@ -126,10 +126,11 @@ def local_tensor(dtensor):
 
 
 def rebuild_sharded(source, local):
-    """A DTensor like ``source`` (mesh, placements, global shape and stride) over ``local``, the
-    staged copy of its local tensor; None for ``local`` (the rank holds no element) gives an empty
-    local tensor of the source's local shape."""
+    """A DTensor like ``source`` (mesh, placements, global shape, stride and dtype: its spec) over
+    ``local``, the staged copy of its local tensor; None for ``local`` (the rank holds no element)
+    gives an empty host tensor of the source's local shape. The spec is reused as it is, rather
+    than through ``DTensor.from_local``, which would move a host copy back onto a CUDA mesh's
+    device; a host-side DTensor of a CUDA mesh is what ``dtensor.to("cpu")`` gives too."""
     if local is None:
         local = torch.empty_like(source._local_tensor, device="cpu")
-    return DTensor.from_local(local, source.device_mesh, source.placements, run_check=False,
-                              shape=source.shape, stride=source.stride())
+    return DTensor(local, source._spec, requires_grad=local.requires_grad)
