@@ -15,9 +15,11 @@
 #include <mutex>
 #include <optional>
 #include <thread>
+#include <map>
 #include <unordered_map>
 
 #include "checkpoint/rank_file_io.h"
+#include "checkpoint/reshard.h"
 #include "fastdcp/common/error.h"
 #include "fastdcp/common/logging.h"
 #include "fastdcp/common/parallel.h"
@@ -355,7 +357,11 @@ WriteStats CheckpointWriter::write_rank_file(const Directory& dir, const Value& 
   }
   stats.bytes_written = plan.file_size();
   stats.seconds_data = seconds_since(start);
-  receipt = ManifestRank{rank, stats.file, plan.file_size(), crc32c(plan.header().data(), plan.header().size())};
+  receipt = ManifestRank{rank, stats.file, plan.file_size(), crc32c(plan.header().data(), plan.header().size()),
+                         plan.sharded()};
+  for (IndexEntry& e : receipt.sharded) {
+    for (IndexChunk& c : e.chunks) c.rank = rank;
+  }
   return stats;
 }
 
@@ -407,6 +413,12 @@ void CheckpointWriter::commit(const Directory& dir, uint64_t generation, std::op
   if (why) {
     vote_failed(dir, generation, *why);  // rank 0's failure record: the attempt is abandoned
     throw Error(ErrorCode::kCancelled, "the save to '" + path + "' was abandoned: " + *why + "; nothing was committed");
+  }
+  try {
+    build_index(manifest);  // Note [Global index]
+  } catch (const Error& e) {
+    vote_failed(dir, generation, e.what());
+    throw Error(e.code(), "the save to '" + path + "' was abandoned: " + e.what() + "; nothing was committed");
   }
   try {
     dir.sync();  // every data file's directory entry is durable before the commit
@@ -461,9 +473,15 @@ CheckpointReader::CheckpointReader(RankInfo rank, ReadOptions options) : rank_(r
 
 namespace {
 
+// Note [Loading at another world size]
+// A checkpoint with a global index (Note [Global index]) loads at any world size: its sharded
+// keys come from the index, and its other values, which are not sharded, are treated as
+// replicated, as DCP does: rank r reads them from its own file if the checkpoint has one
+// (r < the saved world size), else from rank 0's. A checkpoint without an index holds only
+// per-rank values, and loads only at its own world size.
 Manifest manifest_for_rank(const std::string& path, const RankInfo& rank) {
   Manifest manifest = read_manifest(path);
-  if (manifest.world_size != rank.global_world_size) {
+  if (manifest.world_size != rank.global_world_size && manifest.index.empty()) {
     const std::string n = std::to_string(manifest.world_size);
     throw Error(ErrorCode::kInvalidArgument,
                 "'" + path + "' was written by " + n + " ranks; it loads on as many ranks, not on " +
@@ -491,6 +509,243 @@ std::string describe_entry(const RankFileHeader& header, size_t entry) {
   return out;
 }
 
+// The rank whose file holds this rank's values that are not sharded (Note [Loading at another world size]).
+int source_rank(const Manifest& manifest, const RankInfo& rank) {
+  return rank.global_rank < manifest.world_size ? rank.global_rank : 0;
+}
+
+// ---- sharded keys (Note [Resharded loads]) ---------------------------------------------------
+
+bool by_offset(const std::pair<Dims, Dims>& a, const std::pair<Dims, Dims>& b) {
+  return std::lexicographical_compare(a.first.begin(), a.first.end(), b.first.begin(), b.first.end());
+}
+
+// The manifest's index by key, with each key's chunks grouped by rank.
+class IndexLookup {
+ public:
+  explicit IndexLookup(const Manifest& manifest) : chunks_of_rank_(static_cast<size_t>(manifest.world_size), 0) {
+    for (const IndexEntry& e : manifest.index) {
+      Key& key = by_key_[e.key];
+      key.entry = &e;
+      key.by_rank.resize(e.chunks.size());
+      for (size_t c = 0; c < e.chunks.size(); ++c) key.by_rank[c] = c;
+      std::stable_sort(key.by_rank.begin(), key.by_rank.end(),
+                       [&](size_t a, size_t b) { return e.chunks[a].rank < e.chunks[b].rank; });
+      for (const IndexChunk& c : e.chunks) ++chunks_of_rank_[static_cast<size_t>(c.rank)];
+    }
+  }
+  const IndexEntry* find(const std::string& key) const {
+    const auto it = by_key_.find(key);
+    return it == by_key_.end() ? nullptr : it->second.entry;
+  }
+  // The boxes of `key` that `rank`'s file holds, sorted.
+  std::vector<std::pair<Dims, Dims>> boxes_of(const std::string& key, int rank) const {
+    std::vector<std::pair<Dims, Dims>> out;
+    const Key& k = by_key_.at(key);
+    const auto first = std::lower_bound(k.by_rank.begin(), k.by_rank.end(), rank,
+                                        [&](size_t c, int r) { return k.entry->chunks[c].rank < r; });
+    for (auto it = first; it != k.by_rank.end() && k.entry->chunks[*it].rank == rank; ++it) {
+      out.emplace_back(k.entry->chunks[*it].offset, k.entry->chunks[*it].sizes);
+    }
+    std::sort(out.begin(), out.end(), by_offset);
+    return out;
+  }
+  size_t chunks_of_rank(int rank) const { return chunks_of_rank_[static_cast<size_t>(rank)]; }
+
+ private:
+  struct Key {
+    const IndexEntry* entry = nullptr;
+    std::vector<size_t> by_rank;  // chunk indices, by rank
+  };
+  std::unordered_map<std::string, Key> by_key_;
+  std::vector<size_t> chunks_of_rank_;
+};
+
+// The sharded records of `rank`'s file, by key, checked against the index: Error(kDataLoss)
+// naming the file and the key where the file's tree and the index disagree.
+std::unordered_map<std::string, RankFileHeader::ShardedRecord> checked_sharded_records(const RankFileHeader& header,
+                                                                                       const IndexLookup& index,
+                                                                                       int rank,
+                                                                                       const std::string& file) {
+  std::unordered_map<std::string, RankFileHeader::ShardedRecord> out;
+  size_t chunks = 0;
+  for (RankFileHeader::ShardedRecord& r : header.sharded()) {
+    auto disagree = [&](const std::string& why) {
+      throw Error(ErrorCode::kDataLoss, "'" + file + "' disagrees with the manifest's index at '" + r.path + "': " + why);
+    };
+    const IndexEntry* entry = index.find(r.path);
+    if (!entry) disagree("the index lacks that key");
+    if (entry->dtype != r.dtype || entry->global_shape != r.global_shape) {
+      disagree("the file has " + std::string(dtype_name(r.dtype)) + dims_text(r.global_shape) + ", the index " +
+               std::string(dtype_name(entry->dtype)) + dims_text(entry->global_shape));
+    }
+    std::vector<std::pair<Dims, Dims>> held;
+    for (const auto& [offset, t] : r.chunks) held.emplace_back(offset, t.shape);
+    std::sort(held.begin(), held.end(), by_offset);
+    if (held != index.boxes_of(r.path, rank)) disagree("the file holds other chunks than the index lists for rank " + std::to_string(rank));
+    chunks += held.size();
+    const std::string key = r.path;
+    out.emplace(key, std::move(r));
+  }
+  if (chunks != index.chunks_of_rank(rank)) {
+    throw Error(ErrorCode::kDataLoss, "'" + file + "' lacks sharded tensors that the manifest's index lists for rank " +
+                                          std::to_string(rank));
+  }
+  return out;
+}
+
+// A load's target at a sharded key: boxes of the global tensor and the views to fill (a full
+// tensor is one box).
+struct ShardedTarget {
+  std::string key;
+  std::vector<std::pair<Box, Tensor>> boxes;
+};
+
+// Gaps between byte ranges smaller than this are read rather than split into two requests.
+constexpr uint64_t kMergeGapBytes = uint64_t{64} << 10;
+
+// Fills every target from the saved chunks of its key (Note [Resharded loads]); `own` is the
+// already opened file of rank `own_rank`, if any.
+void fill_sharded(const std::string& path, const Manifest& manifest, const std::vector<ShardedTarget>& targets,
+                  const ReadOptions& options, int threads, const OpenedRankFile* own, int own_rank) {
+  if (targets.empty()) return;
+  const IndexLookup index(manifest);
+  struct Source {
+    std::optional<OpenedRankFile> opened;
+    const OpenedRankFile* file = nullptr;
+    std::unordered_map<std::string, RankFileHeader::ShardedRecord> records;
+    std::map<size_t, std::vector<detail::ByteRange>> ranges;  // per entry
+    std::map<size_t, Storage> storages;
+  };
+  std::map<int, Source> sources;  // by rank: each file opened, and its header read, once
+  auto source = [&](int rank) -> Source& {
+    Source& s = sources[rank];
+    if (!s.file) {
+      if (own && rank == own_rank) {
+        s.file = own;
+      } else {
+        s.opened.emplace(open_rank_file(path, manifest, rank));
+        s.file = &*s.opened;
+      }
+      s.records = checked_sharded_records(s.file->header, index, rank, s.file->file.path());
+    }
+    return s;
+  };
+  struct Copy {
+    Tensor dst;
+    int rank;
+    size_t entry;
+    DType dtype;
+    Dims shape, strides;
+    int64_t offset;
+  };
+  std::vector<Copy> copies;
+  for (const ShardedTarget& target : targets) {
+    const IndexEntry* entry = index.find(target.key);
+    if (!entry) throw Error(ErrorCode::kDataLoss, "the manifest's index lacks the sharded tensor at '" + target.key + "'");
+    std::vector<Box> boxes;
+    boxes.reserve(target.boxes.size());
+    for (const auto& [box, view] : target.boxes) boxes.push_back(box);
+    const uint64_t item = static_cast<uint64_t>(dtype_bits(entry->dtype) / 8);
+    for (const detail::Overlap& o : detail::plan_overlaps(*entry, boxes)) {
+      const IndexChunk& chunk = entry->chunks[o.chunk];
+      Source& s = source(chunk.rank);
+      const auto& record = s.records.at(target.key);  // checked against the index
+      const auto held = std::find_if(record.chunks.begin(), record.chunks.end(),
+                                     [&](const auto& c) { return c.first == chunk.offset; });
+      const RankFileHeader::TensorRecord& t = held->second;
+      const int64_t offset = detail::sub_view_offset(chunk.box(), t.strides, t.offset, o.box);
+      auto ranges = detail::view_byte_ranges(item, o.box.sizes, t.strides, offset);
+      auto& into = s.ranges[t.entry];
+      into.insert(into.end(), ranges.begin(), ranges.end());
+      const auto& [target_box, view] = target.boxes[o.target];
+      const Tensor dst = view.view_as(o.box.sizes, view.strides(),
+                                      detail::sub_view_offset(target_box, view.strides(), view.storage_offset(), o.box));
+      copies.push_back({dst, chunk.rank, t.entry, entry->dtype, o.box.sizes, t.strides, offset});
+    }
+  }
+  // The requests: merged ranges of each needed storage, cut to at most kBatchBytes each.
+  struct Request {
+    const File* file;
+    char* dst;
+    uint64_t file_offset, size;
+  };
+  struct Check {
+    const Source* source;
+    size_t entry, chunk;
+  };
+  std::vector<Request> requests;
+  std::vector<Check> checks;
+  for (auto& [rank, s] : sources) {
+    const RankFileHeader& header = s.file->header;
+    const bool verify = options.verify_checksums && header.has_checksums();
+    for (auto& [e, ranges] : s.ranges) {
+      const StoredEntry& stored = header.entries()[e];
+      const Storage storage = allocate_for_reading(stored.nbytes);
+      s.storages[e] = storage;
+      for (const detail::ByteRange& r :
+           detail::merge_ranges(std::move(ranges), kMergeGapBytes, verify ? kChecksumChunkBytes : 0, stored.nbytes)) {
+        for (uint64_t at = r.begin; at < r.end; at += detail::kBatchBytes) {
+          const uint64_t n = std::min(detail::kBatchBytes, r.end - at);
+          requests.push_back({&s.file->file, static_cast<char*>(storage.data()) + at,
+                              header.data_offset() + stored.begin + at, n});
+        }
+        if (verify) {
+          for (uint64_t c = r.begin / kChecksumChunkBytes; c * kChecksumChunkBytes < r.end; ++c) checks.push_back({&s, e, c});
+        }
+      }
+    }
+  }
+  parallel_for(requests.size(), threads, [&](size_t i) {
+    const Request& r = requests[i];
+    r.file->read_at(r.dst, r.size, r.file_offset);
+  });
+  parallel_for(checks.size(), threads, [&](size_t i) {
+    const Check& c = checks[i];
+    const RankFileHeader& header = c.source->file->header;
+    detail::check_chunk(c.source->file->file.path(), header.entries(), c.entry, c.chunk,
+                        detail::chunk_data(c.source->storages.at(c.entry), c.chunk),
+                        [&](size_t e) { return describe_entry(header, e); });
+  });
+  parallel_for(copies.size(), threads, [&](size_t i) {
+    const Copy& c = copies[i];
+    copy_tensor(c.dst, Tensor(sources.at(c.rank).storages.at(c.entry), c.dtype, c.shape, c.strides, c.offset));
+  });
+}
+
+// Replaces every sharded leaf under `root` (at key path `root_path`) by a full tensor to be filled.
+void take_sharded_whole(Value& root, const std::string& root_path, std::vector<ShardedTarget>& targets) {
+  struct Frame {
+    Value* v;
+    std::string path;
+  };
+  std::vector<Frame> stack{{&root, root_path}};
+  while (!stack.empty()) {
+    Frame f = std::move(stack.back());
+    stack.pop_back();
+    Value& v = *f.v;
+    if (v.is_sharded()) {
+      Tensor full = Tensor::empty_cpu(v.as_sharded().dtype, v.as_sharded().global_shape);
+      Dims origin;
+      origin.resize(full.dim());
+      targets.push_back({f.path, {{Box{origin, full.shape()}, full}}});
+      v = Value(std::move(full));
+    } else if (v.kind() == Value::Kind::kDict) {
+      for (auto& [key, child] : v.entries()) {
+        std::string p = f.path;
+        append_key_path(p, key);
+        stack.push_back({&child, std::move(p)});
+      }
+    } else if (v.kind() == Value::Kind::kList || v.kind() == Value::Kind::kTuple) {
+      for (size_t i = 0; i < v.items().size(); ++i) {
+        std::string p = f.path;
+        append_index_path(p, i);
+        stack.push_back({&v.items()[i], std::move(p)});
+      }
+    }
+  }
+}
+
 // Private copy-on-write mapping of a whole file, unmapped when the last tensor viewing it dies.
 std::shared_ptr<void> map_file(const File& file, uint64_t size) {
   void* base = ::mmap(nullptr, size, PROT_READ | PROT_WRITE, MAP_PRIVATE, file.fd(), 0);
@@ -502,6 +757,7 @@ std::shared_ptr<void> map_file(const File& file, uint64_t size) {
 
 Value CheckpointReader::read(const std::string& path) const {
   const Manifest manifest = manifest_for_rank(path, rank_);
+  const int source = source_rank(manifest, rank_);
   const int threads = io_thread_count(options_.io_threads);
   // A large header parses while the data is read (Note [Reading while the header parses]).
   std::optional<FileImage> image;
@@ -513,7 +769,7 @@ Value CheckpointReader::read(const std::string& path) const {
       image->read(data_offset, {}, threads, options_.io_engine, /*verify=*/false, {});
     });
   };
-  OpenedRankFile opened = open_rank_file(path, manifest, rank_.global_rank, read_while_parsing);
+  OpenedRankFile opened = open_rank_file(path, manifest, source, read_while_parsing);
   const RankFileHeader& header = opened.header;
   const auto& entries = header.entries();
   auto namer = [&](size_t e) { return describe_entry(header, e); };
@@ -549,7 +805,12 @@ Value CheckpointReader::read(const std::string& path) const {
                       ? Storage::wrap(nullptr, 0, Device::cpu())
                       : Storage::wrap(const_cast<char*>(base) + entries[i].begin, entries[i].nbytes, Device::cpu(), memory);
   }
-  return header.build_tree(storages);
+  Value tree = header.build_tree(storages);
+  // Sharded keys load whole, from every rank's chunks (Note [Resharded loads]).
+  std::vector<ShardedTarget> targets;
+  if (header.format_version() >= 3) take_sharded_whole(tree, "", targets);
+  fill_sharded(path, manifest, targets, options_, threads, &opened, source);
+  return tree;
 }
 
 namespace {
@@ -558,6 +819,8 @@ namespace {
 struct LoadPlan {
   std::vector<std::pair<Tensor, Tensor>> copies;        // (target, source)
   std::vector<std::pair<Value*, const Value*>> leaves;  // target leaf := source value
+  std::vector<ShardedTarget> sharded;                   // targets at sharded keys
+  std::vector<std::pair<Value*, std::string>> taken_roots;  // None targets, by key path
   // Storages that a leaf taken whole views (a None in the target: Note [None in a load target]).
   std::vector<const StorageImpl*> taken;
   LoadResult result;
@@ -599,6 +862,38 @@ void plan_load(Value& target, const Value& source, LoadPlan& plan) {
       throw Error(ErrorCode::kInvalidArgument, "cannot load '" + (f.path.empty() ? std::string("<root>") : f.path) +
                                                    "': " + what);
     };
+    if (s.is_sharded() && (t.is_sharded() || t.is_tensor())) {
+      // Filled from the index (Note [Resharded loads]): a sharded target gets its boxes, a plain
+      // tensor the whole tensor.
+      const ShardedTensor& ss = s.as_sharded();
+      const std::string saved = std::string(dtype_name(ss.dtype)) + dims_text(ss.global_shape);
+      ShardedTarget& target = plan.sharded.emplace_back(ShardedTarget{f.path, {}});
+      if (t.is_sharded()) {
+        const ShardedTensor& ts = t.as_sharded();
+        ts.validate(f.path);
+        if (ts.dtype != ss.dtype || ts.global_shape != ss.global_shape) {
+          mismatch("the target is a sharded " + std::string(dtype_name(ts.dtype)) + dims_text(ts.global_shape) +
+                   ", the checkpoint has " + saved);
+        }
+        for (const ShardChunk& c : ts.chunks) {
+          if (!c.data.device().is_cpu()) mismatch("the target tensor is on " + c.data.device().str() + "; load into CPU tensors");
+          target.boxes.emplace_back(c.box(), c.data);
+        }
+      } else {
+        const Tensor& tt = t.as_tensor();
+        if (tt.dtype() != ss.dtype || tt.shape() != ss.global_shape) {
+          mismatch("the target is " + tt.describe() + ", the checkpoint has the sharded tensor " + saved);
+        }
+        if (!tt.device().is_cpu()) mismatch("the target tensor is on " + tt.device().str() + "; load into CPU tensors");
+        Dims origin;
+        origin.resize(tt.dim());
+        target.boxes.emplace_back(Box{origin, tt.shape()}, tt);
+      }
+      continue;
+    }
+    if (t.is_sharded()) {
+      mismatch(std::string("the target is a sharded tensor, the checkpoint has a ") + Value::kind_name(s.kind()));
+    }
     if (t.is_tensor()) {
       if (!s.is_tensor()) mismatch(std::string("the target is a tensor, the checkpoint has a ") + Value::kind_name(s.kind()));
       const Tensor& tt = t.as_tensor();
@@ -650,8 +945,11 @@ void plan_load(Value& target, const Value& source, LoadPlan& plan) {
     } else if (t.kind() == Value::Kind::kNone) {
       take_subtree(s, plan);
       plan.leaves.emplace_back(&t, &s);
+      plan.taken_roots.emplace_back(&t, f.path);
     } else {
-      if (s.is_tensor()) mismatch("the target is not a tensor, the checkpoint has one: pass a tensor or None to load into");
+      if (s.is_tensor() || s.is_sharded()) {
+        mismatch("the target is not a tensor, the checkpoint has one: pass a tensor or None to load into");
+      }
       plan.leaves.emplace_back(&t, &s);
     }
   }
@@ -668,7 +966,8 @@ std::string list_keys(const std::vector<std::string>& keys) {
 
 LoadResult CheckpointReader::read_into(const std::string& path, Value& target, bool strict) const {
   const Manifest manifest = manifest_for_rank(path, rank_);
-  OpenedRankFile opened = open_rank_file(path, manifest, rank_.global_rank);
+  const int source_file = source_rank(manifest, rank_);
+  OpenedRankFile opened = open_rank_file(path, manifest, source_file);
   const RankFileHeader& header = opened.header;
   const auto& entries = header.entries();
   // Storages are allocated but not touched: only the entries the target needs are read.
@@ -701,13 +1000,17 @@ LoadResult CheckpointReader::read_into(const std::string& path, Value& target, b
     }
     selected[e] = true;
   }
-  detail::read_entries(opened.file, entries, storages, detail::plan_io(entries, header.data_offset(), selected),
-                       io_thread_count(options_.io_threads), options_.verify_checksums && header.has_checksums(),
+  const int threads = io_thread_count(options_.io_threads);
+  detail::read_entries(opened.file, entries, storages, detail::plan_io(entries, header.data_offset(), selected), threads,
+                       options_.verify_checksums && header.has_checksums(),
                        [&](size_t e) { return describe_entry(header, e); });
   for (size_t c = 0; c < plan.copies.size(); ++c) {
     if (!direct[c]) copy_tensor(plan.copies[c].first, plan.copies[c].second);
   }
   for (auto& [t, s] : plan.leaves) *t = s->clone();
+  // Sharded leaves under a None target load whole.
+  for (auto& [t, p] : plan.taken_roots) take_sharded_whole(*t, p, plan.sharded);
+  fill_sharded(path, manifest, plan.sharded, options_, threads, &opened, source_file);
   return std::move(plan.result);
 }
 
@@ -719,10 +1022,13 @@ VerifyReport verify_checkpoint(const std::string& path, const std::function<void
   uint64_t total = 0;
   for (const ManifestRank& r : manifest.ranks) total += r.size;
   uint64_t done = 0;
+  const IndexLookup index(manifest);
   for (int rank = 0; rank < manifest.world_size; ++rank) {
     OpenedRankFile opened = open_rank_file(path, manifest, rank);
-    // The tree too, as a load checks it (nesting, keys, every view inside its storage).
+    // The tree too, as a load checks it (nesting, keys, every view inside its storage), and its
+    // sharded leaves against the index: every indexed box is in its rank's file, and only those.
     (void)opened.header.tensors();
+    (void)checked_sharded_records(opened.header, index, rank, opened.file.path());
     const auto& entries = opened.header.entries();
     report.bytes += manifest.ranks[static_cast<size_t>(rank)].size;
     ++report.files;

@@ -62,7 +62,8 @@ struct FdCloser {
 }  // namespace
 
 SharedStateDict share_state_dict(const Value& staged) {
-  const RankFilePlan plan = RankFilePlan::make(staged);
+  // Every chunk of every replica: the writer process assigns the writing (Note [Writing replicas]).
+  const RankFilePlan plan = RankFilePlan::make(staged, RankFilePlan::Replicas::kAll);
   const auto& entries = plan.entries();
   const auto& storages = plan.storages();
   SharedStateDict out;

@@ -2,6 +2,8 @@
 
 #include <charconv>
 #include <nlohmann/json.hpp>
+#include <unordered_map>
+#include <unordered_set>
 
 #include "fastdcp/common/error.h"
 
@@ -16,6 +18,25 @@ using json = nlohmann::json;
 
 json rank_record(const ManifestRank& r) {
   return {{"rank", r.rank}, {"file", r.file}, {"size", r.size}, {"header_crc32c", r.header_crc32c}};
+}
+
+json dims_json(const Dims& dims) {
+  json out = json::array();
+  for (int64_t d : dims) out.push_back(d);
+  return out;
+}
+
+// {"key": ..., "dtype": ..., "shape": [...], "chunks": [[rank, offset, sizes], ...]}
+json index_record(const IndexEntry& e) {
+  json chunks = json::array();
+  for (const IndexChunk& c : e.chunks) chunks.push_back(json::array({c.rank, dims_json(c.offset), dims_json(c.sizes)}));
+  return {{"key", e.key}, {"dtype", std::string(dtype_name(e.dtype))}, {"shape", dims_json(e.global_shape)}, {"chunks", std::move(chunks)}};
+}
+
+json index_records(const std::vector<IndexEntry>& entries) {
+  json out = json::array();
+  for (const IndexEntry& e : entries) out.push_back(index_record(e));
+  return out;
 }
 
 template <class T>
@@ -49,6 +70,46 @@ ManifestRank parse_rank(const json& r, const std::string& file) {
   return out;
 }
 
+Dims parse_dims(const json& j, const std::string& file, const std::string& key) {
+  if (!j.is_array() || j.size() > 64) corrupt(file, "the index of '" + key + "' has a malformed shape or offset");
+  Dims out;
+  out.resize(j.size());
+  for (size_t d = 0; d < j.size(); ++d) {
+    if (!j[d].is_number_integer() || j[d].get<int64_t>() < 0 || (j[d].is_number_unsigned() && j[d].get<uint64_t>() > INT64_MAX)) {
+      corrupt(file, "the index of '" + key + "' has a size or offset that is not a non-negative integer");
+    }
+    out[d] = j[d].get<int64_t>();
+  }
+  return out;
+}
+
+std::vector<IndexEntry> parse_index(const json& j, const std::string& file) {
+  if (!j.is_array()) corrupt(file, "the index is not a list");
+  std::vector<IndexEntry> out;
+  for (const json& r : j) {
+    if (!r.is_object()) corrupt(file, "an index record is not an object");
+    IndexEntry e;
+    e.key = field<std::string>(r, "key", file);
+    const auto dtype = dtype_from_name(field<std::string>(r, "dtype", file));
+    if (!dtype) corrupt(file, "the index of '" + e.key + "' has an unknown dtype");
+    e.dtype = *dtype;
+    const auto shape = r.find("shape");
+    if (shape == r.end()) corrupt(file, "the index of '" + e.key + "' has no shape");
+    e.global_shape = parse_dims(*shape, file, e.key);
+    const auto chunks = r.find("chunks");
+    if (chunks == r.end() || !chunks->is_array()) corrupt(file, "the index of '" + e.key + "' has no chunk list");
+    for (const json& c : *chunks) {
+      if (!c.is_array() || c.size() != 3 || !c[0].is_number_integer() || c[0].get<int64_t>() < 0 ||
+          c[0].get<int64_t>() > INT32_MAX) {
+        corrupt(file, "the index of '" + e.key + "' has a malformed chunk");
+      }
+      e.chunks.push_back({c[0].get<int>(), parse_dims(c[1], file, e.key), parse_dims(c[2], file, e.key)});
+    }
+    out.push_back(std::move(e));
+  }
+  return out;
+}
+
 json parse_object(std::string_view text, const std::string& file) {
   json j = json::parse(text.begin(), text.end(), nullptr, false);
   if (!j.is_object()) corrupt(file, "it is not a JSON object");
@@ -60,9 +121,10 @@ json parse_object(std::string_view text, const std::string& file) {
 std::string render_manifest(const Manifest& m) {
   json ranks = json::array();
   for (const auto& r : m.ranks) ranks.push_back(rank_record(r));
-  return json{{"format", "fastdcp.manifest"}, {"version", m.version}, {"generation", m.generation},
-              {"world_size", m.world_size}, {"ranks", std::move(ranks)}}
-             .dump(1) + "\n";
+  json out{{"format", "fastdcp.manifest"}, {"version", m.index.empty() ? 1 : 2}, {"generation", m.generation},
+           {"world_size", m.world_size}, {"ranks", std::move(ranks)}};
+  if (!m.index.empty()) out["index"] = index_records(m.index);
+  return out.dump(1) + "\n";
 }
 
 Manifest parse_manifest(std::string_view text, const std::string& file) {
@@ -87,19 +149,82 @@ Manifest parse_manifest(std::string_view text, const std::string& file) {
   for (size_t i = 0; i < m.ranks.size(); ++i) {
     if (m.ranks[i].rank != static_cast<int>(i)) corrupt(file, "rank records are not 0..world_size-1 in order");
   }
+  if (const auto index = j.find("index"); index != j.end()) {
+    if (m.version < 2) corrupt(file, "a version-1 manifest has an index");
+    m.index = parse_index(*index, file);
+    std::unordered_set<std::string> keys;
+    for (const IndexEntry& e : m.index) {
+      if (!keys.insert(e.key).second) corrupt(file, "the index lists '" + e.key + "' twice");
+      if (const std::string why = index_problem(e, m.world_size); !why.empty()) {
+        corrupt(file, "the index of '" + e.key + "': " + why);
+      }
+    }
+  }
   return m;
 }
 
 std::string render_receipt(const ManifestRank& receipt, uint64_t generation) {
   json j = rank_record(receipt);
   j["generation"] = generation;
+  if (!receipt.sharded.empty()) j["sharded"] = index_records(receipt.sharded);
   return j.dump() + "\n";
 }
 
 ManifestRank parse_receipt(std::string_view text, uint64_t generation, const std::string& file) {
   const json j = parse_object(text, file);
   if (field<uint64_t>(j, "generation", file) != generation) corrupt(file, "it is for another generation");
-  return parse_rank(j, file);
+  ManifestRank out = parse_rank(j, file);
+  if (const auto sharded = j.find("sharded"); sharded != j.end()) out.sharded = parse_index(*sharded, file);
+  for (const IndexEntry& e : out.sharded) {
+    for (const IndexChunk& c : e.chunks) {
+      if (c.rank != out.rank) corrupt(file, "rank " + std::to_string(out.rank) + "'s receipt lists a chunk of another rank");
+    }
+  }
+  return out;
+}
+
+std::string index_problem(const IndexEntry& e, int world_size) {
+  if (dtype_is_sub_byte(e.dtype)) return "its dtype " + std::string(dtype_name(e.dtype)) + " is narrower than a byte";
+  if (!contiguous_nbytes(e.dtype, e.global_shape)) return "its global shape " + dims_text(e.global_shape) + " is too large";
+  std::vector<Box> boxes;
+  boxes.reserve(e.chunks.size());
+  for (const IndexChunk& c : e.chunks) {
+    if (c.rank < 0 || c.rank >= world_size) return "a chunk names rank " + std::to_string(c.rank) + " of " + std::to_string(world_size);
+    if (c.offset.size() != e.global_shape.size() || c.sizes.size() != e.global_shape.size()) {
+      return "a chunk has " + std::to_string(c.offset.size()) + " dims in a tensor of " + std::to_string(e.global_shape.size());
+    }
+    boxes.push_back(c.box());
+  }
+  return tiling_problem(e.global_shape, boxes);
+}
+
+void build_index(Manifest& m) {
+  std::unordered_map<std::string, size_t> at;
+  m.index.clear();
+  for (const ManifestRank& r : m.ranks) {
+    for (const IndexEntry& e : r.sharded) {
+      const auto [it, added] = at.try_emplace(e.key, m.index.size());
+      if (added) {
+        m.index.push_back({e.key, e.dtype, e.global_shape, {}});
+      } else if (const IndexEntry& first = m.index[it->second]; first.dtype != e.dtype || first.global_shape != e.global_shape) {
+        throw Error(ErrorCode::kInvalidArgument,
+                    "the ranks disagree on the sharded tensor at '" + e.key + "': one holds " + std::string(dtype_name(first.dtype)) +
+                        dims_text(first.global_shape) + ", rank " + std::to_string(r.rank) + " holds " +
+                        std::string(dtype_name(e.dtype)) + dims_text(e.global_shape) +
+                        "; every rank must describe the same global tensor");
+      }
+      auto& chunks = m.index[it->second].chunks;
+      chunks.insert(chunks.end(), e.chunks.begin(), e.chunks.end());
+    }
+  }
+  for (const IndexEntry& e : m.index) {
+    if (const std::string why = index_problem(e, m.world_size); !why.empty()) {
+      throw Error(ErrorCode::kInvalidArgument, "the saved chunks of the sharded tensor at '" + e.key +
+                                                   "' do not tile it: " + why +
+                                                   "; each element must be held by exactly one box across the ranks "
+                                                   "(replicas marked by replica_index/replica_count)");
+    }
+  }
 }
 
 std::string render_failure(int rank, uint64_t generation, const std::string& error) {

@@ -188,9 +188,10 @@ struct StorageUse {
   std::string first_path;
 };
 
-// Calls visit(value, key_path) on every tensor, in tree order, without recursion.
-template <class Visit>
-void for_each_tensor(const Value& root, Visit&& visit) {
+// Calls visit(value, key_path) on every tensor and visit_sharded(value, key_path) on every sharded
+// leaf, in tree order, without recursion.
+template <class Visit, class VisitSharded>
+void for_each_tensor(const Value& root, Visit&& visit, VisitSharded&& visit_sharded) {
   struct Frame {
     const Value* v;
     std::string path;
@@ -202,6 +203,7 @@ void for_each_tensor(const Value& root, Visit&& visit) {
     stack.pop_back();
     switch (f.v->kind()) {
       case Value::Kind::kTensor: visit(f.v->as_tensor(), f.path); break;
+      case Value::Kind::kSharded: visit_sharded(f.v->as_sharded(), f.path); break;
       case Value::Kind::kList:
       case Value::Kind::kTuple: {
         const auto& items = f.v->items();
@@ -258,10 +260,33 @@ void append_traits(std::string& out, const TensorTraits& traits, const std::stri
   out += '}';
 }
 
+// A tensor record's element list: [storage id, dtype, shape, strides, offset(, traits)].
+// uses_traits: set when it has traits, which needs format version 2.
+void append_tensor_fields(std::string& out, const Tensor& t, const std::unordered_map<const StorageImpl*, size_t>& entry_of,
+                          const std::string& path, bool& uses_traits) {
+  out += '[';
+  append_number(out, entry_of.at(t.storage().identity()));
+  out += ",\"";
+  out += dtype_name(t.dtype());
+  out += "\",";
+  append_dims(out, t.shape());
+  out += ',';
+  append_dims(out, t.strides());
+  out += ',';
+  append_number(out, t.storage_offset());
+  if (!t.traits().is_default()) {
+    append_traits(out, t.traits(), path);
+    uses_traits = true;
+  }
+  out += ']';
+}
+
 // Renders the tree (see docs/format.md) without recursion; tensors name their storage's entry.
-// uses_traits: set when a tensor record has traits, which needs format version 2.
+// version: raised to what the records need (2: traits, 3: a sharded tensor). `unwritten`: the
+// sharded leaves whose chunks this file leaves to another replica (Note [Writing replicas]).
 std::string render_tree(const Value& root, const std::unordered_map<const StorageImpl*, size_t>& entry_of,
-                        bool& uses_traits) {
+                        const std::unordered_set<const ShardedTensor*>& unwritten, int& version) {
+  bool uses_traits = false;
   std::string out;
   struct Frame {
     const Value* v;
@@ -298,23 +323,38 @@ std::string render_tree(const Value& root, const std::unordered_map<const Storag
         append_base64(out, v.as_bytes().data);
         out += "\"}";
         break;
-      case Value::Kind::kTensor: {
-        const Tensor& t = v.as_tensor();
-        out += R"({"T":[)";
-        append_number(out, entry_of.at(t.storage().identity()));
+      case Value::Kind::kTensor:
+        out += R"({"T":)";
+        append_tensor_fields(out, v.as_tensor(), entry_of, path, uses_traits);
+        out += '}';
+        break;
+      case Value::Kind::kSharded: {
+        // {"S": [global shape, dtype, [[global offset, tensor fields], ...](, [replica, replicas])]}
+        const ShardedTensor& s = v.as_sharded();
+        out += R"({"S":[)";
+        append_dims(out, s.global_shape);
         out += ",\"";
-        out += dtype_name(t.dtype());
-        out += "\",";
-        append_dims(out, t.shape());
-        out += ',';
-        append_dims(out, t.strides());
-        out += ',';
-        append_number(out, t.storage_offset());
-        if (!t.traits().is_default()) {
-          append_traits(out, t.traits(), path);
-          uses_traits = true;
+        out += dtype_name(s.dtype);
+        out += "\",[";
+        if (!unwritten.contains(&s)) {
+          for (size_t k = 0; k < s.chunks.size(); ++k) {
+            out += k ? ",[" : "[";
+            append_dims(out, s.chunks[k].offset);
+            out += ',';
+            append_tensor_fields(out, s.chunks[k].data, entry_of, path, uses_traits);
+            out += ']';
+          }
+        }
+        out += ']';
+        if (s.replica_count > 1) {
+          out += ",[";
+          append_number(out, s.replica_index);
+          out += ',';
+          append_number(out, s.replica_count);
+          out += ']';
         }
         out += "]}";
+        version = 3;
         break;
       }
       case Value::Kind::kList:
@@ -366,16 +406,21 @@ std::string render_tree(const Value& root, const std::unordered_map<const Storag
     }
     close_pairs();
   }
+  if (uses_traits) version = std::max(version, 2);
   return out;
 }
 
 }  // namespace
 
-RankFilePlan RankFilePlan::make(const Value& state_dict) {
+RankFilePlan RankFilePlan::make(const Value& state_dict, Replicas replicas) {
   // Storages in first-seen order, with how often and where they are used.
   std::vector<StorageUse> uses;
   std::unordered_map<const StorageImpl*, size_t> index_of;
-  for_each_tensor(state_dict, [&](const Tensor& t, const std::string& path) {
+  RankFilePlan plan;
+  std::unordered_set<std::string> sharded_paths;
+  std::unordered_set<const ShardedTensor*> unwritten;
+  ReplicaWriters writers;
+  auto visit = [&](const Tensor& t, const std::string& path) {
     if (!t.device().is_cpu()) {
       throw Error(ErrorCode::kInvalidArgument,
                   "cannot save the tensor at '" + path + "': it is on " + t.device().str() + "; stage it first");
@@ -383,9 +428,31 @@ RankFilePlan RankFilePlan::make(const Value& state_dict) {
     auto [it, inserted] = index_of.try_emplace(t.storage().identity(), uses.size());
     if (inserted) uses.push_back({t.storage(), 0, &t, path});
     ++uses[it->second].uses;
+  };
+  for_each_tensor(state_dict, visit, [&](const ShardedTensor& s, const std::string& path) {
+    s.validate(path);
+    if (dtype_is_sub_byte(s.dtype)) {
+      throw Error(ErrorCode::kInvalidArgument, "cannot save the sharded tensor at '" + path + "': its dtype " +
+                                                   std::string(dtype_name(s.dtype)) +
+                                                   " is narrower than a byte, which boxes cannot cut; gather it first");
+    }
+    // The key path is the index's identity (Note [Global index]).
+    if (!sharded_paths.insert(path).second) {
+      throw Error(ErrorCode::kInvalidArgument, "cannot save two sharded tensors at the key path '" + path +
+                                                   "' (keys that spell the same path): rename one");
+    }
+    IndexEntry& entry = plan.sharded_.emplace_back(IndexEntry{path, s.dtype, s.global_shape, {}});
+    // Every replica takes its turn in the assignment, written or not (Note [Writing replicas]).
+    if (!writers.writes(s) && replicas == Replicas::kOwnShare) {
+      unwritten.insert(&s);
+      return;
+    }
+    for (const ShardChunk& c : s.chunks) {
+      visit(c.data, path);
+      entry.chunks.push_back({0, c.offset, c.data.shape()});
+    }
   });
 
-  RankFilePlan plan;
   std::unordered_set<std::string> names;
   std::vector<bool> plain(uses.size());
   for (size_t i = 0; i < uses.size(); ++i) {
@@ -455,9 +522,9 @@ RankFilePlan RankFilePlan::make(const Value& state_dict) {
     append_json_string(text, value);
     text += ',';
   };
-  bool uses_traits = false;
-  std::string tree = render_tree(state_dict, index_of, uses_traits);
-  field(kVersionKey, uses_traits ? "2" : "1");
+  int version = 1;
+  std::string tree = render_tree(state_dict, index_of, unwritten, version);
+  field(kVersionKey, std::to_string(version));
   field(kChunkBytesKey, std::to_string(kChecksumChunkBytes));
   field(kStoragesKey, storages);
   field(kTreeKey, tree);
@@ -773,9 +840,10 @@ RankFileHeader RankFileHeader::parse(std::string_view text, uint64_t file_size, 
 
 namespace {
 
-// Builds the Value of a tree node without recursion; make_tensor(body, path) makes a tensor leaf.
-template <class MakeTensor>
-Value build_value(element root, const RankFileHeader::Impl& impl, MakeTensor&& make_tensor) {
+// Builds the Value of a tree node without recursion; make_tensor(body, path) makes a tensor leaf,
+// make_sharded(body, path) a sharded one.
+template <class MakeTensor, class MakeSharded>
+Value build_value(element root, const RankFileHeader::Impl& impl, MakeTensor&& make_tensor, MakeSharded&& make_sharded) {
   Value out;
   struct Frame {
     element node;
@@ -821,6 +889,8 @@ Value build_value(element root, const RankFileHeader::Impl& impl, MakeTensor&& m
           *f.dst = Value(Bytes{std::move(*bytes)});
         } else if (tag == "T") {
           *f.dst = make_tensor(body, f.path);
+        } else if (tag == "S") {
+          *f.dst = make_sharded(body, f.path);
         } else if (tag == "l" || tag == "t") {
           if (!body.is_array()) bad("is a sequence without items");
           open_container();
@@ -933,6 +1003,66 @@ TensorRecord parse_tensor(element body, const std::string& path, const RankFileH
   return r;
 }
 
+using ShardedRecord = RankFileHeader::ShardedRecord;
+
+// A sharded tensor record (version 3): [global shape, dtype, [[global offset, tensor fields], ...]]
+// and, for a replica, [replica index, replica count]. Checked as ShardedTensor::validate checks a
+// leaf at save, so that a file that passes holds what a save could have written.
+ShardedRecord parse_sharded(element body, const std::string& path, const RankFileHeader::Impl& impl) {
+  auto bad = [&](const std::string& what) { impl.corrupt("the sharded tensor at '" + path + "' " + what); };
+  if (impl.version < 3) bad("is in a file of format version " + std::to_string(impl.version) + ", before version 3");
+  simdjson::dom::array list;
+  std::array<element, 4> fields;
+  size_t n = 0;
+  if (body.get_array().get(list) == simdjson::SUCCESS && (list.size() == 3 || list.size() == 4)) {
+    for (const element item : list) fields[n++] = item;
+  }
+  std::string_view dtype_text;
+  if (n < 3 || fields[1].get_string().get(dtype_text) != simdjson::SUCCESS || !fields[2].is_array()) bad("is malformed");
+  ShardedRecord r;
+  r.path = path;
+  const auto dtype = dtype_from_name(dtype_text);
+  if (!dtype || dtype_is_sub_byte(*dtype)) bad("has an unknown or sub-byte dtype");
+  r.dtype = *dtype;
+  r.global_shape = to_dims(fields[0], "a global shape", impl);
+  for (int64_t d : r.global_shape) {
+    if (d < 0) bad("has a negative global size");
+  }
+  if (!contiguous_nbytes(r.dtype, r.global_shape)) bad("has a global shape too large for int64");
+  if (n == 4) {
+    const auto replica = fixed_items<2>(fields[3]);
+    if (!replica) bad("has a malformed replica record");
+    const int64_t index = to_i64((*replica)[0], "a replica index", impl);
+    const int64_t count = to_i64((*replica)[1], "a replica count", impl);
+    if (count < 2 || count > INT32_MAX || index < 0 || index >= count) bad("is replica " + std::to_string(index) + " of " + std::to_string(count));
+    r.replica_index = static_cast<int>(index);
+    r.replica_count = static_cast<int>(count);
+  }
+  std::vector<Box> boxes;
+  for (const element chunk : items_of(fields[2])) {
+    const auto pair = fixed_items<2>(chunk);
+    if (!pair) bad("has a malformed chunk");
+    Dims offset = to_dims((*pair)[0], "a chunk offset", impl);
+    TensorRecord t = parse_tensor((*pair)[1], path, impl);
+    if (t.dtype != r.dtype) bad("has a chunk of dtype " + std::string(dtype_name(t.dtype)) + " in a tensor of " + std::string(dtype_name(r.dtype)));
+    if (offset.size() != r.global_shape.size() || t.shape.size() != r.global_shape.size()) bad("has a chunk of another number of dims");
+    Box box{offset, t.shape};
+    if (box.empty()) bad("has an empty chunk at " + dims_text(offset));
+    for (size_t d = 0; d < offset.size(); ++d) {
+      if (offset[d] < 0 || t.shape[d] > r.global_shape[d] || offset[d] > r.global_shape[d] - t.shape[d]) {
+        bad("has a chunk at " + dims_text(offset) + " of sizes " + dims_text(t.shape) + " outside its global shape " +
+            dims_text(r.global_shape));
+      }
+    }
+    boxes.push_back(std::move(box));
+    r.chunks.emplace_back(std::move(offset), std::move(t));
+  }
+  if (const auto overlap = find_overlap(boxes)) {
+    bad("has overlapping chunks at " + dims_text(boxes[overlap->first].offset) + " and " + dims_text(boxes[overlap->second].offset));
+  }
+  return r;
+}
+
 }  // namespace
 
 Value RankFileHeader::build_tree(const std::vector<Storage>& storages) const {
@@ -946,16 +1076,27 @@ Value RankFileHeader::build_tree(const std::vector<Storage>& storages) const {
     }
     return out;
   }
-  return build_value(impl.tree, impl, [&](element body, const std::string& path) {
-    const TensorRecord r = parse_tensor(body, path, impl);
+  auto make = [&](const TensorRecord& r, const std::string& path) {
     try {
       Tensor t(storages[r.entry], r.dtype, r.shape, r.strides, r.offset);
       if (!r.traits.is_default()) t.set_traits(r.traits);
-      return Value(std::move(t));
+      return t;
     } catch (const Error& e) {
       impl.corrupt("the tensor at '" + path + "' does not fit its storage: " + e.what());
     }
-  });
+  };
+  return build_value(
+      impl.tree, impl, [&](element body, const std::string& path) { return Value(make(parse_tensor(body, path, impl), path)); },
+      [&](element body, const std::string& path) {
+        ShardedRecord r = parse_sharded(body, path, impl);
+        ShardedTensor out;
+        out.global_shape = std::move(r.global_shape);
+        out.dtype = r.dtype;
+        out.replica_index = r.replica_index;
+        out.replica_count = r.replica_count;
+        for (auto& [offset, t] : r.chunks) out.chunks.push_back({std::move(offset), make(t, path)});
+        return Value(std::move(out));
+      });
 }
 
 std::vector<RankFileHeader::TensorRecord> RankFileHeader::tensors() const {
@@ -969,10 +1110,29 @@ std::vector<RankFileHeader::TensorRecord> RankFileHeader::tensors() const {
     return out;
   }
   // The tree is walked for its paths; the values built on the way are dropped.
-  (void)build_value(impl.tree, impl, [&](element body, const std::string& path) {
-    out.push_back(parse_tensor(body, path, impl));
-    return Value();
-  });
+  (void)build_value(
+      impl.tree, impl,
+      [&](element body, const std::string& path) {
+        out.push_back(parse_tensor(body, path, impl));
+        return Value();
+      },
+      [&](element body, const std::string& path) {
+        for (auto& chunk : parse_sharded(body, path, impl).chunks) out.push_back(std::move(chunk.second));
+        return Value();
+      });
+  return out;
+}
+
+std::vector<RankFileHeader::ShardedRecord> RankFileHeader::sharded() const {
+  const Impl& impl = *impl_;
+  std::vector<ShardedRecord> out;
+  if (impl.version < 3) return out;
+  (void)build_value(
+      impl.tree, impl, [&](element body, const std::string& path) { (void)parse_tensor(body, path, impl); return Value(); },
+      [&](element body, const std::string& path) {
+        out.push_back(parse_sharded(body, path, impl));
+        return Value();
+      });
   return out;
 }
 

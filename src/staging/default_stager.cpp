@@ -248,6 +248,12 @@ struct DefaultStager::Impl {
     return entry.staged;
   }
 
+  Tensor stage_tensor(const Tensor& t) {
+    Tensor staged(staged_storage_for(t.storage()), t.dtype(), t.shape(), t.strides(), t.storage_offset());
+    staged.share_traits(t);
+    return staged;
+  }
+
   Value stage_leaf(const Value& src) {
     switch (src.kind()) {
       case Value::Kind::kNone: return Value();
@@ -256,10 +262,11 @@ struct DefaultStager::Impl {
       case Value::Kind::kDouble: return Value(src.as_double());
       case Value::Kind::kString: return Value(src.as_string());
       case Value::Kind::kBytes: return Value(src.as_bytes());
-      case Value::Kind::kTensor: {
-        const Tensor& t = src.as_tensor();
-        Tensor staged(staged_storage_for(t.storage()), t.dtype(), t.shape(), t.strides(), t.storage_offset());
-        staged.share_traits(t);
+      case Value::Kind::kTensor: return Value(stage_tensor(src.as_tensor()));
+      case Value::Kind::kSharded: {
+        // The chunks are views like any: views of one local storage stay views of one staged one.
+        ShardedTensor staged = src.as_sharded();
+        for (ShardChunk& c : staged.chunks) c.data = stage_tensor(c.data);
         return Value(std::move(staged));
       }
       case Value::Kind::kList: return Value::list(ValueList(src.size()));

@@ -7,13 +7,11 @@
 
 namespace fastdcp {
 
-namespace {
 std::string dims_text(const Dims& dims) {
   std::string out = "[";
   for (size_t d = 0; d < dims.size(); ++d) out += (d ? ", " : "") + std::to_string(dims[d]);
   return out + "]";
 }
-}  // namespace
 
 int64_t Box::numel() const {
   int64_t n = 1;
@@ -64,12 +62,84 @@ void ShardedTensor::validate(const std::string& what) const {
                " outside its global shape " + dims_text(global_shape));
       }
     }
-    for (size_t j = 0; j < i; ++j) {
-      if (intersect(box, chunks[j].box())) {
-        refuse("has overlapping chunks at " + dims_text(chunks[j].offset) + " and " + dims_text(c.offset));
-      }
-    }
   }
+  std::vector<Box> boxes;
+  boxes.reserve(chunks.size());
+  for (const ShardChunk& c : chunks) boxes.push_back(c.box());
+  if (const auto pair = find_overlap(boxes)) {
+    refuse("has overlapping chunks at " + dims_text(boxes[pair->first].offset) + " and " +
+           dims_text(boxes[pair->second].offset));
+  }
+}
+
+std::optional<std::pair<size_t, size_t>> find_overlap(const std::vector<Box>& boxes) {
+  if (boxes.size() < 2) return std::nullopt;
+  const size_t rank = boxes[0].offset.size();
+  if (rank == 0) return std::make_pair(size_t{0}, size_t{1});  // two boxes of a scalar: the same element
+  // The sweep dim: the one along which the boxes start at the most places.
+  size_t dim = 0;
+  size_t most = 0;
+  for (size_t d = 0; d < rank; ++d) {
+    std::vector<int64_t> starts;
+    starts.reserve(boxes.size());
+    for (const Box& b : boxes) starts.push_back(b.offset[d]);
+    std::sort(starts.begin(), starts.end());
+    const auto distinct = static_cast<size_t>(std::unique(starts.begin(), starts.end()) - starts.begin());
+    if (distinct > most) most = distinct, dim = d;
+  }
+  std::vector<size_t> order(boxes.size());
+  for (size_t i = 0; i < order.size(); ++i) order[i] = i;
+  std::sort(order.begin(), order.end(), [&](size_t a, size_t b) { return boxes[a].offset[dim] < boxes[b].offset[dim]; });
+  std::vector<size_t> active;  // boxes whose extent along `dim` reaches the current start
+  for (const size_t i : order) {
+    const int64_t start = boxes[i].offset[dim];
+    std::erase_if(active, [&](size_t j) { return boxes[j].offset[dim] + boxes[j].sizes[dim] <= start; });
+    for (const size_t j : active) {
+      if (!boxes[i].empty() && !boxes[j].empty() && intersect(boxes[i], boxes[j])) return std::make_pair(j, i);
+    }
+    active.push_back(i);
+  }
+  return std::nullopt;
+}
+
+std::string tiling_problem(const Dims& shape, const std::vector<Box>& boxes) {
+  int64_t numel = 1;
+  for (int64_t s : shape) numel *= s;
+  int64_t volume = 0;
+  for (const Box& b : boxes) {
+    bool inside = b.offset.size() == shape.size() && b.sizes.size() == shape.size();
+    for (size_t d = 0; inside && d < shape.size(); ++d) {
+      inside = b.offset[d] >= 0 && b.sizes[d] >= 0 && b.sizes[d] <= shape[d] && b.offset[d] <= shape[d] - b.sizes[d];
+    }
+    if (!inside) return "the chunk at " + dims_text(b.offset) + " of sizes " + dims_text(b.sizes) + " lies outside the global shape " + dims_text(shape);
+    volume += b.numel();  // each at most numel, and a sum beyond numel stops the loop
+    if (volume > numel) break;
+  }
+  if (const auto pair = find_overlap(boxes)) {
+    return "the chunks at " + dims_text(boxes[pair->first].offset) + " and " + dims_text(boxes[pair->second].offset) + " overlap";
+  }
+  if (volume != numel) {
+    return "the chunks cover " + std::to_string(volume) + " of its " + std::to_string(numel) + " elements";
+  }
+  return "";
+}
+
+std::vector<bool> replica_writes(const std::vector<const ShardedTensor*>& leaves) {
+  std::vector<bool> out(leaves.size());
+  ReplicaWriters writers;
+  for (size_t i = 0; i < leaves.size(); ++i) out[i] = writers.writes(*leaves[i]);
+  return out;
+}
+
+bool ReplicaWriters::writes(const ShardedTensor& leaf) {
+  if (leaf.replica_count <= 1) return true;
+  uint64_t bytes = 0;
+  for (const ShardChunk& c : leaf.chunks) bytes += c.data.nbytes();
+  std::vector<uint64_t>& load = bytes_[leaf.replica_count];
+  load.resize(static_cast<size_t>(leaf.replica_count), 0);
+  const auto writer = static_cast<size_t>(std::min_element(load.begin(), load.end()) - load.begin());
+  load[writer] += bytes;
+  return writer == static_cast<size_t>(leaf.replica_index);
 }
 
 }  // namespace fastdcp

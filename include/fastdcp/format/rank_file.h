@@ -23,13 +23,15 @@
 #include <string_view>
 #include <vector>
 
+#include "fastdcp/format/manifest.h"
 #include "fastdcp/tensor/value.h"
 
 namespace fastdcp {
 
-// The newest format this build reads. It writes version 2 only into files that need it (a tensor
-// with non-default traits, Note [Tensor traits]); every other file stays version 1.
-inline constexpr int kRankFileFormatVersion = 2;
+// The newest format this build reads. It writes version 3 only into files that hold a sharded
+// tensor record, version 2 only into files that need it (a tensor with non-default traits, Note
+// [Tensor traits]); every other file stays version 1.
+inline constexpr int kRankFileFormatVersion = 3;
 inline constexpr uint64_t kChecksumChunkBytes = uint64_t{4} << 20;
 inline constexpr uint64_t kDataAlignment = 4096;
 // A header longer than this is refused before it is read (safetensors' own limit is 100 MB).
@@ -60,9 +62,13 @@ struct StoredEntry {
 // set_checksums) and, per entry, the storage whose bytes go there.
 class RankFilePlan {
  public:
+  // Which chunks of replicated sharded leaves a plan holds: a rank file holds the ones this rank
+  // writes (Note [Writing replicas]); a message to the writer process holds them all.
+  enum class Replicas { kOwnShare, kAll };
   // Throws Error(kInvalidArgument) naming the key path of a value the format cannot hold (a
-  // non-finite number is fine; a string that is not UTF-8 is not).
-  static RankFilePlan make(const Value& state_dict);
+  // non-finite number is fine; a string that is not UTF-8 is not; two sharded leaves with one key
+  // path are not; nor is a sharded leaf that ShardedTensor::validate refuses or of a sub-byte dtype).
+  static RankFilePlan make(const Value& state_dict, Replicas replicas = Replicas::kOwnShare);
 
   const std::vector<StoredEntry>& entries() const { return entries_; }
   const std::vector<Storage>& storages() const { return storages_; }  // parallel to entries()
@@ -72,8 +78,12 @@ class RankFilePlan {
   const std::string& header() const { return header_; }
   // Patches the checksums of `entry` into the header (crcs.size() == entries()[entry].num_chunks()).
   void set_checksums(size_t entry, const std::vector<uint32_t>& crcs);
+  // The sharded leaves, in tree order, with the boxes this plan holds (rank 0 in every chunk: the
+  // writer sets its own): what the rank's receipt reports (Note [Global index]).
+  const std::vector<IndexEntry>& sharded() const { return sharded_; }
 
  private:
+  std::vector<IndexEntry> sharded_;
   std::vector<StoredEntry> entries_;
   std::vector<Storage> storages_;
   std::string header_;
@@ -115,7 +125,19 @@ class RankFileHeader {
     int64_t offset;
     TensorTraits traits;
   };
+  // (The chunks of sharded tensors are listed too, under their leaf's key path.)
   std::vector<TensorRecord> tensors() const;
+  // Every sharded tensor record (version 3), in tree order, checked as build_tree checks it: chunks
+  // inside the global shape, of its dtype, not overlapping.
+  struct ShardedRecord {
+    std::string path;
+    DType dtype;
+    Dims global_shape;
+    int replica_index = 0;
+    int replica_count = 1;
+    std::vector<std::pair<Dims, TensorRecord>> chunks;  // global offset, view
+  };
+  std::vector<ShardedRecord> sharded() const;
 
   struct Impl;  // defined in rank_file.cpp
 

@@ -13,7 +13,10 @@
 // layer turns its own sharding into boxes; the C++ core plans and moves bytes between boxes.
 
 #include <cstdint>
+#include <map>
 #include <optional>
+#include <string>
+#include <utility>
 #include <vector>
 
 #include "fastdcp/tensor/dims.h"
@@ -55,6 +58,35 @@ struct ShardedTensor {
   // Error(kInvalidArgument) naming `what` unless: every chunk lies inside global_shape, has this
   // dtype and this rank, is not empty, overlaps no other chunk; 0 <= replica_index < replica_count.
   void validate(const std::string& what) const;
+};
+
+// "[1, 2, 3]": dims as messages and the CLI show them.
+std::string dims_text(const Dims& dims);
+
+// Two boxes of `boxes` that overlap, or nullopt. A sweep along the dim with the most distinct
+// offsets: O(n log n + n k) for n boxes of which at most k cross one plane across that dim (small
+// for the grids that shardings make), not O(n^2).
+std::optional<std::pair<size_t, size_t>> find_overlap(const std::vector<Box>& boxes);
+
+// Why `boxes` do not tile a tensor of `shape` exactly (a phrase), or "" if they do: each inside
+// the shape, none overlapping another, their volumes adding up to the element count.
+std::string tiling_problem(const Dims& shape, const std::vector<Box>& boxes);
+
+// Note [Writing replicas]
+// A sharded leaf with replica_count R > 1 is held, box for box, by R ranks; exactly one of them
+// writes it, and the R replicas share the writing evenly without talking to each other: over the
+// sharded leaves in tree order, the leaves with the same R go, each in turn, to the replica that
+// has the fewest bytes so far (ties: the lowest index). Ranks of one SPMD program hold the same
+// tree, so every replica computes the same assignment. Element i of the result says whether this
+// rank (its leaves' replica_index) writes leaves[i]; a leaf with R == 1 is always written.
+std::vector<bool> replica_writes(const std::vector<const ShardedTensor*>& leaves);
+// The same, one leaf at a time in tree order (what a walk over the tree uses).
+class ReplicaWriters {
+ public:
+  bool writes(const ShardedTensor& leaf);
+
+ private:
+  std::map<int, std::vector<uint64_t>> bytes_;  // per replica count, bytes assigned to each replica
 };
 
 }  // namespace fastdcp
