@@ -32,6 +32,7 @@ from torch.distributed.tensor import DTensor, Partial, Replicate, Shard
 from torch.distributed.tensor import distribute_tensor as _distribute_tensor
 from torch.distributed.tensor.placement_types import _StridedShard
 
+from fastdcp import _C
 from fastdcp.torch import (
     CheckpointerConfig,
     CheckpointStagerConfig,
@@ -39,6 +40,7 @@ from fastdcp.torch import (
     make_async_checkpointer,
     make_sync_checkpointer,
 )
+from fastdcp.torch._adapter import TorchAdapter
 from fastdcp.torch._dtensor import describe_sharded
 
 def distribute_tensor(full, mesh, placements):
@@ -172,6 +174,17 @@ def phase_boxes(out: str, report: dict) -> None:
         cases += 1
         strided += any(isinstance(p, _StridedShard) for p in placements)
     report["box_cases"], report["strided_cases"] = cases, strided
+
+    # The staged tree crosses to the writer process as a Value with the DTensors as sharded leaves;
+    # a writer that asks for torch objects there (not fastdcp's) cannot have them without a mesh.
+    channel = _C.StateDictChannel(TorchAdapter())
+    staged = stager.stage({"model": {"w": distribute_tensor(torch.ones(8), meshes[(world,)], [Shard(0)])}})
+    shared = channel.share(staged)
+    try:
+        channel.attach(shared.message, [os.dup(fd) for fd in shared.fds])  # attach takes its fds over
+        raise AssertionError("a sharded leaf became a torch object without its mesh (wrong)")
+    except ValueError as error:
+        assert "'model.w'" in str(error) and "device mesh" in str(error), str(error)
     stager.close()
 
     # Refusals, by key, before anything is written.
