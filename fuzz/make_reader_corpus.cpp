@@ -55,6 +55,19 @@ Value everything() {
   return root;
 }
 
+// A sharded leaf of two row blocks over one local storage: a version-3 "S" record.
+Value sharded() {
+  Tensor local = patterned(DType::kF32, {4, 3});
+  ShardedTensor s;
+  s.global_shape = {4, 3};
+  s.dtype = DType::kF32;
+  s.chunks.push_back({{0, 0}, local.view_as({2, 3}, {3, 1}, 0)});
+  s.chunks.push_back({{2, 0}, local.view_as({2, 3}, {3, 1}, 6)});
+  Value root = Value::dict();
+  root.insert("w", Value(std::move(s)));
+  return root;
+}
+
 Value plain_only() {
   Value root = Value::dict();
   root.insert("w", Value(patterned(DType::kF32, {2, 2})));
@@ -95,6 +108,8 @@ int main(int argc, char** argv) {
   seed("saved_everything", saved(everything(), scratch));
   seed("saved_plain_only", saved(plain_only(), scratch));
   seed("saved_empty", saved(Value::dict(), scratch));
+  seed("saved_sharded", saved(sharded(), scratch));
+  seed("sharded_before_version_3", crafted(R"({"d":[["w",{"S":[[4,4],"U8",[[[0,0],[0,"U8",[2,4],[4,1],0]]]]}]]})"));
   std::string plain_data(16, '\0');
   for (size_t i = 0; i < plain_data.size(); ++i) plain_data[i] = static_cast<char>(i * 7);
   seed("plain_safetensors",

@@ -12,6 +12,7 @@
 #include <chrono>
 #include <cstdio>
 #include <filesystem>
+#include <map>
 #include <optional>
 #include <string>
 
@@ -68,7 +69,44 @@ class ProgressBar {
   std::chrono::steady_clock::time_point last_{};
 };
 
+// "[0:4, 2:3]": a box as index ranges.
+std::string box_text(const Dims& offset, const Dims& sizes) {
+  std::string out = "[";
+  for (size_t d = 0; d < offset.size(); ++d) {
+    out += (d ? ", " : "") + std::to_string(offset[d]) + ":" + std::to_string(offset[d] + sizes[d]);
+  }
+  return out + "]";
+}
+
+// The global index (Note [Global index]): each sharded key's global shape, dtype and split.
+void print_index(const Manifest& manifest) {
+  if (manifest.index.empty()) return;
+  std::printf("sharded tensors (global index): %zu\n", manifest.index.size());
+  constexpr size_t kShownBoxes = 8;
+  for (const IndexEntry& e : manifest.index) {
+    std::map<int, size_t> per_rank;
+    for (const IndexChunk& c : e.chunks) ++per_rank[c.rank];
+    std::string split;
+    for (const auto& [rank, n] : per_rank) split += (split.empty() ? "" : ", ") + std::to_string(rank) + ":" + std::to_string(n);
+    const std::string_view dtype = dtype_name(e.dtype);
+    std::printf("  %-60s %-6.*s %s  %zu chunk%s; chunks per rank %s\n", e.key.c_str(), static_cast<int>(dtype.size()),
+                dtype.data(), dims_text(e.global_shape).c_str(), e.chunks.size(), e.chunks.size() == 1 ? "" : "s",
+                split.c_str());
+    std::string boxes;
+    for (size_t i = 0; i < e.chunks.size() && i < kShownBoxes; ++i) {
+      boxes += "  rank " + std::to_string(e.chunks[i].rank) + " " + box_text(e.chunks[i].offset, e.chunks[i].sizes);
+    }
+    if (e.chunks.size() > kShownBoxes) boxes += "  (and " + std::to_string(e.chunks.size() - kShownBoxes) + " more)";
+    std::printf("   %s\n", boxes.c_str());
+  }
+}
+
 void print_tensors(const RankFileHeader& header, int rank) {
+  // A sharded leaf's chunks are listed with their place in the global tensor.
+  std::map<std::string, const RankFileHeader::ShardedRecord*> sharded;
+  const auto records = header.sharded();
+  for (const auto& r : records) sharded.emplace(r.path, &r);
+  std::map<std::string, size_t> chunks_seen;
   for (const RankFileHeader::TensorRecord& t : header.tensors()) {
     std::string shape;
     uint64_t numel = 1;
@@ -78,8 +116,16 @@ void print_tensors(const RankFileHeader& header, int rank) {
     }
     // The framework's dtype where the bytes are stored under another (torch.complex32 as U32).
     const std::string_view dtype = t.traits.framework_dtype.empty() ? dtype_name(t.dtype) : t.traits.framework_dtype;
-    std::printf("  [%d] %-60s %-6.*s [%s]  %s\n", rank, t.path.c_str(), static_cast<int>(dtype.size()), dtype.data(),
-                shape.c_str(), human_bytes(static_cast<double>(dtype_storage_bytes(t.dtype, numel))).c_str());
+    std::string place;
+    if (const auto it = sharded.find(t.path); it != sharded.end()) {
+      const size_t k = chunks_seen[t.path]++;
+      if (k < it->second->chunks.size()) {
+        place = "  chunk " + box_text(it->second->chunks[k].first, t.shape) + " of " + dims_text(it->second->global_shape);
+      }
+    }
+    std::printf("  [%d] %-60s %-6.*s [%s]  %s%s\n", rank, t.path.c_str(), static_cast<int>(dtype.size()), dtype.data(),
+                shape.c_str(), human_bytes(static_cast<double>(dtype_storage_bytes(t.dtype, numel))).c_str(),
+                place.c_str());
   }
 }
 
@@ -95,6 +141,7 @@ int inspect(const std::string& path, std::optional<int> only_rank) {
   std::printf("%s: committed checkpoint, generation %llu, %d rank%s, %s\n", path.c_str(),
               static_cast<unsigned long long>(manifest.generation), manifest.world_size,
               manifest.world_size == 1 ? "" : "s", human_bytes(static_cast<double>(total)).c_str());
+  print_index(manifest);
   for (const auto& r : manifest.ranks) {
     if (only_rank && r.rank != *only_rank) continue;
     const std::string file_path = join_path(path, r.file);

@@ -615,7 +615,13 @@ void fill_sharded(const std::string& path, const Manifest& manifest, const std::
     const OpenedRankFile* file = nullptr;
     std::unordered_map<std::string, RankFileHeader::ShardedRecord> records;
     std::map<size_t, std::vector<detail::ByteRange>> ranges;  // per entry
-    std::map<size_t, Storage> storages;
+    std::map<size_t, std::vector<size_t>> copies_of;           // per entry, the copies from it
+    // Per entry, the memory its needed bytes are read into: bytes [base, base + nbytes) of the entry.
+    struct Buffer {
+      Storage storage;
+      uint64_t base = 0;
+    };
+    std::map<size_t, Buffer> buffers;
   };
   std::map<int, Source> sources;  // by rank: each file opened, and its header read, once
   auto source = [&](int rank) -> Source& {
@@ -661,6 +667,7 @@ void fill_sharded(const std::string& path, const Manifest& manifest, const std::
       const auto& [target_box, view] = target.boxes[o.target];
       const Tensor dst = view.view_as(o.box.sizes, view.strides(),
                                       detail::sub_view_offset(target_box, view.strides(), view.storage_offset(), o.box));
+      s.copies_of[t.entry].push_back(copies.size());
       copies.push_back({dst, chunk.rank, t.entry, entry->dtype, o.box.sizes, t.strides, offset});
     }
   }
@@ -676,19 +683,35 @@ void fill_sharded(const std::string& path, const Manifest& manifest, const std::
   };
   std::vector<Request> requests;
   std::vector<Check> checks;
+  std::vector<bool> done(copies.size(), false);  // read straight into the target
   for (auto& [rank, s] : sources) {
     const RankFileHeader& header = s.file->header;
     const bool verify = options.verify_checksums && header.has_checksums();
-    for (auto& [e, ranges] : s.ranges) {
+    for (auto& [e, entry_ranges] : s.ranges) {
       const StoredEntry& stored = header.entries()[e];
-      const Storage storage = allocate_for_reading(stored.nbytes);
-      s.storages[e] = storage;
-      for (const detail::ByteRange& r :
-           detail::merge_ranges(std::move(ranges), kMergeGapBytes, verify ? kChecksumChunkBytes : 0, stored.nbytes)) {
+      const auto ranges =
+          detail::merge_ranges(std::move(entry_ranges), kMergeGapBytes, verify ? kChecksumChunkBytes : 0, stored.nbytes);
+      if (ranges.empty()) continue;
+      // An entry that one overlap takes whole, contiguously, into a contiguous target view is read
+      // into the target (and verified there); other entries, into memory that spans the ranges
+      // needed (element-aligned: ranges start at elements or at checksum chunks).
+      const std::vector<size_t>& from = s.copies_of[e];
+      Source::Buffer buffer;
+      if (const Copy& c = copies[from[0]]; from.size() == 1 && c.offset == 0 && c.dst.is_contiguous() &&
+                                            c.strides == contiguous_strides(c.shape) &&
+                                            c.dst.nbytes() == stored.nbytes && stored.nbytes > 0) {
+        buffer.storage = Storage::wrap(c.dst.data_ptr(), stored.nbytes, Device::cpu());
+        done[from[0]] = true;
+      } else {
+        buffer.base = ranges.front().begin;
+        buffer.storage = allocate_for_reading(ranges.back().end - buffer.base);
+      }
+      char* memory = static_cast<char*>(buffer.storage.data()) - buffer.base;  // entry byte 0
+      s.buffers[e] = std::move(buffer);
+      for (const detail::ByteRange& r : ranges) {
         for (uint64_t at = r.begin; at < r.end; at += detail::kBatchBytes) {
           const uint64_t n = std::min(detail::kBatchBytes, r.end - at);
-          requests.push_back({&s.file->file, static_cast<char*>(storage.data()) + at,
-                              header.data_offset() + stored.begin + at, n});
+          requests.push_back({&s.file->file, memory + at, header.data_offset() + stored.begin + at, n});
         }
         if (verify) {
           for (uint64_t c = r.begin / kChecksumChunkBytes; c * kChecksumChunkBytes < r.end; ++c) checks.push_back({&s, e, c});
@@ -703,13 +726,17 @@ void fill_sharded(const std::string& path, const Manifest& manifest, const std::
   parallel_for(checks.size(), threads, [&](size_t i) {
     const Check& c = checks[i];
     const RankFileHeader& header = c.source->file->header;
+    const Source::Buffer& buffer = c.source->buffers.at(c.entry);
     detail::check_chunk(c.source->file->file.path(), header.entries(), c.entry, c.chunk,
-                        detail::chunk_data(c.source->storages.at(c.entry), c.chunk),
+                        static_cast<const char*>(buffer.storage.data()) + (c.chunk * kChecksumChunkBytes - buffer.base),
                         [&](size_t e) { return describe_entry(header, e); });
   });
   parallel_for(copies.size(), threads, [&](size_t i) {
     const Copy& c = copies[i];
-    copy_tensor(c.dst, Tensor(sources.at(c.rank).storages.at(c.entry), c.dtype, c.shape, c.strides, c.offset));
+    if (done[i]) return;
+    const Source::Buffer& buffer = sources.at(c.rank).buffers.at(c.entry);
+    const int64_t item = dtype_bits(c.dtype) / 8;
+    copy_tensor(c.dst, Tensor(buffer.storage, c.dtype, c.shape, c.strides, c.offset - static_cast<int64_t>(buffer.base) / item));
   });
 }
 

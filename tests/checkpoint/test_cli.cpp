@@ -2,7 +2,9 @@
 
 #include <gtest/gtest.h>
 
+#include <barrier>
 #include <cstdio>
+#include <thread>
 #include <filesystem>
 #include <fstream>
 #include <string>
@@ -55,6 +57,37 @@ TEST_F(CliTest, InspectShowsTheCommitAndEveryTensor) {
   EXPECT_NE(r.output.find("model.weight"), std::string::npos) << r.output;
   EXPECT_NE(r.output.find("BF16   [128, 64]  16.4 KB"), std::string::npos) << r.output;
   EXPECT_NE(r.output.find("model.bias"), std::string::npos) << r.output;
+}
+
+TEST_F(CliTest, InspectShowsEachShardedKeysGlobalShapeAndSplit) {
+  const std::string path = join_path(dir_, "sharded");
+  constexpr int kRanks = 2;
+  struct TwoRanks : Barrier {
+    std::barrier<> b{kRanks};
+    void execute(std::chrono::milliseconds) override { b.arrive_and_wait(); }
+  };
+  auto barrier = std::make_shared<TwoRanks>();
+  std::vector<std::thread> ranks;
+  for (int r = 0; r < kRanks; ++r) {
+    ranks.emplace_back([&, r] {
+      ShardedTensor s;
+      s.global_shape = {6, 4};
+      s.dtype = DType::kF32;
+      s.chunks.push_back({{r * 3, 0}, Tensor::empty_cpu(DType::kF32, {3, 4})});
+      Value root = Value::dict();
+      root.insert("w", Value(std::move(s)));
+      CheckpointWriter({r, kRanks}, {}, barrier).write(path, root);
+    });
+  }
+  for (auto& t : ranks) t.join();
+  const CliRun r = run_cli("inspect " + path);
+  EXPECT_EQ(r.status, 0) << r.output;
+  EXPECT_NE(r.output.find("sharded tensors (global index): 1"), std::string::npos) << r.output;
+  EXPECT_NE(r.output.find("F32    [6, 4]  2 chunks; chunks per rank 0:1, 1:1"), std::string::npos) << r.output;
+  EXPECT_NE(r.output.find("rank 1 [3:6, 0:4]"), std::string::npos) << r.output;
+  EXPECT_NE(r.output.find("[1] w"), std::string::npos) << r.output;
+  EXPECT_NE(r.output.find("chunk [3:6, 0:4] of [6, 4]"), std::string::npos) << r.output;
+  EXPECT_NE(r.output.find("format version 3"), std::string::npos) << r.output;
 }
 
 TEST_F(CliTest, InspectNamesTheFrameworkDtypeOfBytesStoredUnderAnother) {

@@ -459,6 +459,47 @@ TEST_F(ShardedTest, DamagedChunkBytesFailOnlyTheLoadsThatReadThemNamingFileAndKe
   EXPECT_THROW(verify_checkpoint(path_), Error);
 }
 
+// Within one stored tensor, a load reads (and verifies) only the 4 MiB checksum chunks that its
+// boxes touch: damage elsewhere in the same tensor does not fail it.
+TEST_F(ShardedTest, ASmallBoxReadsOnlyTheChecksumChunksItTouches) {
+  constexpr int64_t kElements = int64_t{4} << 20;  // F32: 16 MiB, four checksum chunks
+  const Tensor global = patterned_tensor(DType::kF32, {kElements}, 6);
+  expect_no_errors(save(path_, 1, [&](int) {
+    ShardedTensor s;
+    s.global_shape = {kElements};
+    s.dtype = DType::kF32;
+    s.chunks.push_back({{0}, global});
+    Value sd = Value::dict();
+    sd.insert("big", Value(std::move(s)));
+    return sd;
+  }));
+  const Manifest manifest = read_manifest(path_);
+  const std::string file = join_path(path_, manifest.ranks[0].file);
+  const File f = File::open(file, File::Mode::kRead);
+  const RankFileHeader header =
+      RankFileHeader::read([&](void* dst, uint64_t at, uint64_t n) { f.read_at(dst, n, at); }, f.size(), file);
+  flip_byte(file, header.data_offset() + header.entries()[0].begin + (uint64_t{12} << 20) + 5);  // chunk 3
+  auto load_box = [&](int64_t at, int64_t n) {
+    Value target = Value::dict();
+    ShardedTensor s;
+    s.global_shape = {kElements};
+    s.dtype = DType::kF32;
+    s.chunks.push_back({{at}, Tensor::empty_cpu(DType::kF32, {n})});
+    target.insert("big", Value(std::move(s)));
+    CheckpointReader({0, 2}).read_into(path_, target, true);
+    return target.at("big").as_sharded().chunks[0].data;
+  };
+  const Tensor first = load_box(1000, 5000);
+  EXPECT_TRUE(same_bytes(first, box_view(global, Box{{1000}, {5000}})));
+  try {
+    (void)load_box(int64_t{3} << 20, 10);
+    ADD_FAILURE() << "damage in chunk 3 not detected";
+  } catch (const Error& e) {
+    EXPECT_EQ(e.code(), ErrorCode::kDataLoss);
+    EXPECT_NE(std::string(e.what()).find("'big'"), std::string::npos) << e.what();
+  }
+}
+
 // The manifest and the rank files must agree (verify and loads check it); the manifest's index
 // itself must tile.
 TEST_F(ShardedTest, AnIndexThatDisagreesWithTheRankFilesOrDoesNotTileIsRefused) {

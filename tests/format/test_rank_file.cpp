@@ -459,3 +459,83 @@ TEST(RankFileHeader, APlainSafetensorsFileReadsAsAFlatDict) {
 
 }  // namespace
 }  // namespace fastdcp
+
+namespace fastdcp {
+namespace {
+
+// A sharded leaf of two row blocks of a [4, 4] U8 tensor, both views of one local storage.
+Value sharded_sample(int replica_index = 0, int replica_count = 1) {
+  Tensor local = iota(DType::kU8, {16});
+  ShardedTensor s;
+  s.global_shape = {4, 4};
+  s.dtype = DType::kU8;
+  s.chunks.push_back({{0, 0}, local.view_as({2, 4}, {4, 1}, 0)});
+  s.chunks.push_back({{2, 0}, local.view_as({2, 4}, {4, 1}, 8)});
+  s.replica_index = replica_index;
+  s.replica_count = replica_count;
+  Value root = Value::dict();
+  root.insert("w", Value(std::move(s)));
+  return root;
+}
+
+RankFileHeader parse_plan_header(const RankFilePlan& plan, const std::string& header) {
+  return RankFileHeader::parse(std::string_view(header).substr(8), plan.file_size(), "r.safetensors");
+}
+
+TEST(ShardedRecord, RoundTripsAsVersionThreeWithItsChunksAndReplica) {
+  const RankFilePlan plan = RankFilePlan::make(sharded_sample(1, 2), RankFilePlan::Replicas::kAll);
+  ASSERT_EQ(plan.entries().size(), 1u);  // one local storage
+  const RankFileHeader header = parse_plan_header(plan, plan.header());
+  EXPECT_EQ(header.format_version(), 3);
+  const Value tree = header.build_tree(plan.storages());
+  const ShardedTensor& s = tree.at("w").as_sharded();
+  EXPECT_EQ(s.global_shape, (Dims{4, 4}));
+  EXPECT_EQ(s.replica_index, 1);
+  EXPECT_EQ(s.replica_count, 2);
+  ASSERT_EQ(s.chunks.size(), 2u);
+  EXPECT_EQ(s.chunks[1].offset, (Dims{2, 0}));
+  EXPECT_EQ(s.chunks[1].data.storage_offset(), 8);
+  EXPECT_EQ(s.chunks[0].data.storage(), s.chunks[1].data.storage());
+  // Replica 1 of 2 with one leaf: replica 0 writes it, so this file records it without chunks.
+  const RankFilePlan own = RankFilePlan::make(sharded_sample(1, 2));
+  EXPECT_TRUE(own.entries().empty());
+  ASSERT_EQ(own.sharded().size(), 1u);
+  EXPECT_TRUE(own.sharded()[0].chunks.empty());
+  EXPECT_TRUE(parse_plan_header(own, own.header()).build_tree({}).at("w").as_sharded().chunks.empty());
+}
+
+TEST(ShardedRecord, MalformedRecordsAreCorruptNamingTheKey) {
+  const RankFilePlan plan = RankFilePlan::make(sharded_sample());
+  const std::string good = plan.header();
+  const auto mutated = [&](const std::string& from, const std::string& to) {
+    std::string h = good;
+    const size_t at = h.find(from);
+    EXPECT_NE(at, std::string::npos) << from;
+    h.replace(at, from.size(), to);
+    return h;
+  };
+  const std::vector<std::pair<std::string, std::string>> cases = {
+      {mutated(R"("fastdcp.version":"3")", R"("fastdcp.version":"2")"), "before version 3"},
+      {mutated("[[2,0],[0", "[[1,0],[0"), "overlapping chunks"},
+      {mutated("[[2,0],[0", "[[3,0],[0"), "outside its global shape"},
+      {mutated(R"([[4,4],\"U8\")", R"([[4,4],\"I8\")"), "has a chunk of dtype U8"},
+      {mutated("[[2,0],[0", "[[2,0],5,[0"), "malformed chunk"},
+  };
+  for (const auto& [header, needle] : cases) {
+    // The version edit changes no length; the others keep the header's padded length too.
+    std::string h = header;
+    h.resize(good.size(), ' ');
+    try {
+      parse_plan_header(plan, h).build_tree(plan.storages());
+      ADD_FAILURE() << needle;
+    } catch (const Error& e) {
+      EXPECT_EQ(e.code(), ErrorCode::kDataLoss) << e.what();
+      EXPECT_NE(std::string(e.what()).find("r.safetensors"), std::string::npos) << e.what();
+      EXPECT_NE(std::string(e.what()).find("'w'"), std::string::npos) << e.what();
+      EXPECT_NE(std::string(e.what()).find(needle), std::string::npos) << e.what();
+    }
+  }
+}
+
+}  // namespace
+}  // namespace fastdcp
