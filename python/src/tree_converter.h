@@ -382,7 +382,12 @@ class TreeConverter {
     for (nb::handle chunk : nb::cast<nb::list>(d[2])) {
       out.chunks.push_back(ShardChunk{dims_from_tuple(chunk[0]), tensor_at(chunk[1], /*fast=*/true, obj)});
     }
-    out.validate("the DTensor at '" + path_of(root_, obj) + "'");
+    try {
+      out.validate("");
+    } catch (const Error&) {
+      out.validate(path_of(root_, obj));  // fails again, naming the key: finding it walks the tree
+      throw;
+    }
     return out;
   }
 

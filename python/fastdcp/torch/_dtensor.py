@@ -38,12 +38,14 @@ def _cut(runs: list[tuple[int, int]], start: int, size: int) -> list[tuple[int, 
 
 def _split(runs: list[tuple[int, int]], dim: int, placement, num_chunks: int, index: int):
     """The runs that piece `index` of `num_chunks` holds when `placement` cuts `runs`, as DTensor
-    cuts its data: Shard by its own size and offset rule (torch.chunk's), _StridedShard by its own
-    split of the indices."""
+    cuts its data: Shard as torch.chunk does (pieces of ceil(total / num_chunks), the last ones
+    short or empty: Shard.local_shard_size_and_offset, whose symbolic-shape guards cost 10 us a
+    call), _StridedShard by its own split of the indices."""
     total = sum(length for _, length in runs)
     if not isinstance(placement, _StridedShard):
-        size, offset = Shard.local_shard_size_and_offset(total, num_chunks, index)
-        return _cut(runs, int(offset), int(size))
+        full = -(-total // num_chunks)
+        start = min(full * index, total)
+        return _cut(runs, start, min(total, start + full) - start)
     indices = torch.cat([torch.arange(first, first + length) for first, length in runs]) if runs \
         else torch.zeros(0, dtype=torch.int64)
     # _split_tensor cuts along placement.dim: give it the indices along that dim.
@@ -58,9 +60,9 @@ def local_boxes(global_shape, mesh_shape, coordinate, placements):
     For each tensor dim, the global indices the local tensor holds along it, in local order, kept
     as runs of consecutive indices: the placements that shard that dim (``Shard(d)``,
     ``_StridedShard(d, split_factor)``) are applied in mesh-dim order, each cutting what the
-    previous ones left, with DTensor's own rules (``Shard.local_shard_size_and_offset``, and
-    ``_StridedShard._split_tensor`` on the indices), so that uneven sizes and strided shards are
-    cut exactly as DTensor cuts its data. Each maximal run is one interval; the boxes are the
+    previous ones left, with DTensor's rules (torch.chunk's sizes for ``Shard``, and
+    ``_StridedShard._split_tensor`` itself on the indices), so that uneven sizes and strided shards
+    are cut exactly as DTensor cuts its data. Each maximal run is one interval; the boxes are the
     products of one interval per dim.
 
     Returns ``(boxes, replica_index, replica_count)``: ``boxes`` is a list of
