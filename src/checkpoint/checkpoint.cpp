@@ -655,7 +655,13 @@ void fill_sharded(const std::string& path, const Manifest& manifest, const std::
     const uint64_t item = static_cast<uint64_t>(dtype_bits(entry->dtype) / 8);
     for (const detail::Overlap& o : detail::plan_overlaps(*entry, boxes)) {
       const IndexChunk& chunk = entry->chunks[o.chunk];
-      Source& s = source(chunk.rank);
+      Source* opened = nullptr;
+      try {
+        opened = &source(chunk.rank);
+      } catch (const Error& e) {
+        throw Error(e.code(), std::string(e.what()) + " (needed for the sharded tensor at '" + target.key + "')");
+      }
+      Source& s = *opened;
       const auto& record = s.records.at(target.key);  // checked against the index
       const auto held = std::find_if(record.chunks.begin(), record.chunks.end(),
                                      [&](const auto& c) { return c.first == chunk.offset; });

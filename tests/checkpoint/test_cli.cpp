@@ -2,7 +2,6 @@
 
 #include <gtest/gtest.h>
 
-#include <barrier>
 #include <cstdio>
 #include <thread>
 #include <filesystem>
@@ -62,11 +61,7 @@ TEST_F(CliTest, InspectShowsTheCommitAndEveryTensor) {
 TEST_F(CliTest, InspectShowsEachShardedKeysGlobalShapeAndSplit) {
   const std::string path = join_path(dir_, "sharded");
   constexpr int kRanks = 2;
-  struct TwoRanks : Barrier {
-    std::barrier<> b{kRanks};
-    void execute(std::chrono::milliseconds) override { b.arrive_and_wait(); }
-  };
-  auto barrier = std::make_shared<TwoRanks>();
+  auto barrier = std::make_shared<testing::ThreadBarrier>(kRanks);
   std::vector<std::thread> ranks;
   for (int r = 0; r < kRanks; ++r) {
     ranks.emplace_back([&, r] {

@@ -6,12 +6,14 @@
 
 #include <barrier>
 #include <cstring>
+#include <filesystem>
 #include <fstream>
 #include <random>
 #include <thread>
 
 #include "checkpoint/reshard.h"
 #include "fastdcp/checkpoint/checkpoint.h"
+#include "fastdcp/checkpoint/checkpointer.h"
 #include "fastdcp/checkpoint/shared_state_dict.h"
 #include "fastdcp/common/error.h"
 #include "fastdcp/format/rank_file.h"
@@ -23,12 +25,6 @@ namespace {
 
 using testing::patterned_tensor;
 using testing::TempDir;
-
-struct ThreadBarrier : Barrier {
-  explicit ThreadBarrier(int n) : b(n) {}
-  std::barrier<> b;
-  void execute(std::chrono::milliseconds) override { b.arrive_and_wait(); }
-};
 
 // Runs rank r's `work(r)` on n threads; returns each rank's error message ("" if none).
 std::vector<std::string> on_ranks(int n, const std::function<void(int)>& work) {
@@ -49,13 +45,18 @@ std::vector<std::string> on_ranks(int n, const std::function<void(int)>& work) {
 
 // Saves trees(r) on n ranks; returns each rank's error.
 std::vector<std::string> save(const std::string& path, int n, const std::function<Value(int)>& tree) {
-  auto barrier = std::make_shared<ThreadBarrier>(n);
+  auto barrier = std::make_shared<testing::ThreadBarrier>(n);
   const WriterOptions options{.overwrite = true, .barrier_timeout = std::chrono::seconds(60)};
   return on_ranks(n, [&](int r) { CheckpointWriter({r, n}, options, barrier).write(path, tree(r)); });
 }
 
 void expect_no_errors(const std::vector<std::string>& errors) {
   for (size_t r = 0; r < errors.size(); ++r) EXPECT_EQ(errors[r], "") << "rank " << r;
+}
+
+RankFileHeader read_header(const std::string& file) {
+  const File f = File::open(file, File::Mode::kRead);
+  return RankFileHeader::read([&](void* dst, uint64_t at, uint64_t n) { f.read_at(dst, n, at); }, f.size(), file);
 }
 
 Dims dims_of(std::vector<int64_t> v) { return Dims(std::span<const int64_t>(v)); }
@@ -311,9 +312,7 @@ TEST_F(ShardedTest, RankFileRecordAndPlainEntryNaming) {
   }));
   const Manifest manifest = read_manifest(path_);
   const std::string file = join_path(path_, manifest.ranks[1].file);
-  const File f = File::open(file, File::Mode::kRead);
-  const RankFileHeader header =
-      RankFileHeader::read([&](void* dst, uint64_t at, uint64_t n) { f.read_at(dst, n, at); }, f.size(), file);
+  const RankFileHeader header = read_header(file);
   EXPECT_EQ(header.format_version(), 3);
   ASSERT_EQ(header.entries().size(), 1u);
   EXPECT_EQ(header.entries()[0].name, "model.w");
@@ -435,9 +434,7 @@ TEST_F(ShardedTest, DamagedChunkBytesFailOnlyTheLoadsThatReadThemNamingFileAndKe
   const auto globals = save_rows(path_);
   const Manifest manifest = read_manifest(path_);
   const std::string file = join_path(path_, manifest.ranks[2].file);
-  const File f = File::open(file, File::Mode::kRead);
-  const RankFileHeader header =
-      RankFileHeader::read([&](void* dst, uint64_t at, uint64_t n) { f.read_at(dst, n, at); }, f.size(), file);
+  const RankFileHeader header = read_header(file);
   const StoredEntry* b = nullptr;
   for (const StoredEntry& e : header.entries()) {
     if (e.name == "b") b = &e;
@@ -457,6 +454,16 @@ TEST_F(ShardedTest, DamagedChunkBytesFailOnlyTheLoadsThatReadThemNamingFileAndKe
     EXPECT_NE(std::string(e.what()).find("'b'"), std::string::npos) << e.what();
   }
   EXPECT_THROW(verify_checkpoint(path_), Error);
+  // A truncated file of another rank: named, with the key that needed it.
+  std::filesystem::resize_file(join_path(path_, manifest.ranks[3].file), header.data_offset() + 10);
+  try {
+    CheckpointReader({0, 1}).read_into(path_, a);
+    ADD_FAILURE() << "truncation not detected";
+  } catch (const Error& e) {
+    EXPECT_EQ(e.code(), ErrorCode::kDataLoss);
+    EXPECT_NE(std::string(e.what()).find(manifest.ranks[3].file), std::string::npos) << e.what();
+    EXPECT_NE(std::string(e.what()).find("'a'"), std::string::npos) << e.what();
+  }
 }
 
 // Within one stored tensor, a load reads (and verifies) only the 4 MiB checksum chunks that its
@@ -475,9 +482,7 @@ TEST_F(ShardedTest, ASmallBoxReadsOnlyTheChecksumChunksItTouches) {
   }));
   const Manifest manifest = read_manifest(path_);
   const std::string file = join_path(path_, manifest.ranks[0].file);
-  const File f = File::open(file, File::Mode::kRead);
-  const RankFileHeader header =
-      RankFileHeader::read([&](void* dst, uint64_t at, uint64_t n) { f.read_at(dst, n, at); }, f.size(), file);
+  const RankFileHeader header = read_header(file);
   flip_byte(file, header.data_offset() + header.entries()[0].begin + (uint64_t{12} << 20) + 5);  // chunk 3
   auto load_box = [&](int64_t at, int64_t n) {
     Value target = Value::dict();
@@ -617,6 +622,25 @@ TEST(ShardedStaging, ChunksStageAsViewsAndTravelToTheWriterProcess) {
   EXPECT_EQ(at.replica_count, 3);
   ASSERT_EQ(at.chunks.size(), 2u);
   for (size_t i = 0; i < 2; ++i) EXPECT_TRUE(same_bytes(at.chunks[i].data, box_view(global, s.chunks[i].box())));
+}
+
+// The async checkpointer: staged, sent to the writer process, written there (the writer process
+// assigns the replicas' writing), loaded whole.
+TEST_F(ShardedTest, TheAsyncCheckpointerSavesShardedLeavesThroughItsWriterProcess) {
+  const Tensor global = patterned_tensor(DType::kF16, {9, 5}, 8);
+  std::mt19937 rng(4);
+  ShardedTensor s = hold(global, {Box{{0, 0}, {4, 5}}, Box{{4, 0}, {5, 2}}, Box{{4, 2}, {5, 3}}}, rng);
+  s.replica_count = 2;  // replica 0 of 2, with one leaf: it writes
+  auto sd = std::make_shared<Value>(Value::dict());
+  sd->insert("w", Value(std::move(s)));
+  auto checkpointer = make_async_checkpointer();
+  auto [staged, written] = checkpointer->save(path_, sd);
+  staged.get();
+  written.get();
+  EXPECT_TRUE(same_bytes(checkpointer->load(path_).at("w").as_tensor(), global));
+  checkpointer->close();
+  ASSERT_EQ(read_manifest(path_).index.size(), 1u);
+  EXPECT_EQ(read_manifest(path_).index[0].chunks.size(), 3u);
 }
 
 // ---- the planner ---------------------------------------------------------------------------

@@ -9,10 +9,12 @@
 #include <unistd.h>
 #include <gtest/gtest.h>
 
+#include <barrier>
 #include <filesystem>
 #include <functional>
 #include <string>
 
+#include "fastdcp/checkpoint/checkpoint.h"
 #include "fastdcp/common/error.h"
 #include "fastdcp/staging/stager.h"
 #include "fastdcp/tensor/tensor.h"
@@ -36,6 +38,16 @@ inline StagingOptions cpu_staging(bool async = false, bool shared = false) {
   o.use_non_blocking_copy = false;
   return o;
 }
+
+// A barrier for n simulated ranks, threads of one process.
+class ThreadBarrier : public Barrier {
+ public:
+  explicit ThreadBarrier(int n) : barrier_(n) {}
+  void execute(std::chrono::milliseconds) override { barrier_.arrive_and_wait(); }
+
+ private:
+  std::barrier<> barrier_;
+};
 
 // A fresh directory under /tmp, removed with everything in it at the end of the scope.
 class TempDir {
