@@ -13,9 +13,10 @@ run's full tensors):
   load      loads both at this world size into DTensor templates of other placements, into plain
             tensors, and with no template; a template of another global shape is refused by key.
   fsdp_save  trains a small model wrapped with fully_shard and AdamW for a few steps, saves model and
-            optimizer state, records the full state and the next step's loss (DIR/reference.pt).
-  fsdp_resume  builds the model at this world size, loads the checkpoint, and checks parameters,
-            moments, step and the next step's loss against the reference.
+            optimizer state (sync and async), then the same with FSDP2 over tensor parallelism on a
+            2-D mesh (sync); records the full states and the next step's losses (DIR/reference.pt).
+  fsdp_resume  builds the FSDP2 model at this world size, loads each checkpoint, and checks
+            parameters, moments, step and the next step's loss against the reference.
 Each rank writes DIR/<phase>_rank_<r>.json ({"ok": bool, "error": traceback}); exit status 0 when
 all its checks passed."""
 
@@ -174,6 +175,13 @@ def phase_boxes(out: str, report: dict) -> None:
         cases += 1
         strided += any(isinstance(p, _StridedShard) for p in placements)
     report["box_cases"], report["strided_cases"] = cases, strided
+    # Meshes sliced from a larger one (FSDP2 over TP): the other slices hold copies.
+    root = DeviceMesh("cpu", torch.arange(world).view(2, world // 2), mesh_dim_names=("dp", "tp"))
+    for i, (sliced, placements) in enumerate(((root["dp"], [Shard(0)]), (root["tp"], [Shard(1)]),
+                                              (root["tp"], [Replicate()]))):
+        full = full_of(f"slice{i}", (5, 3))
+        check_boxes(distribute_tensor(full, sliced, placements), full, f"slice {i}: {sliced}, {placements}")
+        report["slice_cases"] = i + 1
 
     # The staged tree crosses to the writer process as a Value with the DTensors as sharded leaves;
     # a writer that asks for torch objects there (not fastdcp's) cannot have them without a mesh.
@@ -271,27 +279,38 @@ GLOBAL_BATCH = 12  # divisible by 4, 3 and 2: every world size trains on the sam
 TRAIN_STEPS = 3
 
 
-def fsdp_model():
+def fsdp_model(tp: bool = False):
+    """The model (same initial values everywhere) and AdamW, and this rank's (index, count) among
+    the data-parallel ranks. With `tp`, FSDP2 over tensor parallelism on a (2, world / 2) mesh:
+    the column-parallel weights are then _StridedShard(0, sf=2), Shard(0)."""
     from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
 
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 13),
                                 torch.nn.ReLU(), torch.nn.Linear(13, 4))
+    dp_mesh, dp = None, (dist.get_rank(), dist.get_world_size())
+    if tp:
+        world = dist.get_world_size()
+        mesh = DeviceMesh("cpu", torch.arange(world).view(2, world // 2), mesh_dim_names=("dp", "tp"))
+        parallelize_module(model, mesh["tp"], {"0": ColwiseParallel(), "2": RowwiseParallel()})
+        dp_mesh, dp = mesh["dp"], (mesh.get_local_rank("dp"), 2)
     for layer in model:
         if isinstance(layer, torch.nn.Linear):
-            fully_shard(layer)
-    fully_shard(model)
+            fully_shard(layer, mesh=dp_mesh)
+    fully_shard(model, mesh=dp_mesh)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    return model, optimizer
+    return model, optimizer, dp
 
 
-def fsdp_step(model, optimizer, step: int) -> float:
-    """One step on this rank's slice of the global batch; returns the global mean loss."""
-    rank, world = dist.get_rank(), dist.get_world_size()
+def fsdp_step(model, optimizer, step: int, dp) -> float:
+    """One step on this data-parallel rank's slice of the global batch; returns the global mean
+    loss (tensor-parallel peers compute the same loss, and count alike)."""
+    (dp_rank, dp_size), world = dp, dist.get_world_size()
     g = torch.Generator().manual_seed(100 + step)
     x, y = torch.randn(GLOBAL_BATCH, 8, generator=g), torch.randn(GLOBAL_BATCH, 4, generator=g)
-    per_rank = GLOBAL_BATCH // world
-    part = slice(rank * per_rank, (rank + 1) * per_rank)
+    per_rank = GLOBAL_BATCH // dp_size
+    part = slice(dp_rank * per_rank, (dp_rank + 1) * per_rank)
     loss = torch.nn.functional.mse_loss(model(x[part]), y[part])
     optimizer.zero_grad()
     loss.backward()
@@ -314,13 +333,27 @@ def full_state(model, optimizer) -> dict:
     return out
 
 
-def phase_fsdp_save(out: str, report: dict) -> None:
+def train_and_reference(tp: bool):
+    """The model after TRAIN_STEPS steps, and the reference: its full state, the next step's loss
+    and the full state after that step (the model is left after TRAIN_STEPS steps' state only in
+    the returned state dicts, saved before the next step)."""
     from torch.distributed.checkpoint.state_dict import get_state_dict
 
-    model, optimizer = fsdp_model()
+    model, optimizer, dp = fsdp_model(tp)
     for step in range(TRAIN_STEPS):
-        fsdp_step(model, optimizer, step)
-    model_sd, optim_sd = get_state_dict(model, optimizer)
+        fsdp_step(model, optimizer, step, dp)
+    return model, optimizer, dp, get_state_dict(model, optimizer)
+
+
+def next_step_reference(model, optimizer, dp) -> dict:
+    reference = full_state(model, optimizer)
+    reference["next_loss"] = fsdp_step(model, optimizer, TRAIN_STEPS, dp)
+    reference["after_next"] = full_state(model, optimizer)
+    return reference
+
+
+def phase_fsdp_save(out: str, report: dict) -> None:
+    model, optimizer, dp, (model_sd, optim_sd) = train_and_reference(tp=False)
     assert any(isinstance(v, DTensor) for v in model_sd.values())
     sync = make_sync_checkpointer()
     sync.save(f"{out}/fsdp_sync", {"model": model_sd, "optim": optim_sd})
@@ -332,12 +365,15 @@ def phase_fsdp_save(out: str, report: dict) -> None:
         write.result(timeout=120)
     finally:
         checkpointer.close()
-    reference = full_state(model, optimizer)
-    reference["next_loss"] = fsdp_step(model, optimizer, TRAIN_STEPS)
-    reference["after_next"] = full_state(model, optimizer)
+    references = {"fsdp": next_step_reference(model, optimizer, dp)}
+    # FSDP2 over tensor parallelism: strided shards, resumed later by FSDP2 alone.
+    model, optimizer, dp, (model_sd, optim_sd) = train_and_reference(tp=True)
+    assert any(isinstance(p, _StridedShard) for v in model_sd.values() for p in v.placements)
+    sync.save(f"{out}/tp_sync", {"model": model_sd, "optim": optim_sd})
+    references["tp"] = next_step_reference(model, optimizer, dp)
     if dist.get_rank() == 0:
-        torch.save(reference, f"{out}/reference.pt")
-    report["next_loss"] = reference["next_loss"]
+        torch.save(references, f"{out}/reference.pt")
+    report["next_loss"] = {name: r["next_loss"] for name, r in references.items()}
 
 
 def assert_state_equal(actual: dict, expected: dict, what: str, exact: bool) -> None:
@@ -352,10 +388,11 @@ def assert_state_equal(actual: dict, expected: dict, what: str, exact: bool) -> 
 def phase_fsdp_resume(out: str, report: dict) -> None:
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
-    reference = torch.load(f"{out}/reference.pt", weights_only=True)
-    for name in ("fsdp_sync", "fsdp_async"):
-        model, optimizer = fsdp_model()  # other initial values than the saved ones: step 0
-        if name == "fsdp_sync":
+    references = torch.load(f"{out}/reference.pt", weights_only=True)
+    for name, source in (("fsdp_sync", "fsdp"), ("fsdp_async", "fsdp"), ("tp_sync", "tp")):
+        reference = references[source]
+        model, optimizer, dp = fsdp_model()  # other initial values than the saved ones: step 0
+        if name != "fsdp_async":
             model_sd, optim_sd = get_state_dict(model, optimizer)  # initializes AdamW's state
             loaded = make_sync_checkpointer().load(f"{out}/{name}", state_dict={"model": model_sd, "optim": optim_sd})
             set_state_dict(model, optimizer, model_state_dict=loaded["model"], optim_state_dict=loaded["optim"])
@@ -366,8 +403,10 @@ def phase_fsdp_resume(out: str, report: dict) -> None:
             model.load_state_dict(loaded["model"])
             optimizer.load_state_dict(loaded["optim"])
         assert_state_equal(full_state(model, optimizer), reference, name, exact=True)
-        loss = fsdp_step(model, optimizer, TRAIN_STEPS)
-        assert abs(loss - reference["next_loss"]) <= 1e-6 * max(1.0, abs(loss)), (name, loss, reference["next_loss"])
+        loss = fsdp_step(model, optimizer, TRAIN_STEPS, dp)
+        # Tensor-parallel matmuls sum in another order than whole ones.
+        tolerance = 1e-6 if source == "fsdp" else 1e-5
+        assert abs(loss - reference["next_loss"]) <= tolerance * max(1.0, abs(loss)), (name, loss, reference["next_loss"])
         assert_state_equal(full_state(model, optimizer), reference["after_next"], name, exact=False)
         report[name] = loss
 

@@ -1,7 +1,7 @@
 """DTensor and FSDP2 state under torchrun (gloo, CPU): boxes against DTensor itself, saves on 4
 ranks loaded at 4, 2, 3 (uneven), 1 and saves on 2 loaded at 4, with the sync and async
 checkpointers, into DTensor templates of other layouts, plain tensors and no template; an FSDP2
-model with AdamW resumed at other world sizes (tests/python/sharded_main.py)."""
+model with AdamW, alone and over tensor parallelism, resumed by FSDP2 at other world sizes (tests/python/sharded_main.py)."""
 
 from pathlib import Path
 
@@ -24,7 +24,8 @@ def torchrun(phase: str, world: int, out: Path) -> dict:
 
 def test_dtensor_boxes_staging_and_refusals(tmp_path):
     reports = torchrun("boxes", 4, tmp_path)
-    assert all(r["box_cases"] == 40 and r["strided_cases"] >= 3 and r["refusals"] == "ok" for r in reports.values())
+    assert all(r["box_cases"] == 40 and r["strided_cases"] >= 3 and r["slice_cases"] == 3 and r["refusals"] == "ok"
+               for r in reports.values())
 
 
 @pytest.fixture(scope="module")
@@ -54,4 +55,4 @@ def fsdp_on_four(tmp_path_factory):
 @pytest.mark.parametrize("world", [2, 3])
 def test_fsdp2_resume_at_other_world_sizes(fsdp_on_four, world):
     reports = torchrun("fsdp_resume", world, fsdp_on_four)
-    assert all("fsdp_sync" in r and "fsdp_async" in r for r in reports.values())
+    assert all("fsdp_sync" in r and "fsdp_async" in r and "tp_sync" in r for r in reports.values())

@@ -2,6 +2,7 @@
 holds (Note [Sharded tensors] in include/fastdcp/tensor/sharded.h). Placements and meshes stay
 here; the C++ core sees global shapes, boxes and views of the local tensor only."""
 
+import functools
 import itertools
 
 import torch
@@ -105,14 +106,39 @@ def local_boxes(global_shape, mesh_shape, coordinate, placements):
     return boxes, replica_index, replica_count
 
 
+@functools.lru_cache(maxsize=256)
+def _slice_replicas(mesh) -> tuple[int, int]:
+    """(index, count) of this rank among the copies of a sliced mesh's DTensors. A mesh sliced
+    from a larger one (FSDP2's "dp" mesh of a ("dp", "tp") mesh) leaves out the root mesh's other
+    dims, along which the other slices hold the same values (every rank runs the same program):
+    those dims replicate the DTensor as a Replicate placement would, row-major in root order."""
+    root = mesh._get_root_mesh()
+    coordinate = root.get_coordinate() if root is not mesh else None
+    if coordinate is None:
+        return 0, 1
+    members = set(mesh.mesh.flatten().tolist())
+    index, count = 0, 1
+    for dim, size in enumerate(root.shape):
+        neighbour = list(coordinate)
+        neighbour[dim] = (coordinate[dim] + 1) % size
+        if size == 1 or int(root.mesh[tuple(neighbour)]) in members:
+            continue  # the slice spans this dim
+        index, count = index * size + coordinate[dim], count * size
+    return index, count
+
+
 def describe_sharded(dtensor):
     """What the native converter makes a sharded tensor of (Note [Sharded tensors]):
     ``(global_shape, dtype, [(global_offset, view of the local tensor)], replica_index,
-    replica_count)``. The views are narrowed from the local tensor, the first at its origin."""
+    replica_count)``. The views are narrowed from the local tensor, the first at its origin. The
+    replica number counts the copies that Replicate placements make and those of the other slices
+    of a sliced mesh (_slice_replicas)."""
     mesh = dtensor.device_mesh
     local = dtensor._local_tensor.detach()
     boxes, replica_index, replica_count = local_boxes(tuple(dtensor.shape), tuple(mesh.shape),
                                                       mesh.get_coordinate(), dtensor.placements)
+    slice_index, slice_count = _slice_replicas(mesh)
+    replica_index, replica_count = slice_index * replica_count + replica_index, slice_count * replica_count
     chunks = []
     for global_offset, local_offset, sizes in boxes:
         view = local
