@@ -112,7 +112,7 @@ def _slice_replicas(mesh) -> tuple[int, int]:
     from a larger one (FSDP2's "dp" mesh of a ("dp", "tp") mesh) leaves out the root mesh's other
     dims, along which the other slices hold the same values (every rank runs the same program):
     those dims replicate the DTensor as a Replicate placement would, row-major in root order."""
-    root = mesh._get_root_mesh()
+    root = mesh._get_root_mesh() if hasattr(mesh, "_get_root_mesh") else mesh  # private in torch 2.13
     coordinate = root.get_coordinate() if root is not mesh else None
     if coordinate is None:
         return 0, 1
