@@ -14,7 +14,8 @@ run's full tensors):
             tensors, and with no template; a template of another global shape is refused by key.
   fsdp_save  trains a small model wrapped with fully_shard and AdamW for a few steps, saves model and
             optimizer state (sync and async), then the same with FSDP2 over tensor parallelism on a
-            2-D mesh (sync); records the full states and the next step's losses (DIR/reference.pt).
+            2-D mesh (sync), and resumes the first over tensor parallelism; records the full states
+            and the next step's losses (DIR/reference.pt).
   fsdp_resume  builds the FSDP2 model at this world size, loads each checkpoint, and checks
             parameters, moments, step and the next step's loss against the reference.
 Each rank writes DIR/<phase>_rank_<r>.json ({"ok": bool, "error": traceback}); exit status 0 when
@@ -371,6 +372,8 @@ def phase_fsdp_save(out: str, report: dict) -> None:
     assert any(isinstance(p, _StridedShard) for v in model_sd.values() for p in v.placements)
     sync.save(f"{out}/tp_sync", {"model": model_sd, "optim": optim_sd})
     references["tp"] = next_step_reference(model, optimizer, dp)
+    # The reverse: FSDP2's checkpoint resumed by FSDP2 over tensor parallelism.
+    report["fsdp_into_tp"] = resume(out, "fsdp_sync", references["fsdp"], tp=True)
     if dist.get_rank() == 0:
         torch.save(references, f"{out}/reference.pt")
     report["next_loss"] = {name: r["next_loss"] for name, r in references.items()}
@@ -385,30 +388,36 @@ def assert_state_equal(actual: dict, expected: dict, what: str, exact: bool) -> 
             torch.testing.assert_close(value, expected[key], rtol=1e-5, atol=1e-6, msg=f"{what}: {key}")
 
 
-def phase_fsdp_resume(out: str, report: dict) -> None:
+def resume(out: str, name: str, reference: dict, tp: bool = False, raw: bool = False) -> float:
+    """Builds the model (over tensor parallelism with `tp`), loads checkpoint `name` into it (its
+    module and optimizer state dicts with `raw`, else get_state_dict's), checks the loaded state
+    and the next step against `reference`; returns the next step's loss."""
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
+    model, optimizer, dp = fsdp_model(tp)  # other initial values than the saved ones: step 0
+    model_sd, optim_sd = get_state_dict(model, optimizer)  # initializes AdamW's state
+    if raw:
+        template = {"model": model.state_dict(), "optim": optimizer.state_dict()}
+        loaded = make_sync_checkpointer().load(f"{out}/{name}", state_dict=template)
+        model.load_state_dict(loaded["model"])
+        optimizer.load_state_dict(loaded["optim"])
+    else:
+        loaded = make_sync_checkpointer().load(f"{out}/{name}", state_dict={"model": model_sd, "optim": optim_sd})
+        set_state_dict(model, optimizer, model_state_dict=loaded["model"], optim_state_dict=loaded["optim"])
+    assert_state_equal(full_state(model, optimizer), reference, name, exact=True)
+    loss = fsdp_step(model, optimizer, TRAIN_STEPS, dp)
+    # Tensor-parallel matmuls sum in another order than whole ones.
+    tolerance = 1e-6 if not tp and "tp" not in name else 1e-5
+    assert abs(loss - reference["next_loss"]) <= tolerance * max(1.0, abs(loss)), (name, loss, reference["next_loss"])
+    assert_state_equal(full_state(model, optimizer), reference["after_next"], name, exact=False)
+    return loss
+
+
+def phase_fsdp_resume(out: str, report: dict) -> None:
     references = torch.load(f"{out}/reference.pt", weights_only=True)
-    for name, source in (("fsdp_sync", "fsdp"), ("fsdp_async", "fsdp"), ("tp_sync", "tp")):
-        reference = references[source]
-        model, optimizer, dp = fsdp_model()  # other initial values than the saved ones: step 0
-        if name != "fsdp_async":
-            model_sd, optim_sd = get_state_dict(model, optimizer)  # initializes AdamW's state
-            loaded = make_sync_checkpointer().load(f"{out}/{name}", state_dict={"model": model_sd, "optim": optim_sd})
-            set_state_dict(model, optimizer, model_state_dict=loaded["model"], optim_state_dict=loaded["optim"])
-        else:
-            get_state_dict(model, optimizer)
-            template = {"model": model.state_dict(), "optim": optimizer.state_dict()}
-            loaded = make_sync_checkpointer().load(f"{out}/{name}", state_dict=template)
-            model.load_state_dict(loaded["model"])
-            optimizer.load_state_dict(loaded["optim"])
-        assert_state_equal(full_state(model, optimizer), reference, name, exact=True)
-        loss = fsdp_step(model, optimizer, TRAIN_STEPS, dp)
-        # Tensor-parallel matmuls sum in another order than whole ones.
-        tolerance = 1e-6 if source == "fsdp" else 1e-5
-        assert abs(loss - reference["next_loss"]) <= tolerance * max(1.0, abs(loss)), (name, loss, reference["next_loss"])
-        assert_state_equal(full_state(model, optimizer), reference["after_next"], name, exact=False)
-        report[name] = loss
+    report["fsdp_sync"] = resume(out, "fsdp_sync", references["fsdp"])
+    report["fsdp_async"] = resume(out, "fsdp_async", references["fsdp"], raw=True)
+    report["tp_sync"] = resume(out, "tp_sync", references["tp"])
 
 
 PHASES = {"boxes": phase_boxes, "save": phase_save, "load": phase_load, "fsdp_save": phase_fsdp_save,

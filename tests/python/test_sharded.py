@@ -48,7 +48,8 @@ def test_load_saved_on_two_ranks_at_four(tmp_path):
 @pytest.fixture(scope="module")
 def fsdp_on_four(tmp_path_factory):
     out = tmp_path_factory.mktemp("fsdp_4")
-    torchrun("fsdp_save", 4, out)
+    reports = torchrun("fsdp_save", 4, out)
+    assert all("fsdp_into_tp" in r for r in reports.values())  # FSDP2's checkpoint resumed over TP
     return out
 
 
