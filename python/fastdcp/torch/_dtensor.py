@@ -106,6 +106,10 @@ def local_boxes(global_shape, mesh_shape, coordinate, placements):
     return boxes, replica_index, replica_count
 
 
+# A model's DTensors share a few shapes and layouts: their boxes are computed once (read only).
+_cached_boxes = functools.lru_cache(maxsize=4096)(local_boxes)
+
+
 @functools.lru_cache(maxsize=256)
 def _slice_replicas(mesh) -> tuple[int, int]:
     """(index, count) of this rank among the copies of a sliced mesh's DTensors. A mesh sliced
@@ -135,8 +139,10 @@ def describe_sharded(dtensor):
     of a sliced mesh (_slice_replicas)."""
     mesh = dtensor.device_mesh
     local = dtensor._local_tensor.detach()
-    boxes, replica_index, replica_count = local_boxes(tuple(dtensor.shape), tuple(mesh.shape),
-                                                      mesh.get_coordinate(), dtensor.placements)
+    coordinate = mesh.get_coordinate()
+    boxes, replica_index, replica_count = _cached_boxes(tuple(dtensor.shape), tuple(mesh.shape),
+                                                        None if coordinate is None else tuple(coordinate),
+                                                        tuple(dtensor.placements))
     slice_index, slice_count = _slice_replicas(mesh)
     replica_index, replica_count = slice_index * replica_count + replica_index, slice_count * replica_count
     chunks = []
