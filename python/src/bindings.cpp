@@ -198,6 +198,10 @@ bool all_tensors_on_cpu(const Value& root) {
     stack.pop_back();
     if (v->is_tensor()) {
       if (!v->as_tensor().device().is_cpu()) return false;
+    } else if (v->is_sharded()) {
+      for (const ShardChunk& chunk : v->as_sharded().chunks) {
+        if (!chunk.data.device().is_cpu()) return false;
+      }
     } else if (v->kind() == Value::Kind::kDict) {
       for (const auto& [key, child] : v->entries()) stack.push_back(&child);
     } else if (v->kind() == Value::Kind::kList || v->kind() == Value::Kind::kTuple) {

@@ -75,6 +75,12 @@ class TreeConverter {
   //     of the named fastdcp dtype
   //   native_ops (optional) -> a capsule of NativeTensorOps, see Note [Native tensor ops]
   //   apply_traits(t, trait_flags, framework_dtype) (optional) -> a loaded tensor with its traits
+  //   sharded_type (optional) -> the framework's sharded tensor type (torch's DTensor), whose
+  //     objects become sharded tensors (Note [Sharded tensors]) through
+  //   describe_sharded(obj) -> (global shape tuple, dtype_name, [(global offset tuple, view of
+  //     the local tensor)], replica_index, replica_count), the first view at the local origin;
+  //   local_tensor(obj) -> its local tensor; rebuild_sharded(source, staged local or None) -> a
+  //     sharded tensor like source over the staged copy of its local tensor
   explicit TreeConverter(nb::object adapter) : adapter_(std::move(adapter)) {
     is_tensor_ = adapter_.attr("is_tensor");
     // Frameworks may name a tensor type and dtype table: then tensors are described here, without a
@@ -107,6 +113,12 @@ class TreeConverter {
     make_view_ = adapter_.attr("make_view");
     if (nb::hasattr(adapter_, "typed_view")) typed_view_ = adapter_.attr("typed_view");
     if (nb::hasattr(adapter_, "apply_traits")) apply_traits_ = adapter_.attr("apply_traits");
+    if (nb::hasattr(adapter_, "sharded_type") && !adapter_.attr("sharded_type").is_none()) {
+      sharded_type_ = adapter_.attr("sharded_type");
+      describe_sharded_ = adapter_.attr("describe_sharded");
+      local_tensor_ = adapter_.attr("local_tensor");
+      rebuild_sharded_ = adapter_.attr("rebuild_sharded");
+    }
     deepcopy_ = adapter_.attr("deepcopy");
     rebuild_container_ = adapter_.attr("rebuild_container");
     object_state_ = adapter_.attr("object_state");
@@ -273,6 +285,8 @@ class TreeConverter {
     } else if (PyTuple_Check(p)) {
       dst = Value::tuple();
       stack.push_back({obj, &dst});
+    } else if (sharded_type_.is_valid() && PyObject_TypeCheck(p, reinterpret_cast<PyTypeObject*>(sharded_type_.ptr()))) {
+      dst = Value(sharded_at(obj));  // before the tensor checks: a DTensor is a torch.Tensor
     } else if (python::NativeTensorDescription d; native_ops_ && describe_natively(p, d)) {
       Tensor t = make_source_tensor(d.storage_data, d.storage_nbytes, d.device_type, d.device_index,
                                     static_cast<DType>(d.dtype), Dims(std::span<const int64_t>(d.shape, static_cast<size_t>(d.ndim))),
@@ -326,8 +340,9 @@ class TreeConverter {
   }
 
   // A framework tensor as a source tensor. One that cannot be used (a meta or sparse tensor, a
-  // device fastdcp does not handle) is refused with its key path and the adapter's reason.
-  Tensor tensor_at(nb::handle obj, bool fast) {
+  // device fastdcp does not handle) is refused with its key path (that of `leaf`, the tree's
+  // object it belongs to, when given) and the adapter's reason.
+  Tensor tensor_at(nb::handle obj, bool fast, nb::handle leaf = nb::handle()) {
     try {
       if (fast) {
         try {
@@ -338,10 +353,42 @@ class TreeConverter {
       }
       return to_tensor(obj);
     } catch (const std::exception& e) {
-      const auto* python = dynamic_cast<const nb::python_error*>(&e);
-      const std::string why = python ? nb::cast<std::string>(nb::str(python->value())) : e.what();
-      throw Error(ErrorCode::kInvalidArgument, "cannot checkpoint the tensor at '" + path_of(root_, obj) + "': " + why);
+      refuse(leaf.is_valid() ? leaf : obj, "tensor", e);
     }
+  }
+
+  [[noreturn]] void refuse(nb::handle leaf, const char* what, const std::exception& e) const {
+    const auto* python = dynamic_cast<const nb::python_error*>(&e);
+    const std::string why = python ? nb::cast<std::string>(nb::str(python->value())) : e.what();
+    throw Error(ErrorCode::kInvalidArgument,
+                std::string("cannot checkpoint the ") + what + " at '" + path_of(root_, leaf) + "': " + why);
+  }
+
+  // A framework sharded tensor (DTensor) as this rank's boxes of it: views of its local tensor.
+  ShardedTensor sharded_at(nb::handle obj) {
+    nb::tuple d;
+    ShardedTensor out;
+    try {
+      d = nb::cast<nb::tuple>(describe_sharded_(obj));
+      out.global_shape = dims_from_tuple(d[0]);
+      const auto dtype = dtype_from_name(nb::cast<std::string>(d[1]));
+      if (!dtype) throw Error(ErrorCode::kInvalidArgument, "unsupported dtype " + nb::cast<std::string>(d[1]));
+      out.dtype = *dtype;
+      out.replica_index = nb::cast<int>(d[3]);
+      out.replica_count = nb::cast<int>(d[4]);
+    } catch (const std::exception& e) {
+      refuse(obj, "DTensor", e);
+    }
+    for (nb::handle chunk : nb::cast<nb::list>(d[2])) {
+      out.chunks.push_back(ShardChunk{dims_from_tuple(chunk[0]), tensor_at(chunk[1], /*fast=*/true, obj)});
+    }
+    try {
+      out.validate("");
+    } catch (const Error&) {
+      out.validate(path_of(root_, obj));  // fails again, naming the key: finding it walks the tree
+      throw;
+    }
+    return out;
   }
 
   // The torch path: attribute calls from C++ instead of a Python function per tensor.
@@ -453,6 +500,7 @@ class TreeConverter {
     };
     const auto leaf = [&](nb::handle src, const Value& v) -> nb::object {
       if (v.is_tensor()) return mirror ? staged_tensor(src, v.as_tensor()) : loaded_tensor(v.as_tensor());
+      if (v.is_sharded()) return staged_sharded(mirror ? src : nb::handle(), v.as_sharded());
       if (v.kind() == Value::Kind::kTuple) return copy_opaque(src);  // see opaque()
       return scalar(v);
     };
@@ -536,23 +584,47 @@ class TreeConverter {
     }
   }
 
+  // The key path of the value build() is at.
+  std::string build_path() const {
+    std::string path;
+    for (const auto& step : path_) {
+      if (step.key) {
+        append_key_path(path, DictKey(nb::cast<std::string>(nb::str(step.key))));
+      } else {
+        append_index_path(path, step.index);
+      }
+    }
+    return path;
+  }
+
   // Opaque leaves are deep-copied by Python; a failure names the leaf's key path.
   nb::object copy_opaque(nb::handle src) {
     try {
       return deepcopy_(src);
     } catch (nb::python_error& e) {
-      std::string path;
-      for (const auto& step : path_) {
-        if (step.key) {
-          append_key_path(path, DictKey(nb::cast<std::string>(nb::str(step.key))));
-        } else {
-          append_index_path(path, step.index);
-        }
-      }
-      const std::string message = "cannot copy the state dict value at '" + path + "' (a " +
+      const std::string message = "cannot copy the state dict value at '" + build_path() + "' (a " +
                                   Py_TYPE(src.ptr())->tp_name + ")";
       nb::raise_from(e, e.type().ptr(), "%s", message.c_str());
     }
+  }
+
+  // The staged copy of a sharded tensor: one like the source over the staged copy of its local
+  // tensor. Staging keeps each view's strides and offset in its staged buffer, so the staged local
+  // tensor is the first chunk's view (which starts at the local origin) widened to the local shape.
+  // A sharded tensor without its source (a tree received from another process) has no mesh to
+  // rebuild it on.
+  nb::object staged_sharded(nb::handle src, const ShardedTensor& s) {
+    if (!src.is_valid() || !rebuild_sharded_.is_valid()) {
+      throw Error(ErrorCode::kInvalidArgument, "the sharded tensor at '" + build_path() +
+                                                   "' cannot be rebuilt without its device mesh: write it with "
+                                                   "fastdcp's CheckpointWriter, or load it (as a full tensor)");
+    }
+    if (s.chunks.empty()) return rebuild_sharded_(src, nb::none());
+    nb::object local_src = local_tensor_(src);
+    const Tensor& first = s.chunks.front().data;
+    const Tensor local(first.storage(), first.dtype(), dims_from_tuple(local_src.attr(names_.shape)), first.strides(),
+                       first.storage_offset());
+    return rebuild_sharded_(src, staged_tensor(local_src, local));
   }
 
   nb::object loaded_tensor(const Tensor& t) {
@@ -593,6 +665,7 @@ class TreeConverter {
       if (is_tensor_(py).ptr() == Py_True) return nb::borrow(py);
       return loaded_tensor(v.as_tensor());
     }
+    if (v.is_sharded()) return nb::borrow(py);  // the template's DTensor, filled in place
     if (PyDict_Check(p) && v.kind() == Value::Kind::kDict) {
       nb::list keys = nb::steal<nb::list>(PyDict_Keys(p));
       for (nb::handle key : keys) {
@@ -732,6 +805,7 @@ class TreeConverter {
   nb::object finish_view_;
   nb::object typed_view_;  // typed_view(byte_storage, dtype_name, shape, strides, offset), for loading
   nb::object apply_traits_, is_parameter_;
+  nb::object sharded_type_, describe_sharded_, local_tensor_, rebuild_sharded_;  // Note [Sharded tensors]
   bool autograd_traits_ = false;  // see to_python
   bool copy_attributes_ = false;
   nb::object native_ops_owner_;  // the capsule (and module) that native_ops_ points into

@@ -2,29 +2,17 @@
 TCPStoreBarrier, a save in which one rank fails in its writer, and one in which a rank's state
 cannot be staged (tests/python/multirank_main.py)."""
 
-import json
-import os
-import subprocess
-import sys
 from pathlib import Path
+
+from conftest import run_torchrun
 
 WORLD_SIZE = 4
 
 
 def test_four_ranks_save_load_and_fail_together(tmp_path):
     script = Path(__file__).with_name("multirank_main.py")
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    result = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={WORLD_SIZE}",
-         str(script), str(tmp_path)],
-        env=env, capture_output=True, text=True, timeout=600)
-    reports = {}
-    for rank in range(WORLD_SIZE):
-        report_file = tmp_path / f"rank_{rank}.json"
-        if report_file.exists():
-            reports[rank] = json.loads(report_file.read_text())
-    details = f"exit {result.returncode}\n{json.dumps(reports, indent=1)}\n{result.stderr[-4000:]}"
-    assert result.returncode == 0, details
+    returncode, reports, details = run_torchrun(script, WORLD_SIZE, [tmp_path], lambda rank: tmp_path / f"rank_{rank}.json")
+    assert returncode == 0, details
     assert sorted(reports) == list(range(WORLD_SIZE)), details
     for rank, report in reports.items():
         assert report["sync"] == "ok" and report["async"] == "ok", details

@@ -5,6 +5,7 @@ import copy
 import torch
 
 from fastdcp._adapters import _CPU, _CUDA, _object_state, _rebuild_container, _rebuild_object
+from fastdcp.torch import _dtensor
 
 # fastdcp dtype names; dtypes without one travel as raw bytes of the same width, with the torch
 # dtype recorded beside them (Note [Tensor traits]) and restored on load.
@@ -57,6 +58,18 @@ class TorchAdapter:
     as_strided = staticmethod(torch.as_strided)
     native_ops = _native_ops()
     copy_attributes = True  # a tensor's Python attributes are deep-copied onto its staged copy
+    # DTensors are sharded tensors: the boxes of the global tensor their local tensor holds.
+    sharded_type = _dtensor.DTensor
+    local_tensor = staticmethod(_dtensor.local_tensor)
+    rebuild_sharded = staticmethod(_dtensor.rebuild_sharded)
+
+    @staticmethod
+    def describe_sharded(dtensor):
+        shape, dtype, chunks, replica_index, replica_count = _dtensor.describe_sharded(dtensor)
+        name = _NAMES.get(dtype)
+        if name is None:
+            raise ValueError(f"DTensors of dtype {dtype} are not supported")
+        return shape, name, chunks, replica_index, replica_count
 
     @staticmethod
     def finish_view(source, view):
