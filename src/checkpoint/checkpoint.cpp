@@ -664,6 +664,16 @@ std::string list_keys(const std::vector<std::string>& keys) {
   return out;
 }
 
+// A strict load with missing or unexpected keys fails before anything changes.
+void check_strict(const LoadResult& result, bool strict, const std::string& path) {
+  if (!strict || (result.missing_keys.empty() && result.unexpected_keys.empty())) return;
+  std::string message = "strict load of '" + path + "' refused; nothing was changed.";
+  if (!result.missing_keys.empty()) message += " Missing from the checkpoint: " + list_keys(result.missing_keys) + ".";
+  if (!result.unexpected_keys.empty()) message += " Not in the target: " + list_keys(result.unexpected_keys) + ".";
+  // kFailedPrecondition, a RuntimeError in Python, as upstream's strict load raises.
+  throw Error(ErrorCode::kFailedPrecondition, message);
+}
+
 }  // namespace
 
 LoadResult CheckpointReader::read_into(const std::string& path, Value& target, bool strict) const {
@@ -677,13 +687,7 @@ LoadResult CheckpointReader::read_into(const std::string& path, Value& target, b
   const Value source = header.build_tree(storages);
   LoadPlan plan;
   plan_load(target, source, plan);
-  if (strict && (!plan.result.missing_keys.empty() || !plan.result.unexpected_keys.empty())) {
-    std::string message = "strict load of '" + path + "' refused; nothing was changed.";
-    if (!plan.result.missing_keys.empty()) message += " Missing from the checkpoint: " + list_keys(plan.result.missing_keys) + ".";
-    if (!plan.result.unexpected_keys.empty()) message += " Not in the target: " + list_keys(plan.result.unexpected_keys) + ".";
-    // kFailedPrecondition, a RuntimeError in Python, as upstream's strict load raises.
-    throw Error(ErrorCode::kFailedPrecondition, message);
-  }
+  check_strict(plan.result, strict, path);
   // Which entries to read, and which of them can land in the target's memory directly: a tensor
   // that is its storage, whole and contiguous, into a contiguous target.
   std::unordered_map<const StorageImpl*, size_t> entry_of;
@@ -708,6 +712,41 @@ LoadResult CheckpointReader::read_into(const std::string& path, Value& target, b
     if (!direct[c]) copy_tensor(plan.copies[c].first, plan.copies[c].second);
   }
   for (auto& [t, s] : plan.leaves) *t = s->clone();
+  return std::move(plan.result);
+}
+
+LoadResult load_into(Value& target, const Value& source, bool strict, const std::string& source_name) {
+  LoadPlan plan;
+  plan_load(target, source, plan);
+  check_strict(plan.result, strict, source_name);
+  for (const auto& [t, s] : plan.copies) copy_tensor(t, s);
+  // Subtrees taken whole: their tensors move onto copies of their storages (views of one storage
+  // stay views of one copy), so that nothing the caller gets back aliases `source`.
+  std::unordered_map<const StorageImpl*, Storage> copies;
+  for (auto& [t, s] : plan.leaves) {
+    *t = s->clone();
+    std::vector<Value*> stack{t};
+    while (!stack.empty()) {
+      Value* v = stack.back();
+      stack.pop_back();
+      if (v->is_tensor()) {
+        const Tensor& old = v->as_tensor();
+        if (!old.device().is_cpu()) throw Error(ErrorCode::kInvalidArgument, source_name + ": load_into takes CPU sources");
+        auto [it, fresh] = copies.try_emplace(old.storage().identity());
+        if (fresh) {
+          it->second = allocate_for_reading(old.storage().nbytes());
+          if (old.storage().nbytes() > 0) std::memcpy(it->second.data(), old.storage().data(), old.storage().nbytes());
+        }
+        Tensor moved(it->second, old.dtype(), old.shape(), old.strides(), old.storage_offset());
+        moved.share_traits(old);
+        *v = Value(std::move(moved));
+      } else if (v->kind() == Value::Kind::kDict) {
+        for (auto& [key, child] : v->entries()) stack.push_back(&child);
+      } else if (v->kind() == Value::Kind::kList || v->kind() == Value::Kind::kTuple) {
+        for (Value& child : v->items()) stack.push_back(&child);
+      }
+    }
+  }
   return std::move(plan.result);
 }
 

@@ -1,0 +1,321 @@
+"""Reading the checkpoints torch writes, so that a job can resume from what it already has:
+torch.distributed.checkpoint (DCP: ``.metadata`` + ``*.distcp``, from ``dcp.save`` with the
+file-system writer) and the ``_experimental`` checkpointer (``checkpoint_<rank>.pt``).
+
+``fastdcp.torch``'s load (the checkpointers' ``load`` and ``CheckpointReader.read``) recognises
+these directories and loads them with fastdcp's semantics; ``fastdcp convert`` (``convert.py``)
+rewrites them as fastdcp checkpoints.
+
+Note [Reading other formats safely]
+A checkpoint may come from anywhere, and unrestricted pickle runs whatever a file asks it to.
+Nothing here uses it: tensor streams and the ``_experimental`` files are read with
+``torch.load(weights_only=True)``, and DCP's ``.metadata`` pickle with an unpickler that resolves
+only the classes DCP's metadata is made of (``_METADATA_GLOBALS``, torch's dtypes, and torch's
+layout lookup); any other global is refused with ``UnsafeCheckpointError`` naming it, before
+anything is called. Byte ranges are checked against the file before they are read, so a damaged
+or hostile ``.metadata`` fails with ``DataLossError`` naming the file and the key.
+"""
+
+import io
+import os
+import pickle
+import re
+from typing import Any
+
+import torch
+
+from fastdcp import DataLossError
+
+__all__ = ["DCP", "EXPERIMENTAL", "FASTDCP", "UnsafeCheckpointError", "checkpoint_format", "read_state_dict",
+           "world_size"]
+
+FASTDCP, DCP, EXPERIMENTAL = "fastdcp", "dcp", "torch_experimental"
+_RANK_FILE = re.compile(r"checkpoint_(\d+)\.pt$")
+
+
+class UnsafeCheckpointError(DataLossError, pickle.UnpicklingError):
+    """A pickle in a checkpoint asks for something fastdcp will not run: a global outside DCP's
+    metadata classes, or a value ``torch.load(weights_only=True)`` refuses. A ``DataLossError``
+    (a ``RuntimeError``) and a ``pickle.UnpicklingError``, what ``torch.load`` raises then."""
+
+
+def checkpoint_format(path: str) -> str:
+    """FASTDCP, DCP or EXPERIMENTAL, by the files in ``path``; FASTDCP when none matches, so that
+    fastdcp's reader reports what is missing."""
+    if os.path.isfile(os.path.join(path, "manifest.json")):
+        return FASTDCP
+    if os.path.isfile(os.path.join(path, ".metadata")):
+        return DCP
+    try:
+        names = os.listdir(path)
+    except OSError:
+        return FASTDCP
+    return EXPERIMENTAL if any(_RANK_FILE.match(n) for n in names) else FASTDCP
+
+
+def world_size(path: str, fmt: str) -> int:
+    """How many ranks' state dicts a DCP or _experimental checkpoint holds: 1 for DCP, whose state
+    dict is global; the number of rank files for _experimental."""
+    if fmt == DCP:
+        return 1
+    ranks = _saved_ranks(path)
+    if ranks != list(range(len(ranks))):
+        raise FileNotFoundError(f"'{path}' has the rank files of ranks {ranks}: ranks "
+                                f"{sorted(set(range(max(ranks) + 1)) - set(ranks))} are missing")
+    return len(ranks)
+
+
+def _saved_ranks(path: str) -> list[int]:
+    return sorted(int(m.group(1)) for m in map(_RANK_FILE.match, os.listdir(path)) if m)
+
+
+def read_state_dict(path: str, fmt: str, rank: int = 0, *, mmap: bool = False) -> dict:
+    """The whole state dict of a DCP checkpoint (any rank gets all of it, tensors whole), or rank
+    ``rank``'s of an _experimental one, as CPU tensors."""
+    path = str(path)
+    if fmt == DCP:
+        return _read_dcp(path)
+    if fmt == EXPERIMENTAL:
+        return _read_experimental(path, rank, mmap)
+    raise ValueError(f"read_state_dict: {fmt!r} is not a format of torch's (use {DCP!r} or {EXPERIMENTAL!r})")
+
+
+def _torch_load(stream, where: str, **kwargs) -> Any:
+    """torch.load(weights_only=True), its failures naming ``where``."""
+    try:
+        return torch.load(stream, map_location="cpu", weights_only=True, **kwargs)
+    except pickle.UnpicklingError as error:
+        raise UnsafeCheckpointError(
+            f"{where}: torch.load(weights_only=True) refused it (fastdcp never unpickles checkpoints "
+            f"unrestricted; if you trust the file, allow the type with torch.serialization.add_safe_globals): "
+            f"{error}") from error
+    except (RuntimeError, EOFError, ValueError, KeyError) as error:
+        raise DataLossError(f"{where}: not a readable torch.save stream (truncated or damaged): {error}") from error
+
+
+# ---- torch's _experimental checkpointer -----------------------------------------------------
+
+def _read_experimental(path: str, rank: int, mmap: bool) -> dict:
+    file = os.path.join(path, f"checkpoint_{rank}.pt")
+    if not os.path.isfile(file):
+        raise FileNotFoundError(f"no rank file '{file}': the _experimental checkpoint at '{path}' has the files "
+                                f"of ranks {_saved_ranks(path)}, and each rank loads its own; load it with the "
+                                f"world size that saved it")
+    return _torch_load(file, f"'{file}'", mmap=mmap)
+
+
+# ---- DCP ---------------------------------------------------------------------------------------
+
+# Every global a DCP .metadata pickle names (torch 2.13's FileSystemWriter), and nothing else.
+_METADATA_GLOBALS = {
+    ("torch.distributed.checkpoint.metadata", name) for name in (
+        "Metadata", "TensorStorageMetadata", "BytesStorageMetadata", "ChunkStorageMetadata", "TensorProperties",
+        "_MEM_FORMAT_ENCODING", "MetadataIndex", "StorageMeta")
+} | {
+    ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
+    ("torch", "Size"),
+    ("torch.serialization", "_get_layout"),  # a layout by name: torch.strided
+    ("pathlib", "PosixPath"),  # StorageMeta.checkpoint_id
+    ("pathlib", "PurePosixPath"),
+    ("collections", "OrderedDict"),
+}
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    def __init__(self, file, name: str):
+        super().__init__(file)
+        self._name = name
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) in _METADATA_GLOBALS:
+            return super().find_class(module, name)
+        if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
+            return getattr(torch, name)
+        raise UnsafeCheckpointError(
+            f"'{self._name}' asks to unpickle {module}.{name}, which is not one of DCP's metadata classes; "
+            f"fastdcp refuses it (the file is damaged, hostile, or was written by a custom DCP planner)")
+
+    def persistent_load(self, pid: Any) -> Any:
+        raise UnsafeCheckpointError(f"'{self._name}' holds a persistent id, which DCP's metadata never does")
+
+
+def _read_metadata(path: str):
+    from torch.distributed.checkpoint.filesystem import _StorageInfo
+    from torch.distributed.checkpoint.metadata import Metadata, MetadataIndex
+
+    name = os.path.join(path, ".metadata")
+    with open(name, "rb") as f:
+        try:
+            metadata = _MetadataUnpickler(f, name).load()
+        except UnsafeCheckpointError:
+            raise
+        except Exception as error:  # any malformed pickle
+            raise DataLossError(f"'{name}' is not a readable DCP metadata pickle: {error!r}") from error
+    ok = (isinstance(metadata, Metadata) and isinstance(metadata.state_dict_metadata, dict)
+          and isinstance(metadata.storage_data, dict)
+          and all(isinstance(k, MetadataIndex) and isinstance(v, _StorageInfo) for k, v in metadata.storage_data.items())
+          and (metadata.planner_data is None or isinstance(metadata.planner_data, dict)))
+    if not ok:
+        raise DataLossError(f"'{name}' is not DCP metadata of the file-system writer (torch.distributed.checkpoint"
+                            f".FileSystemWriter): it unpickled to {type(metadata).__name__} with unexpected contents")
+    return name, metadata
+
+
+class _DcpFiles:
+    """The .distcp files of one checkpoint, opened once each; reads byte ranges checked against
+    the file's size."""
+
+    def __init__(self, path: str):
+        self._path = path
+        self._files: dict[str, tuple[int, int, str]] = {}  # relative path -> (fd, size, full path)
+
+    def read(self, info, key: str) -> tuple[bytes, str]:
+        relative = info.relative_path
+        if relative not in self._files:
+            full = os.path.join(self._path, relative)
+            if os.path.basename(relative) != relative:
+                raise DataLossError(f"'{self._path}/.metadata' names the data file '{relative}' outside the "
+                                    f"checkpoint directory (for '{key}')")
+            try:
+                fd = os.open(full, os.O_RDONLY | os.O_CLOEXEC)
+            except FileNotFoundError:
+                raise FileNotFoundError(f"DCP data file '{full}' (holding '{key}') does not exist") from None
+            self._files[relative] = (fd, os.fstat(fd).st_size, full)
+        fd, size, full = self._files[relative]
+        begin, length = int(info.offset), int(info.length)
+        where = f"'{full}', bytes {begin} to {begin + length} ('{key}')"
+        if begin < 0 or length < 0 or begin + length > size:
+            raise DataLossError(f"{where}: outside the file, which has {size} bytes (truncated, or the "
+                                f".metadata belongs to another save)")
+        data = os.pread(fd, length, begin)
+        if len(data) != length:
+            raise DataLossError(f"{where}: read {len(data)} bytes; the file changed while it was read")
+        return data, where
+
+    def close(self) -> None:
+        for fd, _, _ in self._files.values():
+            os.close(fd)
+        self._files.clear()
+
+
+def _load_item(files: _DcpFiles, info, key: str) -> Any:
+    """One saved item: a torch.save stream in a byte range of a .distcp file."""
+    if info.transform_descriptors:
+        raise ValueError(f"'{key}' in '{files._path}' was saved through DCP stream extensions "
+                         f"{list(info.transform_descriptors)} (e.g. compression), which fastdcp does not read; "
+                         f"load it with dcp.load and save it again without extensions")
+    data, where = files.read(info, key)
+    return _torch_load(io.BytesIO(data), where)
+
+
+def _chunk_tensor(files: _DcpFiles, info, key: str, dtype: torch.dtype, sizes) -> torch.Tensor:
+    tensor = _load_item(files, info, key)
+    if not isinstance(tensor, torch.Tensor) or tensor.dtype != dtype or tuple(tensor.shape) != tuple(sizes):
+        got = f"{tensor.dtype}{list(tensor.shape)}" if isinstance(tensor, torch.Tensor) else type(tensor).__name__
+        raise DataLossError(f"'{files._path}': the chunk of '{key}' holds {got}, the metadata says "
+                            f"{dtype}{list(sizes)}")
+    return tensor
+
+
+def _full_tensor(files: _DcpFiles, key: str, md, storage: dict) -> torch.Tensor:
+    """One tensor, assembled from its saved chunks (one per shard of a DTensor or ShardedTensor
+    save, after DCP's deduplication of replicas)."""
+    dtype, size = md.properties.dtype, tuple(md.size)
+    chunks = []
+    for chunk in md.chunks:
+        offsets, sizes = tuple(chunk.offsets), tuple(chunk.sizes)
+        if len(offsets) != len(size) or len(sizes) != len(size) or any(
+                o < 0 or s < 0 or o + s > d for o, s, d in zip(offsets, sizes, size)):
+            raise DataLossError(f"'{files._path}/.metadata': a chunk of '{key}' at {list(offsets)} of size "
+                                f"{list(sizes)} lies outside its tensor of size {list(size)}")
+        info = storage.get((key, offsets))
+        if info is None:
+            raise DataLossError(f"'{files._path}/.metadata' has no storage entry for the chunk of '{key}' at "
+                                f"{list(offsets)}")
+        chunks.append((offsets, sizes, info))
+    numel = 1
+    for d in size:
+        numel *= d
+    covered = sum(torch.Size(sizes).numel() for _, sizes, _ in chunks)
+    if covered != numel:
+        raise DataLossError(f"'{files._path}/.metadata': the chunks of '{key}' cover {covered} of its {numel} "
+                            f"elements")
+    full = torch.empty(size, dtype=dtype)  # as dcp.load gives it: contiguous, owning only its elements
+    if len(chunks) == 1:
+        tensor = _chunk_tensor(files, chunks[0][2], key, dtype, size)
+        return tensor if tensor.stride() == full.stride() and tensor.untyped_storage().nbytes() == tensor.nbytes \
+            else full.copy_(tensor)
+    for offsets, sizes, info in chunks:
+        target = full
+        for dim, (o, s) in enumerate(zip(offsets, sizes)):
+            target = target.narrow(dim, o, s)
+        target.copy_(_chunk_tensor(files, info, key, dtype, sizes))
+    return full
+
+
+def _set_at(root: dict, path: tuple, value: Any) -> None:
+    """Puts ``value`` at ``path`` (dict keys: str, list indices: int), making dicts and lists on
+    the way, as dcp.load rebuilds a state dict from its flattened keys."""
+    node: Any = root
+    for step, following in zip(path, path[1:] + (None,)):
+        fresh = value if following is None else ({} if isinstance(following, str) else [])
+        if isinstance(node, list):
+            if not isinstance(step, int) or step < 0:
+                raise DataLossError(f"DCP key path {path!r}: {step!r} indexes a list")
+            node.extend([None] * (step + 1 - len(node)))
+            if following is None or node[step] is None:
+                node[step] = fresh
+            node = node[step]
+        else:
+            if following is None:
+                node[step] = value
+            else:
+                node = node.setdefault(step, fresh)
+        if following is not None and not isinstance(node, (dict, list)):
+            raise DataLossError(f"DCP key path {path!r}: {step!r} holds a value, not a container")
+
+
+def _read_dcp(path: str) -> dict:
+    from torch.distributed.checkpoint.metadata import BytesStorageMetadata, TensorStorageMetadata
+
+    name, metadata = _read_metadata(path)
+    storage = {(index.fqn, None if index.offset is None else tuple(index.offset)): info
+               for index, info in metadata.storage_data.items()}
+    mappings = metadata.planner_data or {}
+    files = _DcpFiles(path)
+    state: dict = {}
+    try:
+        for key, md in metadata.state_dict_metadata.items():
+            if isinstance(md, TensorStorageMetadata):
+                value = _full_tensor(files, key, md, storage)
+            elif isinstance(md, BytesStorageMetadata):
+                info = storage.get((key, None))
+                if info is None:
+                    raise DataLossError(f"'{name}' has no storage entry for '{key}'")
+                value = _load_item(files, info, key)
+            else:
+                raise DataLossError(f"'{name}': '{key}' has metadata of type {type(md).__name__}")
+            key_path = mappings.get(key, (key,))
+            if not isinstance(key_path, tuple) or not key_path or not all(isinstance(p, (str, int)) for p in key_path):
+                raise DataLossError(f"'{name}': the key path of '{key}' is {key_path!r}")
+            _set_at(state, key_path, value)
+    finally:
+        files.close()
+    return state
+
+
+def adopt_key_types(source: Any, template: Any) -> None:
+    """DCP stores dict keys as strings ("state.0.exp_avg"): where ``template`` has an int key whose
+    string ``source`` has instead (an optimizer's state), the source takes the int, as dcp.load
+    fills such a template. Changes ``source`` in place."""
+    stack = [(source, template)]
+    while stack:
+        s, t = stack.pop()
+        if isinstance(s, dict) and isinstance(t, dict):
+            for key in list(t):
+                if isinstance(key, int) and key not in s and str(key) in s:
+                    s[key] = s.pop(str(key))
+                if key in s:
+                    stack.append((s[key], t[key]))
+        elif isinstance(s, (list, tuple)) and isinstance(t, (list, tuple)):
+            stack.extend(zip(s, t))
