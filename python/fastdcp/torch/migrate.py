@@ -161,6 +161,41 @@ def _read_metadata(path: str):
     return name, metadata
 
 
+class _FileSlice(io.RawIOBase):
+    """Bytes [begin, begin + length) of an open file as a seekable stream. torch.load reads each
+    record with readinto, here one pread straight into the tensor's memory, with the GIL released."""
+
+    def __init__(self, fd: int, begin: int, length: int):
+        super().__init__()
+        self._fd, self._begin, self._length, self._pos = fd, begin, length, 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._pos
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: self._length}[whence]
+        self._pos = max(0, base + offset)
+        return self._pos
+
+    def readinto(self, buffer) -> int:
+        view = memoryview(buffer).cast("B")
+        n = max(0, min(len(view), self._length - self._pos))
+        done = 0
+        while done < n:
+            got = os.preadv(self._fd, [view[done:n]], self._begin + self._pos + done)
+            if got == 0:
+                break  # the file shrank under us: torch.load reports the short record
+            done += got
+        self._pos += done
+        return done
+
+
 class _DcpFiles:
     """The .distcp files of one checkpoint, opened once each; reads byte ranges checked against
     the file's size."""
@@ -169,7 +204,7 @@ class _DcpFiles:
         self._path = path
         self._files: dict[str, tuple[int, int, str]] = {}  # relative path -> (fd, size, full path)
 
-    def read(self, info, key: str) -> tuple[bytes, str]:
+    def read(self, info, key: str) -> tuple[_FileSlice, str]:
         relative = info.relative_path
         if relative not in self._files:
             full = os.path.join(self._path, relative)
@@ -187,10 +222,7 @@ class _DcpFiles:
         if begin < 0 or length < 0 or begin + length > size:
             raise DataLossError(f"{where}: outside the file, which has {size} bytes (truncated, or the "
                                 f".metadata belongs to another save)")
-        data = os.pread(fd, length, begin)
-        if len(data) != length:
-            raise DataLossError(f"{where}: read {len(data)} bytes; the file changed while it was read")
-        return data, where
+        return _FileSlice(fd, begin, length), where
 
     def close(self) -> None:
         for fd, _, _ in self._files.values():
@@ -205,7 +237,7 @@ def _load_item(files: _DcpFiles, info, key: str) -> Any:
                          f"{list(info.transform_descriptors)} (e.g. compression), which fastdcp does not read; "
                          f"load it with dcp.load and save it again without extensions")
     data, where = files.read(info, key)
-    return _torch_load(io.BytesIO(data), where)
+    return _torch_load(data, where)
 
 
 def _chunk_tensor(files: _DcpFiles, info, key: str, dtype: torch.dtype, sizes) -> torch.Tensor:
