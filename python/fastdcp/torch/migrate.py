@@ -1,6 +1,8 @@
 """Reading the checkpoints torch writes, so that a job can resume from what it already has:
 torch.distributed.checkpoint (DCP: ``.metadata`` + ``*.distcp``, from ``dcp.save`` with the
-file-system writer) and the ``_experimental`` checkpointer (``checkpoint_<rank>.pt``).
+file-system writer, its tensors as torch.save streams or, with ``serialization_format=SAFETENSORS``,
+in a safetensors file appended to each data file) and the ``_experimental`` checkpointer
+(``checkpoint_<rank>.pt``).
 
 ``fastdcp.torch``'s load (the checkpointers' ``load`` and ``CheckpointReader.read``) recognises
 these directories and loads them with fastdcp's semantics; ``fastdcp convert`` (``convert.py``)
@@ -17,6 +19,7 @@ or hostile ``.metadata`` fails with ``DataLossError`` naming the file and the ke
 """
 
 import io
+import json
 import os
 import pickle
 import re
@@ -25,11 +28,13 @@ from typing import Any
 import torch
 
 from fastdcp import DataLossError
+from fastdcp.torch._adapter import _DTYPES as _SAFETENSORS_DTYPES  # fastdcp's dtype names are safetensors'
 
 __all__ = ["DCP", "EXPERIMENTAL", "FASTDCP", "UnsafeCheckpointError", "checkpoint_format", "read_state_dict",
            "world_size"]
 
 FASTDCP, DCP, EXPERIMENTAL = "fastdcp", "dcp", "torch_experimental"
+
 _RANK_FILE = re.compile(r"checkpoint_(\d+)\.pt$")
 
 
@@ -203,9 +208,9 @@ class _DcpFiles:
     def __init__(self, path: str):
         self._path = path
         self._files: dict[str, tuple[int, int, str]] = {}  # relative path -> (fd, size, full path)
+        self._headers: dict[tuple[str, int], tuple] = {}  # safetensors blobs: (header, sharding, data start)
 
-    def read(self, info, key: str) -> tuple[_FileSlice, str]:
-        relative = info.relative_path
+    def _open(self, relative: str, key: str) -> tuple[int, int, str]:
         if relative not in self._files:
             full = os.path.join(self._path, relative)
             if os.path.basename(relative) != relative:
@@ -216,13 +221,60 @@ class _DcpFiles:
             except FileNotFoundError:
                 raise FileNotFoundError(f"DCP data file '{full}' (holding '{key}') does not exist") from None
             self._files[relative] = (fd, os.fstat(fd).st_size, full)
-        fd, size, full = self._files[relative]
+        return self._files[relative]
+
+    def read(self, info, key: str) -> tuple[_FileSlice, str]:
+        fd, size, full = self._open(info.relative_path, key)
         begin, length = int(info.offset), int(info.length)
         where = f"'{full}', bytes {begin} to {begin + length} ('{key}')"
         if begin < 0 or length < 0 or begin + length > size:
             raise DataLossError(f"{where}: outside the file, which has {size} bytes (truncated, or the "
                                 f".metadata belongs to another save)")
         return _FileSlice(fd, begin, length), where
+
+    def is_torch_save(self, info, key: str) -> bool:
+        """Whether the item is a torch.save stream (a zip file), rather than the raw bytes of DCP's
+        safetensors serialization."""
+        stream, _ = self.read(info, key)
+        magic = bytearray(4)
+        return stream.readinto(magic) == 4 and magic == b"PK\x03\x04"
+
+    def safetensors_tensor(self, info, key: str, dtype: torch.dtype, sizes: tuple, offsets: tuple) -> torch.Tensor:
+        """A chunk that FileSystemWriter(serialization_format=SAFETENSORS) wrote: every tensor item
+        of a file points at the safetensors file appended after its torch.save'd values, which
+        names each chunk by its key (and its offsets in __metadata__)."""
+        fd, size, full = self._open(info.relative_path, key)
+        blob = int(info.offset)
+        where = f"'{full}', the safetensors data at byte {blob} ('{key}')"
+        cache = self._headers.get((info.relative_path, blob))
+        if cache is None:
+            head = os.pread(fd, 8, blob)
+            n = int.from_bytes(head, "little") if len(head) == 8 else -1
+            if n < 2 or n > 100_000_000 or blob + 8 + n > size:
+                raise DataLossError(f"{where}: neither a torch.save stream nor a safetensors header")
+            try:
+                header = json.loads(os.pread(fd, n, blob + 8))
+                sharding = json.loads(header.get("__metadata__", {}).get("DCP_SHARDING_INFO", "{}"))
+            except (ValueError, AttributeError) as error:
+                raise DataLossError(f"{where}: a broken safetensors header: {error}") from error
+            cache = self._headers[(info.relative_path, blob)] = (header, sharding, blob + 8 + n)
+        header, sharding, data = cache
+        entry = header.get(key)
+        try:
+            saved = sharding.get(key, {}).get("saved_offsets", list(offsets))
+            begin, end = (int(x) for x in entry["data_offsets"])
+            ok = (_SAFETENSORS_DTYPES.get(entry["dtype"]) == dtype and tuple(entry["shape"]) == tuple(sizes)
+                  and tuple(saved) == tuple(offsets))
+        except (TypeError, KeyError, ValueError, AttributeError):
+            ok = False
+        tensor = torch.empty(sizes, dtype=dtype)
+        if not ok or end - begin != tensor.nbytes or data + end > size or begin < 0:
+            raise DataLossError(f"{where}: the safetensors file has {entry!r} for it, the metadata says {dtype}"
+                                f"{list(sizes)} at offsets {list(offsets)}")
+        if tensor.nbytes and _FileSlice(fd, data + begin, tensor.nbytes).readinto(
+                tensor.view(-1).view(torch.uint8).numpy()) != tensor.nbytes:
+            raise DataLossError(f"{where}: the file ended early")
+        return tensor
 
     def close(self) -> None:
         for fd, _, _ in self._files.values():
@@ -240,7 +292,9 @@ def _load_item(files: _DcpFiles, info, key: str) -> Any:
     return _torch_load(data, where)
 
 
-def _chunk_tensor(files: _DcpFiles, info, key: str, dtype: torch.dtype, sizes) -> torch.Tensor:
+def _chunk_tensor(files: _DcpFiles, info, key: str, dtype: torch.dtype, sizes, offsets) -> torch.Tensor:
+    if not info.transform_descriptors and not files.is_torch_save(info, key):
+        return files.safetensors_tensor(info, key, dtype, tuple(sizes), tuple(offsets))
     tensor = _load_item(files, info, key)
     if not isinstance(tensor, torch.Tensor) or tensor.dtype != dtype or tuple(tensor.shape) != tuple(sizes):
         got = f"{tensor.dtype}{list(tensor.shape)}" if isinstance(tensor, torch.Tensor) else type(tensor).__name__
@@ -274,14 +328,14 @@ def _full_tensor(files: _DcpFiles, key: str, md, storage: dict) -> torch.Tensor:
                             f"elements")
     full = torch.empty(size, dtype=dtype)  # as dcp.load gives it: contiguous, owning only its elements
     if len(chunks) == 1:
-        tensor = _chunk_tensor(files, chunks[0][2], key, dtype, size)
+        tensor = _chunk_tensor(files, chunks[0][2], key, dtype, size, chunks[0][0])
         return tensor if tensor.stride() == full.stride() and tensor.untyped_storage().nbytes() == tensor.nbytes \
             else full.copy_(tensor)
     for offsets, sizes, info in chunks:
         target = full
         for dim, (o, s) in enumerate(zip(offsets, sizes)):
             target = target.narrow(dim, o, s)
-        target.copy_(_chunk_tensor(files, info, key, dtype, sizes))
+        target.copy_(_chunk_tensor(files, info, key, dtype, sizes, offsets))
     return full
 
 
