@@ -340,6 +340,12 @@ def test_a_metadata_pickle_that_would_run_a_command_is_refused(dcp_dir, tmp_path
         load_whole(dcp_dir)
     assert isinstance(error.value, fastdcp.DataLossError) and isinstance(error.value, pickle.UnpicklingError)
     assert not marker.exists()
+    # torch's own functions are no exception: only its dtypes, torch.Size and the layout lookup.
+    for module, name in (("torch", "load"), ("torch", "_dynamo"), ("builtins", "eval"), ("torch.serialization", "load")):
+        (dcp_dir / ".metadata").write_bytes(b"\x80\x04\x8c" + bytes([len(module)]) + module.encode() + b"\x8c"
+                                            + bytes([len(name)]) + name.encode() + b"\x93.")
+        with pytest.raises(UnsafeCheckpointError, match=rf"{module}\.{name}"):
+            load_whole(dcp_dir)
     # Hidden inside real metadata (as planner data) too.
     state = sample_state()
     dcp.save(state, checkpoint_id=str(tmp_path / "again"), no_dist=True)

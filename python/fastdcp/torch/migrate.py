@@ -134,8 +134,9 @@ class _MetadataUnpickler(pickle.Unpickler):
     def find_class(self, module: str, name: str) -> Any:
         if (module, name) in _METADATA_GLOBALS:
             return super().find_class(module, name)
-        if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
-            return getattr(torch, name)
+        # torch's dtypes, looked up in the module's own namespace: getattr could import submodules.
+        if module == "torch" and isinstance(vars(torch).get(name), torch.dtype):
+            return vars(torch)[name]
         raise UnsafeCheckpointError(
             f"'{self._name}' asks to unpickle {module}.{name}, which is not one of DCP's metadata classes; "
             f"fastdcp refuses it (the file is damaged, hostile, or was written by a custom DCP planner)")
