@@ -568,19 +568,26 @@ struct LoadPlan {
 // the checkpoint holds here": the leaf takes the whole source subtree, its tensors over storages
 // read in full (views of one storage stay views of one storage, as in a load without a target).
 // Such storages are never read straight into a target tensor, whose memory they would alias.
-void take_subtree(const Value& source, LoadPlan& plan) {
-  std::vector<const Value*> stack{&source};
+// Calls f on every tensor leaf of `root` (a Value, or a const one), without recursion (Note
+// [Deep trees]).
+template <class V, class F>
+void for_each_tensor(V& root, F&& f) {
+  std::vector<V*> stack{&root};
   while (!stack.empty()) {
-    const Value* v = stack.back();
+    V* v = stack.back();
     stack.pop_back();
     if (v->is_tensor()) {
-      plan.taken.push_back(v->as_tensor().storage().identity());
+      f(*v);
     } else if (v->kind() == Value::Kind::kDict) {
-      for (const auto& [key, child] : v->entries()) stack.push_back(&child);
+      for (auto& [key, child] : v->entries()) stack.push_back(&child);
     } else if (v->kind() == Value::Kind::kList || v->kind() == Value::Kind::kTuple) {
-      for (const Value& child : v->items()) stack.push_back(&child);
+      for (auto& child : v->items()) stack.push_back(&child);
     }
   }
+}
+
+void take_subtree(const Value& source, LoadPlan& plan) {
+  for_each_tensor(source, [&](const Value& v) { plan.taken.push_back(v.as_tensor().storage().identity()); });
 }
 
 void plan_load(Value& target, const Value& source, LoadPlan& plan) {
@@ -719,33 +726,29 @@ LoadResult load_into(Value& target, const Value& source, bool strict, const std:
   LoadPlan plan;
   plan_load(target, source, plan);
   check_strict(plan.result, strict, source_name);
+  // Everything is copied on the host: a device source is refused before anything changes.
+  for_each_tensor(source, [&](const Value& v) {
+    if (!v.as_tensor().device().is_cpu()) {
+      throw Error(ErrorCode::kInvalidArgument, "'" + source_name + "': load_into takes host tensors");
+    }
+  });
   for (const auto& [t, s] : plan.copies) copy_tensor(t, s);
   // Subtrees taken whole: their tensors move onto copies of their storages (views of one storage
   // stay views of one copy), so that nothing the caller gets back aliases `source`.
   std::unordered_map<const StorageImpl*, Storage> copies;
   for (auto& [t, s] : plan.leaves) {
     *t = s->clone();
-    std::vector<Value*> stack{t};
-    while (!stack.empty()) {
-      Value* v = stack.back();
-      stack.pop_back();
-      if (v->is_tensor()) {
-        const Tensor& old = v->as_tensor();
-        if (!old.device().is_cpu()) throw Error(ErrorCode::kInvalidArgument, source_name + ": load_into takes CPU sources");
-        auto [it, fresh] = copies.try_emplace(old.storage().identity());
-        if (fresh) {
-          it->second = allocate_for_reading(old.storage().nbytes());
-          if (old.storage().nbytes() > 0) std::memcpy(it->second.data(), old.storage().data(), old.storage().nbytes());
-        }
-        Tensor moved(it->second, old.dtype(), old.shape(), old.strides(), old.storage_offset());
-        moved.share_traits(old);
-        *v = Value(std::move(moved));
-      } else if (v->kind() == Value::Kind::kDict) {
-        for (auto& [key, child] : v->entries()) stack.push_back(&child);
-      } else if (v->kind() == Value::Kind::kList || v->kind() == Value::Kind::kTuple) {
-        for (Value& child : v->items()) stack.push_back(&child);
+    for_each_tensor(*t, [&](Value& v) {
+      const Tensor& old = v.as_tensor();
+      auto [it, fresh] = copies.try_emplace(old.storage().identity());
+      if (fresh) {
+        it->second = allocate_for_reading(old.storage().nbytes());
+        if (old.storage().nbytes() > 0) std::memcpy(it->second.data(), old.storage().data(), old.storage().nbytes());
       }
-    }
+      Tensor moved(it->second, old.dtype(), old.shape(), old.strides(), old.storage_offset());
+      moved.share_traits(old);
+      v = Value(std::move(moved));
+    });
   }
   return std::move(plan.result);
 }

@@ -377,6 +377,16 @@ TEST(LoadInto, FillsATargetFromAStateDictInMemoryWithReadIntosRules) {
   Value wrong = Value::dict();
   wrong.insert("lr", Value(Tensor::empty_cpu(DType::kF32, {1})));
   expect_contains(expect_error([&] { load_into(wrong, source, false, "dcp:/x"); }), "'lr'");
+  // A device tensor in the source is refused before anything changes (its memory is never touched).
+  float host[4] = {};
+  Value on_device = Value::dict();
+  on_device.insert("w", Value(Tensor::contiguous(Storage::wrap(host, sizeof host, Device::cuda(0)), DType::kF32, {4})));
+  on_device.insert("step", Value(int64_t{9}));
+  Value small = Value::dict();
+  small.insert("step", Value(int64_t{1}));
+  e = expect_error([&] { load_into(small, on_device, false, "dcp:/x"); });
+  EXPECT_EQ(e.code(), ErrorCode::kInvalidArgument);
+  EXPECT_EQ(small.at("step").as_int(), 1);
 }
 
 TEST_F(CheckpointTest, ManyRanksCommitOnceAllHaveWritten) {
