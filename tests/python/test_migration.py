@@ -9,6 +9,7 @@ import os
 import pickle
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -166,6 +167,32 @@ def leaves(tree):
     if isinstance(tree, list):
         return [x for v in tree for x in leaves(v)]
     return [tree]
+
+
+def test_large_dcp_items_load_on_threads_as_dcp_loads_them(tmp_path, monkeypatch):
+    # Over 1 MiB per item on average: the items load on several threads, and errors still surface.
+    from fastdcp.torch import migrate
+
+    g = torch.Generator().manual_seed(3)
+    state = {f"layer{i}": {"w": torch.randn(1_000_000 + i, generator=g).to(dtype), "n": i}
+             for i, dtype in enumerate([torch.float32, torch.float64, torch.bfloat16, torch.float32] * 2)}
+    path = str(tmp_path / "big")
+    dcp.save(state, checkpoint_id=path, no_dist=True)
+    threads = set()
+    full_tensor = migrate._full_tensor
+
+    def recording(*args):
+        threads.add(threading.current_thread().name)
+        return full_tensor(*args)
+
+    monkeypatch.setattr(migrate, "_full_tensor", recording)
+    loaded, _ = CheckpointReader(RankInfo(0, 1)).read(path)
+    assert same(loaded, dcp_whole(path))
+    assert all(name.startswith("fastdcp-migrate") for name in threads), threads
+    (data_file,) = Path(path).glob("*.distcp")
+    os.truncate(data_file, data_file.stat().st_size // 2)
+    with pytest.raises(fastdcp.DataLossError, match=data_file.name):
+        load_whole(path)
 
 
 def test_dcp_template_semantics_strict_missing_unexpected_and_int_keys(tmp_path):
