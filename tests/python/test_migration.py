@@ -251,6 +251,21 @@ def test_experimental_checkpoint_loads_as_torch_load_does(tmp_path_factory, stat
     assert same(filled, oracle) and missing == []
 
 
+@pytest.mark.parametrize("zipped", [True, False])
+def test_experimental_template_loads_map_the_file_where_they_can(tmp_path, zipped):
+    # A template load maps the file (torch.save's default format) and takes what it names; the
+    # legacy format cannot be mapped and is read whole. A None takes a copy, not the mapping.
+    state = {"w": torch.randn(5, 3), "z": torch.randn(4, dtype=torch.complex64), "n": 3}
+    tmp_path.joinpath("exp").mkdir()
+    torch.save(state, tmp_path / "exp" / "checkpoint_0.pt", _use_new_zipfile_serialization=zipped)
+    reader = CheckpointReader(RankInfo(0, 1))
+    template = {"w": torch.zeros(5, 3), "z": None}
+    filled, missing = reader.read(str(tmp_path / "exp"), template)
+    assert same(filled, {"w": state["w"], "z": state["z"]}) and missing == []
+    assert reader.last_unexpected_keys == ["n"]
+    assert same(reader.read(str(tmp_path / "exp"))[0], state)
+
+
 def test_experimental_checkpoint_of_several_ranks_loads_each_ranks_own(tmp_path):
     path = str(tmp_path / "exp")
     saved = [{"rank": r, "t": torch.full((r + 1,), float(r))} for r in range(3)]

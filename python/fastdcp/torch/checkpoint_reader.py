@@ -66,8 +66,9 @@ class CheckpointReader:
              io_engine: str = "threads", **kwargs: Any) -> tuple[STATE_DICT, list[str]]:
         path = str(path)
         fmt = migrate.checkpoint_format(path)
+        # A template takes only what it names: a mapped file reads only those pages.
         source = None if fmt == migrate.FASTDCP else migrate.read_state_dict(
-            path, fmt, self._rank_info.global_rank, mmap=mmap and state_dict is None)
+            path, fmt, self._rank_info.global_rank, mmap=mmap or state_dict is not None)
         if state_dict is None:
             loaded = source if source is not None else self._io.read(path, verify, mmap, io_threads, direct_io,
                                                                      io_engine)

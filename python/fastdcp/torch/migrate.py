@@ -108,7 +108,9 @@ def _read_experimental(path: str, rank: int, mmap: bool) -> dict:
         raise FileNotFoundError(f"no rank file '{file}': the _experimental checkpoint at '{path}' has the files "
                                 f"of ranks {_saved_ranks(path)}, and each rank loads its own; load it with the "
                                 f"world size that saved it")
-    return _torch_load(file, f"'{file}'", mmap=mmap)
+    with open(file, "rb") as f:
+        zipped = f.read(4) == b"PK\x03\x04"  # torch.save's default format; only it can be mapped
+    return _torch_load(file, f"'{file}'", mmap=mmap and zipped)
 
 
 # ---- DCP ---------------------------------------------------------------------------------------
