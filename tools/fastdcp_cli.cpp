@@ -2,6 +2,7 @@
 //
 //   fastdcp inspect PATH [--rank R]   the commit record, then each rank's tree: dtypes, shapes, sizes
 //   fastdcp verify PATH               every file against the manifest, every chunk's checksum
+//   fastdcp convert SRC DST           a torch DCP or _experimental checkpoint into a fastdcp one
 //
 // PATH is the checkpoint directory or its manifest.json. Exit status: 0 success (and --help),
 // 1 damaged or missing checkpoint, 2 bad usage (the message names the option).
@@ -11,10 +12,12 @@
 #include <CLI/CLI.hpp>
 #include <chrono>
 #include <cstdio>
+#include <cstdlib>
 #include <filesystem>
 #include <map>
 #include <optional>
 #include <string>
+#include <vector>
 
 #include "fastdcp/checkpoint/checkpoint.h"
 #include "fastdcp/common/error.h"
@@ -171,6 +174,35 @@ int verify(const std::string& path) {
   return 0;
 }
 
+// Reading torch's formats needs torch, so the conversion is Python's (fastdcp.torch.convert): run
+// by the interpreter FASTDCP_PYTHON names, else the python beside this executable (both are in a
+// virtual environment's bin). Returns only if neither can be started.
+int convert(const std::string& src, const std::string& dst, bool overwrite) {
+  std::vector<std::string> candidates;
+  if (const char* named = std::getenv("FASTDCP_PYTHON"); named && *named) {
+    candidates.emplace_back(named);
+  } else {
+    std::error_code error;
+    const std::filesystem::path self = std::filesystem::read_symlink("/proc/self/exe", error);
+    if (!error) {
+      for (const char* name : {"python3", "python"}) candidates.push_back((self.parent_path() / name).string());
+    }
+  }
+  for (const std::string& python : candidates) {
+    std::vector<const char*> args{python.c_str(), "-m", "fastdcp.torch.convert", src.c_str(), dst.c_str()};
+    if (overwrite) args.push_back("--overwrite");
+    args.push_back(nullptr);
+    ::execv(python.c_str(), const_cast<char* const*>(args.data()));  // returns only on failure
+  }
+  std::string tried;
+  for (const std::string& python : candidates) tried += (tried.empty() ? "" : ", ") + python;
+  std::fprintf(stderr,
+               "fastdcp convert: needs a Python with fastdcp and torch installed, and found none (tried: %s); "
+               "set FASTDCP_PYTHON to that interpreter, or run 'python -m fastdcp.torch.convert SRC DST'\n",
+               tried.empty() ? "nothing" : tried.c_str());
+  return 1;
+}
+
 // A checkpoint is named by its directory; its manifest.json names the same checkpoint.
 std::string checkpoint_dir(const std::string& path) {
   const std::filesystem::path p(path);
@@ -193,6 +225,13 @@ int main(int argc, char** argv) {
   CLI::App* verify_command =
       app.add_subcommand("verify", "Every rank's file against the manifest, every chunk's checksum.");
   verify_command->add_option("PATH", path, "the checkpoint directory (or its manifest.json)")->required();
+  std::string destination;
+  bool overwrite = false;
+  CLI::App* convert_command = app.add_subcommand(
+      "convert", "A torch DCP or _experimental checkpoint (or a fastdcp one) into a fastdcp checkpoint.");
+  convert_command->add_option("SRC", path, "the checkpoint directory to read")->required();
+  convert_command->add_option("DST", destination, "the fastdcp checkpoint directory to write")->required();
+  convert_command->add_flag("--overwrite", overwrite, "replace a committed checkpoint at DST");
   const auto usage_error = [](const std::string& message) {
     std::fprintf(stderr, "fastdcp: %s\nRun 'fastdcp --help' for usage.\n", message.c_str());
     return 2;
@@ -203,7 +242,8 @@ int main(int argc, char** argv) {
     if (e.get_exit_code() == 0) return app.exit(e);  // --help: the usage on standard output, status 0
     return usage_error(e.what());
   }
-  if (app.get_subcommands().empty()) return usage_error("a command is required: inspect or verify");
+  if (app.get_subcommands().empty()) return usage_error("a command is required: inspect, verify or convert");
+  if (convert_command->parsed()) return convert(path, destination, overwrite);
   if (rank && *rank < 0) return usage_error("--rank: " + std::to_string(*rank) + " is not a rank (ranks start at 0)");
   const bool inspecting = inspect_command->parsed();
   const char* command = inspecting ? "inspect" : "verify";

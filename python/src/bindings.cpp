@@ -344,6 +344,25 @@ class PyCheckpointIO {
     return nb::make_tuple(out, result.missing_keys, result.unexpected_keys);
   }
 
+  // read_into's counterpart for a state dict already in memory (a checkpoint of another format,
+  // read in Python: fastdcp/torch/migrate.py), through the same matching (fastdcp::load_into).
+  nb::tuple load_into(nb::handle source, nb::handle target, bool strict, const std::string& source_name) {
+    Value source_tree, tree;
+    {
+      CyclicGcPause gc_pause;
+      source_tree = checkpointable_tree(converter_, source);
+      tree = converter_.from_python(target);
+    }
+    LoadResult result;
+    {
+      nb::gil_scoped_release release;
+      result = fastdcp::load_into(tree, source_tree, strict, source_name);
+    }
+    CyclicGcPause gc_pause;
+    nb::object out = converter_.write_back(target, tree);
+    return nb::make_tuple(out, result.missing_keys, result.unexpected_keys);
+  }
+
  private:
   // The options every save and vote shares.
   WriterOptions commit_options(bool overwrite, double barrier_timeout_s) const {
@@ -441,7 +460,9 @@ NB_MODULE(_C, m) {
       .def("read", &PyCheckpointIO::read, nb::arg("path"), nb::arg("verify"), nb::arg("use_mmap"), nb::arg("io_threads"),
            nb::arg("direct_io"), nb::arg("io_engine"))
       .def("read_into", &PyCheckpointIO::read_into, nb::arg("path"), nb::arg("target"), nb::arg("strict"),
-           nb::arg("verify"), nb::arg("io_threads"));
+           nb::arg("verify"), nb::arg("io_threads"))
+      .def("load_into", &PyCheckpointIO::load_into, nb::arg("source"), nb::arg("target"), nb::arg("strict"),
+           nb::arg("source_name"));
   nb::class_<SharedStateDict>(m, "SharedStateDict")
       .def_prop_ro("message", [](const SharedStateDict& s) { return nb::bytes(s.message.data(), s.message.size()); })
       .def_ro("fds", &SharedStateDict::fds)

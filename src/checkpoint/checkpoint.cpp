@@ -864,19 +864,26 @@ struct LoadPlan {
 // the checkpoint holds here": the leaf takes the whole source subtree, its tensors over storages
 // read in full (views of one storage stay views of one storage, as in a load without a target).
 // Such storages are never read straight into a target tensor, whose memory they would alias.
-void take_subtree(const Value& source, LoadPlan& plan) {
-  std::vector<const Value*> stack{&source};
+// Calls f on every tensor leaf of `root` (a Value, or a const one), without recursion (Note
+// [Deep trees]).
+template <class V, class F>
+void for_each_tensor(V& root, F&& f) {
+  std::vector<V*> stack{&root};
   while (!stack.empty()) {
-    const Value* v = stack.back();
+    V* v = stack.back();
     stack.pop_back();
     if (v->is_tensor()) {
-      plan.taken.push_back(v->as_tensor().storage().identity());
+      f(*v);
     } else if (v->kind() == Value::Kind::kDict) {
-      for (const auto& [key, child] : v->entries()) stack.push_back(&child);
+      for (auto& [key, child] : v->entries()) stack.push_back(&child);
     } else if (v->kind() == Value::Kind::kList || v->kind() == Value::Kind::kTuple) {
-      for (const Value& child : v->items()) stack.push_back(&child);
+      for (auto& child : v->items()) stack.push_back(&child);
     }
   }
+}
+
+void take_subtree(const Value& source, LoadPlan& plan) {
+  for_each_tensor(source, [&](const Value& v) { plan.taken.push_back(v.as_tensor().storage().identity()); });
 }
 
 void plan_load(Value& target, const Value& source, LoadPlan& plan) {
@@ -995,6 +1002,16 @@ std::string list_keys(const std::vector<std::string>& keys) {
   return out;
 }
 
+// A strict load with missing or unexpected keys fails before anything changes.
+void check_strict(const LoadResult& result, bool strict, const std::string& path) {
+  if (!strict || (result.missing_keys.empty() && result.unexpected_keys.empty())) return;
+  std::string message = "strict load of '" + path + "' refused; nothing was changed.";
+  if (!result.missing_keys.empty()) message += " Missing from the checkpoint: " + list_keys(result.missing_keys) + ".";
+  if (!result.unexpected_keys.empty()) message += " Not in the target: " + list_keys(result.unexpected_keys) + ".";
+  // kFailedPrecondition, a RuntimeError in Python, as upstream's strict load raises.
+  throw Error(ErrorCode::kFailedPrecondition, message);
+}
+
 }  // namespace
 
 LoadResult CheckpointReader::read_into(const std::string& path, Value& target, bool strict) const {
@@ -1009,13 +1026,7 @@ LoadResult CheckpointReader::read_into(const std::string& path, Value& target, b
   const Value source = header.build_tree(storages);
   LoadPlan plan;
   plan_load(target, source, plan);
-  if (strict && (!plan.result.missing_keys.empty() || !plan.result.unexpected_keys.empty())) {
-    std::string message = "strict load of '" + path + "' refused; nothing was changed.";
-    if (!plan.result.missing_keys.empty()) message += " Missing from the checkpoint: " + list_keys(plan.result.missing_keys) + ".";
-    if (!plan.result.unexpected_keys.empty()) message += " Not in the target: " + list_keys(plan.result.unexpected_keys) + ".";
-    // kFailedPrecondition, a RuntimeError in Python, as upstream's strict load raises.
-    throw Error(ErrorCode::kFailedPrecondition, message);
-  }
+  check_strict(plan.result, strict, path);
   // Which entries to read, and which of them can land in the target's memory directly: a tensor
   // that is its storage, whole and contiguous, into a contiguous target.
   std::unordered_map<const StorageImpl*, size_t> entry_of;
@@ -1044,6 +1055,37 @@ LoadResult CheckpointReader::read_into(const std::string& path, Value& target, b
   // Sharded leaves under a None target load whole.
   for (auto& [t, p] : plan.taken_roots) take_sharded_whole(*t, p, plan.sharded);
   fill_sharded(path, manifest, plan.sharded, options_, threads, &opened, source_file);
+  return std::move(plan.result);
+}
+
+LoadResult load_into(Value& target, const Value& source, bool strict, const std::string& source_name) {
+  LoadPlan plan;
+  plan_load(target, source, plan);
+  check_strict(plan.result, strict, source_name);
+  // Everything is copied on the host: a device source is refused before anything changes.
+  for_each_tensor(source, [&](const Value& v) {
+    if (!v.as_tensor().device().is_cpu()) {
+      throw Error(ErrorCode::kInvalidArgument, "'" + source_name + "': load_into takes host tensors");
+    }
+  });
+  for (const auto& [t, s] : plan.copies) copy_tensor(t, s);
+  // Subtrees taken whole: their tensors move onto copies of their storages (views of one storage
+  // stay views of one copy), so that nothing the caller gets back aliases `source`.
+  std::unordered_map<const StorageImpl*, Storage> copies;
+  for (auto& [t, s] : plan.leaves) {
+    *t = s->clone();
+    for_each_tensor(*t, [&](Value& v) {
+      const Tensor& old = v.as_tensor();
+      auto [it, fresh] = copies.try_emplace(old.storage().identity());
+      if (fresh) {
+        it->second = allocate_for_reading(old.storage().nbytes());
+        if (old.storage().nbytes() > 0) std::memcpy(it->second.data(), old.storage().data(), old.storage().nbytes());
+      }
+      Tensor moved(it->second, old.dtype(), old.shape(), old.strides(), old.storage_offset());
+      moved.share_traits(old);
+      v = Value(std::move(moved));
+    });
+  }
   return std::move(plan.result);
 }
 

@@ -334,6 +334,61 @@ TEST_F(CheckpointTest, StrictLoadAndMismatchesChangeNothing) {
   expect_contains(e, "'model.w'");
 }
 
+TEST(LoadInto, FillsATargetFromAStateDictInMemoryWithReadIntosRules) {
+  // A checkpoint of another format, already read into memory, loads by the same rules.
+  const Value source = state(5);
+  Tensor buffer = Tensor::empty_cpu(DType::kF32, {16, 16});
+  Tensor w_t = buffer.view_as({16, 16}, {1, 16}, 0);  // a non-contiguous target
+  Value model = Value::dict();
+  model.insert("w", Value(w_t));
+  model.insert("extra", Value(int64_t{1}));
+  model.insert("base", Value());
+  model.insert("cols", Value());
+  Value target = Value::dict();
+  target.insert("model", std::move(model));
+  target.insert("step", Value(int64_t{0}));
+  // Strict: refused, naming the source and both kinds of keys, before anything changes.
+  std::memset(buffer.data_ptr(), 0, buffer.nbytes());
+  Error e = expect_error([&] { load_into(target, source, /*strict=*/true, "dcp:/x"); });
+  EXPECT_EQ(e.code(), ErrorCode::kFailedPrecondition);
+  expect_contains(e, "'dcp:/x'");
+  expect_contains(e, "model.extra");
+  expect_contains(e, "model.big");
+  EXPECT_EQ(static_cast<const float*>(buffer.data_ptr())[3], 0.0f);
+  EXPECT_EQ(target.at("step").as_int(), 0);
+  const LoadResult result = load_into(target, source, /*strict=*/false, "dcp:/x");
+  EXPECT_EQ(result.missing_keys, (std::vector<std::string>{"model.extra"}));
+  std::vector<std::string> unexpected = result.unexpected_keys;
+  std::sort(unexpected.begin(), unexpected.end());
+  EXPECT_EQ(unexpected, (std::vector<std::string>{"lr", "model.big"}));
+  const Value& m = target.at("model");
+  EXPECT_EQ(m.at("w").as_tensor().data_ptr(), w_t.data_ptr());  // in place
+  EXPECT_TRUE(same_bytes(w_t, source.at("model").at("w").as_tensor()));
+  EXPECT_EQ(target.at("step").as_int(), 5);
+  // None leaves take copies: views of one storage stay views of one copy, none aliases the source.
+  const Tensor& base = m.at("base").as_tensor();
+  const Tensor& cols = m.at("cols").as_tensor();
+  EXPECT_TRUE(same_bytes(base, source.at("model").at("base").as_tensor()));
+  EXPECT_TRUE(same_bytes(cols, source.at("model").at("cols").as_tensor()));
+  EXPECT_EQ(base.storage(), cols.storage());
+  EXPECT_NE(base.storage(), source.at("model").at("base").as_tensor().storage());
+  EXPECT_EQ(cols.storage_offset(), 3);
+  // Mismatches name the key, as read_into's do.
+  Value wrong = Value::dict();
+  wrong.insert("lr", Value(Tensor::empty_cpu(DType::kF32, {1})));
+  expect_contains(expect_error([&] { load_into(wrong, source, false, "dcp:/x"); }), "'lr'");
+  // A device tensor in the source is refused before anything changes (its memory is never touched).
+  float host[4] = {};
+  Value on_device = Value::dict();
+  on_device.insert("w", Value(Tensor::contiguous(Storage::wrap(host, sizeof host, Device::cuda(0)), DType::kF32, {4})));
+  on_device.insert("step", Value(int64_t{9}));
+  Value small = Value::dict();
+  small.insert("step", Value(int64_t{1}));
+  e = expect_error([&] { load_into(small, on_device, false, "dcp:/x"); });
+  EXPECT_EQ(e.code(), ErrorCode::kInvalidArgument);
+  EXPECT_EQ(small.at("step").as_int(), 1);
+}
+
 TEST_F(CheckpointTest, ManyRanksCommitOnceAllHaveWritten) {
   constexpr int kRanks = 4;
   struct ThreadBarrier : Barrier {

@@ -147,7 +147,8 @@ TEST_F(CliTest, BadArgumentsExitTwoNamingTheOption) {
       {"verify " + path_ + " " + path_, path_},
       {"inspect", "PATH"},
       {"bogus " + path_, "bogus"},
-      {"", "inspect or verify"},
+      {"", "a command is required"},
+      {"convert " + path_, "DST"},
   };
   for (const auto& [arguments, named] : cases) {
     const CliRun r = run_cli(arguments);
@@ -155,6 +156,29 @@ TEST_F(CliTest, BadArgumentsExitTwoNamingTheOption) {
     EXPECT_NE(r.output.find(named), std::string::npos) << arguments << "\n" << r.output;
     EXPECT_EQ(r.output.find("model.weight"), std::string::npos) << arguments << "\n" << r.output;
   }
+}
+
+// `convert` runs the Python conversion: with the interpreter FASTDCP_PYTHON names (here a script
+// that reports its arguments and exits 3), its arguments passed and its exit status kept.
+TEST_F(CliTest, ConvertRunsThePythonConversionWithTheNamedInterpreter) {
+  const std::string fake = join_path(dir_, "fake_python");
+  {
+    std::ofstream script(fake);
+    script << "#!/bin/sh\necho \"args: $*\"\nexit 3\n";
+  }
+  std::filesystem::permissions(fake, std::filesystem::perms::owner_all);
+  ::setenv("FASTDCP_PYTHON", fake.c_str(), 1);
+  CliRun r = run_cli("convert " + path_ + " " + dir_ + "/out --overwrite");
+  EXPECT_EQ(r.status, 3) << r.output;
+  EXPECT_NE(r.output.find("args: -m fastdcp.torch.convert " + path_ + " " + dir_ + "/out --overwrite"),
+            std::string::npos) << r.output;
+  // An interpreter that cannot be started: status 1, naming it and the way out.
+  ::setenv("FASTDCP_PYTHON", (dir_ + "/no_python").c_str(), 1);
+  r = run_cli("convert " + path_ + " " + dir_ + "/out");
+  ::unsetenv("FASTDCP_PYTHON");
+  EXPECT_EQ(r.status, 1) << r.output;
+  EXPECT_NE(r.output.find(dir_ + "/no_python"), std::string::npos) << r.output;
+  EXPECT_NE(r.output.find("FASTDCP_PYTHON"), std::string::npos) << r.output;
 }
 
 TEST_F(CliTest, InspectRankBeyondTheCheckpointIsAnError) {

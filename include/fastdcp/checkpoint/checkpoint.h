@@ -171,6 +171,13 @@ class CheckpointReader {
   ReadOptions options_;
 };
 
+// Fills `target` from `source`, a state dict already in memory (a checkpoint of another format
+// that the caller has read, e.g. torch DCP's): the same matching, checks, key reports and
+// strictness as CheckpointReader::read_into, so every format loads with one set of rules.
+// `source_name` names the source in errors. Tensors that a None in the target takes (Note [None
+// in a load target]) get storages of their own, since `source`'s memory stays the caller's.
+LoadResult load_into(Value& target, const Value& source, bool strict, const std::string& source_name);
+
 struct VerifyReport {
   int files = 0;
   uint64_t bytes = 0;

@@ -7,6 +7,7 @@ from typing import Any
 import torch
 
 from fastdcp import _C
+from fastdcp.torch import migrate
 from fastdcp.torch._adapter import TorchAdapter
 from fastdcp.torch.types import STATE_DICT, RankInfo
 
@@ -48,7 +49,12 @@ class CheckpointReader:
     differ from the checkpoint's; ``verify`` (default True) checks every chunk's checksum;
     ``mmap`` (whole loads) maps the file instead of reading it; ``direct_io`` (whole loads, default
     True) reads with O_DIRECT where the file system allows it, False through the page cache;
-    ``io_engine`` (whole loads) as in ``CheckpointWriterConfig``."""
+    ``io_engine`` (whole loads) as in ``CheckpointWriterConfig``.
+
+    ``path`` may also hold a checkpoint of torch's (fastdcp.torch.migrate): DCP's (``.metadata``
+    and ``*.distcp``; every rank reads the whole state dict, tensors whole) or the _experimental
+    checkpointer's (``checkpoint_<rank>.pt``); it loads with the same semantics, through the same
+    matching (``verify``, ``direct_io``, ``io_engine`` and ``io_threads`` do not apply)."""
 
     def __init__(self, rank_info: RankInfo):
         self._rank_info = rank_info
@@ -59,8 +65,13 @@ class CheckpointReader:
              verify: bool = True, mmap: bool = False, io_threads: int = 0, direct_io: bool = True,
              io_engine: str = "threads", **kwargs: Any) -> tuple[STATE_DICT, list[str]]:
         path = str(path)
+        fmt = migrate.checkpoint_format(path)
+        # A template takes only what it names: a mapped file reads only those pages.
+        source = None if fmt == migrate.FASTDCP else migrate.read_state_dict(
+            path, fmt, self._rank_info.global_rank, mmap=mmap or state_dict is not None)
         if state_dict is None:
-            loaded = self._io.read(path, verify, mmap, io_threads, direct_io, io_engine)
+            loaded = source if source is not None else self._io.read(path, verify, mmap, io_threads, direct_io,
+                                                                     io_engine)
             if map_location is not None and torch.device(map_location).type != "cpu":
                 loaded = _to_device(loaded, map_location)
             return loaded, []
@@ -71,7 +82,11 @@ class CheckpointReader:
         for (parent, key, _), host in zip(on_device, hosts):
             parent[key] = host
         try:
-            out, missing, unexpected = self._io.read_into(path, state_dict, strict, verify, io_threads)
+            if source is None:
+                out, missing, unexpected = self._io.read_into(path, state_dict, strict, verify, io_threads)
+            else:
+                migrate.adopt_key_types(source, state_dict)
+                out, missing, unexpected = self._io.load_into(source, state_dict, strict, path)
         finally:
             for parent, key, tensor in on_device:
                 parent[key] = tensor
