@@ -40,6 +40,24 @@ def _to_device(tree, device):
     return tree
 
 
+def _read_through_host(state_dict, read):
+    """Runs ``read()``, which fills the template in place, with the template's GPU tensors swapped
+    for host copies, then copies those over. (Without CUDA there are none, and the template is not
+    walked in Python.)"""
+    on_device = _device_tensors(state_dict, []) if torch.cuda.is_available() else []
+    hosts = [torch.empty_like(tensor, device="cpu") for _, _, tensor in on_device]
+    for (parent, key, _), host in zip(on_device, hosts):
+        parent[key] = host
+    try:
+        result = read()
+    finally:
+        for parent, key, tensor in on_device:
+            parent[key] = tensor
+    for (_, _, tensor), host in zip(on_device, hosts):
+        tensor.copy_(host)
+    return result
+
+
 class CheckpointReader:
     """``read(path)`` loads this rank's state dict; ``read(path, state_dict)`` fills the
     template's tensors in place (CPU, GPU, non-contiguous) and returns it with the missing keys.
@@ -64,19 +82,8 @@ class CheckpointReader:
             if map_location is not None and torch.device(map_location).type != "cpu":
                 loaded = _to_device(loaded, map_location)
             return loaded, []
-        # GPU tensors of the template are read into host copies, then copied over. (Without CUDA
-        # there are none, and the template is not walked in Python.)
-        on_device = _device_tensors(state_dict, []) if torch.cuda.is_available() else []
-        hosts = [torch.empty_like(tensor, device="cpu") for _, _, tensor in on_device]
-        for (parent, key, _), host in zip(on_device, hosts):
-            parent[key] = host
-        try:
-            out, missing, unexpected = self._io.read_into(path, state_dict, strict, verify, io_threads)
-        finally:
-            for parent, key, tensor in on_device:
-                parent[key] = tensor
-        for (_, _, tensor), host in zip(on_device, hosts):
-            tensor.copy_(host)
+        out, missing, unexpected = _read_through_host(
+            state_dict, lambda: self._io.read_into(path, state_dict, strict, verify, io_threads))
         self.last_unexpected_keys = unexpected
         if missing:
             shown = ", ".join(missing[:10]) + (f" (and {len(missing) - 10} more)" if len(missing) > 10 else "")
