@@ -2,7 +2,6 @@
 
 #include <algorithm>
 #include <charconv>
-#include <cmath>
 #include <cstring>
 #include <filesystem>
 #include <limits>
@@ -71,48 +70,51 @@ bool is_castable_float(DType dtype) noexcept {
 namespace {
 
 // Note [Casts as torch rounds]
-// Every value goes through double (exact for every source type), then to the target: F32 and F64
-// directly; F16 and BF16 through F32, since torch's Half and BFloat16 are built from a float (so a
-// double is rounded twice, as torch does). F32 to BF16 rounds to nearest, ties to even, and a NaN
+// Every value widens exactly to float (double for F64), then narrows to the target; F64 to F16 or
+// BF16 goes through F32, since torch's Half and BFloat16 are built from a float (so a double is
+// rounded twice, as torch does). F32 to BF16 rounds to nearest, ties to even, and a NaN
 // becomes 0x7FC0, as c10::BFloat16; F32 to F16 is the compiler's IEEE conversion (the same
 // rounding as torch's F16C path).
 struct BF16 {
   uint16_t bits;
 };
 
-double load(float v) { return v; }
+// Sources widen to float (double for F64): exact.
+float load(float v) { return v; }
 double load(double v) { return v; }
-double load(_Float16 v) { return static_cast<float>(v); }
-double load(BF16 v) {
+float load(_Float16 v) { return static_cast<float>(v); }
+float load(BF16 v) {
   const uint32_t bits = uint32_t{v.bits} << 16;
   float f;
   std::memcpy(&f, &bits, sizeof f);
   return f;
 }
 
-template <class D>
-D store(double v);
-template <>
-float store<float>(double v) { return static_cast<float>(v); }
-template <>
-double store<double>(double v) { return v; }
-template <>
-_Float16 store<_Float16>(double v) { return static_cast<_Float16>(static_cast<float>(v)); }
-template <>
-BF16 store<BF16>(double v) {
-  const float f = static_cast<float>(v);
-  if (std::isnan(f)) return BF16{0x7FC0};
+void put(float v, float& d) { d = v; }
+void put(float v, double& d) { d = v; }
+void put(double v, double& d) { d = v; }
+void put(float v, _Float16& d) { d = static_cast<_Float16>(v); }
+void put(float v, BF16& d) {
   uint32_t bits;
-  std::memcpy(&bits, &f, sizeof bits);
+  std::memcpy(&bits, &v, sizeof bits);
+  if ((bits & 0x7FFFFFFF) > 0x7F800000) {  // NaN
+    d.bits = 0x7FC0;
+    return;
+  }
   bits += 0x7FFF + ((bits >> 16) & 1);
-  return BF16{static_cast<uint16_t>(bits >> 16)};
+  d.bits = static_cast<uint16_t>(bits >> 16);
+}
+// A double to anything narrower than itself goes through float, as torch's conversions do.
+template <class D>
+void put(double v, D& d) {
+  put(static_cast<float>(v), d);
 }
 
 template <class S, class D>
 void convert(const void* src, void* dst, size_t n) {
   const S* s = static_cast<const S*>(src);
   D* d = static_cast<D*>(dst);
-  for (size_t i = 0; i < n; ++i) d[i] = store<D>(load(s[i]));
+  for (size_t i = 0; i < n; ++i) put(load(s[i]), d[i]);
 }
 
 template <class S>
