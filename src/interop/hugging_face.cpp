@@ -1,7 +1,9 @@
 #include "fastdcp/interop/hugging_face.h"
 
 #include <algorithm>
+#include <cctype>
 #include <charconv>
+#include <cstdio>
 #include <cstring>
 #include <filesystem>
 #include <limits>
