@@ -7,9 +7,10 @@
 // shards with `model.safetensors.index.json` ({"metadata": {"total_size": bytes}, "weight_map":
 // {name: file}}). Names are key paths as fastdcp spells them ("model.layers.0.mlp.up_proj.weight").
 // Export reads the checkpoint through the public reader, mapped (pages come from the page cache as
-// each tensor is written; nothing holds the whole checkpoint), writes each shard under a temporary
-// name, created new and never through a link, and renames every shard, then the index, into place
-// only once all are written: a failed export leaves the directory as it was. Import parses each
+// each tensor is written, so nothing holds the checkpoint; sharded keys excepted, which the reader
+// assembles whole from every rank's chunks), writes each shard under a temporary name, created
+// new and never through a link, and renames every shard, then the index, into place only once all
+// are written: a failed export leaves the directory as it was. Import parses each
 // file's header with the rank-file parser (a plain safetensors file is a rank file without
 // checksums) and reads only the byte ranges of the tensors the target asks for, in parallel, into
 // the target's memory where it is contiguous and of the stored dtype. Every target is a box of a
