@@ -119,7 +119,7 @@ TEST_F(CliTest, BadArgumentsExitTwoNamingTheOption) {
       {"verify " + path_ + " " + path_, path_},
       {"inspect", "PATH"},
       {"bogus " + path_, "bogus"},
-      {"", "inspect or verify"},
+      {"", "inspect, verify or export-hf"},
   };
   for (const auto& [arguments, named] : cases) {
     const CliRun r = run_cli(arguments);
