@@ -287,26 +287,24 @@ void write_shard(const File& file, const std::vector<ExportItem*>& items, uint64
   parallel_for(pieces.size(), threads, [&](size_t p) {
     const Piece& piece = pieces[p];
     const ExportItem& item = *piece.item;
+    if (item.nbytes == 0) return;
     Tensor source = item.source;
     if (!source.is_contiguous()) {
       Tensor copy = Tensor::empty_cpu(source.dtype(), source.shape());
       copy_tensor(copy, source);
       source = std::move(copy);
     }
-    const uint64_t count = piece.count ? piece.count : static_cast<uint64_t>(source.numel());
-    const uint64_t out_offset = data_offset + item.begin + piece.first * static_cast<uint64_t>(dtype_bits(item.dtype) / 8);
-    if (item.nbytes == 0) return;
-    if (source.dtype() == item.dtype) {
-      const uint64_t bytes = piece.count ? count * static_cast<uint64_t>(dtype_bits(item.dtype) / 8) : item.nbytes;
-      const char* src = static_cast<const char*>(source.data_ptr()) +
-                        piece.first * static_cast<uint64_t>(dtype_bits(item.dtype) / 8);
-      file.write_at(src, bytes, out_offset);
-      return;
-    }
-    thread_local std::vector<char> buffer;
-    buffer.resize(count * static_cast<uint64_t>(dtype_bits(item.dtype) / 8));
+    const uint64_t out_element = static_cast<uint64_t>(dtype_bits(item.dtype) / 8);
+    const uint64_t out_offset = data_offset + item.begin + piece.first * out_element;
     const char* src = static_cast<const char*>(source.data_ptr()) +
                       piece.first * static_cast<uint64_t>(dtype_bits(source.dtype()) / 8);
+    if (source.dtype() == item.dtype) {
+      file.write_at(src, piece.count ? piece.count * out_element : item.nbytes, out_offset);
+      return;
+    }
+    const uint64_t count = piece.count ? piece.count : static_cast<uint64_t>(source.numel());
+    thread_local std::vector<char> buffer;
+    buffer.resize(count * out_element);
     hf::cast_elements(src, source.dtype(), buffer.data(), item.dtype, count);
     file.write_at(buffer.data(), buffer.size(), out_offset);
   });
