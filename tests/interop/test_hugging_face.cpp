@@ -11,6 +11,7 @@
 #include <filesystem>
 #include <fstream>
 #include <string>
+#include <thread>
 
 #include "fastdcp/io/file.h"
 #include "support/test_support.h"
@@ -313,6 +314,31 @@ TEST_F(HfTest, HostileDirectoriesNameTheFileAndTheKey) {
   EXPECT_EQ(e.code(), ErrorCode::kDataLoss);
   EXPECT_TRUE(contains(e.what(), shard) && contains(e.what(), "truncated")) << e.what();
   EXPECT_EQ(expect_error([&] { read_hugging_face(temp_.path()); }).code(), ErrorCode::kNotFound);
+}
+
+TEST(HfExport, ACheckpointOfSeveralRanksExportsTheNamedRanksPart) {
+  testing::TempDir temp("fastdcp_hf_ranks");
+  const std::string checkpoint = join_path(temp.path(), "ck");
+  const auto state_of = [](int rank) {
+    Value root = Value::dict();
+    root.insert("w", Value(patterned_tensor(DType::kF32, {5, 3}, 20 + rank)));
+    return root;
+  };
+  std::thread other([&] { CheckpointWriter(RankInfo{1, 2}).write(checkpoint, state_of(1)); });
+  CheckpointWriter(RankInfo{0, 2}).write(checkpoint, state_of(0));
+  other.join();
+  for (int rank = 0; rank < 2; ++rank) {
+    const std::string out = join_path(temp.path(), "hf" + std::to_string(rank));
+    HfExportOptions options;
+    options.rank = rank;
+    export_hugging_face(checkpoint, out, options);
+    EXPECT_TRUE(same_bytes(read_hugging_face(out).at("w").as_tensor(), state_of(rank).at("w").as_tensor())) << rank;
+  }
+  HfExportOptions options;
+  options.rank = 2;
+  const Error e = expect_error([&] { export_hugging_face(checkpoint, join_path(temp.path(), "hf2"), options); });
+  EXPECT_EQ(e.code(), ErrorCode::kInvalidArgument);
+  EXPECT_TRUE(contains(e.what(), "written by 2 ranks")) << e.what();
 }
 
 #ifdef FASTDCP_CLI
