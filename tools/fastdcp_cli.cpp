@@ -3,6 +3,7 @@
 //   fastdcp inspect PATH [--rank R]   the commit record, then each rank's tree: dtypes, shapes, sizes
 //   fastdcp verify PATH               every file against the manifest, every chunk's checksum
 //   fastdcp convert SRC DST           a torch DCP or _experimental checkpoint into a fastdcp one
+//   fastdcp export-hf PATH OUT [...]  a Hugging Face model directory (safetensors shards + index)
 //
 // PATH is the checkpoint directory or its manifest.json. Exit status: 0 success (and --help),
 // 1 damaged or missing checkpoint, 2 bad usage (the message names the option).
@@ -22,6 +23,7 @@
 #include "fastdcp/checkpoint/checkpoint.h"
 #include "fastdcp/common/error.h"
 #include "fastdcp/format/rank_file.h"
+#include "fastdcp/interop/hugging_face.h"
 #include "fastdcp/io/file.h"
 
 namespace {
@@ -201,6 +203,18 @@ int convert(const std::string& src, const std::string& dst, bool overwrite) {
                "set FASTDCP_PYTHON to that interpreter, or run 'python -m fastdcp.torch.convert SRC DST'\n",
                tried.empty() ? "nothing" : tried.c_str());
   return 1;
+int export_hf(const std::string& path, const std::string& out, const HfExportOptions& options) {
+  const int world_size = read_manifest(path).world_size;
+  if (options.rank >= world_size) {
+    throw UsageError{"--rank " + std::to_string(options.rank) + ": '" + path + "' was written by " +
+                     std::to_string(world_size) + " rank" + (world_size == 1 ? "" : "s")};
+  }
+  const HfExportReport report = export_hugging_face(path, out, options);
+  std::printf("%s: %zu tensor%s, %s, in %zu file%s%s\n", out.c_str(), report.tensors, report.tensors == 1 ? "" : "s",
+              human_bytes(static_cast<double>(report.total_size)).c_str(), report.files.size(),
+              report.files.size() == 1 ? "" : "s", report.index_file.empty() ? "" : " with model.safetensors.index.json");
+  for (const auto& [key, why] : report.skipped) std::printf("skipped %s: %s\n", key.c_str(), why.c_str());
+  return 0;
 }
 
 // A checkpoint is named by its directory; its manifest.json names the same checkpoint.
@@ -232,6 +246,20 @@ int main(int argc, char** argv) {
   convert_command->add_option("SRC", path, "the checkpoint directory to read")->required();
   convert_command->add_option("DST", destination, "the fastdcp checkpoint directory to write")->required();
   convert_command->add_flag("--overwrite", overwrite, "replace a committed checkpoint at DST");
+  std::string out, max_shard_size = "5GB", dtype;
+  HfExportOptions hf_options;
+  CLI::App* export_command = app.add_subcommand(
+      "export-hf", "A Hugging Face model directory: model-0000k-of-0000n.safetensors and their index.");
+  export_command->add_option("PATH", path, "the checkpoint directory (or its manifest.json)")->required();
+  export_command->add_option("OUT", out, "the model directory to write (created if missing)")->required();
+  export_command->add_option("--max-shard-size", max_shard_size,
+                             "largest file, as 5GB (decimal) or 2GiB (binary); a larger tensor gets its own (default 5GB)");
+  export_command->add_option("--dtype", dtype, "cast floating tensors to bf16, f16, f32 or f64");
+  export_command->add_option("--prefix", hf_options.prefix, "export only key paths that start with this (as model.)");
+  export_command->add_flag("--strip-prefix", hf_options.strip_prefix, "remove --prefix from the exported names");
+  export_command->add_option("--rank", rank, "which rank's part of a checkpoint of several ranks (default 0)");
+  export_command->add_flag("--overwrite", hf_options.overwrite,
+                           "write into a directory that is not empty, replacing an earlier export");
   const auto usage_error = [](const std::string& message) {
     std::fprintf(stderr, "fastdcp: %s\nRun 'fastdcp --help' for usage.\n", message.c_str());
     return 2;
@@ -242,13 +270,25 @@ int main(int argc, char** argv) {
     if (e.get_exit_code() == 0) return app.exit(e);  // --help: the usage on standard output, status 0
     return usage_error(e.what());
   }
-  if (app.get_subcommands().empty()) return usage_error("a command is required: inspect, verify or convert");
+  if (app.get_subcommands().empty()) return usage_error("a command is required: inspect, verify, convert or export-hf");
   if (convert_command->parsed()) return convert(path, destination, overwrite);
   if (rank && *rank < 0) return usage_error("--rank: " + std::to_string(*rank) + " is not a rank (ranks start at 0)");
   const bool inspecting = inspect_command->parsed();
-  const char* command = inspecting ? "inspect" : "verify";
+  const bool exporting = export_command->parsed();
+  const char* command = inspecting ? "inspect" : exporting ? "export-hf" : "verify";
+  if (exporting) {
+    try {
+      hf_options.max_shard_bytes = hf::parse_size(max_shard_size, "--max-shard-size");
+      if (!dtype.empty()) hf_options.dtype = hf::parse_float_dtype(dtype, "--dtype");
+    } catch (const fastdcp::Error& e) {
+      return usage_error(e.what());
+    }
+    if (hf_options.strip_prefix && hf_options.prefix.empty()) return usage_error("--strip-prefix needs --prefix");
+    hf_options.rank = rank.value_or(0);
+  }
   try {
     const std::string dir = checkpoint_dir(path);
+    if (exporting) return export_hf(dir, out, hf_options);
     return inspecting ? inspect(dir, rank) : verify(dir);
   } catch (const UsageError& e) {
     std::fprintf(stderr, "fastdcp %s: %s\n", command, e.message.c_str());

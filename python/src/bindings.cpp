@@ -13,6 +13,7 @@
 #include "fastdcp/checkpoint/checkpoint.h"
 #include "fastdcp/checkpoint/shared_state_dict.h"
 #include "fastdcp/common/logging.h"
+#include "fastdcp/interop/hugging_face.h"
 #include "fastdcp/staging/stager.h"
 #include "tree_converter.h"
 
@@ -328,6 +329,39 @@ class PyCheckpointIO {
     return converter_.loaded_to_python(loaded);
   }
 
+  // A Hugging Face model directory into the template's tensors (Note [Hugging Face model directories]).
+  nb::tuple load_hugging_face(const std::string& path, nb::handle target, bool strict, bool cast,
+                              const std::string& strip_prefix, const std::string& add_prefix, int io_threads) {
+    Value tree;
+    {
+      CyclicGcPause gc_pause;
+      tree = converter_.from_python(target);
+    }
+    const HfImportOptions options{strip_prefix, add_prefix, strict, cast, std::nullopt, io_threads};
+    LoadResult result;
+    {
+      nb::gil_scoped_release release;
+      result = fastdcp::load_hugging_face(path, tree, options);
+    }
+    CyclicGcPause gc_pause;
+    nb::object out = converter_.write_back(target, tree);
+    return nb::make_tuple(out, result.missing_keys, result.unexpected_keys);
+  }
+
+  // The same as a flat dict; `dtype` ("" for none) is what floating tensors become.
+  nb::object read_hugging_face(const std::string& path, const std::string& dtype, const std::string& strip_prefix,
+                               const std::string& add_prefix, int io_threads) {
+    HfImportOptions options{strip_prefix, add_prefix, false, true, std::nullopt, io_threads};
+    if (!dtype.empty()) options.dtype = hf::parse_float_dtype(dtype, "dtype");
+    Value loaded;
+    {
+      nb::gil_scoped_release release;
+      loaded = fastdcp::read_hugging_face(path, options);
+    }
+    CyclicGcPause gc_pause;
+    return converter_.loaded_to_python(loaded);
+  }
+
   nb::tuple read_into(const std::string& path, nb::handle target, bool strict, bool verify, int io_threads) {
     Value tree;
     {
@@ -462,7 +496,12 @@ NB_MODULE(_C, m) {
       .def("read_into", &PyCheckpointIO::read_into, nb::arg("path"), nb::arg("target"), nb::arg("strict"),
            nb::arg("verify"), nb::arg("io_threads"))
       .def("load_into", &PyCheckpointIO::load_into, nb::arg("source"), nb::arg("target"), nb::arg("strict"),
-           nb::arg("source_name"));
+           nb::arg("source_name"))
+
+      .def("load_hugging_face", &PyCheckpointIO::load_hugging_face, nb::arg("path"), nb::arg("target"),
+           nb::arg("strict"), nb::arg("cast"), nb::arg("strip_prefix"), nb::arg("add_prefix"), nb::arg("io_threads"))
+      .def("read_hugging_face", &PyCheckpointIO::read_hugging_face, nb::arg("path"), nb::arg("dtype"),
+           nb::arg("strip_prefix"), nb::arg("add_prefix"), nb::arg("io_threads"));
   nb::class_<SharedStateDict>(m, "SharedStateDict")
       .def_prop_ro("message", [](const SharedStateDict& s) { return nb::bytes(s.message.data(), s.message.size()); })
       .def_ro("fds", &SharedStateDict::fds)
@@ -484,6 +523,35 @@ NB_MODULE(_C, m) {
     d["files_without_checksums"] = report.files_without_checksums;
     return d;
   });
+  m.def(
+      "export_hugging_face",
+      [](const std::string& checkpoint, const std::string& out, const std::string& max_shard_size,
+         const std::string& dtype, const std::string& prefix, bool strip_prefix, bool overwrite, int rank, bool verify,
+         int io_threads) {
+        HfExportOptions options;
+        options.max_shard_bytes = hf::parse_size(max_shard_size, "max_shard_size");
+        if (!dtype.empty()) options.dtype = hf::parse_float_dtype(dtype, "dtype");
+        options.prefix = prefix;
+        options.strip_prefix = strip_prefix;
+        options.overwrite = overwrite;
+        options.rank = rank;
+        options.verify_checksums = verify;
+        options.io_threads = io_threads;
+        HfExportReport report;
+        {
+          nb::gil_scoped_release release;
+          report = fastdcp::export_hugging_face(checkpoint, out, options);
+        }
+        nb::dict d;
+        d["files"] = report.files;
+        d["index_file"] = report.index_file;
+        d["total_size"] = report.total_size;
+        d["tensors"] = report.tensors;
+        d["skipped"] = report.skipped;
+        return d;
+      },
+      nb::arg("checkpoint"), nb::arg("out"), nb::arg("max_shard_size"), nb::arg("dtype"), nb::arg("prefix"),
+      nb::arg("strip_prefix"), nb::arg("overwrite"), nb::arg("rank"), nb::arg("verify"), nb::arg("io_threads"));
   m.def("cuda_available", [] { return CudaRuntime::instance()->available(); });
   m.def("set_warning_handler", [](nb::object handler) {
     set_warning_sink([handler](const std::string& message) {

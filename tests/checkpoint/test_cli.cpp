@@ -147,7 +147,7 @@ TEST_F(CliTest, BadArgumentsExitTwoNamingTheOption) {
       {"verify " + path_ + " " + path_, path_},
       {"inspect", "PATH"},
       {"bogus " + path_, "bogus"},
-      {"", "a command is required"},
+      {"", "a command is required: inspect, verify, convert or export-hf"},
       {"convert " + path_, "DST"},
   };
   for (const auto& [arguments, named] : cases) {

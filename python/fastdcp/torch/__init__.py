@@ -20,6 +20,7 @@ from fastdcp.torch.checkpoint_reader import CheckpointReader
 from fastdcp.torch.checkpoint_writer import CheckpointWriter, CheckpointWriterConfig, WriterHook
 from fastdcp.torch.checkpointer import AsyncCheckpointer, Checkpointer, SyncCheckpointer
 from fastdcp.torch.config import CheckpointerConfig
+from fastdcp.torch.hugging_face import HuggingFaceLoadResult, export_hugging_face, load_hugging_face
 from fastdcp.torch.staging import CheckpointStager, CheckpointStagerConfig, DefaultStager
 from fastdcp.torch.types import STATE_DICT, RankInfo
 from fastdcp.torch.utils import wrap_future
@@ -39,6 +40,7 @@ __all__ = [
     "CheckpointerConfig",
     "DefaultStager",
     "DistBarrier",
+    "HuggingFaceLoadResult",
     "RankInfo",
     "RequestType",
     "STATE_DICT",
@@ -48,6 +50,8 @@ __all__ = [
     "WorkerResponse",
     "WriterHook",
     "create_barrier_from_config",
+    "export_hugging_face",
+    "load_hugging_face",
     "make_async_checkpointer",
     "make_sync_checkpointer",
     "wrap_future",

@@ -41,6 +41,24 @@ def _to_device(tree, device):
     return tree
 
 
+def _read_through_host(state_dict, read):
+    """Runs ``read()``, which fills the template in place, with the template's GPU tensors swapped
+    for host copies, then copies those over. (Without CUDA there are none, and the template is not
+    walked in Python.)"""
+    on_device = _device_tensors(state_dict, []) if torch.cuda.is_available() else []
+    hosts = [torch.empty_like(tensor, device="cpu") for _, _, tensor in on_device]
+    for (parent, key, _), host in zip(on_device, hosts):
+        parent[key] = host
+    try:
+        result = read()
+    finally:
+        for parent, key, tensor in on_device:
+            parent[key] = tensor
+    for (_, _, tensor), host in zip(on_device, hosts):
+        tensor.copy_(host)
+    return result
+
+
 class CheckpointReader:
     """``read(path)`` loads this rank's state dict; ``read(path, state_dict)`` fills the
     template's tensors in place (CPU, GPU, non-contiguous) and returns it with the missing keys.
@@ -75,23 +93,15 @@ class CheckpointReader:
             if map_location is not None and torch.device(map_location).type != "cpu":
                 loaded = _to_device(loaded, map_location)
             return loaded, []
-        # GPU tensors of the template are read into host copies, then copied over. (Without CUDA
-        # there are none, and the template is not walked in Python.)
-        on_device = _device_tensors(state_dict, []) if torch.cuda.is_available() else []
-        hosts = [torch.empty_like(tensor, device="cpu") for _, _, tensor in on_device]
-        for (parent, key, _), host in zip(on_device, hosts):
-            parent[key] = host
-        try:
-            if source is None:
-                out, missing, unexpected = self._io.read_into(path, state_dict, strict, verify, io_threads)
-            else:
-                migrate.adopt_key_types(source, state_dict)
-                out, missing, unexpected = self._io.load_into(source, state_dict, strict, path)
-        finally:
-            for parent, key, tensor in on_device:
-                parent[key] = tensor
-        for (_, _, tensor), host in zip(on_device, hosts):
-            tensor.copy_(host)
+        if source is None:
+            def fill():
+                return self._io.read_into(path, state_dict, strict, verify, io_threads)
+        else:
+            migrate.adopt_key_types(source, state_dict)
+
+            def fill():
+                return self._io.load_into(source, state_dict, strict, path)
+        out, missing, unexpected = _read_through_host(state_dict, fill)
         self.last_unexpected_keys = unexpected
         if missing:
             shown = ", ".join(missing[:10]) + (f" (and {len(missing) - 10} more)" if len(missing) > 10 else "")
