@@ -203,6 +203,8 @@ int convert(const std::string& src, const std::string& dst, bool overwrite) {
                "set FASTDCP_PYTHON to that interpreter, or run 'python -m fastdcp.torch.convert SRC DST'\n",
                tried.empty() ? "nothing" : tried.c_str());
   return 1;
+}
+
 int export_hf(const std::string& path, const std::string& out, const HfExportOptions& options) {
   const int world_size = read_manifest(path).world_size;
   if (options.rank >= world_size) {
