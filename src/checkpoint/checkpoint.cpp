@@ -748,35 +748,14 @@ void fill_sharded(const std::string& path, const Manifest& manifest, const std::
 
 // Replaces every sharded leaf under `root` (at key path `root_path`) by a full tensor to be filled.
 void take_sharded_whole(Value& root, const std::string& root_path, std::vector<ShardedTarget>& targets) {
-  struct Frame {
-    Value* v;
-    std::string path;
-  };
-  std::vector<Frame> stack{{&root, root_path}};
-  while (!stack.empty()) {
-    Frame f = std::move(stack.back());
-    stack.pop_back();
-    Value& v = *f.v;
-    if (v.is_sharded()) {
-      Tensor full = Tensor::empty_cpu(v.as_sharded().dtype, v.as_sharded().global_shape);
-      Dims origin;
-      origin.resize(full.dim());
-      targets.push_back({f.path, {{Box{origin, full.shape()}, full}}});
-      v = Value(std::move(full));
-    } else if (v.kind() == Value::Kind::kDict) {
-      for (auto& [key, child] : v.entries()) {
-        std::string p = f.path;
-        append_key_path(p, key);
-        stack.push_back({&child, std::move(p)});
-      }
-    } else if (v.kind() == Value::Kind::kList || v.kind() == Value::Kind::kTuple) {
-      for (size_t i = 0; i < v.items().size(); ++i) {
-        std::string p = f.path;
-        append_index_path(p, i);
-        stack.push_back({&v.items()[i], std::move(p)});
-      }
-    }
-  }
+  for_each_leaf(root, [&](const std::string& path, Value& v) {
+    if (!v.is_sharded()) return;
+    Tensor full = Tensor::empty_cpu(v.as_sharded().dtype, v.as_sharded().global_shape);
+    Dims origin;
+    origin.resize(full.dim());
+    targets.push_back({path, {{Box{origin, full.shape()}, full}}});
+    v = Value(std::move(full));
+  }, root_path);
 }
 
 // Private copy-on-write mapping of a whole file, unmapped when the last tensor viewing it dies.

@@ -192,40 +192,13 @@ struct StorageUse {
 // leaf, in tree order, without recursion.
 template <class Visit, class VisitSharded>
 void for_each_tensor(const Value& root, Visit&& visit, VisitSharded&& visit_sharded) {
-  struct Frame {
-    const Value* v;
-    std::string path;
-  };
-  std::vector<Frame> stack;
-  stack.push_back({&root, ""});
-  while (!stack.empty()) {
-    Frame f = std::move(stack.back());
-    stack.pop_back();
-    switch (f.v->kind()) {
-      case Value::Kind::kTensor: visit(f.v->as_tensor(), f.path); break;
-      case Value::Kind::kSharded: visit_sharded(f.v->as_sharded(), f.path); break;
-      case Value::Kind::kList:
-      case Value::Kind::kTuple: {
-        const auto& items = f.v->items();
-        for (size_t i = items.size(); i-- > 0;) {
-          std::string p = f.path;
-          append_index_path(p, i);
-          stack.push_back({&items[i], std::move(p)});
-        }
-        break;
-      }
-      case Value::Kind::kDict: {
-        const auto& entries = f.v->entries();
-        for (size_t i = entries.size(); i-- > 0;) {
-          std::string p = f.path;
-          append_key_path(p, entries[i].first);
-          stack.push_back({&entries[i].second, std::move(p)});
-        }
-        break;
-      }
-      default: break;
+  for_each_leaf(root, [&](const std::string& path, const Value& v) {
+    if (v.is_tensor()) {
+      visit(v.as_tensor(), path);
+    } else if (v.is_sharded()) {
+      visit_sharded(v.as_sharded(), path);
     }
-  }
+  });
 }
 
 // A tensor record's 6th element: the non-default traits (docs/format.md).

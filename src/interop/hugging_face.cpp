@@ -174,40 +174,6 @@ namespace {
 
 int io_threads(int requested) { return requested > 0 ? requested : std::max(4, resolve_thread_count(0)); }
 
-// Calls leaf(path, value) for every leaf of the tree, in tree order (an explicit stack: Note [Deep
-// trees]).
-template <class F>
-void for_each_leaf(Value& root, F&& leaf) {
-  struct Frame {
-    Value* value;
-    std::string path;
-  };
-  std::vector<Frame> stack;
-  stack.push_back({&root, ""});
-  while (!stack.empty()) {
-    Frame frame = std::move(stack.back());
-    stack.pop_back();
-    Value& v = *frame.value;
-    if (v.kind() == Value::Kind::kDict) {
-      DictEntries& entries = v.entries();
-      for (size_t i = entries.size(); i-- > 0;) {
-        std::string p = frame.path;
-        append_key_path(p, entries[i].first);
-        stack.push_back({&entries[i].second, std::move(p)});
-      }
-    } else if (v.kind() == Value::Kind::kList || v.kind() == Value::Kind::kTuple) {
-      ValueList& items = v.items();
-      for (size_t i = items.size(); i-- > 0;) {
-        std::string p = frame.path;
-        append_index_path(p, i);
-        stack.push_back({&items[i], std::move(p)});
-      }
-    } else {
-      leaf(frame.path, v);
-    }
-  }
-}
-
 // The dtypes safetensors names (docs/format.md); the others are fastdcp's own and stay inside
 // fastdcp's tree.
 bool safetensors_knows(DType dtype) {

@@ -187,4 +187,39 @@ inline bool Value::is_container() const {
 void append_key_path(std::string& path, const DictKey& key);
 void append_index_path(std::string& path, size_t index);
 
+// Calls visit(key_path, leaf) for every value of the tree that is not a container, in tree order,
+// with an explicit stack (Note [Deep trees]). `Tree` is Value or const Value; key paths start at
+// `root_path`.
+template <class Tree, class Visit>
+void for_each_leaf(Tree& root, Visit&& visit, std::string root_path = {}) {
+  struct Frame {
+    Tree* value;
+    std::string path;
+  };
+  std::vector<Frame> stack;
+  stack.push_back({&root, std::move(root_path)});
+  while (!stack.empty()) {
+    Frame frame = std::move(stack.back());
+    stack.pop_back();
+    Tree& v = *frame.value;
+    if (v.kind() == Value::Kind::kDict) {
+      auto& entries = v.entries();
+      for (size_t i = entries.size(); i-- > 0;) {
+        std::string p = frame.path;
+        append_key_path(p, entries[i].first);
+        stack.push_back({&entries[i].second, std::move(p)});
+      }
+    } else if (v.kind() == Value::Kind::kList || v.kind() == Value::Kind::kTuple) {
+      auto& items = v.items();
+      for (size_t i = items.size(); i-- > 0;) {
+        std::string p = frame.path;
+        append_index_path(p, i);
+        stack.push_back({&items[i], std::move(p)});
+      }
+    } else {
+      visit(frame.path, v);
+    }
+  }
+}
+
 }  // namespace fastdcp
