@@ -11,11 +11,11 @@
 #include <cstring>
 #include <functional>
 #include <future>
+#include <map>
 #include <memory>
 #include <mutex>
 #include <optional>
 #include <thread>
-#include <map>
 #include <unordered_map>
 
 #include "checkpoint/rank_file_io.h"
