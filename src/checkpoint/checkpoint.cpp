@@ -481,7 +481,9 @@ namespace {
 // per-rank values, and loads only at its own world size.
 Manifest manifest_for_rank(const std::string& path, const RankInfo& rank) {
   Manifest manifest = read_manifest(path);
-  if (manifest.world_size != rank.global_world_size && manifest.index.empty()) {
+  // A checkpoint of one rank is a whole state dict: every rank may read it (its tensors fill
+  // sharded targets box by box). Other checkpoints without an index hold per-rank parts.
+  if (manifest.world_size != rank.global_world_size && manifest.index.empty() && manifest.world_size != 1) {
     const std::string n = std::to_string(manifest.world_size);
     throw Error(ErrorCode::kInvalidArgument,
                 "'" + path + "' was written by " + n + " ranks; it loads on as many ranks, not on " +
@@ -910,19 +912,37 @@ void plan_load(Value& target, const Value& source, LoadPlan& plan) {
       }
       continue;
     }
+    // The bytes are copied as they are: a lazy conjugate or negative bit, or a framework dtype
+    // stored under another one, must match too, or the values would change.
+    const auto same_values = [](const Tensor& a, const Tensor& b) {
+      const TensorTraits& ta = a.traits();
+      const TensorTraits& tb = b.traits();
+      return a.dtype() == b.dtype() && ta.framework_dtype == tb.framework_dtype && ta.conj == tb.conj && ta.neg == tb.neg;
+    };
     if (t.is_sharded()) {
-      mismatch(std::string("the target is a sharded tensor, the checkpoint has a ") + Value::kind_name(s.kind()));
-    }
-    if (t.is_tensor()) {
+      // A whole tensor saved unsharded (by fewer ranks, or read from another format) fills a
+      // sharded target too: each box is cut from it, as DCP loads a tensor into a DTensor.
+      if (!s.is_tensor()) mismatch(std::string("the target is a sharded tensor, the checkpoint has a ") + Value::kind_name(s.kind()));
+      const ShardedTensor& ts = t.as_sharded();
+      const Tensor& st = s.as_tensor();
+      ts.validate(f.path);
+      if (ts.global_shape != st.shape() ||
+          std::any_of(ts.chunks.begin(), ts.chunks.end(), [&](const ShardChunk& c) { return !same_values(c.data, st); }) ||
+          (ts.chunks.empty() && ts.dtype != st.dtype())) {
+        mismatch("the target is a sharded " + std::string(dtype_name(ts.dtype)) + dims_text(ts.global_shape) +
+                 ", the checkpoint has " + st.describe());
+      }
+      Dims origin;
+      origin.resize(st.dim());
+      for (const ShardChunk& c : ts.chunks) {
+        if (!c.data.device().is_cpu()) mismatch("the target tensor is on " + c.data.device().str() + "; load into CPU tensors");
+        plan.copies.emplace_back(c.data, box_view(st, origin, c.box()));
+      }
+    } else if (t.is_tensor()) {
       if (!s.is_tensor()) mismatch(std::string("the target is a tensor, the checkpoint has a ") + Value::kind_name(s.kind()));
       const Tensor& tt = t.as_tensor();
       const Tensor& st = s.as_tensor();
-      // The bytes are copied as they are: a lazy conjugate or negative bit, or a framework dtype
-      // stored under another one, must match too, or the values would change.
-      const TensorTraits& ta = tt.traits();
-      const TensorTraits& sa = st.traits();
-      if (tt.dtype() != st.dtype() || tt.shape() != st.shape() || ta.framework_dtype != sa.framework_dtype ||
-          ta.conj != sa.conj || ta.neg != sa.neg) {
+      if (!same_values(tt, st) || tt.shape() != st.shape()) {
         mismatch("the target is " + tt.describe() + ", the checkpoint has " + st.describe());
       }
       if (!tt.device().is_cpu()) mismatch("the target tensor is on " + tt.device().str() + "; load into CPU tensors");

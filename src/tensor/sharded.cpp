@@ -36,6 +36,18 @@ std::optional<Box> intersect(const Box& a, const Box& b) {
   return out;
 }
 
+Tensor box_view(const Tensor& holder, const Dims& holder_offset, const Box& box) {
+  const Box held{holder_offset, holder.shape()};
+  if (box.offset.size() != holder.dim() || holder_offset.size() != holder.dim() ||
+      (!box.empty() && intersect(held, box) != box)) {
+    throw Error(ErrorCode::kInvalidArgument, "the box at " + dims_text(box.offset) + " of sizes " + dims_text(box.sizes) +
+                                                 " is not inside " + holder.describe() + " at " + dims_text(holder_offset));
+  }
+  int64_t offset = holder.storage_offset();
+  for (size_t d = 0; d < holder.dim(); ++d) offset += (box.offset[d] - holder_offset[d]) * holder.strides()[d];
+  return holder.view_as(box.sizes, holder.strides(), offset);
+}
+
 void ShardedTensor::validate(const std::string& what) const {
   auto refuse = [&](const std::string& why) {
     throw Error(ErrorCode::kInvalidArgument, "the sharded tensor at '" + what + "' " + why);

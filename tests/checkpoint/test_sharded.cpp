@@ -61,11 +61,11 @@ RankFileHeader read_header(const std::string& file) {
 
 Dims dims_of(std::vector<int64_t> v) { return Dims(std::span<const int64_t>(v)); }
 
-// The view of `box` inside a contiguous global tensor.
+// The view of `box` inside a global tensor.
 Tensor box_view(const Tensor& global, const Box& box) {
-  int64_t offset = 0;
-  for (size_t d = 0; d < box.offset.size(); ++d) offset += box.offset[d] * global.strides()[d];
-  return global.view_as(box.sizes, global.strides(), offset);
+  Dims origin;
+  origin.resize(global.dim());
+  return fastdcp::box_view(global, origin, box);
 }
 
 Tensor contiguous_copy(const Tensor& t) {
@@ -587,6 +587,58 @@ TEST_F(ShardedTest, ACheckpointWithoutIndexStillLoadsOnlyAtItsWorldSize) {
   } catch (const Error& e) {
     EXPECT_NE(std::string(e.what()).find("written by 2 ranks"), std::string::npos) << e.what();
   }
+}
+
+// A checkpoint of one rank, unsharded (a consolidated one), fills sharded targets at any world size:
+// each rank's boxes, strided views included, are cut from the saved tensor.
+TEST_F(ShardedTest, OneRanksUnshardedCheckpointFillsShardedTargetsAtAnyWorldSize) {
+  std::mt19937 rng(7);
+  const Tensor global = patterned_tensor(DType::kBF16, {9, 5}, 3);
+  expect_no_errors(save(path_, 1, [&](int) {
+    Value sd = Value::dict();
+    sd.insert("w", Value(global));
+    sd.insert("step", Value(int64_t{12}));
+    return sd;
+  }));
+  for (int world : {1, 2, 3}) {
+    const std::vector<Box> boxes = random_grid(global.shape(), rng);
+    const auto dealt = deal(boxes, world, rng);
+    for (int r = 0; r < world; ++r) {
+      Value target = Value::dict();
+      target.insert("w", Value(hold(global, dealt[static_cast<size_t>(r)], rng, /*filled=*/false)));
+      target.insert("step", Value(int64_t{0}));
+      CheckpointReader({r, world}).read_into(path_, target, /*strict=*/true);
+      for (const ShardChunk& c : target.at("w").as_sharded().chunks) {
+        EXPECT_TRUE(same_bytes(c.data, box_view(global, c.box()))) << "world " << world << " at " << dims_text(c.offset);
+      }
+      EXPECT_EQ(target.at("step").as_int(), 12);
+    }
+  }
+  // Another dtype or global shape is refused, naming the key.
+  for (const auto& [dtype, shape] : {std::pair{DType::kF32, Dims{9, 5}}, std::pair{DType::kBF16, Dims{9, 6}}}) {
+    ShardedTensor s;
+    s.global_shape = shape;
+    s.dtype = dtype;
+    s.chunks.push_back({{0, 0}, Tensor::empty_cpu(dtype, {2, 5})});
+    Value target = Value::dict();
+    target.insert("w", Value(std::move(s)));
+    try {
+      CheckpointReader({0, 2}).read_into(path_, target);
+      ADD_FAILURE();
+    } catch (const Error& e) {
+      EXPECT_EQ(e.code(), ErrorCode::kInvalidArgument);
+      EXPECT_NE(std::string(e.what()).find("'w'"), std::string::npos) << e.what();
+    }
+  }
+}
+
+TEST(ShardedBoxes, BoxViewIsTheBoxInsideItsHolder) {
+  const Tensor global = patterned_tensor(DType::kF32, {6, 4}, 1);
+  const Tensor rows = box_view(global, Box{{2, 0}, {3, 4}});  // rows 2-4, held at offset [2, 0]
+  const Tensor inner = fastdcp::box_view(rows, {2, 0}, Box{{3, 1}, {2, 2}});
+  EXPECT_TRUE(same_bytes(inner, box_view(global, Box{{3, 1}, {2, 2}})));
+  EXPECT_THROW(fastdcp::box_view(rows, {2, 0}, Box{{1, 0}, {2, 2}}), Error);  // starts above the holder
+  EXPECT_THROW(fastdcp::box_view(rows, {2, 0}, Box{{4, 3}, {2, 2}}), Error);  // ends past it
 }
 
 // Staging keeps a sharded leaf a sharded leaf over staged storages; views of one local storage

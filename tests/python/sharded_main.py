@@ -39,6 +39,7 @@ from fastdcp.torch import (
     CheckpointerConfig,
     CheckpointStagerConfig,
     DefaultStager,
+    RankInfo,
     make_async_checkpointer,
     make_sync_checkpointer,
 )
@@ -223,6 +224,14 @@ def phase_save(out: str, report: dict) -> None:
         write.result(timeout=120)
     finally:
         checkpointer.close()
+    if dist.get_rank() == 0:
+        # The same values saved unsharded by one rank (a consolidated checkpoint): every rank of any
+        # world size loads its boxes from it.
+        whole = {key: full_of(key, shape, dtype) for key, (shape, dtype, _, _) in SAVED.items()}
+        whole.update(plain=state["plain"], meta=state["meta"])
+        make_sync_checkpointer(CheckpointerConfig(), RankInfo(global_rank=0, global_world_size=1)).save(
+            f"{out}/whole", whole)
+    dist.barrier()
     report["saved"] = sorted(state)
 
 
@@ -240,7 +249,7 @@ def phase_load(out: str, report: dict) -> None:
     sync = make_sync_checkpointer()
     layouts = other_layouts(world)
     meshes = {shape: mesh_of(shape) for shape, _ in layouts}
-    for name in ("sync", "async"):
+    for name in ("sync", "async", "whole"):
         path = f"{out}/{name}"
         check_full(sync.load(path), f"{name}, no template")
         plain = {key: torch.full(shape, -1, dtype=dtype) for key, (shape, dtype, _, _) in SAVED.items()}

@@ -1,6 +1,7 @@
 """DTensor and FSDP2 state under torchrun (gloo, CPU): boxes against DTensor itself, saves on 4
 ranks loaded at 4, 2, 3 (uneven), 1 and saves on 2 loaded at 4, with the sync and async
-checkpointers, into DTensor templates of other layouts, plain tensors and no template; an FSDP2
+checkpointers, and a one-rank unsharded save of the same values, into DTensor templates of other
+layouts, plain tensors and no template; an FSDP2
 model with AdamW, alone and over tensor parallelism, resumed by FSDP2 at other world sizes (tests/python/sharded_main.py)."""
 
 from pathlib import Path

@@ -37,6 +37,11 @@ struct Box {
 // The common part of two boxes of the same rank (number of dims), or nullopt if it is empty.
 std::optional<Box> intersect(const Box& a, const Box& b);
 
+// The view of `box` inside `holder`, a tensor that holds the box of the same global tensor that
+// starts at `holder_offset` (a whole tensor: offset 0). Error(kInvalidArgument) if `box` is not
+// inside it.
+Tensor box_view(const Tensor& holder, const Dims& holder_offset, const Box& box);
+
 // One box of a sharded tensor that this rank holds.
 struct ShardChunk {
   Dims offset;  // of `data` in the global tensor
