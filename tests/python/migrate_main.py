@@ -91,6 +91,14 @@ def main():
         filled, missing = reader.read(dcp_path, template, strict=True)
         report["dcp_template"] = same(filled, oracle) and same(filled, expected) and missing == []
         report["dcp_in_place"] = filled["model"]["w_rows"] is template["model"]["w_rows"]
+        # Into DTensors: each rank's shards, against dcp.load into the same layout.
+        zeros = dict(expected, model={k: torch.zeros_like(v) for k, v in expected["model"].items()})
+        template, oracle = sharded(zeros, world), sharded(zeros, world)
+        dcp.load(oracle, checkpoint_id=dcp_path)
+        filled, missing = reader.read(dcp_path, template, strict=True)
+        report["dcp_dtensors"] = missing == [] and all(
+            filled["model"][k] is template["model"][k] and same(filled["model"][k].to_local(), oracle["model"][k].to_local())
+            for k in oracle["model"])
         exp_loaded, _ = reader.read(os.path.join(out_dir, "exp"))
         report["experimental"] = same(exp_loaded, mine)
         if rank == 0:

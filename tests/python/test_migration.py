@@ -293,7 +293,8 @@ def test_sharded_dcp_save_of_dtensors_loads_whole(tmp_path, world):
     details = f"exit {result.returncode}\n{json.dumps(reports, indent=1)}\n{result.stderr[-4000:]}"
     assert result.returncode == 0 and sorted(reports) == list(range(world)), details
     for report in reports.values():
-        assert report == {"dcp_whole": True, "dcp_template": True, "dcp_in_place": True, "experimental": True}, details
+        assert report == {"dcp_whole": True, "dcp_template": True, "dcp_in_place": True, "dcp_dtensors": True,
+                          "experimental": True}, details
     # The sharded save converts to a one-rank fastdcp checkpoint of whole tensors: what DCP's own
     # template-free load gives (in its key order), and the full tensors the ranks shared.
     expected = torch.load(tmp_path / "expected.pt", weights_only=True)
