@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <cctype>
 #include <charconv>
+#include <cmath>
 #include <cstdio>
 #include <cstring>
 #include <filesystem>
@@ -75,27 +76,58 @@ namespace {
 // Every value widens exactly to float (double for F64), then narrows to the target; F64 to F16 or
 // BF16 goes through F32, since torch's Half and BFloat16 are built from a float (so a double is
 // rounded twice, as torch does). F32 to BF16 rounds to nearest, ties to even, and a NaN
-// becomes 0x7FC0, as c10::BFloat16; F32 to F16 is the compiler's IEEE conversion (the same
-// rounding as torch's F16C path).
+// becomes 0x7FC0, as c10::BFloat16; F32 to F16 is IEEE's conversion (round to nearest, ties to
+// even, a NaN stays a quiet NaN with its top payload bits), as torch's F16C path converts. F16 is
+// done by hand: clang before 15 has no _Float16 on x86.
 struct BF16 {
   uint16_t bits;
 };
+struct F16 {
+  uint16_t bits;
+};
 
-// Sources widen to float (double for F64): exact.
-float load(float v) { return v; }
-double load(double v) { return v; }
-float load(_Float16 v) { return static_cast<float>(v); }
-float load(BF16 v) {
-  const uint32_t bits = uint32_t{v.bits} << 16;
+float float_of_bits(uint32_t bits) {
   float f;
   std::memcpy(&f, &bits, sizeof f);
   return f;
 }
 
+// Sources widen to float (double for F64): exact.
+float load(float v) { return v; }
+double load(double v) { return v; }
+float load(F16 v) {
+  const uint32_t sign = uint32_t{v.bits & 0x8000u} << 16;
+  const uint32_t exponent = (v.bits >> 10) & 0x1Fu;
+  const uint32_t mantissa = v.bits & 0x3FFu;
+  if (exponent == 0) {  // zero or a subnormal: mantissa * 2^-24, exact in float
+    const float magnitude = std::ldexp(static_cast<float>(mantissa), -24);
+    return sign ? -magnitude : magnitude;
+  }
+  if (exponent == 31) return float_of_bits(sign | 0x7F800000u | (mantissa << 13));  // infinity, NaN
+  return float_of_bits(sign | ((exponent + (127 - 15)) << 23) | (mantissa << 13));
+}
+float load(BF16 v) { return float_of_bits(uint32_t{v.bits} << 16); }
+
 void put(float v, float& d) { d = v; }
 void put(float v, double& d) { d = v; }
 void put(double v, double& d) { d = v; }
-void put(float v, _Float16& d) { d = static_cast<_Float16>(v); }
+void put(float v, F16& d) {
+  uint32_t bits;
+  std::memcpy(&bits, &v, sizeof bits);
+  const auto sign = static_cast<uint16_t>((bits >> 16) & 0x8000u);
+  const uint32_t magnitude = bits & 0x7FFFFFFFu;
+  if (magnitude > 0x7F800000u) {  // NaN
+    d.bits = static_cast<uint16_t>(sign | 0x7E00u | ((magnitude >> 13) & 0x3FFu));
+  } else if (magnitude >= 0x477FF000u) {  // 65520 and above round past 65504, the largest half
+    d.bits = static_cast<uint16_t>(sign | 0x7C00u);
+  } else if (magnitude < 0x38800000u) {  // below 2^-14: a subnormal half, its mantissa the value * 2^24
+    d.bits = static_cast<uint16_t>(sign | static_cast<uint16_t>(std::nearbyint(float_of_bits(magnitude) * 16777216.0f)));
+  } else {  // normal: rebias the exponent, round the mantissa's low 13 bits to nearest, ties to even
+    uint32_t h = magnitude - ((127u - 15u) << 23);
+    h += 0xFFFu + ((h >> 13) & 1u);
+    d.bits = static_cast<uint16_t>(sign | (h >> 13));
+  }
+}
 void put(float v, BF16& d) {
   uint32_t bits;
   std::memcpy(&bits, &v, sizeof bits);
@@ -122,7 +154,7 @@ void convert(const void* src, void* dst, size_t n) {
 template <class S>
 void convert_from(const void* src, void* dst, DType dst_dtype, size_t n) {
   switch (dst_dtype) {
-    case DType::kF16: return convert<S, _Float16>(src, dst, n);
+    case DType::kF16: return convert<S, F16>(src, dst, n);
     case DType::kBF16: return convert<S, BF16>(src, dst, n);
     case DType::kF32: return convert<S, float>(src, dst, n);
     default: return convert<S, double>(src, dst, n);
@@ -142,7 +174,7 @@ void cast_elements(const void* src, DType src_dtype, void* dst, DType dst_dtype,
     return;
   }
   switch (src_dtype) {
-    case DType::kF16: return convert_from<_Float16>(src, dst, dst_dtype, n);
+    case DType::kF16: return convert_from<F16>(src, dst, dst_dtype, n);
     case DType::kBF16: return convert_from<BF16>(src, dst, dst_dtype, n);
     case DType::kF32: return convert_from<float>(src, dst, dst_dtype, n);
     default: return convert_from<double>(src, dst, dst_dtype, n);

@@ -102,6 +102,29 @@ TEST(HfCast, Bf16RoundsToNearestEvenAsTorch) {
   EXPECT_EQ(float_bits(f), 0x40490000u);
 }
 
+// Every half widens to a float and narrows back to itself (a NaN to a NaN).
+TEST(HfCast, EveryF16RoundTripsThroughF32) {
+  for (uint32_t h = 0; h <= 0xFFFF; ++h) {
+    const auto half = static_cast<uint16_t>(h);
+    float f = 0;
+    hf::cast_elements(&half, DType::kF16, &f, DType::kF32, 1);
+    uint16_t back = 0;
+    hf::cast_elements(&f, DType::kF32, &back, DType::kF16, 1);
+    if ((h & 0x7C00u) == 0x7C00u && (h & 0x3FFu) != 0) {
+      ASSERT_TRUE(std::isnan(f)) << std::hex << h;
+      ASSERT_EQ(back & 0x7E00u, 0x7E00u) << std::hex << h;
+    } else {
+      ASSERT_EQ(back, half) << std::hex << h;
+    }
+  }
+  uint16_t one = 0x3C00, min_sub = 0x0001;
+  float f = 0;
+  hf::cast_elements(&one, DType::kF16, &f, DType::kF32, 1);
+  EXPECT_EQ(f, 1.0f);
+  hf::cast_elements(&min_sub, DType::kF16, &f, DType::kF32, 1);
+  EXPECT_EQ(f, std::ldexp(1.0f, -24));
+}
+
 TEST(HfCast, F16RoundsOverflowsAndKeepsSubnormals) {
   EXPECT_EQ(to16(1.0f, DType::kF16), 0x3C00);
   EXPECT_EQ(to16(65504.0f, DType::kF16), 0x7BFF);
