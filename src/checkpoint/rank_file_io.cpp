@@ -217,11 +217,17 @@ void read_entries(const File& file, const std::vector<StoredEntry>& entries, con
 void check_chunk(const std::string& file, const std::vector<StoredEntry>& entries, size_t entry, size_t chunk,
                  const void* data, const std::function<std::string(size_t)>& describe_entry) {
   const StoredEntry& e = entries[entry];
+  const uint64_t size = chunk < e.num_chunks() ? std::min(kChecksumChunkBytes, e.nbytes - chunk * kChecksumChunkBytes) : 0;
+  check_chunk_crc(file, entries, entry, chunk, crc32c(data, size), describe_entry);
+}
+
+void check_chunk_crc(const std::string& file, const std::vector<StoredEntry>& entries, size_t entry, size_t chunk,
+                     uint32_t actual, const std::function<std::string(size_t)>& describe_entry) {
+  const StoredEntry& e = entries[entry];
   if (chunk >= e.chunk_crc32c.size()) {  // a plain safetensors entry has none: callers must not check it
     throw Error(ErrorCode::kInternal, "no checksum for chunk " + std::to_string(chunk) + " of '" + e.name + "' in '" +
                                           file + "'");
   }
-  const uint32_t actual = crc32c(data, std::min(kChecksumChunkBytes, e.nbytes - chunk * kChecksumChunkBytes));
   if (actual != e.chunk_crc32c[chunk]) {
     throw_checksum_mismatch(file, describe_entry(entry), chunk, e.num_chunks(), e.chunk_crc32c[chunk], actual);
   }

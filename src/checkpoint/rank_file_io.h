@@ -83,6 +83,10 @@ inline char* chunk_data(const Storage& storage, size_t chunk) {
 void check_chunk(const std::string& file, const std::vector<StoredEntry>& entries, size_t entry, size_t chunk,
                  const void* data, const std::function<std::string(size_t)>& describe_entry);
 
+// The same for a chunk whose CRC32C the caller computed (`actual`), e.g. over scattered pieces.
+void check_chunk_crc(const std::string& file, const std::vector<StoredEntry>& entries, size_t entry, size_t chunk,
+                     uint32_t actual, const std::function<std::string(size_t)>& describe_entry);
+
 // Reads the planned pieces into storages[piece.entry] (whose memory must hold the entry's
 // nbytes) with preadv on `threads` threads, checking each chunk's CRC32C when `verify`.
 // `describe_entry(i)` names an entry in error messages (the tensors it holds).

@@ -7,12 +7,6 @@
 
 namespace fastdcp {
 
-std::string dims_text(const Dims& dims) {
-  std::string out = "[";
-  for (size_t d = 0; d < dims.size(); ++d) out += (d ? ", " : "") + std::to_string(dims[d]);
-  return out + "]";
-}
-
 int64_t Box::numel() const {
   int64_t n = 1;
   for (int64_t s : sizes) n *= s;

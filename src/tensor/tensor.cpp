@@ -9,12 +9,24 @@
 #include "fastdcp/common/error.h"
 
 namespace fastdcp {
-namespace {
-std::string dims_str(const Dims& dims) {
+
+std::string dims_text(const Dims& dims) {
   std::string out = "[";
-  for (size_t i = 0; i < dims.size(); ++i) out += (i ? ", " : "") + std::to_string(dims[i]);
+  for (size_t d = 0; d < dims.size(); ++d) out += (d ? ", " : "") + std::to_string(dims[d]);
   return out + "]";
 }
+
+bool contiguous_layout(const Dims& shape, const Dims& strides) {
+  int64_t expected = 1;
+  for (size_t i = shape.size(); i-- > 0;) {
+    if (shape[i] == 1) continue;
+    if (strides[i] != expected) return false;
+    expected *= shape[i];
+  }
+  return true;
+}
+
+namespace {
 
 // Note [Checked view arithmetic]
 // Shapes, strides and offsets come from files and from other libraries, so every size is computed
@@ -108,15 +120,6 @@ ViewFault view_extent(DType dtype, const Dims& shape, const Dims& strides, int64
   return {};
 }
 
-bool contiguous_layout(const Dims& shape, const Dims& strides) {
-  int64_t expected = 1;
-  for (size_t i = shape.size(); i-- > 0;) {
-    if (shape[i] == 1) continue;
-    if (strides[i] != expected) return false;
-    expected *= shape[i];
-  }
-  return true;
-}
 }  // namespace
 
 std::optional<uint64_t> contiguous_nbytes(DType dtype, const Dims& shape) {
@@ -153,7 +156,7 @@ std::string view_problem(DType dtype, const Dims& shape, const Dims& strides, in
 Dims contiguous_strides(const Dims& shape) {
   uint64_t span = 1;
   if (ViewFault fault = shape_span(shape, span)) {
-    throw Error(ErrorCode::kInvalidArgument, "no contiguous strides for the shape " + dims_str(shape) + ": " + fault.message());
+    throw Error(ErrorCode::kInvalidArgument, "no contiguous strides for the shape " + dims_text(shape) + ": " + fault.message());
   }
   Dims strides;
   strides.resize(shape.size());
@@ -205,8 +208,8 @@ std::pair<uint64_t, uint64_t> view_byte_extent(DType dtype, const Dims& shape, c
                                                int64_t storage_offset) {
   std::pair<uint64_t, uint64_t> extent;
   if (ViewFault fault = view_extent(dtype, shape, strides, storage_offset, extent)) {
-    throw Error(ErrorCode::kInvalidArgument, "invalid view " + std::string(dtype_name(dtype)) + dims_str(shape) +
-                                                 " strides " + dims_str(strides) + " offset " +
+    throw Error(ErrorCode::kInvalidArgument, "invalid view " + std::string(dtype_name(dtype)) + dims_text(shape) +
+                                                 " strides " + dims_text(strides) + " offset " +
                                                  std::to_string(storage_offset) + ": " + fault.message());
   }
   return extent;
@@ -233,7 +236,7 @@ Tensor Tensor::view_as(Dims shape, Dims strides, int64_t storage_offset) const {
 
 std::string Tensor::describe() const {
   std::ostringstream out;
-  out << dtype_name(dtype_) << dims_str(shape_) << " strides " << dims_str(strides_) << " offset "
+  out << dtype_name(dtype_) << dims_text(shape_) << " strides " << dims_text(strides_) << " offset "
       << storage_offset_ << " on " << storage_.device().str();
   const TensorTraits& traits = this->traits();
   if (!traits.framework_dtype.empty()) out << " (" << traits.framework_dtype << ")";

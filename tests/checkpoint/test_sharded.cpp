@@ -505,6 +505,74 @@ TEST_F(ShardedTest, ASmallBoxReadsOnlyTheChecksumChunksItTouches) {
   }
 }
 
+// Note [Landing reads in the target]: overlaps that start and end inside checksum chunks (a
+// 2 -> 3 reshard of a 24 MiB tensor) land in their targets, while the bytes only the checksums need
+// go to scratch: the values are the saved ones, with or without checksums, and damage anywhere in
+// a chunk an overlap touches fails the load, in the part it wants or in the part it does not.
+TEST_F(ShardedTest, OverlapsInsideChecksumChunksLandInTheTargetAndEveryChunkTheyTouchIsVerified) {
+  constexpr int64_t kRows = 6 * 1024 + 77, kCols = 1024;  // F32 rows of 4 KiB: about 24 MiB
+  const Tensor global = patterned_tensor(DType::kF32, {kRows, kCols}, 11);
+  const int64_t split = kRows / 2 + 5;  // saved on 2 ranks, unevenly
+  expect_no_errors(save(path_, 2, [&](int r) {
+    ShardedTensor s;
+    s.global_shape = global.shape();
+    s.dtype = DType::kF32;
+    const Box box = r == 0 ? Box{dims_of({0, 0}), dims_of({split, kCols})}
+                           : Box{dims_of({split, 0}), dims_of({kRows - split, kCols})};
+    s.chunks.push_back({box.offset, contiguous_copy(box_view(global, box))});
+    Value sd = Value::dict();
+    sd.insert("w", Value(std::move(s)));
+    return sd;
+  }));
+  // Three ranks' rows, and a box of columns (a strided overlap) beside them.
+  const std::vector<Box> boxes = {Box{dims_of({0, 0}), dims_of({kRows / 3, kCols})},
+                                  Box{dims_of({kRows / 3, 0}), dims_of({kRows / 3 + 1, kCols})},
+                                  Box{dims_of({2 * (kRows / 3) + 1, 0}), dims_of({kRows - 2 * (kRows / 3) - 1, kCols})},
+                                  Box{dims_of({100, 3}), dims_of({kRows - 200, 5})}};
+  auto load = [&](const Box& box, bool verify) {
+    ReadOptions options;
+    options.verify_checksums = verify;
+    Value target = Value::dict();
+    ShardedTensor s;
+    s.global_shape = global.shape();
+    s.dtype = DType::kF32;
+    s.chunks.push_back({box.offset, Tensor::empty_cpu(DType::kF32, box.sizes)});
+    target.insert("w", Value(std::move(s)));
+    CheckpointReader({0, 3}, options).read_into(path_, target, true);
+    return target.at("w").as_sharded().chunks[0].data;
+  };
+  for (const bool verify : {true, false}) {
+    for (const Box& box : boxes) {
+      EXPECT_TRUE(same_bytes(load(box, verify), box_view(global, box)))
+          << "box at " << dims_text(box.offset) << ", verify " << verify;
+    }
+  }
+  const Manifest manifest = read_manifest(path_);
+  const std::string file = join_path(path_, manifest.ranks[1].file);
+  const RankFileHeader header = read_header(file);
+  const uint64_t entry_begin = header.data_offset() + header.entries()[0].begin;
+  // Rank 1's rows start at row `split`; the middle box starts inside the same chunk, later.
+  const Box& middle = boxes[1];
+  const uint64_t row_bytes = kCols * 4;
+  const uint64_t wanted_from = static_cast<uint64_t>(middle.offset[0] + middle.sizes[0] - split) * row_bytes;
+  ASSERT_GT(wanted_from % kChecksumChunkBytes, uint64_t{0}) << "the box must end inside a chunk";
+  // Damage after the middle box's last row, in the chunk holding it: only the checksum reads it.
+  const uint64_t unwanted = wanted_from + 100;
+  ASSERT_EQ(unwanted / kChecksumChunkBytes, wanted_from / kChecksumChunkBytes);
+  flip_byte(file, entry_begin + unwanted);
+  try {
+    (void)load(middle, true);
+    ADD_FAILURE() << "damage in bytes the box does not want, in a chunk it reads, not detected";
+  } catch (const Error& e) {
+    EXPECT_EQ(e.code(), ErrorCode::kDataLoss);
+    EXPECT_NE(std::string(e.what()).find("'w'"), std::string::npos) << e.what();
+  }
+  EXPECT_TRUE(same_bytes(load(boxes[0], true), box_view(global, boxes[0])));  // rank 0's file alone
+  flip_byte(file, entry_begin + unwanted);  // mended
+  flip_byte(file, entry_begin + wanted_from - 100);  // now in bytes the box wants
+  EXPECT_THROW((void)load(middle, true), Error);
+}
+
 // The manifest and the rank files must agree (verify and loads check it); the manifest's index
 // itself must tile.
 TEST_F(ShardedTest, AnIndexThatDisagreesWithTheRankFilesOrDoesNotTileIsRefused) {

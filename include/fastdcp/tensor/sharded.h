@@ -65,9 +65,6 @@ struct ShardedTensor {
   void validate(const std::string& what) const;
 };
 
-// "[1, 2, 3]": dims as messages and the CLI show them.
-std::string dims_text(const Dims& dims);
-
 // Two boxes of `boxes` that overlap, or nullopt. A sweep along the dim with the most distinct
 // offsets: O(n log n + n k) for n boxes of which at most k cross one plane across that dim (small
 // for the grids that shardings make), not O(n^2).

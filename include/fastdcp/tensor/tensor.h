@@ -81,6 +81,10 @@ class Tensor {
 
 // Error(kInvalidArgument) for a shape without them (sizes beyond int64).
 Dims contiguous_strides(const Dims& shape);
+// Whether a view of this shape and strides is row-major without gaps (dims of size 1 ignored).
+bool contiguous_layout(const Dims& shape, const Dims& strides);
+// "[1, 2, 3]": dims as messages and the CLI show them.
+std::string dims_text(const Dims& dims);
 // Copies src's elements into dst (CPU tensors of one dtype and shape, any strides, not
 // overlapping); Error(kInvalidArgument) naming both otherwise.
 void copy_tensor(const Tensor& dst, const Tensor& src);

@@ -15,6 +15,7 @@
 #include <mutex>
 #include <string>
 #include <string_view>
+#include <type_traits>
 #include <unordered_map>
 #include <utility>
 #include <variant>
@@ -189,9 +190,10 @@ void append_index_path(std::string& path, size_t index);
 
 // Calls visit(key_path, leaf) for every value of the tree that is not a container, in tree order,
 // with an explicit stack (Note [Deep trees]). `Tree` is Value or const Value; key paths start at
-// `root_path`.
+// `root_path`. A `visit` that takes the leaf alone gets no key paths, and none are built.
 template <class Tree, class Visit>
 void for_each_leaf(Tree& root, Visit&& visit, std::string root_path = {}) {
+  constexpr bool kPaths = !std::is_invocable_v<Visit&, Tree&>;
   struct Frame {
     Tree* value;
     std::string path;
@@ -205,19 +207,27 @@ void for_each_leaf(Tree& root, Visit&& visit, std::string root_path = {}) {
     if (v.kind() == Value::Kind::kDict) {
       auto& entries = v.entries();
       for (size_t i = entries.size(); i-- > 0;) {
-        std::string p = frame.path;
-        append_key_path(p, entries[i].first);
+        std::string p;
+        if constexpr (kPaths) {
+          p = frame.path;
+          append_key_path(p, entries[i].first);
+        }
         stack.push_back({&entries[i].second, std::move(p)});
       }
     } else if (v.kind() == Value::Kind::kList || v.kind() == Value::Kind::kTuple) {
       auto& items = v.items();
       for (size_t i = items.size(); i-- > 0;) {
-        std::string p = frame.path;
-        append_index_path(p, i);
+        std::string p;
+        if constexpr (kPaths) {
+          p = frame.path;
+          append_index_path(p, i);
+        }
         stack.push_back({&items[i], std::move(p)});
       }
-    } else {
+    } else if constexpr (kPaths) {
       visit(frame.path, v);
+    } else {
+      visit(v);
     }
   }
 }
