@@ -1,7 +1,8 @@
 """One rank of test_migration.py's sharded test, under torchrun (gloo, CPU): saves DTensors on a
 1-D and (with 4 ranks) a 2-D mesh with dcp.save, and each rank's own state with torch's
-_experimental checkpointer; then loads both with fastdcp on every rank and compares them with
-the full tensors and with dcp.load's own load into plain tensors, byte for byte."""
+_experimental checkpointer, and once more with dcp.save(use_collectives=False), which writes a
+metadata file per rank; then loads them with fastdcp on every rank and compares them with the
+full tensors and with dcp.load's own load into plain tensors and DTensors, byte for byte."""
 
 import json
 import os
@@ -97,6 +98,19 @@ def main():
         dcp.load(oracle, checkpoint_id=dcp_path)
         filled, missing = reader.read(dcp_path, template, strict=True)
         report["dcp_dtensors"] = missing == [] and all(
+            filled["model"][k] is template["model"][k] and same(filled["model"][k].to_local(), oracle["model"][k].to_local())
+            for k in oracle["model"])
+        # Without rank coordination (use_collectives=False) every rank writes its own
+        # __<rank>.metadata, with a value of its own: merged by fastdcp, read by dcp.load rank by rank.
+        local_path = os.path.join(out_dir, "dcp_local")
+        dcp.save(dict(sharded(expected, world), rank=rank), checkpoint_id=local_path, use_collectives=False)
+        dist.barrier()
+        loaded, missing = reader.read(local_path)
+        report["local_whole"] = same(loaded, dict(expected, rank=rank)) and missing == []
+        template, oracle = dict(sharded(zeros, world), rank=-1), dict(sharded(zeros, world), rank=-1)
+        dcp.load(oracle, checkpoint_id=local_path)
+        filled, missing = reader.read(local_path, template, strict=True)
+        report["local_dtensors"] = missing == [] and filled["rank"] == oracle["rank"] == rank and all(
             filled["model"][k] is template["model"][k] and same(filled["model"][k].to_local(), oracle["model"][k].to_local())
             for k in oracle["model"])
         exp_loaded, _ = reader.read(os.path.join(out_dir, "exp"))

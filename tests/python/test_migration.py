@@ -3,6 +3,7 @@ DCP's (dcp.save) and the _experimental checkpointer's, through fastdcp.torch's l
 `fastdcp convert`, compared with torch's own loads (dcp.load, torch.load) byte for byte; and
 hostile files, refused with errors that name the file."""
 
+import contextlib
 import io
 import json
 import os
@@ -15,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed.checkpoint as dcp
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint._experimental.checkpoint_writer import CheckpointWriter as TorchWriter
@@ -31,8 +32,10 @@ from fastdcp.torch.migrate import UnsafeCheckpointError
 
 pytestmark = pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
 
+# Every dtype DCP saves (its torch.save streams take them all).
 DTYPES = [torch.bfloat16, torch.float16, torch.float32, torch.float64, torch.int8, torch.uint8, torch.int16,
-          torch.int32, torch.int64, torch.bool, torch.complex64, torch.complex128]
+          torch.int32, torch.int64, torch.bool, torch.complex64, torch.complex128, torch.uint16, torch.uint32,
+          torch.uint64, torch.float8_e4m3fn, torch.float8_e5m2]
 
 
 def same(a, b):
@@ -44,6 +47,8 @@ def same(a, b):
         return isinstance(b, dict) and list(a) == list(b) and all(same(a[k], b[k]) for k in a)
     if isinstance(a, (list, tuple)):
         return type(a) is type(b) and len(a) == len(b) and all(same(x, y) for x, y in zip(a, b))
+    if isinstance(a, io.BytesIO):
+        return type(b) is io.BytesIO and a.getvalue() == b.getvalue()
     return type(a) is type(b) and (a == b or (a != a and b != b))
 
 
@@ -72,13 +77,30 @@ def tensors(draw):
 
 scalars = st.one_of(st.integers(-2**63, 2**63 - 1), st.floats(allow_nan=False), st.text(max_size=8), st.none(),
                     st.booleans())
-keys = st.text(alphabet="abcxyz_", min_size=1, max_size=5)
-values = st.recursive(
-    st.one_of(tensors(), scalars),
-    lambda children: st.one_of(st.dictionaries(keys, children, min_size=1, max_size=4),
-                               st.lists(children, min_size=1, max_size=3)),
-    max_leaves=12)
-state_dicts = st.dictionaries(keys, values, min_size=1, max_size=5)
+keys = st.text(alphabet="abcxyz_./", min_size=1, max_size=5)  # DCP joins key paths with dots
+
+
+def state_dicts_of(leaves):
+    values = st.recursive(
+        st.one_of(tensors(), leaves),
+        lambda children: st.one_of(st.dictionaries(keys, children, min_size=1, max_size=4),
+                                   st.lists(children, min_size=1, max_size=3)),
+        max_leaves=12)
+    return st.dictionaries(keys, values, min_size=1, max_size=5)
+
+
+state_dicts = state_dicts_of(scalars)
+# DCP also saves bytes and io.BytesIO (torch.load(weights_only=True) takes neither b"" nor io.BytesIO).
+dcp_state_dicts = state_dicts_of(st.one_of(scalars, st.binary(max_size=8), st.binary(max_size=8).map(io.BytesIO)))
+
+
+def flat_keys(tree, prefix=""):
+    """The keys DCP flattens a state dict to (dcp.save's flatten_state_dict)."""
+    if isinstance(tree, dict):
+        return [k for key, v in tree.items() for k in flat_keys(v, f"{prefix}{key}.")]
+    if isinstance(tree, list):
+        return [k for i, v in enumerate(tree) for k in flat_keys(v, f"{prefix}{i}.")]
+    return [prefix[:-1]]
 
 
 def dcp_whole(path):
@@ -91,6 +113,8 @@ def dcp_whole(path):
 def zeros_like_tree(tree):
     if isinstance(tree, torch.Tensor):
         return torch.zeros_like(tree)
+    if isinstance(tree, io.BytesIO):
+        return io.BytesIO(b"template")
     if isinstance(tree, dict):
         return {k: zeros_like_tree(v) for k, v in tree.items()}
     if isinstance(tree, list):
@@ -104,11 +128,24 @@ def fresh_dir(tmp_path_factory, name):
 
 # ---- DCP, one rank ------------------------------------------------------------------------------
 
+writer_options = st.fixed_dictionaries({
+    "single_file_per_rank": st.booleans(),  # False: a file per tensor and value
+    "thread_count": st.integers(1, 3),  # several files per rank
+})
+
+
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(state=state_dicts)
-def test_dcp_save_loads_as_dcp_loads_it(tmp_path_factory, state):
+@given(state=dcp_state_dicts, options=writer_options, rank_local=st.booleans())
+def test_dcp_save_loads_as_dcp_loads_it(tmp_path_factory, state, options, rank_local):
+    # Every file layout of FileSystemWriter, with the global .metadata or, without rank
+    # coordination, the rank-local __0.metadata; all of DCP's dtypes, empty and non-contiguous
+    # tensors, bytes and io.BytesIO values, keys with dots and slashes.
+    from torch.distributed.checkpoint.filesystem import FileSystemWriter
+
+    assume(len(set(flat_keys(state))) == len(flat_keys(state)))  # else DCP itself keeps only one
     path = fresh_dir(tmp_path_factory, "dcp")
-    dcp.save(state, checkpoint_id=path, no_dist=True)
+    dcp.save(state, storage_writer=FileSystemWriter(path, **options), no_dist=True, use_collectives=not rank_local)
+    assert os.path.isfile(os.path.join(path, "__0.metadata" if rank_local else ".metadata"))
     reader = CheckpointReader(RankInfo(0, 1))
     # Whole: the state dict DCP's own template-free load rebuilds.
     loaded, missing = reader.read(path)
@@ -134,7 +171,7 @@ def contiguous_tree(tree):
 
 
 @settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(state=state_dicts.map(contiguous_tree))
+@given(state=dcp_state_dicts.map(contiguous_tree))
 def test_dcp_safetensors_serialization_loads_as_the_torch_save_one(tmp_path_factory, state):
     # FileSystemWriter(serialization_format=SAFETENSORS) appends one safetensors file per data file
     # (dcp.load itself cannot read it back in torch 2.13). Oracles: dcp.load of the same state saved
@@ -142,8 +179,9 @@ def test_dcp_safetensors_serialization_loads_as_the_torch_save_one(tmp_path_fact
     from safetensors.torch import load as safetensors_load
     from torch.distributed.checkpoint.filesystem import FileSystemWriter, SerializationFormat
 
-    if any(isinstance(t, torch.Tensor) and t.dtype == torch.complex128 for t in leaves(state)):
-        return  # safetensors has no complex128
+    from safetensors.torch import _SIZE as safetensors_dtypes  # the dtypes its save takes
+
+    assume(all(t.dtype in safetensors_dtypes for t in leaves(state) if isinstance(t, torch.Tensor)))
     plain, raw_path = fresh_dir(tmp_path_factory, "plain"), fresh_dir(tmp_path_factory, "st")
     dcp.save(state, checkpoint_id=plain, no_dist=True)
     dcp.save(state, storage_writer=FileSystemWriter(raw_path, serialization_format=SerializationFormat.SAFETENSORS),
@@ -235,6 +273,113 @@ def test_dcp_template_semantics_strict_missing_unexpected_and_int_keys(tmp_path)
     checkpointer.close()
 
 
+# ---- DCP saves without rank coordination (rank-local metadata) -----------------------------------
+
+@contextlib.contextmanager
+def fake_rank(rank, world):
+    """This process as rank ``rank`` of ``world`` on torch's fake backend: enough for dcp.save
+    without collectives (use_collectives=False), which is what each rank runs alone."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    dist.init_process_group("fake", rank=rank, world_size=world, store=FakeStore())
+    try:
+        yield init_device_mesh("cpu", (world,))
+    finally:
+        dist.destroy_process_group()
+
+
+def local_dtensor(full, mesh, placements):
+    """The DTensor whose local tensor on this rank is its part of ``full``."""
+    from torch.distributed.tensor import DTensor
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    shape, offset = compute_local_shape_and_global_offset(full.shape, mesh, placements)
+    local = full[tuple(slice(o, o + n) for o, n in zip(offset, shape))].clone()
+    return DTensor.from_local(local, mesh, placements, run_check=False, shape=full.shape, stride=full.stride())
+
+
+def own_metadata_view(path, rank, view):
+    """A directory where dcp.load without a process group (rank 0) reads rank ``rank``'s own
+    metadata: what dcp.load on rank ``rank`` reads from a rank-local save."""
+    os.makedirs(view)
+    for name in os.listdir(path):
+        if name.endswith(".distcp"):
+            os.symlink(os.path.join(path, name), os.path.join(view, name))
+    Path(view, "__0.metadata").write_bytes(Path(path, f"__{rank}.metadata").read_bytes())
+    return view
+
+
+placements = st.sampled_from(["Shard(0)", "Shard(1)", "Replicate()"])
+
+
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(world=st.integers(1, 4), shape=st.tuples(st.integers(0, 7), st.integers(1, 5)),
+       dtype=st.sampled_from(DTYPES), saved=placements, loaded=placements, seed=st.integers(0, 2**31))
+def test_rank_local_dcp_saves_load_merged(tmp_path_factory, world, shape, dtype, saved, loaded, seed):
+    # Each rank saves its shards and a value of its own with dcp.save(use_collectives=False), as
+    # torchrun would; fastdcp merges the __<r>.metadata files (Note [Rank-local DCP metadata]).
+    from torch.distributed.tensor import Replicate, Shard  # noqa: F401 (the placements' names)
+
+    g = torch.Generator().manual_seed(seed)
+    full = torch.randint(0, 256, (shape[0], shape[1] * dtype.itemsize), generator=g, dtype=torch.uint8)
+    full = (full % 2 == 1) if dtype == torch.bool else full.view(dtype)
+    path = fresh_dir(tmp_path_factory, "local")
+    for r in range(world):
+        with fake_rank(r, world) as mesh:
+            dcp.save({"w": local_dtensor(full, mesh, [eval(saved)]), "rank": r, "step": 5}, checkpoint_id=path,
+                     use_collectives=False)
+    assert sorted(n for n in os.listdir(path) if "metadata" in n) == [f"__{r}.metadata" for r in range(world)]
+    # Whole, on any rank of any world size: the full tensor; of a value every rank saved, the
+    # reading rank's own (what dcp.load gives it), else the lowest rank's.
+    for r in range(world + 1):
+        whole, missing = CheckpointReader(RankInfo(r, world + 1)).read(path)
+        assert same(whole, {"w": full, "rank": r if r < world else 0, "step": 5}) and missing == []
+    for r in range(world):
+        with fake_rank(r, world) as mesh:
+            # At the saving layout: as dcp.load on rank r fills it from its own metadata file.
+            zeros = torch.zeros_like(full)
+            oracle = {"w": local_dtensor(zeros, mesh, [eval(saved)]), "rank": -1}
+            view = own_metadata_view(path, r, fresh_dir(tmp_path_factory, "view") + "/v")
+            _load_state_dict(oracle, storage_reader=FileSystemReader(view), no_dist=True)
+            template = {"w": local_dtensor(zeros, mesh, [eval(saved)]), "rank": -1}
+            filled, _ = CheckpointReader(RankInfo(r, world)).read(path, template, strict=False)
+            assert same(filled["w"].to_local(), oracle["w"].to_local()) and filled["rank"] == oracle["rank"] == r
+            # At another layout, which dcp.load cannot read from rank-local files: the full tensor's part.
+            template = {"w": local_dtensor(zeros, mesh, [eval(loaded)])}
+            filled, _ = CheckpointReader(RankInfo(r, world)).read(path, template)
+            assert same(filled["w"].to_local(), local_dtensor(full, mesh, [eval(loaded)]).to_local())
+    # Converted: one rank of whole tensors, rank 0's values.
+    convert(path, path + "_converted")
+    assert same(load_whole(path + "_converted"), {"w": full, "rank": 0, "step": 5})
+
+
+def test_rank_local_metadata_of_different_saves_is_refused_naming_the_files(tmp_path):
+    full = torch.arange(24.0).reshape(4, 6)
+    path = tmp_path / "local"
+
+    def save(rank, placement, tensor=full):
+        from torch.distributed.tensor import Replicate, Shard  # noqa: F401
+
+        with fake_rank(rank, 2) as mesh:
+            dcp.save({"w": local_dtensor(tensor, mesh, [eval(placement)])}, checkpoint_id=str(path),
+                     use_collectives=False)
+
+    save(0, "Shard(0)")
+    save(1, "Shard(1)")  # rows 2-3 from rank 0's layout, columns 3-5 from rank 1's: they overlap
+    with pytest.raises(fastdcp.DataLossError, match=r"'w': its chunk at \[0, 0\] of size \[2, 6\] \('.*__0\.metadata'\) "
+                                                  r"overlaps the one at \[0, 3\] of size \[4, 3\] \('.*__1\.metadata'\)"):
+        load_whole(path)
+    save(1, "Shard(0)", torch.zeros(5, 6))  # another global size
+    with pytest.raises(fastdcp.DataLossError, match=r"'w' is a tensor torch.float32\[4, 6\] in '.*__0\.metadata' "
+                                                  r"and a tensor torch.float32\[5, 6\] in '.*__1\.metadata'"):
+        load_whole(path)
+    (path / "__1.metadata").unlink()  # a rank's metadata lost: its rows are missing
+    with pytest.raises(fastdcp.DataLossError, match=r"'w' in '.*__0\.metadata': its chunks cover 12 of its 24"):
+        load_whole(path)
+
+
 # ---- torch's _experimental checkpointer ---------------------------------------------------------
 
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -294,7 +439,7 @@ def test_sharded_dcp_save_of_dtensors_loads_whole(tmp_path, world):
     assert result.returncode == 0 and sorted(reports) == list(range(world)), details
     for report in reports.values():
         assert report == {"dcp_whole": True, "dcp_template": True, "dcp_in_place": True, "dcp_dtensors": True,
-                          "experimental": True}, details
+                          "local_whole": True, "local_dtensors": True, "experimental": True}, details
     # The sharded save converts to a one-rank fastdcp checkpoint of whole tensors: what DCP's own
     # template-free load gives (in its key order), and the full tensors the ranks shared.
     expected = torch.load(tmp_path / "expected.pt", weights_only=True)
@@ -303,6 +448,13 @@ def test_sharded_dcp_save_of_dtensors_loads_whole(tmp_path, world):
     assert same(loaded, dcp_whole(str(tmp_path / "dcp")))
     assert loaded["model"].keys() == expected["model"].keys()
     assert all(same(loaded["model"][k], expected["model"][k]) for k in expected["model"])
+    # The rank-local save converts the same way (its keys in the order the ranks saved them), with
+    # rank 0's own values.
+    convert(str(tmp_path / "dcp_local"), str(tmp_path / "local_converted"))
+    local = load_whole(tmp_path / "local_converted")
+    assert local.pop("rank") == 0 and local.keys() == loaded.keys() and local["model"].keys() == loaded["model"].keys()
+    assert all(same(local[k], loaded[k]) for k in loaded if k != "model")
+    assert all(same(local["model"][k], loaded["model"][k]) for k in loaded["model"])
     # The _experimental save converts rank by rank.
     assert convert(str(tmp_path / "exp"), str(tmp_path / "exp_converted"))["world_size"] == world
     for r in range(world):
