@@ -8,6 +8,7 @@ import io
 import json
 import os
 import pickle
+import re
 import subprocess
 import sys
 import threading
@@ -368,8 +369,8 @@ def test_rank_local_metadata_of_different_saves_is_refused_naming_the_files(tmp_
 
     save(0, "Shard(0)")
     save(1, "Shard(1)")  # rows 2-3 from rank 0's layout, columns 3-5 from rank 1's: they overlap
-    with pytest.raises(fastdcp.DataLossError, match=r"'w': its chunk at \[0, 0\] of size \[2, 6\] \('.*__0\.metadata'\) "
-                                                  r"overlaps the one at \[0, 3\] of size \[4, 3\] \('.*__1\.metadata'\)"):
+    with pytest.raises(fastdcp.DataLossError, match=r"'.*__0\.metadata' and '.*__1\.metadata': the chunks of 'w' at "
+                                                  r"\[0, 0\] of size \[2, 6\] and at \[0, 3\] of size \[4, 3\] overlap"):
         load_whole(path)
     save(1, "Shard(0)", torch.zeros(5, 6))  # another global size
     with pytest.raises(fastdcp.DataLossError, match=r"'w' is a tensor torch.float32\[4, 6\] in '.*__0\.metadata' "
@@ -637,3 +638,127 @@ def test_garbage_metadata_is_data_loss(dcp_dir):
     (dcp_dir / ".metadata").write_bytes(pickle.dumps({"a": 1}))
     with pytest.raises(fastdcp.DataLossError, match="not DCP metadata"):
         load_whole(dcp_dir)
+
+
+def rewrite_metadata(path, change):
+    """Rewrites the .metadata at ``path`` with ``change(metadata)`` applied."""
+    md = FileSystemReader(str(path)).read_metadata()
+    change(md)
+    (Path(path) / ".metadata").write_bytes(pickle.dumps(md))
+
+
+def test_chunks_that_overlap_and_leave_a_gap_are_data_loss(tmp_path):
+    # Two chunks of 2 rows each over a tensor of 4: as many elements as the tensor, but row 1 twice
+    # and row 3 never. Without the check, row 3 held whatever memory the tensor got.
+    from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, MetadataIndex
+
+    full = torch.arange(12.0).reshape(4, 3)
+    dcp.save({"a": full[0:2].clone(), "b": full[1:3].clone()}, checkpoint_id=str(tmp_path), no_dist=True)
+
+    def overlap(md):
+        w = md.state_dict_metadata.pop("a")
+        del md.state_dict_metadata["b"]
+        w.size = torch.Size([4, 3])
+        w.chunks = [ChunkStorageMetadata(torch.Size([0, 0]), torch.Size([2, 3])),
+                    ChunkStorageMetadata(torch.Size([1, 0]), torch.Size([2, 3]))]
+        md.state_dict_metadata["w"] = w
+        infos = {k.fqn: v for k, v in md.storage_data.items()}
+        md.storage_data = {MetadataIndex("w", torch.Size([0, 0])): infos["a"],
+                           MetadataIndex("w", torch.Size([1, 0])): infos["b"]}
+        md.planner_data = {"w": ("w",)}
+
+    rewrite_metadata(tmp_path, overlap)
+    with pytest.raises(fastdcp.DataLossError, match=r"/\.metadata': the chunks of 'w' at \[0, 0\] of size \[2, 3\] and "
+                                                  r"at \[1, 0\] of size \[2, 3\] overlap"):
+        load_whole(tmp_path)
+
+
+def set_field(fqn, **fields):
+    def change(md):
+        for index, info in md.storage_data.items():
+            if index.fqn == fqn:
+                for name, value in fields.items():
+                    setattr(info, name, value)
+    return change
+
+
+def set_tensor(fqn, **fields):
+    def change(md):
+        for name, value in fields.items():
+            setattr(md.state_dict_metadata[fqn], name, value)
+    return change
+
+
+def huge(md):
+    # Two chunks of 2**39 elements each, their bytes said to be the small items' own.
+    from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, MetadataIndex
+
+    w = md.state_dict_metadata["model.w"]
+    info = next(v for k, v in md.storage_data.items() if k.fqn == "model.w")
+    w.size = torch.Size([2**40])
+    w.chunks = [ChunkStorageMetadata(torch.Size([0]), torch.Size([2**39])),
+                ChunkStorageMetadata(torch.Size([2**39]), torch.Size([2**39]))]
+    md.storage_data.update({MetadataIndex("model.w", c.offsets): info for c in w.chunks})
+
+
+@pytest.mark.parametrize("change, message", [
+    (set_field("model.w", relative_path=".."), r"names the data file '\.\.' outside the checkpoint directory \(for 'model.w'\)"),
+    (set_field("model.w", relative_path="."), r"names the data file '\.' outside the checkpoint directory \(for 'model.w'\)"),
+    (set_field("model.w", relative_path="../dcp/x.distcp"), r"names the data file '\.\./dcp/x\.distcp' outside"),
+    (set_field("lr", length=None), r"\.metadata': the storage entry .*'lr'.* is malformed"),
+    (set_field("lr", offset="0"), r"\.metadata': the storage entry .*'lr'.* is malformed"),
+    (set_field("lr", transform_descriptors=[1]), r"\.metadata': the storage entry .*'lr'.* is malformed"),
+    (set_tensor("model.w", size=None), r"\.metadata': the metadata of 'model.w' is malformed"),
+    (set_tensor("model.w", chunks=None), r"\.metadata': the metadata of 'model.w' is malformed"),
+    (set_tensor("model.w", chunks=[5]), r"\.metadata': a chunk of 'model.w' \(5\) lies outside"),
+    (lambda md: md.state_dict_metadata.update(lr=3), r"\.metadata': the metadata of 'lr' is malformed: 3"),
+    (lambda md: md.storage_data.update({"lr": 3}), r"\.metadata': the storage entry 'lr' is malformed: 3"),
+    (set_tensor("model.w", size=torch.Size([4, -5])), r"\.metadata': the metadata of 'model.w' is malformed"),
+    (set_tensor("model.w", size=torch.Size([4, 4])), r"\.metadata': a chunk of 'model.w' .* lies outside its tensor"),
+    (huge, r"\.metadata': the chunk of 'model.w' at \[0\] is torch.bfloat16\[549755813888\], but its item in "
+           r"'__0_0.distcp' has only \d+ bytes"),
+])
+def test_inconsistent_metadata_is_data_loss_naming_the_file_and_key(dcp_dir, change, message):
+    rewrite_metadata(dcp_dir, change)
+    with pytest.raises(fastdcp.DataLossError, match=message):
+        load_whole(dcp_dir)
+
+
+def test_compressed_items_are_refused_naming_the_key_and_the_fix(dcp_dir):
+    # DCP's ZStandard extension needs the zstandard or pyzstd module, which DCP itself would
+    # need to read it too; fastdcp does not read it (the descriptor as DCP writes it).
+    for key in ("model.w", "lr"):
+        rewrite_metadata(dcp_dir, set_field(key, transform_descriptors=["stream.zstd/1"]))
+        with pytest.raises(ValueError, match=rf"'{key}' in '.*dcp' was saved through DCP stream extensions "
+                                             rf"\['stream.zstd/1'\] \(compression.*install the 'zstandard' or "
+                                             rf"'pyzstd' module, load the checkpoint with dcp.load and save it again "
+                                             rf"without _extensions"):
+            load_whole(dcp_dir)
+        rewrite_metadata(dcp_dir, set_field(key, transform_descriptors=None))
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(rank_local=st.booleans(), pick=st.integers(0, 100), where=st.floats(0, 1), flip=st.booleans())
+def test_damaged_files_are_data_loss_not_crashes(tmp_path_factory, rank_local, pick, where, flip):
+    # Any file of a checkpoint cut short, or one of its bytes changed: the load raises fastdcp's
+    # errors or (a changed tensor byte, which DCP cannot detect either) succeeds; a cut always fails.
+    path = Path(fresh_dir(tmp_path_factory, "damaged"))
+    dcp.save(sample_state() | {"raw": io.BytesIO(b"abc"), "e": torch.empty(0, 2)}, checkpoint_id=str(path),
+             no_dist=True, use_collectives=not rank_local)
+    files = sorted(path.iterdir())
+    victim = files[pick % len(files)]
+    size = victim.stat().st_size
+    at = min(size - 1, int(where * size))
+    if flip:
+        data = bytearray(victim.read_bytes())
+        data[at] ^= 0xFF
+        victim.write_bytes(bytes(data))
+        try:
+            load_whole(path)
+        except fastdcp.DataLossError:
+            pass  # a changed offset in .metadata may name the data file it now points past
+    else:
+        os.truncate(victim, at)
+        with pytest.raises(fastdcp.DataLossError, match=re.escape(victim.name)):
+            load_whole(path)
+

@@ -207,6 +207,12 @@ class _BytesItem(NamedTuple):
     file: str
 
 
+def _show(value: Any) -> str:
+    """A metadata object for a message: its fields (a dataclass's repr fails on the fields that a
+    hostile pickle left out)."""
+    return repr(vars(value)) if hasattr(value, "__dict__") else repr(value)
+
+
 def _int_tuple(value: Any) -> tuple | None:
     if not isinstance(value, (tuple, list)) or not all(type(v) is int and v >= 0 for v in value):
         return None
@@ -233,7 +239,7 @@ def _checked_items(name: str, metadata) -> tuple[dict, dict]:
               and (descriptors is None or (isinstance(descriptors, (list, tuple))
                                            and all(isinstance(d, str) for d in descriptors))))
         if not ok:
-            raise DataLossError(f"'{name}': the storage entry {index!r} is malformed: {info!r}")
+            raise DataLossError(f"'{name}': the storage entry {_show(index)} is malformed: {_show(info)}")
         storage[(fqn, None if offset is None else tuple(offset))] = info
 
     def entry(key: str, offsets: tuple | None):
@@ -255,13 +261,13 @@ def _checked_items(name: str, metadata) -> tuple[dict, dict]:
         chunks = getattr(md, "chunks", None)
         if not isinstance(md, TensorStorageMetadata) or not isinstance(dtype, torch.dtype) or size is None \
                 or not isinstance(chunks, list):
-            raise DataLossError(f"'{name}': the metadata of '{key}' is malformed: {md!r}")
+            raise DataLossError(f"'{name}': the metadata of '{key}' is malformed: {_show(md)}")
         checked = []
         for chunk in chunks:
             offsets, sizes = _int_tuple(getattr(chunk, "offsets", None)), _int_tuple(getattr(chunk, "sizes", None))
             if offsets is None or sizes is None or len(offsets) != len(size) or len(sizes) != len(size) or any(
                     o + s > d for o, s, d in zip(offsets, sizes, size)):
-                raise DataLossError(f"'{name}': a chunk of '{key}' ({chunk!r}) lies outside its tensor of size "
+                raise DataLossError(f"'{name}': a chunk of '{key}' ({_show(chunk)}) lies outside its tensor of size "
                                     f"{list(size)}")
             checked.append(_Chunk(offsets, sizes, entry(key, offsets), name))
         items[key] = _TensorItem(dtype, size, checked)
@@ -527,9 +533,9 @@ def _check_tiling(key: str, item: _TensorItem) -> None:
     pair = next(((a, b) for i, a in enumerate(chunks) for b in chunks[i + 1:] if overlap(a, b)), None)
     if pair is not None:
         a, b = pair
-        raise DataLossError(f"'{key}': its chunk at {list(a.offsets)} of size {list(a.sizes)} ('{a.file}') overlaps "
-                            f"the one at {list(b.offsets)} of size {list(b.sizes)} ('{b.file}'), so they cannot "
-                            f"tile it")
+        where = f"'{a.file}'" if a.file == b.file else f"'{a.file}' and '{b.file}'"
+        raise DataLossError(f"{where}: the chunks of '{key}' at {list(a.offsets)} of size {list(a.sizes)} and at "
+                            f"{list(b.offsets)} of size {list(b.sizes)} overlap, so they cannot tile it")
 
 
 def _full_tensor(files: _DcpFiles, key: str, item: _TensorItem) -> torch.Tensor:
