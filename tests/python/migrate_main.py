@@ -12,6 +12,7 @@ import traceback
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint import FileSystemWriter
 from torch.distributed.checkpoint._experimental.checkpoint_writer import CheckpointWriter as TorchWriter
 from torch.distributed.checkpoint._experimental.checkpoint_writer import CheckpointWriterConfig as TorchWriterConfig
 from torch.distributed.checkpoint._experimental.types import RankInfo as TorchRankInfo
@@ -102,8 +103,10 @@ def main():
             for k in oracle["model"])
         # Without rank coordination (use_collectives=False) every rank writes its own
         # __<rank>.metadata, with a value of its own: merged by fastdcp, read by dcp.load rank by rank.
+        # Here with a file per item, on two threads.
         local_path = os.path.join(out_dir, "dcp_local")
-        dcp.save(dict(sharded(expected, world), rank=rank), checkpoint_id=local_path, use_collectives=False)
+        writer = FileSystemWriter(local_path, single_file_per_rank=False, thread_count=2)
+        dcp.save(dict(sharded(expected, world), rank=rank), storage_writer=writer, use_collectives=False)
         dist.barrier()
         loaded, missing = reader.read(local_path)
         report["local_whole"] = same(loaded, dict(expected, rank=rank)) and missing == []
