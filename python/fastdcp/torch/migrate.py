@@ -174,9 +174,7 @@ def _unpickle_metadata(name: str):
     try:
         with open(name, "rb") as f:
             metadata = _MetadataUnpickler(f, name).load()
-    except UnsafeCheckpointError:
-        raise
-    except OSError:
+    except (UnsafeCheckpointError, OSError):
         raise
     except Exception as error:  # any malformed pickle
         raise DataLossError(f"'{name}' is not a readable DCP metadata pickle: {error!r}") from error
@@ -200,6 +198,7 @@ class _TensorItem(NamedTuple):
     dtype: torch.dtype
     size: tuple
     chunks: list  # of _Chunk
+    file: str  # the first metadata file that lists it
 
 
 class _BytesItem(NamedTuple):
@@ -270,7 +269,7 @@ def _checked_items(name: str, metadata) -> tuple[dict, dict]:
                 raise DataLossError(f"'{name}': a chunk of '{key}' ({_show(chunk)}) lies outside its tensor of size "
                                     f"{list(size)}")
             checked.append(_Chunk(offsets, sizes, entry(key, offsets), name))
-        items[key] = _TensorItem(dtype, size, checked)
+        items[key] = _TensorItem(dtype, size, checked, name)
     mappings = metadata.planner_data or {}
     for key, key_path in mappings.items():
         if not isinstance(key_path, tuple) or not key_path or not all(isinstance(p, (str, int)) for p in key_path):
@@ -309,12 +308,11 @@ def _read_metadata(path: str, rank: int) -> tuple[dict, dict]:
             have = items.setdefault(key, item)
             if have is item:
                 continue
-            first = have.file if isinstance(have, _BytesItem) else have.chunks[0].file if have.chunks else "?"
             if type(have) is not type(item) or (isinstance(item, _TensorItem) and (
                     have.dtype != item.dtype or have.size != item.size)):
                 def what(x):
                     return "a value" if isinstance(x, _BytesItem) else f"a tensor {x.dtype}{list(x.size)}"
-                raise DataLossError(f"'{key}' is {what(have)} in '{first}' and {what(item)} in '{name}': the rank "
+                raise DataLossError(f"'{key}' is {what(have)} in '{have.file}' and {what(item)} in '{name}': the rank "
                                     f"metadata files belong to different saves")
             if isinstance(item, _TensorItem):
                 known = {c.offsets: c for c in have.chunks}
@@ -461,15 +459,19 @@ _VALUE_GLOBALS = [io.BytesIO, bytes]
 _VALUE_GLOBALS_LOCK = threading.Lock()
 
 
-def _load_item(files: _DcpFiles, info, key: str, *, value: bool = False) -> Any:
-    """One saved item: a torch.save stream in a byte range of a .distcp file; a value (a
-    BytesStorageMetadata item) may name ``_VALUE_GLOBALS``."""
+def _refuse_extensions(files: _DcpFiles, info, key: str) -> None:
     if info.transform_descriptors:
         raise ValueError(
             f"'{key}' in '{files._path}' was saved through DCP stream extensions {list(info.transform_descriptors)} "
             f"(compression: FileSystemWriter(_extensions=[ZStandard()])), which fastdcp does not read; to migrate "
             f"it, install the 'zstandard' or 'pyzstd' module, load the checkpoint with dcp.load and save it again "
             f"without _extensions (or with fastdcp)")
+
+
+def _load_item(files: _DcpFiles, info, key: str, *, value: bool = False) -> Any:
+    """One saved item: a torch.save stream in a byte range of a .distcp file; a value (a
+    BytesStorageMetadata item) may name ``_VALUE_GLOBALS``."""
+    _refuse_extensions(files, info, key)
     data, where = files.read(info, key)
     if not value:
         return _torch_load(data, where)
@@ -508,7 +510,7 @@ def _check_tiling(key: str, item: _TensorItem) -> None:
     tensor's, and no two overlap. Overlaps are counted on the grid of the chunks' boundaries (a
     cell per run between two boundaries in each dimension: the cost follows the chunks, not the
     elements), or pair by pair where that grid would be large (hostile metadata)."""
-    files = sorted({c.file for c in item.chunks}) or ["its metadata"]
+    files = sorted({c.file for c in item.chunks}) or [item.file]
     numel = _numel(item.size)
     covered = sum(_numel(c.sizes) for c in item.chunks)
     if covered != numel:
@@ -544,6 +546,7 @@ def _full_tensor(files: _DcpFiles, key: str, item: _TensorItem) -> torch.Tensor:
     dtype, size = item.dtype, item.size
     _check_tiling(key, item)
     for chunk in item.chunks:  # before allocating: the checkpoint's files hold every byte promised
+        _refuse_extensions(files, chunk.info, key)  # compressed items are shorter than their tensors
         files.read(chunk.info, key)
         if _nbytes(dtype, chunk.sizes) > chunk.info.length:
             raise DataLossError(f"'{chunk.file}': the chunk of '{key}' at {list(chunk.offsets)} is {dtype}"
