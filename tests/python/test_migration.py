@@ -276,6 +276,28 @@ def test_dcp_template_semantics_strict_missing_unexpected_and_int_keys(tmp_path)
     checkpointer.close()
 
 
+def test_bytes_io_values_fill_templates_as_dcp_load_does_and_convert_to_bytes(tmp_path):
+    path = str(tmp_path / "dcp")
+    dcp.save({"w": torch.ones(2), "data": io.BytesIO(b"loader state"), "empty": b""}, checkpoint_id=path,
+             no_dist=True)
+    reader = CheckpointReader(RankInfo(0, 1))
+    oracle = {"w": torch.zeros(2), "data": io.BytesIO(), "empty": None}
+    dcp.load(oracle, checkpoint_id=path, no_dist=True)
+    mine = io.BytesIO(b"kept")
+    template = {"w": torch.zeros(2), "data": io.BytesIO(), "empty": None, "absent": mine}
+    filled, missing = reader.read(path, template)
+    assert same(filled, dict(oracle, absent=mine)) and filled["absent"] is mine and missing == ["absent"]
+    # A strict load that fails changes nothing, io.BytesIO included.
+    kept = io.BytesIO(b"x")
+    template = {"data": kept, "absent": mine}
+    with pytest.raises(RuntimeError, match="nothing was changed"):
+        reader.read(path, template, strict=True)
+    assert template["data"] is kept and template["absent"] is mine
+    # fastdcp checkpoints hold bytes: a conversion turns io.BytesIO into its bytes.
+    convert(path, str(tmp_path / "out"))
+    assert same(load_whole(tmp_path / "out"), {"w": torch.ones(2), "data": b"loader state", "empty": b""})
+
+
 # ---- DCP saves without rank coordination (rank-local metadata) -----------------------------------
 
 @contextlib.contextmanager
