@@ -1,7 +1,8 @@
 """One rank of test_migration.py's sharded test, under torchrun (gloo, CPU): saves DTensors on a
 1-D and (with 4 ranks) a 2-D mesh with dcp.save, and each rank's own state with torch's
-_experimental checkpointer; then loads both with fastdcp on every rank and compares them with
-the full tensors and with dcp.load's own load into plain tensors, byte for byte."""
+_experimental checkpointer, and once more with dcp.save(use_collectives=False), which writes a
+metadata file per rank; then loads them with fastdcp on every rank and compares them with the
+full tensors and with dcp.load's own load into plain tensors and DTensors, byte for byte."""
 
 import json
 import os
@@ -11,6 +12,7 @@ import traceback
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint import FileSystemWriter
 from torch.distributed.checkpoint._experimental.checkpoint_writer import CheckpointWriter as TorchWriter
 from torch.distributed.checkpoint._experimental.checkpoint_writer import CheckpointWriterConfig as TorchWriterConfig
 from torch.distributed.checkpoint._experimental.types import RankInfo as TorchRankInfo
@@ -97,6 +99,21 @@ def main():
         dcp.load(oracle, checkpoint_id=dcp_path)
         filled, missing = reader.read(dcp_path, template, strict=True)
         report["dcp_dtensors"] = missing == [] and all(
+            filled["model"][k] is template["model"][k] and same(filled["model"][k].to_local(), oracle["model"][k].to_local())
+            for k in oracle["model"])
+        # Without rank coordination (use_collectives=False) every rank writes its own
+        # __<rank>.metadata, with a value of its own: merged by fastdcp, read by dcp.load rank by rank.
+        # Here with a file per item, on two threads.
+        local_path = os.path.join(out_dir, "dcp_local")
+        writer = FileSystemWriter(local_path, single_file_per_rank=False, thread_count=2)
+        dcp.save(dict(sharded(expected, world), rank=rank), storage_writer=writer, use_collectives=False)
+        dist.barrier()
+        loaded, missing = reader.read(local_path)
+        report["local_whole"] = same(loaded, dict(expected, rank=rank)) and missing == []
+        template, oracle = dict(sharded(zeros, world), rank=-1), dict(sharded(zeros, world), rank=-1)
+        dcp.load(oracle, checkpoint_id=local_path)
+        filled, missing = reader.read(local_path, template, strict=True)
+        report["local_dtensors"] = missing == [] and filled["rank"] == oracle["rank"] == rank and all(
             filled["model"][k] is template["model"][k] and same(filled["model"][k].to_local(), oracle["model"][k].to_local())
             for k in oracle["model"])
         exp_loaded, _ = reader.read(os.path.join(out_dir, "exp"))

@@ -3,10 +3,12 @@ DCP's (dcp.save) and the _experimental checkpointer's, through fastdcp.torch's l
 `fastdcp convert`, compared with torch's own loads (dcp.load, torch.load) byte for byte; and
 hostile files, refused with errors that name the file."""
 
+import contextlib
 import io
 import json
 import os
 import pickle
+import re
 import subprocess
 import sys
 import threading
@@ -15,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed.checkpoint as dcp
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint._experimental.checkpoint_writer import CheckpointWriter as TorchWriter
@@ -29,10 +31,14 @@ from fastdcp.torch import CheckpointReader, RankInfo, make_sync_checkpointer
 from fastdcp.torch.convert import convert
 from fastdcp.torch.migrate import UnsafeCheckpointError
 
-pytestmark = pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
+# (DCP's rank-local saves take rank 0's metadata file for an earlier checkpoint.)
+pytestmark = [pytest.mark.filterwarnings("ignore:torch.distributed is disabled"),
+              pytest.mark.filterwarnings("ignore:Detected an existing checkpoint")]
 
+# Every dtype DCP saves (its torch.save streams take them all).
 DTYPES = [torch.bfloat16, torch.float16, torch.float32, torch.float64, torch.int8, torch.uint8, torch.int16,
-          torch.int32, torch.int64, torch.bool, torch.complex64, torch.complex128]
+          torch.int32, torch.int64, torch.bool, torch.complex64, torch.complex128, torch.uint16, torch.uint32,
+          torch.uint64, torch.float8_e4m3fn, torch.float8_e5m2]
 
 
 def same(a, b):
@@ -44,6 +50,8 @@ def same(a, b):
         return isinstance(b, dict) and list(a) == list(b) and all(same(a[k], b[k]) for k in a)
     if isinstance(a, (list, tuple)):
         return type(a) is type(b) and len(a) == len(b) and all(same(x, y) for x, y in zip(a, b))
+    if isinstance(a, io.BytesIO):
+        return type(b) is io.BytesIO and a.getvalue() == b.getvalue()
     return type(a) is type(b) and (a == b or (a != a and b != b))
 
 
@@ -72,13 +80,30 @@ def tensors(draw):
 
 scalars = st.one_of(st.integers(-2**63, 2**63 - 1), st.floats(allow_nan=False), st.text(max_size=8), st.none(),
                     st.booleans())
-keys = st.text(alphabet="abcxyz_", min_size=1, max_size=5)
-values = st.recursive(
-    st.one_of(tensors(), scalars),
-    lambda children: st.one_of(st.dictionaries(keys, children, min_size=1, max_size=4),
-                               st.lists(children, min_size=1, max_size=3)),
-    max_leaves=12)
-state_dicts = st.dictionaries(keys, values, min_size=1, max_size=5)
+keys = st.text(alphabet="abcxyz_./", min_size=1, max_size=5)  # DCP joins key paths with dots
+
+
+def state_dicts_of(leaves):
+    values = st.recursive(
+        st.one_of(tensors(), leaves),
+        lambda children: st.one_of(st.dictionaries(keys, children, min_size=1, max_size=4),
+                                   st.lists(children, min_size=1, max_size=3)),
+        max_leaves=12)
+    return st.dictionaries(keys, values, min_size=1, max_size=5)
+
+
+state_dicts = state_dicts_of(scalars)
+# DCP also saves bytes and io.BytesIO (torch.load(weights_only=True) takes neither b"" nor io.BytesIO).
+dcp_state_dicts = state_dicts_of(st.one_of(scalars, st.binary(max_size=8), st.binary(max_size=8).map(io.BytesIO)))
+
+
+def flat_keys(tree, prefix=""):
+    """The keys DCP flattens a state dict to (dcp.save's flatten_state_dict)."""
+    if isinstance(tree, dict):
+        return [k for key, v in tree.items() for k in flat_keys(v, f"{prefix}{key}.")]
+    if isinstance(tree, list):
+        return [k for i, v in enumerate(tree) for k in flat_keys(v, f"{prefix}{i}.")]
+    return [prefix[:-1]]
 
 
 def dcp_whole(path):
@@ -91,6 +116,8 @@ def dcp_whole(path):
 def zeros_like_tree(tree):
     if isinstance(tree, torch.Tensor):
         return torch.zeros_like(tree)
+    if isinstance(tree, io.BytesIO):
+        return io.BytesIO(b"template")
     if isinstance(tree, dict):
         return {k: zeros_like_tree(v) for k, v in tree.items()}
     if isinstance(tree, list):
@@ -104,11 +131,24 @@ def fresh_dir(tmp_path_factory, name):
 
 # ---- DCP, one rank ------------------------------------------------------------------------------
 
+writer_options = st.fixed_dictionaries({
+    "single_file_per_rank": st.booleans(),  # False: a file per tensor and value
+    "thread_count": st.integers(1, 3),  # several files per rank
+})
+
+
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(state=state_dicts)
-def test_dcp_save_loads_as_dcp_loads_it(tmp_path_factory, state):
+@given(state=dcp_state_dicts, options=writer_options, rank_local=st.booleans())
+def test_dcp_save_loads_as_dcp_loads_it(tmp_path_factory, state, options, rank_local):
+    # Every file layout of FileSystemWriter, with the global .metadata or, without rank
+    # coordination, the rank-local __0.metadata; all of DCP's dtypes, empty and non-contiguous
+    # tensors, bytes and io.BytesIO values, keys with dots and slashes.
+    from torch.distributed.checkpoint.filesystem import FileSystemWriter
+
+    assume(len(set(flat_keys(state))) == len(flat_keys(state)))  # else DCP itself keeps only one
     path = fresh_dir(tmp_path_factory, "dcp")
-    dcp.save(state, checkpoint_id=path, no_dist=True)
+    dcp.save(state, storage_writer=FileSystemWriter(path, **options), no_dist=True, use_collectives=not rank_local)
+    assert os.path.isfile(os.path.join(path, "__0.metadata" if rank_local else ".metadata"))
     reader = CheckpointReader(RankInfo(0, 1))
     # Whole: the state dict DCP's own template-free load rebuilds.
     loaded, missing = reader.read(path)
@@ -134,7 +174,7 @@ def contiguous_tree(tree):
 
 
 @settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(state=state_dicts.map(contiguous_tree))
+@given(state=dcp_state_dicts.map(contiguous_tree))
 def test_dcp_safetensors_serialization_loads_as_the_torch_save_one(tmp_path_factory, state):
     # FileSystemWriter(serialization_format=SAFETENSORS) appends one safetensors file per data file
     # (dcp.load itself cannot read it back in torch 2.13). Oracles: dcp.load of the same state saved
@@ -142,8 +182,9 @@ def test_dcp_safetensors_serialization_loads_as_the_torch_save_one(tmp_path_fact
     from safetensors.torch import load as safetensors_load
     from torch.distributed.checkpoint.filesystem import FileSystemWriter, SerializationFormat
 
-    if any(isinstance(t, torch.Tensor) and t.dtype == torch.complex128 for t in leaves(state)):
-        return  # safetensors has no complex128
+    from safetensors.torch import _SIZE as safetensors_dtypes  # the dtypes its save takes
+
+    assume(all(t.dtype in safetensors_dtypes for t in leaves(state) if isinstance(t, torch.Tensor)))
     plain, raw_path = fresh_dir(tmp_path_factory, "plain"), fresh_dir(tmp_path_factory, "st")
     dcp.save(state, checkpoint_id=plain, no_dist=True)
     dcp.save(state, storage_writer=FileSystemWriter(raw_path, serialization_format=SerializationFormat.SAFETENSORS),
@@ -235,6 +276,135 @@ def test_dcp_template_semantics_strict_missing_unexpected_and_int_keys(tmp_path)
     checkpointer.close()
 
 
+def test_bytes_io_values_fill_templates_as_dcp_load_does_and_convert_to_bytes(tmp_path):
+    path = str(tmp_path / "dcp")
+    dcp.save({"w": torch.ones(2), "data": io.BytesIO(b"loader state"), "empty": b""}, checkpoint_id=path,
+             no_dist=True)
+    reader = CheckpointReader(RankInfo(0, 1))
+    oracle = {"w": torch.zeros(2), "data": io.BytesIO(), "empty": None}
+    dcp.load(oracle, checkpoint_id=path, no_dist=True)
+    mine = io.BytesIO(b"kept")
+    template = {"w": torch.zeros(2), "data": io.BytesIO(), "empty": None, "absent": mine}
+    filled, missing = reader.read(path, template)
+    assert same(filled, dict(oracle, absent=mine)) and filled["absent"] is mine and missing == ["absent"]
+    # A strict load that fails changes nothing, io.BytesIO included.
+    kept = io.BytesIO(b"x")
+    template = {"data": kept, "absent": mine}
+    with pytest.raises(RuntimeError, match="nothing was changed"):
+        reader.read(path, template, strict=True)
+    assert template["data"] is kept and template["absent"] is mine
+    # fastdcp checkpoints hold bytes: a conversion turns io.BytesIO into its bytes.
+    convert(path, str(tmp_path / "out"))
+    assert same(load_whole(tmp_path / "out"), {"w": torch.ones(2), "data": b"loader state", "empty": b""})
+
+
+# ---- DCP saves without rank coordination (rank-local metadata) -----------------------------------
+
+@contextlib.contextmanager
+def fake_rank(rank, world):
+    """This process as rank ``rank`` of ``world`` on torch's fake backend: enough for dcp.save
+    without collectives (use_collectives=False), which is what each rank runs alone."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    dist.init_process_group("fake", rank=rank, world_size=world, store=FakeStore())
+    try:
+        yield init_device_mesh("cpu", (world,))
+    finally:
+        dist.destroy_process_group()
+
+
+def local_dtensor(full, mesh, placements):
+    """The DTensor whose local tensor on this rank is its part of ``full``."""
+    from torch.distributed.tensor import DTensor
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    shape, offset = compute_local_shape_and_global_offset(full.shape, mesh, placements)
+    local = full[tuple(slice(o, o + n) for o, n in zip(offset, shape))].clone()
+    return DTensor.from_local(local, mesh, placements, run_check=False, shape=full.shape, stride=full.stride())
+
+
+def own_metadata_view(path, rank, view):
+    """A directory where dcp.load without a process group (rank 0) reads rank ``rank``'s own
+    metadata: what dcp.load on rank ``rank`` reads from a rank-local save."""
+    os.makedirs(view)
+    for name in os.listdir(path):
+        if name.endswith(".distcp"):
+            os.symlink(os.path.join(path, name), os.path.join(view, name))
+    Path(view, "__0.metadata").write_bytes(Path(path, f"__{rank}.metadata").read_bytes())
+    return view
+
+
+placements = st.sampled_from(["Shard(0)", "Shard(1)", "Replicate()"])
+
+
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(world=st.integers(1, 4), shape=st.tuples(st.integers(0, 7), st.integers(1, 5)),
+       dtype=st.sampled_from(DTYPES), saved=placements, loaded=placements, seed=st.integers(0, 2**31))
+def test_rank_local_dcp_saves_load_merged(tmp_path_factory, world, shape, dtype, saved, loaded, seed):
+    # Each rank saves its shards and a value of its own with dcp.save(use_collectives=False), as
+    # torchrun would; fastdcp merges the __<r>.metadata files (Note [Rank-local DCP metadata]).
+    from torch.distributed.tensor import Replicate, Shard  # noqa: F401 (the placements' names)
+
+    g = torch.Generator().manual_seed(seed)
+    full = torch.randint(0, 256, (shape[0], shape[1] * dtype.itemsize), generator=g, dtype=torch.uint8)
+    full = (full % 2 == 1) if dtype == torch.bool else full.view(dtype)
+    path = fresh_dir(tmp_path_factory, "local")
+    for r in range(world):
+        with fake_rank(r, world) as mesh:
+            dcp.save({"w": local_dtensor(full, mesh, [eval(saved)]), "rank": r, "step": 5}, checkpoint_id=path,
+                     use_collectives=False)
+    assert sorted(n for n in os.listdir(path) if "metadata" in n) == [f"__{r}.metadata" for r in range(world)]
+    # Whole, on any rank of any world size: the full tensor; of a value every rank saved, the
+    # reading rank's own (what dcp.load gives it), else the lowest rank's.
+    for r in range(world + 1):
+        whole, missing = CheckpointReader(RankInfo(r, world + 1)).read(path)
+        assert same(whole, {"w": full, "rank": r if r < world else 0, "step": 5}) and missing == []
+    for r in range(world):
+        with fake_rank(r, world) as mesh:
+            # At the saving layout: as dcp.load on rank r fills it from its own metadata file.
+            zeros = torch.zeros_like(full)
+            oracle = {"w": local_dtensor(zeros, mesh, [eval(saved)]), "rank": -1}
+            view = own_metadata_view(path, r, fresh_dir(tmp_path_factory, "view") + "/v")
+            _load_state_dict(oracle, storage_reader=FileSystemReader(view), no_dist=True)
+            template = {"w": local_dtensor(zeros, mesh, [eval(saved)]), "rank": -1}
+            filled, _ = CheckpointReader(RankInfo(r, world)).read(path, template, strict=False)
+            assert same(filled["w"].to_local(), oracle["w"].to_local()) and filled["rank"] == oracle["rank"] == r
+            # At another layout, which dcp.load cannot read from rank-local files: the full tensor's part.
+            template = {"w": local_dtensor(zeros, mesh, [eval(loaded)])}
+            filled, _ = CheckpointReader(RankInfo(r, world)).read(path, template)
+            assert same(filled["w"].to_local(), local_dtensor(full, mesh, [eval(loaded)]).to_local())
+    # Converted: one rank of whole tensors, rank 0's values.
+    convert(path, path + "_converted")
+    assert same(load_whole(path + "_converted"), {"w": full, "rank": 0, "step": 5})
+
+
+def test_rank_local_metadata_of_different_saves_is_refused_naming_the_files(tmp_path):
+    full = torch.arange(24.0).reshape(4, 6)
+    path = tmp_path / "local"
+
+    def save(rank, placement, tensor=full):
+        from torch.distributed.tensor import Replicate, Shard  # noqa: F401
+
+        with fake_rank(rank, 2) as mesh:
+            dcp.save({"w": local_dtensor(tensor, mesh, [eval(placement)])}, checkpoint_id=str(path),
+                     use_collectives=False)
+
+    save(0, "Shard(0)")
+    save(1, "Shard(1)")  # rows 2-3 from rank 0's layout, columns 3-5 from rank 1's: they overlap
+    with pytest.raises(fastdcp.DataLossError, match=r"'.*__0\.metadata' and '.*__1\.metadata': the chunks of 'w' at "
+                                                  r"\[0, 0\] of size \[2, 6\] and at \[0, 3\] of size \[4, 3\] overlap"):
+        load_whole(path)
+    save(1, "Shard(0)", torch.zeros(5, 6))  # another global size
+    with pytest.raises(fastdcp.DataLossError, match=r"'w' is a tensor torch.float32\[4, 6\] in '.*__0\.metadata' "
+                                                  r"and a tensor torch.float32\[5, 6\] in '.*__1\.metadata'"):
+        load_whole(path)
+    (path / "__1.metadata").unlink()  # a rank's metadata lost: its rows are missing
+    with pytest.raises(fastdcp.DataLossError, match=r"'w' in '.*__0\.metadata': its chunks cover 12 of its 24"):
+        load_whole(path)
+
+
 # ---- torch's _experimental checkpointer ---------------------------------------------------------
 
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -294,7 +464,7 @@ def test_sharded_dcp_save_of_dtensors_loads_whole(tmp_path, world):
     assert result.returncode == 0 and sorted(reports) == list(range(world)), details
     for report in reports.values():
         assert report == {"dcp_whole": True, "dcp_template": True, "dcp_in_place": True, "dcp_dtensors": True,
-                          "experimental": True}, details
+                          "local_whole": True, "local_dtensors": True, "experimental": True}, details
     # The sharded save converts to a one-rank fastdcp checkpoint of whole tensors: what DCP's own
     # template-free load gives (in its key order), and the full tensors the ranks shared.
     expected = torch.load(tmp_path / "expected.pt", weights_only=True)
@@ -303,6 +473,13 @@ def test_sharded_dcp_save_of_dtensors_loads_whole(tmp_path, world):
     assert same(loaded, dcp_whole(str(tmp_path / "dcp")))
     assert loaded["model"].keys() == expected["model"].keys()
     assert all(same(loaded["model"][k], expected["model"][k]) for k in expected["model"])
+    # The rank-local save converts the same way (its keys in the order the ranks saved them), with
+    # rank 0's own values.
+    convert(str(tmp_path / "dcp_local"), str(tmp_path / "local_converted"))
+    local = load_whole(tmp_path / "local_converted")
+    assert local.pop("rank") == 0 and local.keys() == loaded.keys() and local["model"].keys() == loaded["model"].keys()
+    assert all(same(local[k], loaded[k]) for k in loaded if k != "model")
+    assert all(same(local["model"][k], loaded["model"][k]) for k in loaded["model"])
     # The _experimental save converts rank by rank.
     assert convert(str(tmp_path / "exp"), str(tmp_path / "exp_converted"))["world_size"] == world
     for r in range(world):
@@ -485,3 +662,130 @@ def test_garbage_metadata_is_data_loss(dcp_dir):
     (dcp_dir / ".metadata").write_bytes(pickle.dumps({"a": 1}))
     with pytest.raises(fastdcp.DataLossError, match="not DCP metadata"):
         load_whole(dcp_dir)
+
+
+def rewrite_metadata(path, change):
+    """Rewrites the .metadata at ``path`` with ``change(metadata)`` applied."""
+    md = FileSystemReader(str(path)).read_metadata()
+    change(md)
+    (Path(path) / ".metadata").write_bytes(pickle.dumps(md))
+
+
+def test_chunks_that_overlap_and_leave_a_gap_are_data_loss(tmp_path):
+    # Two chunks of 2 rows each over a tensor of 4: as many elements as the tensor, but row 1 twice
+    # and row 3 never. Without the check, row 3 held whatever memory the tensor got.
+    from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, MetadataIndex
+
+    full = torch.arange(12.0).reshape(4, 3)
+    dcp.save({"a": full[0:2].clone(), "b": full[1:3].clone()}, checkpoint_id=str(tmp_path), no_dist=True)
+
+    def overlap(md):
+        w = md.state_dict_metadata.pop("a")
+        del md.state_dict_metadata["b"]
+        w.size = torch.Size([4, 3])
+        w.chunks = [ChunkStorageMetadata(torch.Size([0, 0]), torch.Size([2, 3])),
+                    ChunkStorageMetadata(torch.Size([1, 0]), torch.Size([2, 3]))]
+        md.state_dict_metadata["w"] = w
+        infos = {k.fqn: v for k, v in md.storage_data.items()}
+        md.storage_data = {MetadataIndex("w", torch.Size([0, 0])): infos["a"],
+                           MetadataIndex("w", torch.Size([1, 0])): infos["b"]}
+        md.planner_data = {"w": ("w",)}
+
+    rewrite_metadata(tmp_path, overlap)
+    with pytest.raises(fastdcp.DataLossError, match=r"/\.metadata': the chunks of 'w' at \[0, 0\] of size \[2, 3\] and "
+                                                  r"at \[1, 0\] of size \[2, 3\] overlap"):
+        load_whole(tmp_path)
+
+
+def set_field(fqn, **fields):
+    def change(md):
+        for index, info in md.storage_data.items():
+            if index.fqn == fqn:
+                for name, value in fields.items():
+                    setattr(info, name, value)
+    return change
+
+
+def set_tensor(fqn, **fields):
+    def change(md):
+        for name, value in fields.items():
+            setattr(md.state_dict_metadata[fqn], name, value)
+    return change
+
+
+def huge(md):
+    # Two chunks of 2**39 elements each, their bytes said to be the small items' own.
+    from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, MetadataIndex
+
+    w = md.state_dict_metadata["model.w"]
+    info = next(v for k, v in md.storage_data.items() if k.fqn == "model.w")
+    w.size = torch.Size([2**40])
+    w.chunks = [ChunkStorageMetadata(torch.Size([0]), torch.Size([2**39])),
+                ChunkStorageMetadata(torch.Size([2**39]), torch.Size([2**39]))]
+    md.storage_data.update({MetadataIndex("model.w", c.offsets): info for c in w.chunks})
+
+
+@pytest.mark.parametrize("change, message", [
+    (set_field("model.w", relative_path=".."), r"names the data file '\.\.' outside the checkpoint directory \(for 'model.w'\)"),
+    (set_field("model.w", relative_path="."), r"names the data file '\.' outside the checkpoint directory \(for 'model.w'\)"),
+    (set_field("model.w", relative_path="../dcp/x.distcp"), r"names the data file '\.\./dcp/x\.distcp' outside"),
+    (set_field("lr", length=None), r"\.metadata': the storage entry .*'lr'.* is malformed"),
+    (set_field("lr", offset="0"), r"\.metadata': the storage entry .*'lr'.* is malformed"),
+    (set_field("lr", transform_descriptors=[1]), r"\.metadata': the storage entry .*'lr'.* is malformed"),
+    (set_tensor("model.w", size=None), r"\.metadata': the metadata of 'model.w' is malformed"),
+    (set_tensor("model.w", chunks=None), r"\.metadata': the metadata of 'model.w' is malformed"),
+    (set_tensor("model.w", chunks=[5]), r"\.metadata': a chunk of 'model.w' \(5\) lies outside"),
+    (lambda md: md.state_dict_metadata.update(lr=3), r"\.metadata': the metadata of 'lr' is malformed: 3"),
+    (lambda md: md.storage_data.update({"lr": 3}), r"\.metadata': the storage entry 'lr' is malformed: 3"),
+    (set_tensor("model.w", size=torch.Size([4, -5])), r"\.metadata': the metadata of 'model.w' is malformed"),
+    (set_tensor("model.w", size=torch.Size([4, 4])), r"\.metadata': a chunk of 'model.w' .* lies outside its tensor"),
+    (huge, r"\.metadata': the chunk of 'model.w' at \[0\] is torch.bfloat16\[549755813888\], but its item in "
+           r"'__0_0.distcp' has only \d+ bytes"),
+])
+def test_inconsistent_metadata_is_data_loss_naming_the_file_and_key(dcp_dir, change, message):
+    rewrite_metadata(dcp_dir, change)
+    with pytest.raises(fastdcp.DataLossError, match=message):
+        load_whole(dcp_dir)
+
+
+def test_compressed_items_are_refused_naming_the_key_and_the_fix(dcp_dir):
+    # DCP's ZStandard extension needs the zstandard or pyzstd module, which DCP itself would
+    # need to read it too; fastdcp does not read it (the descriptor as DCP writes it).
+    lengths = {k.fqn: v.length for k, v in FileSystemReader(str(dcp_dir)).read_metadata().storage_data.items()}
+    for key in ("model.w", "lr"):
+        # Compressed: fewer bytes than the tensor has.
+        rewrite_metadata(dcp_dir, set_field(key, transform_descriptors=["stream.zstd/1"], length=10))
+        with pytest.raises(ValueError, match=rf"'{key}' in '.*dcp' was saved through DCP stream extensions "
+                                             rf"\['stream.zstd/1'\] \(compression.*install the 'zstandard' or "
+                                             rf"'pyzstd' module, load the checkpoint with dcp.load and save it again "
+                                             rf"without _extensions"):
+            load_whole(dcp_dir)
+        rewrite_metadata(dcp_dir, set_field(key, transform_descriptors=None, length=lengths[key]))
+    assert same(load_whole(dcp_dir), dcp_whole(str(dcp_dir)))
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(rank_local=st.booleans(), pick=st.integers(0, 100), where=st.floats(0, 1), flip=st.booleans())
+def test_damaged_files_are_data_loss_not_crashes(tmp_path_factory, rank_local, pick, where, flip):
+    # Any file of a checkpoint cut short, or one of its bytes changed: the load raises fastdcp's
+    # errors or (a changed tensor byte, which DCP cannot detect either) succeeds; a cut always fails.
+    path = Path(fresh_dir(tmp_path_factory, "damaged"))
+    dcp.save(sample_state() | {"raw": io.BytesIO(b"abc"), "e": torch.empty(0, 2)}, checkpoint_id=str(path),
+             no_dist=True, use_collectives=not rank_local)
+    files = sorted(path.iterdir())
+    victim = files[pick % len(files)]
+    size = victim.stat().st_size
+    at = min(size - 1, int(where * size))
+    if flip:
+        data = bytearray(victim.read_bytes())
+        data[at] ^= 0xFF
+        victim.write_bytes(bytes(data))
+        try:
+            load_whole(path)
+        except fastdcp.DataLossError:
+            pass  # a changed offset in .metadata may name the data file it now points past
+    else:
+        os.truncate(victim, at)
+        with pytest.raises(fastdcp.DataLossError, match=re.escape(victim.name)):
+            load_whole(path)
+

@@ -98,9 +98,15 @@ class CheckpointReader:
                 return self._io.read_into(path, state_dict, strict, verify, io_threads)
         else:
             migrate.adopt_key_types(source, state_dict)
+            restore = migrate.stand_in_for_bytes_io(source, state_dict)
 
             def fill():
-                return self._io.load_into(source, state_dict, strict, path)
+                out = None
+                try:
+                    out = self._io.load_into(source, state_dict, strict, path)
+                    return out
+                finally:
+                    restore(out and out[0])
         out, missing, unexpected = _read_through_host(state_dict, fill)
         self.last_unexpected_keys = unexpected
         if missing:

@@ -56,6 +56,7 @@ def convert(src: str, dst: str, *, overwrite: bool = False) -> dict:
                     except Exception:
                         pass  # this rank's own error is the one to report
                 raise
+            migrate.bytes_io_as_bytes(state)  # a fastdcp checkpoint holds bytes, not io.BytesIO
             writer.write(dst, state)
             written[rank] = writer._last_stats["bytes_written"]
         except BaseException as error:  # reported below, on the caller's thread

@@ -14,8 +14,23 @@ Nothing here uses it: tensor streams and the ``_experimental`` files are read wi
 ``torch.load(weights_only=True)``, and DCP's ``.metadata`` pickle with an unpickler that resolves
 only the classes DCP's metadata is made of (``_METADATA_GLOBALS``, torch's dtypes, and torch's
 layout lookup); any other global is refused with ``UnsafeCheckpointError`` naming it, before
-anything is called. Byte ranges are checked against the file before they are read, so a damaged
-or hostile ``.metadata`` fails with ``DataLossError`` naming the file and the key.
+anything is called. Every field of the metadata is checked for its type and range, chunks must
+tile their tensor, and byte ranges must lie in a regular file of the checkpoint's directory before
+anything is allocated or read, so a damaged or hostile ``.metadata`` fails with ``DataLossError``
+naming the file and the key. DCP's pickles of values may name ``io.BytesIO`` and ``bytes``
+(``_VALUE_GLOBALS``): they alone are allowed beyond ``weights_only``'s types, for values only.
+
+Note [Rank-local DCP metadata]
+``dcp.save(..., use_collectives=False)`` (and FileSystemWriter without rank coordination) has
+every rank write its own ``__<rank>.metadata`` naming only what that rank saved, and no
+``.metadata``; dcp.load then has each rank read its own file, so it loads only at the world size
+and layout that saved. fastdcp merges the files into one global view instead, so that the
+checkpoint loads whole, into any template and at any world size: a key must be the same kind of
+item, dtype and global size in every file that lists it, and must nest the same way; chunks that
+several ranks saved (replicated or plain tensors) are the same chunk, taken from the reading
+rank's own file where it has one (as dcp.load would), else from the lowest rank's; the same goes
+for values. Anything else (differing sizes, overlapping chunks, chunks that leave a gap) is
+``DataLossError`` naming the files: they come from different saves.
 """
 
 import io
@@ -23,9 +38,10 @@ import json
 import os
 import pickle
 import re
+import stat
 import threading
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -38,6 +54,7 @@ __all__ = ["DCP", "EXPERIMENTAL", "FASTDCP", "UnsafeCheckpointError", "checkpoin
 FASTDCP, DCP, EXPERIMENTAL = "fastdcp", "dcp", "torch_experimental"
 
 _RANK_FILE = re.compile(r"checkpoint_(\d+)\.pt$")
+_RANK_METADATA = re.compile(r"__(\d+)\.metadata$")  # DCP saves without rank coordination
 
 
 class UnsafeCheckpointError(DataLossError, pickle.UnpicklingError):
@@ -57,6 +74,8 @@ def checkpoint_format(path: str) -> str:
         names = os.listdir(path)
     except OSError:
         return FASTDCP
+    if any(_RANK_METADATA.match(n) for n in names):
+        return DCP
     return EXPERIMENTAL if any(_RANK_FILE.match(n) for n in names) else FASTDCP
 
 
@@ -81,7 +100,7 @@ def read_state_dict(path: str, fmt: str, rank: int = 0, *, mmap: bool = False) -
     ``rank``'s of an _experimental one, as CPU tensors."""
     path = str(path)
     if fmt == DCP:
-        return _read_dcp(path)
+        return _read_dcp(path, rank)
     if fmt == EXPERIMENTAL:
         return _read_experimental(path, rank, mmap)
     raise ValueError(f"read_state_dict: {fmt!r} is not a format of torch's (use {DCP!r} or {EXPERIMENTAL!r})")
@@ -149,26 +168,164 @@ class _MetadataUnpickler(pickle.Unpickler):
         raise UnsafeCheckpointError(f"'{self._name}' holds a persistent id, which DCP's metadata never does")
 
 
-def _read_metadata(path: str):
-    from torch.distributed.checkpoint.filesystem import _StorageInfo
-    from torch.distributed.checkpoint.metadata import Metadata, MetadataIndex
+def _unpickle_metadata(name: str):
+    from torch.distributed.checkpoint.metadata import Metadata
 
-    name = os.path.join(path, ".metadata")
-    with open(name, "rb") as f:
-        try:
+    try:
+        with open(name, "rb") as f:
             metadata = _MetadataUnpickler(f, name).load()
-        except UnsafeCheckpointError:
-            raise
-        except Exception as error:  # any malformed pickle
-            raise DataLossError(f"'{name}' is not a readable DCP metadata pickle: {error!r}") from error
-    ok = (isinstance(metadata, Metadata) and isinstance(metadata.state_dict_metadata, dict)
-          and isinstance(metadata.storage_data, dict)
-          and all(isinstance(k, MetadataIndex) and isinstance(v, _StorageInfo) for k, v in metadata.storage_data.items())
-          and (metadata.planner_data is None or isinstance(metadata.planner_data, dict)))
+    except (UnsafeCheckpointError, OSError):
+        raise
+    except Exception as error:  # any malformed pickle
+        raise DataLossError(f"'{name}' is not a readable DCP metadata pickle: {error!r}") from error
+    ok = (isinstance(metadata, Metadata) and isinstance(getattr(metadata, "state_dict_metadata", None), dict)
+          and isinstance(getattr(metadata, "storage_data", None), dict)
+          and isinstance(getattr(metadata, "planner_data", None), (dict, type(None))))
     if not ok:
         raise DataLossError(f"'{name}' is not DCP metadata of the file-system writer (torch.distributed.checkpoint"
                             f".FileSystemWriter): it unpickled to {type(metadata).__name__} with unexpected contents")
-    return name, metadata
+    return metadata
+
+
+class _Chunk(NamedTuple):
+    offsets: tuple
+    sizes: tuple
+    info: Any  # filesystem._StorageInfo, checked
+    file: str  # the metadata file that lists it
+
+
+class _TensorItem(NamedTuple):
+    dtype: torch.dtype
+    size: tuple
+    chunks: list  # of _Chunk
+    file: str  # the first metadata file that lists it
+
+
+class _BytesItem(NamedTuple):
+    info: Any
+    file: str
+
+
+def _show(value: Any) -> str:
+    """A metadata object for a message: its fields (a dataclass's repr fails on the fields that a
+    hostile pickle left out)."""
+    return repr(vars(value)) if hasattr(value, "__dict__") else repr(value)
+
+
+def _int_tuple(value: Any) -> tuple | None:
+    if not isinstance(value, (tuple, list)) or not all(type(v) is int and v >= 0 for v in value):
+        return None
+    return tuple(value)
+
+
+def _checked_items(name: str, metadata) -> tuple[dict, dict]:
+    """The items of one metadata file, every field checked for its type and range: a key's
+    tensor (dtype, global size, chunks inside it, each with its storage entry) or value; and the
+    key paths (planner data). Anything else is DataLossError naming the file and the key."""
+    from torch.distributed.checkpoint.filesystem import _StorageInfo
+    from torch.distributed.checkpoint.metadata import (BytesStorageMetadata, MetadataIndex,
+                                                       TensorStorageMetadata)
+
+    storage = {}
+    for index, info in metadata.storage_data.items():
+        fqn = getattr(index, "fqn", None)
+        offset = getattr(index, "offset", None)
+        descriptors = getattr(info, "transform_descriptors", None)
+        ok = (isinstance(index, MetadataIndex) and isinstance(fqn, str) and isinstance(info, _StorageInfo)
+              and (offset is None or _int_tuple(offset) is not None)
+              and isinstance(getattr(info, "relative_path", None), str)
+              and type(getattr(info, "offset", None)) is int and type(getattr(info, "length", None)) is int
+              and (descriptors is None or (isinstance(descriptors, (list, tuple))
+                                           and all(isinstance(d, str) for d in descriptors))))
+        if not ok:
+            raise DataLossError(f"'{name}': the storage entry {_show(index)} is malformed: {_show(info)}")
+        storage[(fqn, None if offset is None else tuple(offset))] = info
+
+    def entry(key: str, offsets: tuple | None):
+        info = storage.get((key, offsets))
+        if info is None:
+            at = "" if offsets is None else f" at {list(offsets)}"
+            raise DataLossError(f"'{name}' has no storage entry for '{key}'{at}")
+        return info
+
+    items: dict = {}
+    for key, md in metadata.state_dict_metadata.items():
+        if not isinstance(key, str):
+            raise DataLossError(f"'{name}': the key {key!r} is not a string")
+        if isinstance(md, BytesStorageMetadata):
+            items[key] = _BytesItem(entry(key, None), name)
+            continue
+        dtype = getattr(getattr(md, "properties", None), "dtype", None)
+        size = _int_tuple(getattr(md, "size", None))
+        chunks = getattr(md, "chunks", None)
+        if not isinstance(md, TensorStorageMetadata) or not isinstance(dtype, torch.dtype) or size is None \
+                or not isinstance(chunks, list):
+            raise DataLossError(f"'{name}': the metadata of '{key}' is malformed: {_show(md)}")
+        checked = []
+        for chunk in chunks:
+            offsets, sizes = _int_tuple(getattr(chunk, "offsets", None)), _int_tuple(getattr(chunk, "sizes", None))
+            if offsets is None or sizes is None or len(offsets) != len(size) or len(sizes) != len(size) or any(
+                    o + s > d for o, s, d in zip(offsets, sizes, size)):
+                raise DataLossError(f"'{name}': a chunk of '{key}' ({_show(chunk)}) lies outside its tensor of size "
+                                    f"{list(size)}")
+            checked.append(_Chunk(offsets, sizes, entry(key, offsets), name))
+        items[key] = _TensorItem(dtype, size, checked, name)
+    mappings = metadata.planner_data or {}
+    for key, key_path in mappings.items():
+        if not isinstance(key_path, tuple) or not key_path or not all(isinstance(p, (str, int)) for p in key_path):
+            raise DataLossError(f"'{name}': the key path of '{key}' is {key_path!r}")
+    return items, mappings
+
+
+def _rank_metadata_files(path: str) -> list[tuple[int, str]]:
+    try:
+        names = os.listdir(path)
+    except OSError:
+        return []
+    return sorted((int(m.group(1)), m.group(0)) for m in map(_RANK_METADATA.match, names) if m)
+
+
+def _read_metadata(path: str, rank: int) -> tuple[dict, dict]:
+    """The checkpoint's items and key paths: from its global ``.metadata`` or, where the save ran
+    without rank coordination, merged from every rank's ``__<r>.metadata`` (Note [Rank-local DCP
+    metadata])."""
+    name = os.path.join(path, ".metadata")
+    if os.path.isfile(name) or not _rank_metadata_files(path):
+        return _checked_items(name, _unpickle_metadata(name))
+    files = _rank_metadata_files(path)
+    # This rank's own file first: its copy of a value or chunk that several ranks saved wins.
+    files.sort(key=lambda rank_name: (rank_name[0] != rank, rank_name[0]))
+    items: dict = {}
+    mappings: dict = {}
+    for _, file in files:
+        name = os.path.join(path, file)
+        mine, paths = _checked_items(name, _unpickle_metadata(name))
+        for key, key_path in paths.items():
+            if mappings.setdefault(key, key_path) != key_path:
+                raise DataLossError(f"'{name}' nests '{key}' as {key_path!r}, another rank's metadata as "
+                                    f"{mappings[key]!r}: the rank metadata files belong to different saves")
+        for key, item in mine.items():
+            have = items.setdefault(key, item)
+            if have is item:
+                continue
+            if type(have) is not type(item) or (isinstance(item, _TensorItem) and (
+                    have.dtype != item.dtype or have.size != item.size)):
+                def what(x):
+                    return "a value" if isinstance(x, _BytesItem) else f"a tensor {x.dtype}{list(x.size)}"
+                raise DataLossError(f"'{key}' is {what(have)} in '{have.file}' and {what(item)} in '{name}': the rank "
+                                    f"metadata files belong to different saves")
+            if isinstance(item, _TensorItem):
+                known = {c.offsets: c for c in have.chunks}
+                for chunk in item.chunks:
+                    other = known.get(chunk.offsets)
+                    if other is None:
+                        have.chunks.append(chunk)
+                        known[chunk.offsets] = chunk
+                    elif other.sizes != chunk.sizes:
+                        raise DataLossError(f"'{key}': the chunk at {list(chunk.offsets)} has sizes "
+                                            f"{list(other.sizes)} in '{other.file}' and {list(chunk.sizes)} in "
+                                            f"'{name}': the rank metadata files belong to different saves")
+    return items, mappings
 
 
 class _FileSlice(io.RawIOBase):
@@ -223,14 +380,18 @@ class _DcpFiles:
     def _open_locked(self, relative: str, key: str) -> tuple[int, int, str]:
         if relative not in self._files:
             full = os.path.join(self._path, relative)
-            if os.path.basename(relative) != relative:
-                raise DataLossError(f"'{self._path}/.metadata' names the data file '{relative}' outside the "
-                                    f"checkpoint directory (for '{key}')")
+            if os.path.basename(relative) != relative or relative in ("", ".", ".."):
+                raise DataLossError(f"the DCP metadata in '{self._path}' names the data file '{relative}' outside "
+                                    f"the checkpoint directory (for '{key}')")
             try:
                 fd = os.open(full, os.O_RDONLY | os.O_CLOEXEC)
             except FileNotFoundError:
                 raise FileNotFoundError(f"DCP data file '{full}' (holding '{key}') does not exist") from None
-            self._files[relative] = (fd, os.fstat(fd).st_size, full)
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                os.close(fd)
+                raise DataLossError(f"DCP data file '{full}' (holding '{key}') is not a regular file")
+            self._files[relative] = (fd, st.st_size, full)
         return self._files[relative]
 
     def read(self, info, key: str) -> tuple[_FileSlice, str]:
@@ -277,10 +438,10 @@ class _DcpFiles:
                   and tuple(saved) == tuple(offsets))
         except (TypeError, KeyError, ValueError, AttributeError):
             ok = False
-        tensor = torch.empty(sizes, dtype=dtype)
-        if not ok or end - begin != tensor.nbytes or data + end > size or begin < 0:
+        if not ok or end - begin != _nbytes(dtype, sizes) or data + end > size or begin < 0:
             raise DataLossError(f"{where}: the safetensors file has {entry!r} for it, the metadata says {dtype}"
                                 f"{list(sizes)} at offsets {list(offsets)}")
+        tensor = torch.empty(sizes, dtype=dtype)
         if tensor.nbytes and _FileSlice(fd, data + begin, tensor.nbytes).readinto(
                 tensor.view(-1).view(torch.uint8).numpy()) != tensor.nbytes:
             raise DataLossError(f"{where}: the file ended early")
@@ -292,14 +453,34 @@ class _DcpFiles:
         self._files.clear()
 
 
-def _load_item(files: _DcpFiles, info, key: str) -> Any:
-    """One saved item: a torch.save stream in a byte range of a .distcp file."""
+# What DCP's pickles of values name beyond weights_only's default types: io.BytesIO (bytes and a
+# position), and bytes itself, the way protocol 2 pickles b"". Neither runs anything.
+_VALUE_GLOBALS = [io.BytesIO, bytes]
+_VALUE_GLOBALS_LOCK = threading.Lock()
+
+
+def _refuse_extensions(files: _DcpFiles, info, key: str) -> None:
     if info.transform_descriptors:
-        raise ValueError(f"'{key}' in '{files._path}' was saved through DCP stream extensions "
-                         f"{list(info.transform_descriptors)} (e.g. compression), which fastdcp does not read; "
-                         f"load it with dcp.load and save it again without extensions")
+        raise ValueError(
+            f"'{key}' in '{files._path}' was saved through DCP stream extensions {list(info.transform_descriptors)} "
+            f"(compression: FileSystemWriter(_extensions=[ZStandard()])), which fastdcp does not read; to migrate "
+            f"it, install the 'zstandard' or 'pyzstd' module, load the checkpoint with dcp.load and save it again "
+            f"without _extensions (or with fastdcp)")
+
+
+def _load_item(files: _DcpFiles, info, key: str, *, value: bool = False) -> Any:
+    """One saved item: a torch.save stream in a byte range of a .distcp file; a value (a
+    BytesStorageMetadata item) may name ``_VALUE_GLOBALS``."""
+    _refuse_extensions(files, info, key)
     data, where = files.read(info, key)
-    return _torch_load(data, where)
+    if not value:
+        return _torch_load(data, where)
+    # torch keeps its allowances process-wide: these are allowed only while loading, under a
+    # lock, and left as the caller had them.
+    with _VALUE_GLOBALS_LOCK:
+        missing = [g for g in _VALUE_GLOBALS if g not in torch.serialization.get_safe_globals()]
+        with torch.serialization.safe_globals(missing):
+            return _torch_load(data, where)
 
 
 def _chunk_tensor(files: _DcpFiles, info, key: str, dtype: torch.dtype, sizes, offsets) -> torch.Tensor:
@@ -313,39 +494,75 @@ def _chunk_tensor(files: _DcpFiles, info, key: str, dtype: torch.dtype, sizes, o
     return tensor
 
 
-def _full_tensor(files: _DcpFiles, key: str, md, storage: dict) -> torch.Tensor:
+def _numel(sizes) -> int:
+    n = 1
+    for d in sizes:
+        n *= d
+    return n
+
+
+def _nbytes(dtype: torch.dtype, sizes) -> int:
+    return _numel(sizes) * dtype.itemsize
+
+
+def _check_tiling(key: str, item: _TensorItem) -> None:
+    """The chunks of a tensor cover each of its elements exactly once: their sizes add up to the
+    tensor's, and no two overlap. Overlaps are counted on the grid of the chunks' boundaries (a
+    cell per run between two boundaries in each dimension: the cost follows the chunks, not the
+    elements), or pair by pair where that grid would be large (hostile metadata)."""
+    files = sorted({c.file for c in item.chunks}) or [item.file]
+    numel = _numel(item.size)
+    covered = sum(_numel(c.sizes) for c in item.chunks)
+    if covered != numel:
+        raise DataLossError(f"'{key}' in {', '.join(map(repr, files))}: its chunks cover {covered} of its {numel} "
+                            f"elements")
+    chunks = [c for c in item.chunks if _numel(c.sizes)]
+    if len(chunks) < 2:
+        return
+    bounds = [sorted({0, d} | {c.offsets[i] for c in chunks} | {c.offsets[i] + c.sizes[i] for c in chunks})
+              for i, d in enumerate(item.size)]
+
+    def overlap(a: _Chunk, b: _Chunk) -> bool:
+        return all(ao < bo + bs and bo < ao + as_ for ao, as_, bo, bs in zip(a.offsets, a.sizes, b.offsets, b.sizes))
+
+    if _numel(len(b) - 1 for b in bounds) <= 1 << 22:  # the chunks of real saves: few distinct bounds
+        index = [{b: n for n, b in enumerate(dim)} for dim in bounds]
+        grid = torch.zeros([len(b) - 1 for b in bounds], dtype=torch.int32)
+        for c in chunks:
+            grid[tuple(slice(at[o], at[o + s]) for at, o, s in zip(index, c.offsets, c.sizes))] += 1
+        if not bool((grid > 1).any()):
+            return
+    pair = next(((a, b) for i, a in enumerate(chunks) for b in chunks[i + 1:] if overlap(a, b)), None)
+    if pair is not None:
+        a, b = pair
+        where = f"'{a.file}'" if a.file == b.file else f"'{a.file}' and '{b.file}'"
+        raise DataLossError(f"{where}: the chunks of '{key}' at {list(a.offsets)} of size {list(a.sizes)} and at "
+                            f"{list(b.offsets)} of size {list(b.sizes)} overlap, so they cannot tile it")
+
+
+def _full_tensor(files: _DcpFiles, key: str, item: _TensorItem) -> torch.Tensor:
     """One tensor, assembled from its saved chunks (one per shard of a DTensor or ShardedTensor
     save, after DCP's deduplication of replicas)."""
-    dtype, size = md.properties.dtype, tuple(md.size)
-    chunks = []
-    for chunk in md.chunks:
-        offsets, sizes = tuple(chunk.offsets), tuple(chunk.sizes)
-        if len(offsets) != len(size) or len(sizes) != len(size) or any(
-                o < 0 or s < 0 or o + s > d for o, s, d in zip(offsets, sizes, size)):
-            raise DataLossError(f"'{files._path}/.metadata': a chunk of '{key}' at {list(offsets)} of size "
-                                f"{list(sizes)} lies outside its tensor of size {list(size)}")
-        info = storage.get((key, offsets))
-        if info is None:
-            raise DataLossError(f"'{files._path}/.metadata' has no storage entry for the chunk of '{key}' at "
-                                f"{list(offsets)}")
-        chunks.append((offsets, sizes, info))
-    numel = 1
-    for d in size:
-        numel *= d
-    covered = sum(torch.Size(sizes).numel() for _, sizes, _ in chunks)
-    if covered != numel:
-        raise DataLossError(f"'{files._path}/.metadata': the chunks of '{key}' cover {covered} of its {numel} "
-                            f"elements")
+    dtype, size = item.dtype, item.size
+    _check_tiling(key, item)
+    for chunk in item.chunks:  # before allocating: the checkpoint's files hold every byte promised
+        _refuse_extensions(files, chunk.info, key)  # compressed items are shorter than their tensors
+        files.read(chunk.info, key)
+        if _nbytes(dtype, chunk.sizes) > chunk.info.length:
+            raise DataLossError(f"'{chunk.file}': the chunk of '{key}' at {list(chunk.offsets)} is {dtype}"
+                                f"{list(chunk.sizes)}, but its item in '{chunk.info.relative_path}' has only "
+                                f"{chunk.info.length} bytes")
     full = torch.empty(size, dtype=dtype)  # as dcp.load gives it: contiguous, owning only its elements
-    if len(chunks) == 1:
-        tensor = _chunk_tensor(files, chunks[0][2], key, dtype, size, chunks[0][0])
+    chunks = [c for c in item.chunks if _numel(c.sizes)] or item.chunks[:1]
+    if len(chunks) == 1 and chunks[0].sizes == size:
+        tensor = _chunk_tensor(files, chunks[0].info, key, dtype, size, chunks[0].offsets)
         return tensor if tensor.stride() == full.stride() and tensor.untyped_storage().nbytes() == tensor.nbytes \
             else full.copy_(tensor)
-    for offsets, sizes, info in chunks:
+    for chunk in chunks:
         target = full
-        for dim, (o, s) in enumerate(zip(offsets, sizes)):
+        for dim, (o, s) in enumerate(zip(chunk.offsets, chunk.sizes)):
             target = target.narrow(dim, o, s)
-        target.copy_(_chunk_tensor(files, info, key, dtype, sizes, offsets))
+        target.copy_(_chunk_tensor(files, chunk.info, key, dtype, chunk.sizes, chunk.offsets))
     return full
 
 
@@ -371,39 +588,26 @@ def _set_at(root: dict, path: tuple, value: Any) -> None:
             raise DataLossError(f"DCP key path {path!r}: {step!r} holds a value, not a container")
 
 
-def _read_dcp(path: str) -> dict:
-    from torch.distributed.checkpoint.metadata import BytesStorageMetadata, TensorStorageMetadata
+def _read_dcp(path: str, rank: int) -> dict:
+    items, mappings = _read_metadata(path, rank)
 
-    name, metadata = _read_metadata(path)
-    storage = {(index.fqn, None if index.offset is None else tuple(index.offset)): info
-               for index, info in metadata.storage_data.items()}
-    mappings = metadata.planner_data or {}
-    def load(item) -> Any:
-        key, md = item
-        if isinstance(md, TensorStorageMetadata):
-            return _full_tensor(files, key, md, storage)
-        if isinstance(md, BytesStorageMetadata):
-            info = storage.get((key, None))
-            if info is None:
-                raise DataLossError(f"'{name}' has no storage entry for '{key}'")
-            return _load_item(files, info, key)
-        raise DataLossError(f"'{name}': '{key}' has metadata of type {type(md).__name__}")
+    def load(entry) -> Any:
+        key, item = entry
+        if isinstance(item, _TensorItem):
+            return _full_tensor(files, key, item)
+        return _load_item(files, item.info, key, value=True)
 
     files = _DcpFiles(path)
     state: dict = {}
-    items = list(metadata.state_dict_metadata.items())
+    entries = list(items.items())
     # Large items load on a few threads: their reads (preadv) and copies run without the GIL. Small
     # ones are mostly unpickling, which holds it: measured slower on threads.
-    tensor_bytes = sum(md.size.numel() * md.properties.dtype.itemsize for _, md in items
-                       if isinstance(md, TensorStorageMetadata))
-    workers = min(8, os.cpu_count() or 1) if tensor_bytes >= len(items) << 20 else 1
+    tensor_bytes = sum(_nbytes(item.dtype, item.size) for _, item in entries if isinstance(item, _TensorItem))
+    workers = min(8, os.cpu_count() or 1) if tensor_bytes >= len(entries) << 20 else 1
     pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="fastdcp-migrate")
     try:
-        for (key, _), value in zip(items, pool.map(load, items) if workers > 1 else map(load, items)):
-            key_path = mappings.get(key, (key,))
-            if not isinstance(key_path, tuple) or not key_path or not all(isinstance(p, (str, int)) for p in key_path):
-                raise DataLossError(f"'{name}': the key path of '{key}' is {key_path!r}")
-            _set_at(state, key_path, value)
+        for (key, _), value in zip(entries, pool.map(load, entries) if workers > 1 else map(load, entries)):
+            _set_at(state, mappings.get(key, (key,)), value)
     finally:
         pool.shutdown(cancel_futures=True)
         files.close()
@@ -425,3 +629,58 @@ def adopt_key_types(source: Any, template: Any) -> None:
                     stack.append((s[key], t[key]))
         elif isinstance(s, (list, tuple)) and isinstance(t, (list, tuple)):
             stack.extend(zip(s, t))
+
+
+def _bytes_io_leaves(tree: Any, path: tuple = ()):
+    """(key path, value) of every io.BytesIO in dicts and lists."""
+    if isinstance(tree, io.BytesIO):
+        yield path, tree
+    elif isinstance(tree, (dict, list)):
+        for key, value in (tree.items() if isinstance(tree, dict) else enumerate(tree)):
+            yield from _bytes_io_leaves(value, path + (key,))
+
+
+def _parent(tree: Any, path: tuple) -> Any:
+    """The dict or list that holds ``path``'s value in ``tree``, or None where it has none."""
+    node = tree
+    for step in path[:-1]:
+        try:
+            node = node[step]
+        except (KeyError, IndexError, TypeError):
+            return None
+    last = path[-1]
+    held = (isinstance(node, dict) and last in node) or (isinstance(node, list) and isinstance(last, int)
+                                                          and 0 <= last < len(node))
+    return node if held else None
+
+
+def bytes_io_as_bytes(tree: Any) -> None:
+    """Replaces, in place, each io.BytesIO value (which DCP saves, fastdcp's trees do not hold) with
+    its bytes."""
+    for path, value in list(_bytes_io_leaves(tree)):
+        _parent(tree, path)[path[-1]] = value.getvalue()
+
+
+def stand_in_for_bytes_io(source: Any, template: Any):
+    """Lets a template load take io.BytesIO values, which fastdcp's matching does not hold: the
+    source's become their bytes and the template's None (take what the checkpoint holds) for the
+    load; the returned function, called with the loaded tree (None when the load failed), puts
+    the source's io.BytesIO where the load put their bytes, as dcp.load sets them, and gives the
+    template back its own where nothing replaced them."""
+    loaded, given = list(_bytes_io_leaves(source)), list(_bytes_io_leaves(template))
+    bytes_io_as_bytes(source)
+    for path, _ in given:
+        _parent(template, path)[path[-1]] = None
+
+    def restore(out: Any) -> None:
+        for path, value in loaded if out is not None else ():
+            parent = _parent(out, path)
+            if parent is not None:
+                parent[path[-1]] = value
+        for path, value in given:
+            parent = _parent(template, path)
+            if parent is not None and parent[path[-1]] is None:
+                parent[path[-1]] = value
+
+    return restore
+
