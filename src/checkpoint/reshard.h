@@ -8,9 +8,10 @@
 // per target box, its overlaps with the key's saved chunks (O(chunks) per box); the overlaps are
 // grouped per rank file, whose header is read once; the byte ranges of the saved views that the
 // overlaps touch are merged into requests (a contiguous run is one request; with checksums, the
-// 4 MiB checksum chunks the ranges touch, each verified once) and read in parallel; then each
-// overlap is copied, strided, from its saved view into its target view. Nothing else of a file is
-// read, so a small overlap costs a small read.
+// 4 MiB checksum chunks the ranges touch, each verified once) and read in parallel, each straight
+// into its target where the overlap is contiguous on both sides (Note [Landing reads in the target]
+// in checkpoint.cpp); the other overlaps are copied, strided, from a buffer into their target
+// views. Nothing else of a file is read, so a small overlap costs a small read.
 
 #include <cstdint>
 #include <vector>
