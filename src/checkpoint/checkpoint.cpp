@@ -611,7 +611,7 @@ constexpr uint64_t kMergeGapBytes = uint64_t{64} << 10;
 // every rank's rows straddle two saved shards), yet a chunk is verified only whole. Each read is
 // therefore one preadv whose pieces land where the bytes are wanted: an overlap whose saved bytes
 // are one contiguous run, bound for a contiguous host target, lands straight in the target; the
-// bytes only the checksum needs land in a per-thread scratch buffer, and the chunk's CRC runs over
+// bytes only the checksum needs land in a reused scratch buffer, and the chunk's CRC runs over
 // the pieces in order. Only overlaps that need a strided copy (their saved or target view is not
 // contiguous, or another overlap reads the same bytes) go through a buffer and a copy. Reading
 // into a buffer and copying cost a 4 -> 3 load of 1 GiB half its time: the copy, and first-touch
@@ -772,6 +772,31 @@ void fill_sharded(const std::string& path, const Manifest& manifest, const std::
       }
     }
   }
+  // Scratch buffers, reused across requests (fresh pages cost first-touch faults), freed on return.
+  struct ScratchPool {
+    std::mutex mutex;
+    std::vector<std::vector<char>> free;
+  } scratch_pool;
+  struct ScratchLease {
+    ScratchPool& pool;
+    std::vector<char> buffer;
+    explicit ScratchLease(ScratchPool& p) : pool(p) {
+      std::lock_guard lock(pool.mutex);
+      if (!pool.free.empty()) {
+        buffer = std::move(pool.free.back());
+        pool.free.pop_back();
+      }
+    }
+    ~ScratchLease() {
+      std::lock_guard lock(pool.mutex);
+      try {
+        pool.free.push_back(std::move(buffer));
+      } catch (const std::bad_alloc&) {  // the buffer is freed instead of kept
+      }
+    }
+    ScratchLease(const ScratchLease&) = delete;
+    ScratchLease& operator=(const ScratchLease&) = delete;
+  };
   parallel_for(requests.size(), threads, [&](size_t i) {
     const Request& r = requests[i];
     const RankFileHeader& header = r.source->file->header;
@@ -794,7 +819,8 @@ void fill_sharded(const std::string& path, const Manifest& manifest, const std::
       at = end;
     }
     if (r.end > at) gap(r.end - at);
-    thread_local std::vector<char> scratch;
+    ScratchLease lease(scratch_pool);
+    std::vector<char>& scratch = lease.buffer;
     if (scratch.size() < gaps) scratch.resize(gaps);
     uint64_t used = 0;
     for (iovec& p : pieces) {
