@@ -548,6 +548,7 @@ NB_MODULE(_C, m) {
         d["total_size"] = report.total_size;
         d["tensors"] = report.tensors;
         d["skipped"] = report.skipped;
+        d["peak_sharded_bytes"] = report.peak_sharded_bytes;
         return d;
       },
       nb::arg("checkpoint"), nb::arg("out"), nb::arg("max_shard_size"), nb::arg("dtype"), nb::arg("prefix"),

@@ -930,13 +930,33 @@ Value CheckpointReader::read(const std::string& path) const {
   Value tree = header.build_tree(storages);
   // Sharded keys load whole, from every rank's chunks (Note [Resharded loads]).
   std::vector<ShardedTarget> targets;
-  if (header.format_version() >= 3) take_sharded_whole(tree, "", targets);
+  if (header.format_version() >= 3 && options_.assemble_sharded) take_sharded_whole(tree, "", targets);
   // This rank's chunks are in memory, verified: copied from there, not read again.
   uint64_t data_size = 0;
   for (const StoredEntry& e : entries) data_size = std::max(data_size, e.begin + e.nbytes);
   const Storage data = Storage::wrap(const_cast<char*>(base), data_size, Device::cpu(), memory);
   fill_sharded(path, manifest, targets, options_, threads, &opened, source, &data);
   return tree;
+}
+
+std::vector<Tensor> CheckpointReader::read_sharded(const std::string& path, const std::vector<std::string>& keys) const {
+  const Manifest manifest = manifest_for_rank(path, rank_);
+  std::unordered_map<std::string_view, const IndexEntry*> entry_of;
+  for (const IndexEntry& e : manifest.index) entry_of.emplace(e.key, &e);
+  std::vector<Tensor> out;
+  std::vector<ShardedTarget> targets;
+  for (const std::string& key : keys) {
+    const auto it = entry_of.find(key);
+    if (it == entry_of.end()) {
+      throw Error(ErrorCode::kInvalidArgument, "'" + path + "' has no sharded tensor at '" + key + "'");
+    }
+    out.push_back(Tensor::empty_cpu(it->second->dtype, it->second->global_shape));
+    Dims origin;
+    origin.resize(out.back().dim());
+    targets.push_back({key, {{Box{origin, out.back().shape()}, out.back()}}});
+  }
+  fill_sharded(path, manifest, targets, options_, io_thread_count(options_.io_threads), nullptr, -1);
+  return out;
 }
 
 namespace {

@@ -225,7 +225,10 @@ nlohmann::ordered_json entry_json(DType dtype, const Dims& shape, uint64_t begin
 
 struct ExportItem {
   std::string name;
-  Tensor source;
+  std::string path;  // the key path in the checkpoint
+  Tensor source;     // a sharded key's only while its file is written
+  bool sharded = false;
+  Dims shape;
   DType dtype;  // as written
   uint64_t nbytes = 0;
   uint64_t begin = 0;  // offset in its file's data
@@ -243,7 +246,7 @@ std::string render_shard_header(std::vector<ExportItem*>& items) {
   for (ExportItem* item : items) {
     item->begin = offset;
     offset += item->nbytes;
-    header[item->name] = entry_json(item->dtype, item->source.shape(), item->begin, offset);
+    header[item->name] = entry_json(item->dtype, item->shape, item->begin, offset);
   }
   std::string json = header.dump();
   json.append((8 - json.size() % 8) % 8, ' ');
@@ -257,7 +260,7 @@ std::string render_shard_header(std::vector<ExportItem*>& items) {
 uint64_t header_cost(const ExportItem& item) {
   constexpr uint64_t kMax = std::numeric_limits<uint64_t>::max();
   nlohmann::ordered_json one;
-  one[item.name] = entry_json(item.dtype, item.source.shape(), kMax, kMax);
+  one[item.name] = entry_json(item.dtype, item.shape, kMax, kMax);
   return one.dump().size();  // its braces stand for the comma that separates it
 }
 
@@ -316,6 +319,12 @@ bool is_export_name(const std::string& name) {
 
 std::string temporary_name(const std::string& name) { return "." + name + ".tmp"; }
 
+// Whether two tensors are one view of the same memory: tied weights.
+bool same_view(const Tensor& a, const Tensor& b) {
+  return a.data_ptr() == b.data_ptr() && a.device() == b.device() && a.dtype() == b.dtype() && a.shape() == b.shape() &&
+         a.strides() == b.strides();
+}
+
 }  // namespace
 
 HfExportReport export_hugging_face(const std::string& checkpoint, const std::string& out,
@@ -347,38 +356,56 @@ HfExportReport export_hugging_face(const std::string& checkpoint, const std::str
                     "replaces only model*.safetensors and their index");
   }
 
-  // Mapped: each tensor's pages are read from the page cache as it is written (Note [Hugging Face
-  // model directories]).
+  // Mapped: each tensor's pages are read from the page cache as it is written; sharded keys are
+  // assembled a file at a time (Note [Hugging Face model directories]).
   ReadOptions read_options;
   read_options.use_mmap = true;
+  read_options.assemble_sharded = false;
   read_options.verify_checksums = options.verify_checksums;
   read_options.io_threads = options.io_threads;
-  Value state = CheckpointReader(RankInfo{options.rank, manifest.world_size}, read_options).read(checkpoint);
+  const CheckpointReader reader(RankInfo{options.rank, manifest.world_size}, read_options);
+  Value state = reader.read(checkpoint);
 
   HfExportReport report;
   std::vector<ExportItem> items;
   std::unordered_map<std::string, std::string> path_of_name;
+  // Items of plain tensors by address, to find tied weights (Note [Tied weights in an export]).
+  std::unordered_map<const void*, std::vector<size_t>> items_at;
   for_each_leaf(state, [&](const std::string& path, Value& v) {
     if (!path.starts_with(options.prefix)) return;
     const auto skip = [&](const std::string& why) { report.skipped.emplace_back(path, why); };
-    if (!v.is_tensor()) {
-      skip(v.is_sharded() ? "a sharded tensor this reader did not assemble" : std::string("not a tensor (") + Value::kind_name(v.kind()) + ")");
+    if (!v.is_tensor() && !v.is_sharded()) {
+      skip(std::string("not a tensor (") + Value::kind_name(v.kind()) + ")");
       return;
     }
-    const Tensor& t = v.as_tensor();
-    const TensorTraits& traits = t.traits();
-    if (traits.conj || traits.neg || !traits.framework_dtype.empty()) {
+    // A sharded key's traits are its chunks' (a rank that holds none has the defaults).
+    const Tensor* t = v.is_tensor() ? &v.as_tensor()
+                      : v.as_sharded().chunks.empty() ? nullptr
+                                                      : &v.as_sharded().chunks.front().data;
+    const DType dtype = v.is_tensor() ? t->dtype() : v.as_sharded().dtype;
+    if (t && (t->traits().conj || t->traits().neg || !t->traits().framework_dtype.empty())) {
       skip("its bytes are not its values (a lazy conjugate or negative, or a framework dtype stored as another)");
       return;
     }
-    if (!safetensors_knows(t.dtype())) {
-      skip("safetensors has no dtype " + std::string(dtype_name(t.dtype())));
+    if (!safetensors_knows(dtype)) {
+      skip("safetensors has no dtype " + std::string(dtype_name(dtype)));
       return;
     }
     std::string name = options.strip_prefix ? path.substr(options.prefix.size()) : path;
     if (name.empty() || name == "__metadata__") {
       skip("its name would be '" + name + "', which safetensors cannot hold");
       return;
+    }
+    if (v.is_tensor() && t->nbytes() > 0) {
+      std::vector<size_t>& same_address = items_at[t->data_ptr()];
+      for (const size_t i : same_address) {
+        if (same_view(items[i].source, *t)) {
+          skip("the same tensor as '" + items[i].path + "' (tied weights), exported once as '" + items[i].name +
+               "', as transformers' save_pretrained does");
+          return;
+        }
+      }
+      same_address.push_back(items.size());
     }
     const auto [it, fresh] = path_of_name.emplace(name, path);
     if (!fresh) {
@@ -387,9 +414,14 @@ HfExportReport export_hugging_face(const std::string& checkpoint, const std::str
     }
     ExportItem item;
     item.name = std::move(name);
-    item.source = t;
-    item.dtype = options.dtype && hf::is_castable_float(t.dtype()) ? *options.dtype : t.dtype();
-    item.nbytes = dtype_storage_bytes(item.dtype, static_cast<uint64_t>(t.numel()));
+    item.path = path;
+    item.sharded = v.is_sharded();
+    if (v.is_tensor()) item.source = *t;
+    item.shape = v.is_tensor() ? t->shape() : v.as_sharded().global_shape;
+    item.dtype = options.dtype && hf::is_castable_float(dtype) ? *options.dtype : dtype;
+    int64_t numel = 1;
+    for (const int64_t d : item.shape) numel *= d;
+    item.nbytes = dtype_storage_bytes(item.dtype, static_cast<uint64_t>(numel));
     items.push_back(std::move(item));
   });
   if (items.empty()) {
@@ -418,6 +450,20 @@ HfExportReport export_hugging_face(const std::string& checkpoint, const std::str
         weight_map[items[i].name] = name;
         report.total_size += items[i].nbytes;
       }
+      // This file's sharded keys, assembled now and released once it is written: the export holds
+      // at most one file's worth of them.
+      std::vector<std::string> sharded_keys;
+      for (const ExportItem* item : shard) {
+        if (item->sharded) sharded_keys.push_back(item->path);
+      }
+      std::vector<Tensor> assembled = reader.read_sharded(checkpoint, sharded_keys);
+      uint64_t assembled_bytes = 0;
+      for (size_t i = 0, k = 0; i < shard.size(); ++i) {
+        if (!shard[i]->sharded) continue;
+        assembled_bytes += assembled[k].nbytes();
+        shard[i]->source = std::move(assembled[k++]);
+      }
+      report.peak_sharded_bytes = std::max(report.peak_sharded_bytes, assembled_bytes);
       const std::string header = render_shard_header(shard);
       uint64_t data_size = 0;
       for (const ExportItem* item : shard) data_size += item->nbytes;
@@ -428,6 +474,9 @@ HfExportReport export_hugging_face(const std::string& checkpoint, const std::str
       file.reserve(header.size() + data_size);
       file.write_at(header.data(), header.size(), 0);
       write_shard(file, shard, header.size(), threads);
+      for (ExportItem* item : shard) {
+        if (item->sharded) item->source = Tensor();
+      }
       file.sync();
       file.close();
       report.files.push_back(name);
@@ -729,8 +778,11 @@ void read_targets(const HfFiles& source, const std::vector<std::pair<size_t, con
 }
 
 // Matches the targets against the stored tensors, checks everything, then reads.
+// `tied_to`: a target key that is the same tensor as an earlier one (Note [Tied weights in an
+// export]), mapped to that key; either name in the files fills both.
 LoadResult load_targets(const HfFiles& source, const std::vector<Target>& targets,
-                        const std::vector<std::string>& target_keys, const HfImportOptions& options) {
+                        const std::vector<std::string>& target_keys, const HfImportOptions& options,
+                        const std::unordered_map<std::string, std::string>& tied_to = {}) {
   std::unordered_map<std::string, const HfFiles::Stored*> stored_of;
   std::unordered_map<std::string, std::string> original_of;
   LoadResult result;
@@ -745,8 +797,18 @@ LoadResult load_targets(const HfFiles& source, const std::vector<Target>& target
     if (!keys.contains(key)) result.unexpected_keys.push_back(key);
     stored_of.emplace(std::move(key), &stored);
   }
+  // Tied keys: one of them stored fills them all.
+  std::unordered_set<std::string> stored_groups;
   for (const std::string& key : target_keys) {
-    if (!stored_of.contains(key)) result.missing_keys.push_back(key);
+    const auto tied = tied_to.find(key);
+    const std::string& group = tied == tied_to.end() ? key : tied->second;
+    if (stored_of.contains(key)) stored_groups.insert(group);
+  }
+  for (const std::string& key : target_keys) {
+    const auto tied = tied_to.find(key);
+    if (!stored_of.contains(key) && !stored_groups.contains(tied == tied_to.end() ? key : tied->second)) {
+      result.missing_keys.push_back(key);
+    }
   }
   if (options.strict && (!result.missing_keys.empty() || !result.unexpected_keys.empty())) {
     std::string message = "strict load of '" + source.described + "' refused; nothing was changed.";
@@ -761,7 +823,7 @@ LoadResult load_targets(const HfFiles& source, const std::vector<Target>& target
   for (size_t t = 0; t < targets.size(); ++t) {
     const Target& target = targets[t];
     const auto it = stored_of.find(target.key);
-    if (it == stored_of.end()) continue;
+    if (it == stored_of.end()) continue;  // missing, or filled through its tie
     const HfFiles::Stored& stored = *it->second;
     const StoredEntry& entry = source.headers[stored.file].entries()[stored.entry];
     const std::string where = "cannot load '" + target.key + "' from '" + stored.name + "' in '" +
@@ -808,9 +870,18 @@ LoadResult load_hugging_face(const std::string& path, Value& target, const HfImp
   const HfFiles source = open_hugging_face(path);
   std::vector<Target> targets;
   std::vector<std::string> keys;
+  std::unordered_map<std::string, std::string> tied_to;
+  std::unordered_map<const void*, std::vector<size_t>> targets_at;  // plain targets by address
   for_each_leaf(target, [&](const std::string& key, Value& v) {
     if (v.is_tensor()) {
       const Tensor& t = v.as_tensor();
+      if (t.nbytes() > 0) {
+        std::vector<size_t>& same_address = targets_at[t.data_ptr()];
+        const auto tie = std::find_if(same_address.begin(), same_address.end(),
+                                      [&](size_t i) { return same_view(targets[i].dst, t); });
+        if (tie != same_address.end()) tied_to.emplace(key, targets[*tie].key);
+        same_address.push_back(targets.size());
+      }
       targets.push_back({key, t, zeros(t.dim()), t.shape()});
       keys.push_back(key);
     } else if (v.is_sharded()) {
@@ -820,7 +891,7 @@ LoadResult load_hugging_face(const std::string& path, Value& target, const HfImp
       keys.push_back(key);
     }
   });
-  return load_targets(source, targets, keys, options);
+  return load_targets(source, targets, keys, options, tied_to);
 }
 
 Value read_hugging_face(const std::string& path, const HfImportOptions& options) {

@@ -33,6 +33,12 @@ void write_text(const std::string& path, const std::string& text) {
   std::ofstream(path, std::ios::binary) << text;
 }
 
+#if defined(__has_feature)
+#define FASTDCP_HAS_SANITIZER (__has_feature(address_sanitizer) || __has_feature(thread_sanitizer))
+#else
+#define FASTDCP_HAS_SANITIZER 0
+#endif
+
 bool same_bytes(const Tensor& a, const Tensor& b) {
   return a.dtype() == b.dtype() && a.shape() == b.shape() && a.is_contiguous() && b.is_contiguous() &&
          std::memcmp(a.data_ptr(), b.data_ptr(), a.nbytes()) == 0;
@@ -362,6 +368,124 @@ TEST(HfExport, ACheckpointOfSeveralRanksExportsTheNamedRanksPart) {
   const Error e = expect_error([&] { export_hugging_face(checkpoint, join_path(temp.path(), "hf2"), options); });
   EXPECT_EQ(e.code(), ErrorCode::kInvalidArgument);
   EXPECT_TRUE(contains(e.what(), "written by 2 ranks")) << e.what();
+}
+
+// A field of /proc/self/status ("VmRSS", "VmHWM"), in bytes.
+uint64_t status_bytes(const std::string& field) {
+  std::ifstream in("/proc/self/status");
+  for (std::string line; std::getline(in, line);) {
+    if (line.starts_with(field + ":")) return std::stoull(line.substr(field.size() + 1)) * 1024;  // kB
+  }
+  ADD_FAILURE() << field << " not in /proc/self/status";
+  return 0;
+}
+
+// 32 keys of 4 MiB, each cut in rows over 4 ranks, exported against a limit of two keys a file:
+// the export assembles them a file at a time, never the 128 MiB checkpoint at once.
+TEST(HfExport, ShardedKeysAreAssembledOneFileAtATime) {
+  testing::TempDir temp("fastdcp_hf_sharded");
+  const std::string checkpoint = join_path(temp.path(), "ck");
+  constexpr int kRanks = 4, kKeys = 32;
+  constexpr int64_t kRows = 256, kCols = 4096;
+  constexpr uint64_t kKeyBytes = kRows * kCols * 4;
+  std::vector<Tensor> globals;
+  for (int k = 0; k < kKeys; ++k) globals.push_back(patterned_tensor(DType::kF32, {kRows, kCols}, k));
+  const auto state_of = [&](int rank) {
+    Value root = Value::dict();
+    for (int k = 0; k < kKeys; ++k) {
+      const Box box{Dims{kRows / kRanks * rank, 0}, Dims{kRows / kRanks, kCols}};
+      ShardedTensor s;
+      s.global_shape = globals[static_cast<size_t>(k)].shape();
+      s.dtype = DType::kF32;
+      Tensor local = Tensor::empty_cpu(DType::kF32, box.sizes);
+      copy_tensor(local, box_view(globals[static_cast<size_t>(k)], Dims{0, 0}, box));
+      s.chunks.push_back({box.offset, std::move(local)});
+      root.insert("w" + std::to_string(k), Value(std::move(s)));
+    }
+    return root;
+  };
+  {
+    auto barrier = std::make_shared<testing::ThreadBarrier>(kRanks);
+    std::vector<std::thread> ranks;
+    for (int r = 0; r < kRanks; ++r) {
+      ranks.emplace_back([&, r] { CheckpointWriter({r, kRanks}, {}, barrier).write(checkpoint, state_of(r)); });
+    }
+    for (std::thread& t : ranks) t.join();
+  }
+  HfExportOptions options;
+  options.max_shard_bytes = 2 * kKeyBytes + 4096;  // two keys and their header
+  for (const bool verify : {false, true}) {
+    const std::string out = join_path(temp.path(), verify ? "hf_verified" : "hf");
+    options.verify_checksums = verify;
+    // Without checksums nothing reads the mapped pages of this rank's file, so the resident peak
+    // is what the export allocates.
+    std::ofstream("/proc/self/clear_refs") << "5";  // resets VmHWM to VmRSS
+    const uint64_t before = status_bytes("VmRSS");
+    const HfExportReport report = export_hugging_face(checkpoint, out, options);
+    const uint64_t growth = status_bytes("VmHWM") - before;
+    EXPECT_EQ(report.tensors, static_cast<size_t>(kKeys));
+    EXPECT_EQ(report.files.size(), static_cast<size_t>(kKeys / 2));
+    EXPECT_EQ(report.peak_sharded_bytes, 2 * kKeyBytes);
+#if !defined(__SANITIZE_ADDRESS__) && !defined(__SANITIZE_THREAD__) && !FASTDCP_HAS_SANITIZER
+    // Sanitizers keep freed memory (quarantine) and shadow it: their resident peaks say nothing.
+    if (!verify) EXPECT_LT(growth, kKeys * kKeyBytes / 4) << "peak resident growth " << growth;
+#else
+    (void)growth;
+#endif
+    const Value loaded = read_hugging_face(out);
+    for (int k = 0; k < kKeys; ++k) {
+      EXPECT_TRUE(same_bytes(loaded.at("w" + std::to_string(k)).as_tensor(), globals[static_cast<size_t>(k)])) << k;
+    }
+  }
+}
+
+// Two key paths of one tensor (an LM head tied to the embedding) export once, under the first
+// name; a slice or a transpose of the same storage exports with its own values.
+TEST(HfExport, TiedWeightsExportOnceUnderTheFirstName) {
+  testing::TempDir temp("fastdcp_hf_tied");
+  const std::string checkpoint = join_path(temp.path(), "ck");
+  const Tensor embed = patterned_tensor(DType::kF32, {6, 4}, 9);
+  Value root = Value::dict();
+  root.insert("embed", Value(embed));
+  root.insert("row", Value(embed.view_as({4}, {1}, 4)));
+  root.insert("transposed", Value(embed.view_as({4, 6}, {1, 4}, 0)));
+  root.insert("head", Value(embed));
+  CheckpointWriter().write(checkpoint, root);
+  const std::string out = join_path(temp.path(), "hf");
+  const HfExportReport report = export_hugging_face(checkpoint, out);
+  EXPECT_EQ(report.tensors, 3u);
+  ASSERT_EQ(report.skipped.size(), 1u);
+  EXPECT_EQ(report.skipped[0].first, "head");
+  EXPECT_TRUE(contains(report.skipped[0].second, "tied") && contains(report.skipped[0].second, "'embed'"))
+      << report.skipped[0].second;
+  const Value loaded = read_hugging_face(out);
+  EXPECT_EQ(loaded.size(), 3u);
+  EXPECT_TRUE(same_bytes(loaded.at("embed").as_tensor(), embed));
+  Tensor row = Tensor::empty_cpu(DType::kF32, {4});
+  copy_tensor(row, embed.view_as({4}, {1}, 4));
+  EXPECT_TRUE(same_bytes(loaded.at("row").as_tensor(), row));
+  Tensor transposed = Tensor::empty_cpu(DType::kF32, {4, 6});
+  copy_tensor(transposed, embed.view_as({4, 6}, {1, 4}, 0));
+  EXPECT_TRUE(same_bytes(loaded.at("transposed").as_tensor(), transposed));
+
+  // Back into a template whose head is its embedding: the one stored name fills both, and a strict
+  // load finds nothing missing.
+  const Tensor tied = Tensor::empty_cpu(DType::kF32, {6, 4});
+  Value target = Value::dict();
+  target.insert("head", Value(tied));
+  target.insert("embed", Value(tied));
+  target.insert("row", Value(Tensor::empty_cpu(DType::kF32, {4})));
+  target.insert("transposed", Value(Tensor::empty_cpu(DType::kF32, {4, 6})));
+  const LoadResult result = load_hugging_face(out, target);
+  EXPECT_TRUE(result.missing_keys.empty() && result.unexpected_keys.empty());
+  EXPECT_TRUE(same_bytes(tied, embed));
+  // An untied template still misses the name that was not exported.
+  Value untied = Value::dict();
+  untied.insert("head", Value(Tensor::empty_cpu(DType::kF32, {6, 4})));
+  untied.insert("embed", Value(Tensor::empty_cpu(DType::kF32, {6, 4})));
+  HfImportOptions loose;
+  loose.strict = false;
+  EXPECT_EQ(load_hugging_face(out, untied, loose).missing_keys, std::vector<std::string>{"head"});
 }
 
 #ifdef FASTDCP_CLI

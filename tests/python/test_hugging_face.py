@@ -279,3 +279,41 @@ def test_a_fastdcp_checkpoint_round_trips_through_a_model_directory(tmp_path):
     assert load_hugging_face(tmp_path / "hf", fresh.state_dict()) == ([], [])
     for k, v in model.state_dict().items():
         assert_same(fresh.state_dict()[k], v)
+
+
+class TiedLM(torch.nn.Module):
+    """An embedding and an LM head that is the same Parameter, as transformers' tie_word_embeddings."""
+
+    def __init__(self):
+        super().__init__()
+        self.wte = torch.nn.Embedding(12, 6)
+        self.norm = torch.nn.LayerNorm(6)
+        self.lm_head = torch.nn.Linear(6, 12, bias=False)
+        self.lm_head.weight = self.wte.weight
+
+
+def test_tied_weights_export_once_and_load_as_safetensors_load_model_does(tmp_path):
+    torch.manual_seed(3)
+    model = TiedLM()
+    ckpt = save_checkpoint(tmp_path / "ck", model.state_dict())
+    report = export_hugging_face(ckpt, tmp_path / "hf")
+    assert [key for key, _ in report["skipped"]] == ["lm_head.weight"]
+    assert "tied" in report["skipped"][0][1]
+    # The oracle: safetensors drops the alias as well (save_file refuses shared tensors), and its
+    # load_model accepts the file into a tied model, strictly, with the same values.
+    exported = safetensors.torch.load_file(str(tmp_path / "hf" / "model.safetensors"))
+    assert sorted(exported) == ["norm.bias", "norm.weight", "wte.weight"]
+    fresh = TiedLM()
+    safetensors.torch.load_model(fresh, str(tmp_path / "hf" / "model.safetensors"), strict=True)
+    for k, v in model.state_dict().items():
+        assert_same(fresh.state_dict()[k], v)
+    # fastdcp's import fills a tied template from either name: ours (the first in the state dict's
+    # order, as save_pretrained keeps the embedding), or the one save_model keeps (the first sorted).
+    safetensors.torch.save_model(model, str(tmp_path / "save_model.safetensors"))
+    assert "lm_head.weight" in safetensors.torch.load_file(str(tmp_path / "save_model.safetensors"))
+    for path in (tmp_path / "hf", tmp_path / "save_model.safetensors"):
+        fresh = TiedLM()
+        assert load_hugging_face(path, fresh.state_dict()) == ([], [])
+        assert fresh.lm_head.weight is fresh.wte.weight
+        for k, v in model.state_dict().items():
+            assert_same(fresh.state_dict()[k], v)

@@ -142,6 +142,10 @@ struct ReadOptions {
   bool direct_io = true;
   // How full loads move their windows (Note [I/O engines] in fastdcp/io/io_ring.h).
   IoEngine io_engine = IoEngine::kThreads;
+  // Full loads only: sharded keys are assembled whole from every rank's chunks. Without, they stay
+  // this rank's chunks (a ShardedTensor), for a caller that assembles a few at a time with
+  // CheckpointReader::read_sharded (an export of a checkpoint larger than memory).
+  bool assemble_sharded = true;
 };
 
 struct LoadResult {
@@ -165,6 +169,11 @@ class CheckpointReader {
   // replaced by the saved ones. With `strict`, any missing or unexpected key or any mismatch is an
   // error raised before anything in `target` changes.
   LoadResult read_into(const std::string& path, Value& target, bool strict = false) const;
+
+  // The full tensors of the sharded keys `keys` (key paths as the manifest's index names them), in
+  // order, each assembled from the saved chunks; only those chunks' bytes are read.
+  // Error(kInvalidArgument) naming a key the index lacks.
+  std::vector<Tensor> read_sharded(const std::string& path, const std::vector<std::string>& keys) const;
 
  private:
   RankInfo rank_;

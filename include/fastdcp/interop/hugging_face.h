@@ -7,10 +7,12 @@
 // shards with `model.safetensors.index.json` ({"metadata": {"total_size": bytes}, "weight_map":
 // {name: file}}). Names are key paths as fastdcp spells them ("model.layers.0.mlp.up_proj.weight").
 // Export reads the checkpoint through the public reader, mapped (pages come from the page cache as
-// each tensor is written, so nothing holds the checkpoint; sharded keys excepted, which the reader
-// assembles whole from every rank's chunks), writes each shard under a temporary name, created
-// new and never through a link, and renames every shard, then the index, into place only once all
-// are written: a failed export leaves the directory as it was. Import parses each
+// each tensor is written, so nothing holds the checkpoint). Sharded keys are assembled from every
+// rank's chunks (CheckpointReader::read_sharded) just before the file that holds them is written,
+// and released after: an export holds at most one output file's worth of them (or one tensor, if
+// larger), so a checkpoint larger than memory exports. Each shard is written under a temporary
+// name, created new and never through a link, and every shard, then the index, is renamed into
+// place only once all are written: a failed export leaves the directory as it was. Import parses each
 // file's header with the rank-file parser (a plain safetensors file is a rank file without
 // checksums) and reads only the byte ranges of the tensors the target asks for, in parallel, into
 // the target's memory where it is contiguous and of the stored dtype. Every target is a box of a
@@ -64,7 +66,18 @@ struct HfExportReport {
   // tensor whose bytes are not its values (a lazy conjugate). Key paths outside the prefix are not
   // listed.
   std::vector<std::pair<std::string, std::string>> skipped;
+  // The most bytes of sharded tensors held assembled at once: one file's, or one tensor's if larger.
+  uint64_t peak_sharded_bytes = 0;
 };
+
+// Note [Tied weights in an export]
+// Key paths whose tensors are the same view of one storage (tied weights: an LM head that is the
+// embedding) are exported once, under the first key path in tree order, and the others listed in
+// `skipped`, as transformers' save_pretrained drops its tied keys (safetensors refuses shared
+// tensors); a model whose config ties them re-ties them on load, and load_hugging_face into a
+// template whose tensors are tied fills them all from whichever name the files hold (as
+// safetensors' load_model). Other views of one storage (disjoint slices, a transpose) are
+// exported each with its own values.
 
 // Writes `out` (created if missing) from the committed checkpoint at `checkpoint`.
 HfExportReport export_hugging_face(const std::string& checkpoint, const std::string& out,

@@ -41,8 +41,11 @@ def export_hugging_face(checkpoint: str, out: str, *, max_shard_size: "int | str
     f64). ``prefix`` exports only key paths that start with it, without it if ``strip_prefix``.
     ``rank`` picks one rank's part of a checkpoint of several ranks. A non-empty ``out`` is
     refused unless ``overwrite``, which replaces only model*.safetensors and their index.
-    Returns ``files``, ``index_file`` ("" for one file), ``total_size``, ``tensors`` and
-    ``skipped`` (key path, why) for values that are not exported."""
+    Returns ``files``, ``index_file`` ("" for one file), ``total_size``, ``tensors``,
+    ``skipped`` (key path, why) for values that are not exported (tied weights included: a key
+    whose tensor is an earlier key's is written once, under the first name) and
+    ``peak_sharded_bytes``: sharded tensors are assembled one file at a time, and this is the most
+    they held at once."""
     if strip_prefix and not prefix:
         raise ValueError("strip_prefix needs a prefix")
     return _C.export_hugging_face(str(checkpoint), str(out), str(max_shard_size), _dtype_name(dtype), prefix,
