@@ -6,6 +6,7 @@
 
 #include <functional>
 #include <memory>
+#include <ostream>
 #include <string>
 
 namespace fastdcp::testing {
@@ -21,6 +22,8 @@ struct StoreBackend {
   std::string name;                                // the instantiation's name: "file", "mem"
   std::function<std::unique_ptr<StoreHome>()> make;  // a fresh, empty store
 };
+
+inline void PrintTo(const StoreBackend& backend, std::ostream* os) { *os << backend.name; }
 
 class StoreConformance : public ::testing::TestWithParam<StoreBackend> {};
 

@@ -162,6 +162,10 @@ struct FailingCall {
   bool if_absent;
 };
 
+void PrintTo(const FailingCall& failing, std::ostream* os) {
+  *os << failing.call << (failing.if_absent ? " (if absent)" : "");
+}
+
 class FileStoreFaults : public ::testing::TestWithParam<FailingCall> {};
 
 TEST_P(FileStoreFaults, LeaveNothingVisible) {
