@@ -24,13 +24,23 @@ void BlobWriter::check_open(const char* operation) const {
   if (done_) {
     throw Error(ErrorCode::kFailedPrecondition, std::string("cannot ") + operation + " blob '" + name_ +
                                                     "' in store '" + store_ +
-                                                    "': its writer was already committed or aborted; open a new one");
+                                                    "': its writer was already committed, aborted or failed; open a new one");
+  }
+}
+
+template <class Work>
+void BlobWriter::spend_on_failure(Work work) {
+  try {
+    work();
+  } catch (...) {
+    abort();
+    throw;
   }
 }
 
 void BlobWriter::append(const void* data, size_t size) {
   check_open("append to");
-  do_write_at(data, size, size_);
+  spend_on_failure([&] { do_write_at(data, size, size_); });
   size_ += size;
 }
 
@@ -42,19 +52,14 @@ void BlobWriter::write_at(const void* data, size_t size, uint64_t offset) {
                                                     " bytes and a write at byte " + std::to_string(offset) +
                                                     " was asked for; append instead");
   }
-  do_write_at(data, size, offset);
+  spend_on_failure([&] { do_write_at(data, size, offset); });
   size_ = std::max(size_, offset + size);
 }
 
 void BlobWriter::commit() {
   check_open("commit");
+  spend_on_failure([&] { do_commit(size_); });
   done_ = true;
-  try {
-    do_commit(size_);
-  } catch (...) {
-    do_abort();
-    throw;
-  }
 }
 
 void BlobWriter::abort() noexcept {

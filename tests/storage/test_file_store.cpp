@@ -224,5 +224,30 @@ TEST(FileStore, HasRandomWritesMmapAndDirectIo) {
   EXPECT_GE(caps.direct_io_alignment, 512u);
 }
 
+TEST(FileStore, DirectIoWritesAlignedBlocksAndRefusesUnalignedOnes) {
+  TempDir dir;
+  auto store = open_store(dir.path());
+  const size_t alignment = store->capabilities().direct_io_alignment;
+  std::unique_ptr<char, decltype(&std::free)> memory(static_cast<char*>(std::aligned_alloc(alignment, 4 * alignment)),
+                                                      &std::free);
+  for (size_t i = 0; i < 4 * alignment; ++i) memory.get()[i] = static_cast<char>(i * 7);
+  auto writer = store->open_writer("direct", WriteOptions{.direct_io = true});
+  writer->write_at(memory.get() + 2 * alignment, 2 * alignment, 2 * alignment);
+  writer->write_at(memory.get(), 2 * alignment, 0);
+  writer->commit();
+  auto reader = store->open_reader("direct");
+  ASSERT_EQ(reader->size(), 4 * alignment);
+  std::string got(4 * alignment, '\0');
+  reader->read_at(got.data(), got.size(), 0);
+  EXPECT_EQ(got, std::string(memory.get(), 4 * alignment));
+  // O_DIRECT is on: a write off the alignment fails (EINVAL) instead of going through the cache,
+  // and the writer is spent.
+  auto unaligned = store->open_writer("unaligned", WriteOptions{.direct_io = true});
+  const Error e = expect_error([&] { unaligned->append(memory.get() + 1, 1); });
+  EXPECT_EQ(e.errnum(), EINVAL) << e.what();
+  EXPECT_EQ(expect_error([&] { unaligned->commit(); }).code(), ErrorCode::kFailedPrecondition);
+  EXPECT_EQ(entries(dir.path()), std::vector<std::string>{"direct"});
+}
+
 }  // namespace
 }  // namespace fastdcp::testing

@@ -57,7 +57,7 @@ class BlobWriter {
   void write_at(const void* data, size_t size, uint64_t offset);
   uint64_t size() const { return size_; }
   // Makes the blob durable and visible under its name (see WriteOptions::if_absent). After a
-  // failed commit nothing is visible and the writer is spent.
+  // failed write or commit nothing is visible and the writer is spent (kFailedPrecondition).
   void commit();
   // Drops what was written; nothing becomes visible.
   void abort() noexcept;
@@ -74,6 +74,9 @@ class BlobWriter {
 
  private:
   void check_open(const char* operation) const;
+  // Runs `work`; if it throws, aborts (a blob with a failed write is never committed) and rethrows.
+  template <class Work>
+  void spend_on_failure(Work work);
   std::string store_;
   std::string name_;
   uint64_t size_ = 0;
