@@ -6,6 +6,7 @@
 
 #include <atomic>
 #include <cerrno>
+#include <filesystem>
 
 #include "fastdcp/common/error.h"
 #include "fastdcp/io/file.h"
@@ -138,7 +139,15 @@ class FileStore final : public Store {
     }
   }
 
-  std::vector<std::string> do_list() override { return directory_->list(); }
+  // Files and links to them; not directories (which no writer of this store makes).
+  std::vector<std::string> do_list() override {
+    std::vector<std::string> names = directory_->list();
+    std::erase_if(names, [&](const std::string& name) {
+      std::error_code ec;
+      return std::filesystem::is_directory(std::filesystem::status(directory_->path_of(name), ec));
+    });
+    return names;
+  }
 
   void do_remove(const std::string& name) override {
     directory_->remove(name);

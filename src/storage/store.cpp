@@ -179,7 +179,8 @@ void register_store_scheme(const std::string& scheme, StoreFactory factory) {
 std::shared_ptr<Store> open_store(const std::string& spec) {
   if (spec.empty()) throw Error(ErrorCode::kInvalidArgument, "the store spec '' is empty: give a path or a URL");
   const size_t colon = spec.find("://");
-  if (colon == std::string::npos) return open_file_store(spec, spec);  // a plain path
+  // A plain path, even one with "://" after a '/' in it.
+  if (colon == std::string::npos || spec.find('/') < colon) return open_file_store(spec, spec);
   const std::string scheme = spec.substr(0, colon);
   StoreFactory factory;
   {

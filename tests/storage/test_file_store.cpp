@@ -48,10 +48,14 @@ TEST(FileStore, APlainPathAndAFileUrlAreOneStore) {
   open_store(dir.path())->put_if_absent("a", "abc", 3);
   EXPECT_EQ(open_store("file://" + dir.path())->list(), std::vector<std::string>{"a"});
   EXPECT_EQ(contents(dir.path() + "/a"), "abc");
+  // A path with "://" further on is a path still.
+  std::filesystem::create_directories(dir.path() + "/x:");
+  open_store(dir.path() + "/x://")->put_if_absent("b", "b", 1);
+  EXPECT_EQ(contents(dir.path() + "/x:/b"), "b");
   // A relative plain path is the working directory's.
   const auto cwd = std::filesystem::current_path();
   std::filesystem::current_path(dir.path());
-  EXPECT_EQ(open_store(".")->list(), std::vector<std::string>{"a"});
+  EXPECT_EQ(open_store(".")->list(), std::vector<std::string>{"a"});  // not the directory
   std::filesystem::current_path(cwd);
 }
 

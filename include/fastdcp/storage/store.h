@@ -14,8 +14,8 @@
 // file and its directory: Note [Durable commit]).
 //
 // Blob names are flat: non-empty, without '/' or NUL, and not starting with '.', which the
-// backends keep for their own temporary names. Listing and removal work on names; a backend
-// may store more than the interface shows (temporaries, directories), and never lists it.
+// backends keep for their own temporary names, which listing never shows (nor, for `file`,
+// directories).
 //
 // Specs: "file:///abs/dir" or a plain path (relative to the working directory) is the `file`
 // backend over an existing directory; "mem://name" is the in-process store `name`, shared by
