@@ -42,7 +42,7 @@ if [ "${FASTDCP_QUICK:-0}" != "1" ]; then
     run_suite "address+undefined sanitizers" build-asan -LE gpu -- \
     -DCMAKE_BUILD_TYPE=RelWithDebInfo "-DFASTDCP_SANITIZE=address;undefined" -DFASTDCP_WITH_MPI=OFF
   TSAN_OPTIONS=halt_on_error=1:second_deadlock_stack=1 \
-    run_suite "thread sanitizer" build-tsan -L "tensor|staging|memory|common|io|checkpoint" -- \
+    run_suite "thread sanitizer" build-tsan -L "tensor|staging|memory|common|io|storage|checkpoint" -- \
     -DCMAKE_BUILD_TYPE=RelWithDebInfo -DFASTDCP_SANITIZE=thread -DFASTDCP_WITH_MPI=OFF
   # libFuzzer (clang) on the checkpoint header and manifest parsers, for a bounded time.
   echo "=== fastdcp tests: fuzzing the checkpoint metadata parsers (${FASTDCP_FUZZ_SECONDS:-60} s) ==="

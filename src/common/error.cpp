@@ -15,6 +15,7 @@ const char* to_string(ErrorCode code) noexcept {
     case ErrorCode::kCudaError: return "CUDA error";
     case ErrorCode::kIoError: return "I/O error";
     case ErrorCode::kNotFound: return "not found";
+    case ErrorCode::kAlreadyExists: return "already exists";
     case ErrorCode::kDataLoss: return "data loss";
     case ErrorCode::kCancelled: return "cancelled";
     case ErrorCode::kInternal: return "internal error";

@@ -245,6 +245,13 @@ void Directory::rename(const std::string& from, const std::string& to) const {
   }
 }
 
+void Directory::link_if_absent(const std::string& from, const std::string& to) const {
+  if (guarded("linkat", [&] { return ::linkat(handle_.fd(), from.c_str(), handle_.fd(), to.c_str(), 0); }) != 0) {
+    if (errno == EEXIST) throw Error(ErrorCode::kAlreadyExists, "'" + path_of(to) + "' already exists", EEXIST);
+    throw_file_error(("cannot link '" + path_of(to) + "' to").c_str(), path_of(from), "linkat", errno);
+  }
+}
+
 void Directory::remove(const std::string& name) const {
   if (guarded("unlinkat", [&] { return ::unlinkat(handle_.fd(), name.c_str(), 0); }) != 0 && errno != ENOENT &&
       errno != EISDIR) {

@@ -20,6 +20,7 @@ enum class ErrorCode {
   kCudaError,           // a CUDA runtime call failed (names the call and the code)
   kIoError,             // an operating-system call failed (names the call and errno)
   kNotFound,            // a checkpoint, rank file or key that should exist does not (names it)
+  kAlreadyExists,       // a create-if-absent found the name taken (names it)
   kDataLoss,            // stored data is truncated or corrupt (names the file, tensor and chunk)
   kCancelled,           // the work was abandoned before it ran
   kInternal,            // a broken invariant inside fastdcp
