@@ -546,9 +546,9 @@ AsyncCheckpointer::AsyncCheckpointer(std::shared_ptr<DefaultStager> stager, std:
 
 AsyncCheckpointer::~AsyncCheckpointer() { close(); }
 
-std::pair<Future<Staged>, Future<WriteStats>> AsyncCheckpointer::save(const std::string& path,
-                                                                      std::shared_ptr<const Value> state_dict,
-                                                                      const StageCallOptions& call) {
+std::pair<Future<void>, Future<WriteStats>> AsyncCheckpointer::save(const std::string& path,
+                                                                    std::shared_ptr<const Value> state_dict,
+                                                                    const StageCallOptions& call) {
   // Back-pressure: at most max_pending_ saves in flight (Note [Saves in flight]).
   for (;;) {
     Future<WriteStats> oldest;
@@ -565,23 +565,26 @@ std::pair<Future<Staged>, Future<WriteStats>> AsyncCheckpointer::save(const std:
   leased.lease = lease;
   // Training may go on once the sources are released, which with copy-on-write staging comes
   // before the staged bytes are complete (Note [Copy-on-write staging]); the writer waits for those.
-  struct StagedSignal {
-    Promise<Staged> promise;
-    std::atomic<bool> sent{false};
-  };
-  auto signal = std::make_shared<StagedSignal>();
-  Future<Staged> staged_done = signal->promise.get_future();
-  leased.on_sources_released = [signal] {
-    if (!signal->sent.exchange(true)) signal->promise.set_value(Staged{});
+  // The stager signals the release under its own locks, so `released` is completed on notifier_'s
+  // thread (Note [Completing futures outside locks]). A stage that fails before the release fails
+  // it with its error instead; one that fails after it only fails the write.
+  auto released = std::make_shared<Promise<void>>();
+  Future<void> staged_done = released->get_future();
+  leased.on_sources_released = [notifier = notifier_, released] {
+    notifier->post([released] { released->set_value(); });
   };
   Future<Value> staged = stager_->stage(std::move(state_dict), leased);
-  staged.on_ready([signal](const Future<Value>& f) {
-    if (signal->sent.exchange(true)) return;
-    if (auto error = f.error()) {
-      signal->promise.set_exception(error);
-    } else {
-      signal->promise.set_value(Staged{});
-    }
+  staged.on_ready([notifier = notifier_, released, staged_done](const Future<Value>& f) {
+    // Posted after the release when there was one (the stager releases before its future is
+    // ready), and run in posting order: a released save is already ready here.
+    notifier->post([released, staged_done, error = f.error()] {
+      if (staged_done.ready()) return;
+      if (error) {
+        released->set_exception(error);
+      } else {
+        released->set_value();
+      }
+    });
   });
   Future<WriteStats> written = process_->write(staged, path);
   // The lease ends with the write: its buffers may then be staged into again.
@@ -616,7 +619,8 @@ LoadResult AsyncCheckpointer::load_into(const std::string& path, Value& target, 
 }
 
 void AsyncCheckpointer::close() {
-  stager_->close();
+  stager_->close();    // stages what was queued: every release and staged future is posted by now
+  notifier_->close();  // runs those
   process_->close();
 }
 
