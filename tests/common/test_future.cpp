@@ -230,6 +230,10 @@ TEST(FutureThen, MapsValuesAcrossTypesAndVoid) {
   EXPECT_EQ(source.get(), 21);  // read, not taken
   // Registered after completion: runs at once.
   EXPECT_EQ(source.then([](int v) { return v + 1; }).get(), 22);
+  // A function returning a reference gives a future of a copy.
+  const std::string kept = "kept";
+  Future<std::string> copied = source.then([&](int) -> const std::string& { return kept; });
+  EXPECT_EQ(copied.get(), "kept");
 }
 
 TEST(FutureThen, ErrorPassesThroughAChainWithoutCallingTheFunctions) {

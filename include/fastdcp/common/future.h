@@ -17,12 +17,15 @@
 // the promise), inside that call, and on_ready() runs one at once when the future is ready. So a
 // thread completes a promise, and registers a callback, only while it holds no lock that a
 // callback might take: a callback may call back into the object that completed it (stats, another
-// save), wait for another future, or complete one in turn. Code holding a lock moves the promise
+// save) or complete a promise in turn. (It still must not wait for work that only its own thread
+// would do.) Code holding a lock moves the promise
 // out of the guarded state and completes it after the lock's scope (CheckpointProcess::close());
 // code that learns of a completion inside someone else's locked region (a stager's
 // on_sources_released runs under the stager's locks) hands the completion to a SerialExecutor,
-// whose thread holds none (AsyncCheckpointer::save()). Nothing here can check the rule: each
-// place that completes a promise says why it holds no lock.
+// whose thread holds none (AsyncCheckpointer::save()). Nothing here can check the rule; the places
+// that complete promises today keep it: the stager's worker after run_stage() has let go of its
+// locks, the writer's comms loop outside its queue lock, CheckpointProcess::close() after moving
+// the queued jobs out, then() and when_all() on the thread completing their source.
 
 #include <atomic>
 #include <chrono>
@@ -151,8 +154,8 @@ class Future {
   // is read, not taken: other readers still see it. fn returning a Future gives a Future<Future<U>>.
   template <class Fn>
   auto then(Fn fn) const {
-    using R = typename std::conditional_t<std::is_void_v<T>, std::invoke_result<Fn&>,
-                                          std::invoke_result<Fn&, const detail::StoredValue<T>&>>::type;
+    using R = std::remove_cvref_t<typename std::conditional_t<
+        std::is_void_v<T>, std::invoke_result<Fn&>, std::invoke_result<Fn&, const detail::StoredValue<T>&>>::type>;
     auto promise = std::make_shared<Promise<R>>();
     Future<R> out = promise->get_future();
     on_ready([promise, fn = std::move(fn)](const Future& source) mutable {
