@@ -565,27 +565,40 @@ std::pair<Future<void>, Future<WriteStats>> AsyncCheckpointer::save(const std::s
   leased.lease = lease;
   // Training may go on once the sources are released, which with copy-on-write staging comes
   // before the staged bytes are complete (Note [Copy-on-write staging]); the writer waits for those.
-  // The stager signals the release under its own locks, so `released` is completed on notifier_'s
-  // thread (Note [Completing futures outside locks]). A stage that fails before the release fails
-  // it with its error instead; one that fails after it only fails the write.
-  auto released = std::make_shared<Promise<void>>();
-  Future<void> staged_done = released->get_future();
-  leased.on_sources_released = [notifier = notifier_, released] {
-    notifier->post([released] { released->set_value(); });
-  };
+  // An asynchronous stager signals the release on its thread under its own locks, so `released` is
+  // completed on notifier_'s thread (Note [Completing futures outside locks]). A stage that fails
+  // before the release fails it with its error instead; one that fails after it only fails the
+  // write. A synchronous stager releases and finishes inside stage(), on this thread, which holds
+  // no lock once it returns: its staged future is ready on return (the callback stays, for the
+  // copy-on-write accounting).
+  std::shared_ptr<Promise<void>> released;
+  Future<void> staged_done;
+  if (stager_->options().use_async_staging) {
+    released = std::make_shared<Promise<void>>();
+    staged_done = released->get_future();
+    leased.on_sources_released = [notifier = notifier_, released] {
+      notifier->post([released] { released->set_value(); });
+    };
+  } else {
+    leased.on_sources_released = [] {};
+  }
   Future<Value> staged = stager_->stage(std::move(state_dict), leased);
-  staged.on_ready([notifier = notifier_, released, staged_done](const Future<Value>& f) {
-    // Posted after the release when there was one (the stager releases before its future is
-    // ready), and run in posting order: a released save is already ready here.
-    notifier->post([released, staged_done, error = f.error()] {
-      if (staged_done.ready()) return;
-      if (error) {
-        released->set_exception(error);
-      } else {
-        released->set_value();
-      }
+  if (!released) {
+    staged_done = staged.then([](const Value&) {});
+  } else {
+    staged.on_ready([notifier = notifier_, released, staged_done](const Future<Value>& f) {
+      // Posted after the release when there was one (the stager releases before its future is
+      // ready), and run in posting order: a released save is already ready here.
+      notifier->post([released, staged_done, error = f.error()] {
+        if (staged_done.ready()) return;
+        if (error) {
+          released->set_exception(error);
+        } else {
+          released->set_value();
+        }
+      });
     });
-  });
+  }
   Future<WriteStats> written = process_->write(staged, path);
   // The lease ends with the write: its buffers may then be staged into again.
   written.on_ready([lease = std::move(lease)](const Future<WriteStats>&) mutable { lease.reset(); });

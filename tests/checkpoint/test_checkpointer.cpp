@@ -124,6 +124,16 @@ TEST_F(CheckpointerTest, StagedCallbacksMayCallBackIntoTheStagerAndTheCheckpoint
   checkpointer.close();
 }
 
+TEST_F(CheckpointerTest, WithASynchronousStagerTheStagedFutureIsReadyOnReturn) {
+  auto stager = std::make_shared<DefaultStager>(testing::cpu_staging(/*async=*/false, /*shared=*/true));
+  auto process = std::make_shared<CheckpointProcess>(RankInfo{}, WriterOptions{}, cpu_options().process);
+  AsyncCheckpointer checkpointer(stager, process, CheckpointReader());
+  auto [staged, written] = checkpointer.save(at("sync"), model_state(1, 1));
+  EXPECT_TRUE(staged.ready());
+  written.get();
+  checkpointer.close();
+}
+
 TEST_F(CheckpointerTest, TrainingMayWriteOnceStagedEvenBeforeTheCopyIsDone) {
   // Copy-on-write staging releases the sources before they are copied (Note [Copy-on-write
   // staging]); what training writes then must not reach the checkpoint.
