@@ -122,8 +122,15 @@ class PyStager {
     return {available, why_not};
   }
   nb::dict stats() const {
-    StagerStats s = stager_.stats();
-    HostMemoryStats m = stager_.memory_stats();
+    StagerStats s;
+    HostMemoryStats m;
+    {
+      // Without the GIL: a stage() on another thread takes it for on_released while holding the
+      // stager's lock, which stats() waits for (Note [Completing futures outside locks]).
+      nb::gil_scoped_release release;
+      s = stager_.stats();
+      m = stager_.memory_stats();
+    }
     nb::dict d;
     d["stage_calls"] = s.stage_calls;
     d["cache_hits"] = s.cache_hits;

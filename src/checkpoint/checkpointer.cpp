@@ -546,9 +546,9 @@ AsyncCheckpointer::AsyncCheckpointer(std::shared_ptr<DefaultStager> stager, std:
 
 AsyncCheckpointer::~AsyncCheckpointer() { close(); }
 
-std::pair<Future<Staged>, Future<WriteStats>> AsyncCheckpointer::save(const std::string& path,
-                                                                      std::shared_ptr<const Value> state_dict,
-                                                                      const StageCallOptions& call) {
+std::pair<Future<void>, Future<WriteStats>> AsyncCheckpointer::save(const std::string& path,
+                                                                    std::shared_ptr<const Value> state_dict,
+                                                                    const StageCallOptions& call) {
   // Back-pressure: at most max_pending_ saves in flight (Note [Saves in flight]).
   for (;;) {
     Future<WriteStats> oldest;
@@ -565,24 +565,40 @@ std::pair<Future<Staged>, Future<WriteStats>> AsyncCheckpointer::save(const std:
   leased.lease = lease;
   // Training may go on once the sources are released, which with copy-on-write staging comes
   // before the staged bytes are complete (Note [Copy-on-write staging]); the writer waits for those.
-  struct StagedSignal {
-    Promise<Staged> promise;
-    std::atomic<bool> sent{false};
-  };
-  auto signal = std::make_shared<StagedSignal>();
-  Future<Staged> staged_done = signal->promise.get_future();
-  leased.on_sources_released = [signal] {
-    if (!signal->sent.exchange(true)) signal->promise.set_value(Staged{});
-  };
+  // An asynchronous stager signals the release on its thread under its own locks, so `released` is
+  // completed on notifier_'s thread (Note [Completing futures outside locks]). A stage that fails
+  // before the release fails it with its error instead; one that fails after it only fails the
+  // write. A synchronous stager releases and finishes inside stage(), on this thread, which holds
+  // no lock once it returns: its staged future is ready on return (the callback stays, for the
+  // copy-on-write accounting).
+  std::shared_ptr<Promise<void>> released;
+  Future<void> staged_done;
+  if (stager_->options().use_async_staging) {
+    released = std::make_shared<Promise<void>>();
+    staged_done = released->get_future();
+    leased.on_sources_released = [notifier = notifier_, released] {
+      notifier->post([released] { released->set_value(); });
+    };
+  } else {
+    leased.on_sources_released = [] {};
+  }
   Future<Value> staged = stager_->stage(std::move(state_dict), leased);
-  staged.on_ready([signal](const Future<Value>& f) {
-    if (signal->sent.exchange(true)) return;
-    if (auto error = f.error()) {
-      signal->promise.set_exception(error);
-    } else {
-      signal->promise.set_value(Staged{});
-    }
-  });
+  if (!released) {
+    staged_done = staged.then([](const Value&) {});
+  } else {
+    staged.on_ready([notifier = notifier_, released, staged_done](const Future<Value>& f) {
+      // Posted after the release when there was one (the stager releases before its future is
+      // ready), and run in posting order: a released save is already ready here.
+      notifier->post([released, staged_done, error = f.error()] {
+        if (staged_done.ready()) return;
+        if (error) {
+          released->set_exception(error);
+        } else {
+          released->set_value();
+        }
+      });
+    });
+  }
   Future<WriteStats> written = process_->write(staged, path);
   // The lease ends with the write: its buffers may then be staged into again.
   written.on_ready([lease = std::move(lease)](const Future<WriteStats>&) mutable { lease.reset(); });
@@ -616,7 +632,8 @@ LoadResult AsyncCheckpointer::load_into(const std::string& path, Value& target, 
 }
 
 void AsyncCheckpointer::close() {
-  stager_->close();
+  stager_->close();    // stages what was queued: every release and staged future is posted by now
+  notifier_->close();  // runs those
   process_->close();
 }
 

@@ -93,6 +93,47 @@ TEST_F(CheckpointerTest, OverlappingSavesKeepTheirOwnContents) {
   checkpointer->close();
 }
 
+TEST_F(CheckpointerTest, StagedCallbacksMayCallBackIntoTheStagerAndTheCheckpointer) {
+  // The stager signals the release under its own lock; a callback on the staged future run there
+  // would deadlock on stats() (Note [Completing futures outside locks]). 64 MiB take long enough
+  // to stage that the callback is registered before the release.
+  auto stager = std::make_shared<DefaultStager>(testing::cpu_staging(/*async=*/true, /*shared=*/true));
+  auto process = std::make_shared<CheckpointProcess>(RankInfo{}, WriterOptions{}, cpu_options().process);
+  AsyncCheckpointer checkpointer(stager, process, CheckpointReader());
+  auto sd = std::make_shared<Value>(Value::dict());
+  sd->insert("weight", filled(DType::kF32, {4096, 4096}, 1));
+  auto [staged, written] = checkpointer.save(at("outer"), sd);
+  auto nested = std::make_shared<Promise<WriteStats>>();
+  Future<WriteStats> nested_written = nested->get_future();
+  staged.on_ready([&, nested](const Future<void>& f) {
+    f.get();
+    EXPECT_GE(stager->stats().stage_calls, 0u);
+    // Another save from inside the callback, its write handed on.
+    checkpointer.save(at("inner"), model_state(2, 2)).second.on_ready([nested](const Future<WriteStats>& w) {
+      try {
+        nested->set_value(w.get());
+      } catch (...) {
+        nested->set_exception(std::current_exception());
+      }
+    });
+  });
+  ASSERT_TRUE(nested_written.wait_for(60s)) << "a staged callback deadlocked";
+  nested_written.get();
+  written.get();
+  expect_state(checkpointer.load(at("inner")), 2, 2);
+  checkpointer.close();
+}
+
+TEST_F(CheckpointerTest, WithASynchronousStagerTheStagedFutureIsReadyOnReturn) {
+  auto stager = std::make_shared<DefaultStager>(testing::cpu_staging(/*async=*/false, /*shared=*/true));
+  auto process = std::make_shared<CheckpointProcess>(RankInfo{}, WriterOptions{}, cpu_options().process);
+  AsyncCheckpointer checkpointer(stager, process, CheckpointReader());
+  auto [staged, written] = checkpointer.save(at("sync"), model_state(1, 1));
+  EXPECT_TRUE(staged.ready());
+  written.get();
+  checkpointer.close();
+}
+
 TEST_F(CheckpointerTest, TrainingMayWriteOnceStagedEvenBeforeTheCopyIsDone) {
   // Copy-on-write staging releases the sources before they are copied (Note [Copy-on-write
   // staging]); what training writes then must not reach the checkpoint.

@@ -3,6 +3,9 @@ view by view, on the same inputs."""
 
 import collections
 import dataclasses
+import subprocess
+import sys
+import textwrap
 from concurrent.futures import Future
 
 import pytest
@@ -400,3 +403,28 @@ def test_no_producer_streams_before_cuda_is_initialized(monkeypatch):
     stager._native = native_stage
     stager.close()
     assert recorded.calls == [[]]
+
+
+def test_stats_while_another_thread_stages_and_its_release_callback_runs():
+    # stage() holds the stager's lock while its on_released callback takes the GIL; stats() from
+    # another thread must wait for that lock without the GIL, or the two deadlock. In a child
+    # process, so that a regression fails here instead of hanging the suite.
+    script = textwrap.dedent("""
+        import threading, time, torch
+        from fastdcp.torch import CheckpointStagerConfig, DefaultStager
+        stager = DefaultStager(CheckpointStagerConfig(use_pinned_memory=False, use_shared_memory=False,
+                                                      use_async_staging=False, use_non_blocking_copy=False))
+        inside = threading.Event()
+        def on_released():
+            inside.set()
+            time.sleep(0.5)  # lets the main thread call stats() while the stager's lock is held
+        worker = threading.Thread(target=lambda: stager._stage({"w": torch.ones(1 << 20)}, on_released=on_released))
+        worker.start()
+        inside.wait()
+        assert stager.stats()["stage_calls"] >= 0
+        worker.join()
+        assert stager.stats()["stage_calls"] == 1
+        print("ok")
+    """)
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr

@@ -101,9 +101,6 @@ class CheckpointProcess {
   std::thread comms_;
 };
 
-// Ready when the staged copy is complete: training may change its tensors again.
-struct Staged {};
-
 class Checkpointer {
  public:
   virtual ~Checkpointer() = default;
@@ -137,8 +134,9 @@ class AsyncCheckpointer final : public Checkpointer {
   ~AsyncCheckpointer() override;
 
   // (staged, written): the first is ready when training may change its tensors, the second when
-  // the checkpoint is committed, or with this save's own error.
-  std::pair<Future<Staged>, Future<WriteStats>> save(const std::string& path, std::shared_ptr<const Value> state_dict,
+  // the checkpoint is committed, or with this save's own error. Their callbacks run on threads
+  // holding none of the checkpointer's or stager's locks (Note [Completing futures outside locks]).
+  std::pair<Future<void>, Future<WriteStats>> save(const std::string& path, std::shared_ptr<const Value> state_dict,
                                                      const StageCallOptions& call = {});
   // Both wait for pending saves to the same path first.
   Value load(const std::string& path) override;
@@ -154,6 +152,8 @@ class AsyncCheckpointer final : public Checkpointer {
   int max_pending_;
   std::mutex mutex_;
   std::deque<std::pair<std::string, Future<WriteStats>>> pending_;  // (absolute path, write), oldest first
+  // Completes the staged futures, which the stager signals under its locks.
+  std::shared_ptr<SerialExecutor> notifier_ = std::make_shared<SerialExecutor>("checkpointer staged notifier");
 };
 
 struct CheckpointerOptions {
