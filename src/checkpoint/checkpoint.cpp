@@ -685,10 +685,10 @@ void fill_sharded(const std::string& path, const Manifest& manifest, const std::
       const auto held = std::find_if(record.chunks.begin(), record.chunks.end(),
                                      [&](const auto& c) { return c.first == chunk.offset; });
       const RankFileHeader::TensorRecord& t = held->second;
-      const int64_t offset = detail::sub_view_offset(chunk.box(), t.strides, t.offset, o.box);
+      const int64_t offset = sub_view_offset(chunk.box(), t.strides, t.offset, o.box);
       const auto& [target_box, view] = target.boxes[o.target];
       const Tensor dst = view.view_as(o.box.sizes, view.strides(),
-                                      detail::sub_view_offset(target_box, view.strides(), view.storage_offset(), o.box));
+                                      sub_view_offset(target_box, view.strides(), view.storage_offset(), o.box));
       s.copies_of[t.entry].push_back(copies.size());
       copies.push_back({dst, chunk.rank, t.entry, entry->dtype, o.box.sizes, t.strides, offset,
                         detail::view_byte_ranges(item, o.box.sizes, t.strides, offset)});
@@ -861,9 +861,7 @@ void take_sharded_whole(Value& root, const std::string& root_path, std::vector<S
   for_each_leaf(root, [&](const std::string& path, Value& v) {
     if (!v.is_sharded()) return;
     Tensor full = Tensor::empty_cpu(v.as_sharded().dtype, v.as_sharded().global_shape);
-    Dims origin;
-    origin.resize(full.dim());
-    targets.push_back({path, {{Box{origin, full.shape()}, full}}});
+    targets.push_back({path, {{Box::whole(full.shape()), full}}});
     v = Value(std::move(full));
   }, root_path);
 }
@@ -951,9 +949,7 @@ std::vector<Tensor> CheckpointReader::read_sharded(const std::string& path, cons
       throw Error(ErrorCode::kInvalidArgument, "'" + path + "' has no sharded tensor at '" + key + "'");
     }
     out.push_back(Tensor::empty_cpu(it->second->dtype, it->second->global_shape));
-    Dims origin;
-    origin.resize(out.back().dim());
-    targets.push_back({key, {{Box{origin, out.back().shape()}, out.back()}}});
+    targets.push_back({key, {{Box::whole(out.back().shape()), out.back()}}});
   }
   fill_sharded(path, manifest, targets, options_, io_thread_count(options_.io_threads), nullptr, -1);
   return out;
@@ -1022,9 +1018,7 @@ void plan_load(Value& target, const Value& source, LoadPlan& plan) {
           mismatch("the target is " + tt.describe() + ", the checkpoint has the sharded tensor " + saved);
         }
         if (!tt.device().is_cpu()) mismatch("the target tensor is on " + tt.device().str() + "; load into CPU tensors");
-        Dims origin;
-        origin.resize(tt.dim());
-        target.boxes.emplace_back(Box{origin, tt.shape()}, tt);
+        target.boxes.emplace_back(Box::whole(tt.shape()), tt);
       }
       continue;
     }
@@ -1048,11 +1042,9 @@ void plan_load(Value& target, const Value& source, LoadPlan& plan) {
         mismatch("the target is a sharded " + std::string(dtype_name(ts.dtype)) + dims_text(ts.global_shape) +
                  ", the checkpoint has " + st.describe());
       }
-      Dims origin;
-      origin.resize(st.dim());
       for (const ShardChunk& c : ts.chunks) {
         if (!c.data.device().is_cpu()) mismatch("the target tensor is on " + c.data.device().str() + "; load into CPU tensors");
-        plan.copies.emplace_back(c.data, box_view(st, origin, c.box()));
+        plan.copies.emplace_back(c.data, box_view(st, Dims::zeros(st.dim()), c.box()));
       }
     } else if (t.is_tensor()) {
       if (!s.is_tensor()) mismatch(std::string("the target is a tensor, the checkpoint has a ") + Value::kind_name(s.kind()));

@@ -82,9 +82,4 @@ std::vector<ByteRange> merge_ranges(std::vector<ByteRange> ranges, uint64_t gap,
   return out;
 }
 
-int64_t sub_view_offset(const Box& holder, const Dims& strides, int64_t offset, const Box& box) {
-  for (size_t d = 0; d < strides.size(); ++d) offset += (box.offset[d] - holder.offset[d]) * strides[d];
-  return offset;
-}
-
 }  // namespace fastdcp::detail

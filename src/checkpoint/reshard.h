@@ -49,8 +49,4 @@ std::vector<ByteRange> view_byte_ranges(uint64_t item, const Dims& shape, const 
 // range first grows to whole multiples of `align`, capped at `limit`.
 std::vector<ByteRange> merge_ranges(std::vector<ByteRange> ranges, uint64_t gap, uint64_t align = 0, uint64_t limit = 0);
 
-// The view of `box` (global coordinates) inside a view of `holder` (its box): the same strides,
-// the offset moved to the box's first element.
-int64_t sub_view_offset(const Box& holder, const Dims& strides, int64_t offset, const Box& box);
-
 }  // namespace fastdcp::detail

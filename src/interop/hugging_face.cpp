@@ -669,12 +669,6 @@ std::string map_name(const std::string& name, const HfImportOptions& options) {
   return options.add_prefix + std::string(rest);
 }
 
-Dims zeros(size_t n) {
-  Dims out;
-  out.resize(n);  // zero-initialised
-  return out;
-}
-
 // A box read from the file: contiguous byte runs, in the box's row-major order.
 struct Run {
   uint64_t offset;  // in the file
@@ -882,7 +876,7 @@ LoadResult load_hugging_face(const std::string& path, Value& target, const HfImp
         if (tie != same_address.end()) tied_to.emplace(key, targets[*tie].key);
         same_address.push_back(targets.size());
       }
-      targets.push_back({key, t, zeros(t.dim()), t.shape()});
+      targets.push_back({key, t, Dims::zeros(t.dim()), t.shape()});
       keys.push_back(key);
     } else if (v.is_sharded()) {
       const ShardedTensor& s = v.as_sharded();
@@ -909,7 +903,7 @@ Value read_hugging_face(const std::string& path, const HfImportOptions& options)
     const Tensor tensor = Tensor::empty_cpu(dtype, entry.shape);
     std::string key = map_name(stored.name, options);
     out.insert(key, tensor);  // a repeated name is an error naming it
-    targets.push_back({key, tensor, zeros(entry.shape.size()), entry.shape});
+    targets.push_back({key, tensor, Dims::zeros(entry.shape.size()), entry.shape});
     keys.push_back(std::move(key));
   }
   HfImportOptions all = options;

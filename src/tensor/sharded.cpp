@@ -37,9 +37,12 @@ Tensor box_view(const Tensor& holder, const Dims& holder_offset, const Box& box)
     throw Error(ErrorCode::kInvalidArgument, "the box at " + dims_text(box.offset) + " of sizes " + dims_text(box.sizes) +
                                                  " is not inside " + holder.describe() + " at " + dims_text(holder_offset));
   }
-  int64_t offset = holder.storage_offset();
-  for (size_t d = 0; d < holder.dim(); ++d) offset += (box.offset[d] - holder_offset[d]) * holder.strides()[d];
-  return holder.view_as(box.sizes, holder.strides(), offset);
+  return holder.view_as(box.sizes, holder.strides(), sub_view_offset(held, holder.strides(), holder.storage_offset(), box));
+}
+
+int64_t sub_view_offset(const Box& holder, const Dims& strides, int64_t offset, const Box& box) {
+  for (size_t d = 0; d < strides.size(); ++d) offset += (box.offset[d] - holder.offset[d]) * strides[d];
+  return offset;
 }
 
 void ShardedTensor::validate(const std::string& what) const {

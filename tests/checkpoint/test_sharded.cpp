@@ -63,9 +63,7 @@ Dims dims_of(std::vector<int64_t> v) { return Dims(std::span<const int64_t>(v));
 
 // The view of `box` inside a global tensor.
 Tensor box_view(const Tensor& global, const Box& box) {
-  Dims origin;
-  origin.resize(global.dim());
-  return fastdcp::box_view(global, origin, box);
+  return fastdcp::box_view(global, Dims::zeros(global.dim()), box);
 }
 
 Tensor contiguous_copy(const Tensor& t) {

@@ -20,6 +20,12 @@ class Dims {
   Dims(std::span<const int64_t> values) { assign(values.data(), values.size()); }
   Dims(const Dims& other) { assign(other.data(), other.size()); }
   Dims(Dims&& other) noexcept { *this = std::move(other); }
+  // `n` zeros: the offset of a box at a tensor's origin.
+  static Dims zeros(size_t n) {
+    Dims out;
+    out.resize(n);  // zero-initialised
+    return out;
+  }
   Dims& operator=(const Dims& other) {
     if (this != &other) assign(other.data(), other.size());
     return *this;

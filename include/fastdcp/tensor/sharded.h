@@ -32,6 +32,9 @@ struct Box {
   int64_t numel() const;
   bool empty() const;  // some size is 0
   friend bool operator==(const Box&, const Box&) = default;
+
+  // The box of a whole tensor of this shape: offset 0 in every dim.
+  static Box whole(const Dims& shape) { return Box{Dims::zeros(shape.size()), shape}; }
 };
 
 // The common part of two boxes of the same rank (number of dims), or nullopt if it is empty.
@@ -41,6 +44,10 @@ std::optional<Box> intersect(const Box& a, const Box& b);
 // starts at `holder_offset` (a whole tensor: offset 0). Error(kInvalidArgument) if `box` is not
 // inside it.
 Tensor box_view(const Tensor& holder, const Dims& holder_offset, const Box& box);
+
+// The storage offset of `box` (global coordinates) inside a view of `holder` (its box) with these
+// strides and storage offset: the same strides, the offset moved to the box's first element.
+int64_t sub_view_offset(const Box& holder, const Dims& strides, int64_t offset, const Box& box);
 
 // One box of a sharded tensor that this rank holds.
 struct ShardChunk {
