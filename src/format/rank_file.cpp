@@ -998,10 +998,6 @@ ShardedRecord parse_sharded(element body, const std::string& path, const RankFil
   if (!dtype || dtype_is_sub_byte(*dtype)) bad("has an unknown or sub-byte dtype");
   r.dtype = *dtype;
   r.global_shape = to_dims(fields[0], "a global shape", impl);
-  for (int64_t d : r.global_shape) {
-    if (d < 0) bad("has a negative global size");
-  }
-  if (!contiguous_nbytes(r.dtype, r.global_shape)) bad("has a global shape too large for int64");
   if (n == 4) {
     const auto replica = fixed_items<2>(fields[3]);
     if (!replica) bad("has a malformed replica record");
@@ -1018,21 +1014,10 @@ ShardedRecord parse_sharded(element body, const std::string& path, const RankFil
     Dims offset = to_dims((*pair)[0], "a chunk offset", impl);
     TensorRecord t = parse_tensor((*pair)[1], path, impl);
     if (t.dtype != r.dtype) bad("has a chunk of dtype " + std::string(dtype_name(t.dtype)) + " in a tensor of " + std::string(dtype_name(r.dtype)));
-    if (offset.size() != r.global_shape.size() || t.shape.size() != r.global_shape.size()) bad("has a chunk of another number of dims");
-    Box box{offset, t.shape};
-    if (box.empty()) bad("has an empty chunk at " + dims_text(offset));
-    for (size_t d = 0; d < offset.size(); ++d) {
-      if (offset[d] < 0 || t.shape[d] > r.global_shape[d] || offset[d] > r.global_shape[d] - t.shape[d]) {
-        bad("has a chunk at " + dims_text(offset) + " of sizes " + dims_text(t.shape) + " outside its global shape " +
-            dims_text(r.global_shape));
-      }
-    }
-    boxes.push_back(std::move(box));
+    boxes.push_back(Box{offset, t.shape});
     r.chunks.emplace_back(std::move(offset), std::move(t));
   }
-  if (const auto overlap = find_overlap(boxes)) {
-    bad("has overlapping chunks at " + dims_text(boxes[overlap->first].offset) + " and " + dims_text(boxes[overlap->second].offset));
-  }
+  if (const std::string why = chunk_layout_problem(r.dtype, r.global_shape, boxes); !why.empty()) bad(why);
   return r;
 }
 

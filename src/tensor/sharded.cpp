@@ -49,36 +49,41 @@ void ShardedTensor::validate(const std::string& what) const {
   auto refuse = [&](const std::string& why) {
     throw Error(ErrorCode::kInvalidArgument, "the sharded tensor at '" + what + "' " + why);
   };
-  for (int64_t s : global_shape) {
-    if (s < 0) refuse("has a negative global size " + dims_text(global_shape));
-  }
-  if (!contiguous_nbytes(dtype, global_shape)) refuse("has a global shape " + dims_text(global_shape) + " too large for int64");
   if (replica_count < 1 || replica_index < 0 || replica_index >= replica_count) {
     refuse("is replica " + std::to_string(replica_index) + " of " + std::to_string(replica_count));
   }
-  for (size_t i = 0; i < chunks.size(); ++i) {
-    const ShardChunk& c = chunks[i];
+  std::vector<Box> boxes;
+  boxes.reserve(chunks.size());
+  for (const ShardChunk& c : chunks) {
     if (c.data.dtype() != dtype) refuse("mixes dtypes across its chunks");
-    if (c.offset.size() != global_shape.size() || c.data.dim() != global_shape.size()) {
-      refuse("has a chunk of " + std::to_string(c.data.dim()) + " dims in a tensor of " +
-             std::to_string(global_shape.size()));
+    boxes.push_back(c.box());
+  }
+  if (const std::string why = chunk_layout_problem(dtype, global_shape, boxes); !why.empty()) refuse(why);
+}
+
+std::string chunk_layout_problem(DType dtype, const Dims& global_shape, const std::vector<Box>& boxes) {
+  for (int64_t s : global_shape) {
+    if (s < 0) return "has a negative global size " + dims_text(global_shape);
+  }
+  if (!contiguous_nbytes(dtype, global_shape)) return "has a global shape " + dims_text(global_shape) + " too large for int64";
+  for (const Box& box : boxes) {
+    if (box.offset.size() != global_shape.size() || box.sizes.size() != global_shape.size()) {
+      return "has a chunk of " + std::to_string(box.sizes.size()) + " dims in a tensor of " +
+             std::to_string(global_shape.size());
     }
-    const Box box = c.box();
-    if (box.empty()) refuse("has an empty chunk at " + dims_text(c.offset));
+    if (box.empty()) return "has an empty chunk at " + dims_text(box.offset);
     for (size_t d = 0; d < global_shape.size(); ++d) {
-      if (c.offset[d] < 0 || box.sizes[d] > global_shape[d] || c.offset[d] > global_shape[d] - box.sizes[d]) {
-        refuse("has a chunk at " + dims_text(c.offset) + " of sizes " + dims_text(box.sizes) +
-               " outside its global shape " + dims_text(global_shape));
+      if (box.offset[d] < 0 || box.sizes[d] > global_shape[d] || box.offset[d] > global_shape[d] - box.sizes[d]) {
+        return "has a chunk at " + dims_text(box.offset) + " of sizes " + dims_text(box.sizes) +
+               " outside its global shape " + dims_text(global_shape);
       }
     }
   }
-  std::vector<Box> boxes;
-  boxes.reserve(chunks.size());
-  for (const ShardChunk& c : chunks) boxes.push_back(c.box());
   if (const auto pair = find_overlap(boxes)) {
-    refuse("has overlapping chunks at " + dims_text(boxes[pair->first].offset) + " and " +
-           dims_text(boxes[pair->second].offset));
+    return "has overlapping chunks at " + dims_text(boxes[pair->first].offset) + " and " +
+           dims_text(boxes[pair->second].offset);
   }
+  return "";
 }
 
 namespace {

@@ -72,6 +72,12 @@ struct ShardedTensor {
   void validate(const std::string& what) const;
 };
 
+// Why a sharded tensor of this dtype and global shape cannot hold chunks at `boxes` (a phrase such
+// as "has an empty chunk at [0, 4]"), or "" if it can: the global shape is not negative and fits
+// int64, and every box has its number of dims, is not empty, lies inside it and overlaps no other.
+// Saves (ShardedTensor::validate) and rank-file parsing check sharded leaves with it alike.
+std::string chunk_layout_problem(DType dtype, const Dims& global_shape, const std::vector<Box>& boxes);
+
 // Two boxes of `boxes` that overlap, or nullopt. A sweep along the dim with the most distinct
 // offsets: O(n log n + n k) for n boxes of which at most k cross one plane across that dim (small
 // for the grids that shardings make), not O(n^2).
