@@ -319,11 +319,33 @@ bool is_export_name(const std::string& name) {
 
 std::string temporary_name(const std::string& name) { return "." + name + ".tmp"; }
 
-// Whether two tensors are one view of the same memory: tied weights.
-bool same_view(const Tensor& a, const Tensor& b) {
-  return a.data_ptr() == b.data_ptr() && a.device() == b.device() && a.dtype() == b.dtype() && a.shape() == b.shape() &&
-         a.strides() == b.strides();
-}
+// Tied weights: tensors of a tree that are one view of the same memory (Note [Tied weights in an
+// export]). Export and import both find them as they walk the tree.
+class TiedViews {
+ public:
+  // The index given with an earlier tensor that is the same view as `t`, or nullopt; `t` is
+  // remembered with `index` either way. Empty tensors tie to nothing.
+  std::optional<size_t> tie(const Tensor& t, size_t index) {
+    if (t.nbytes() == 0) return std::nullopt;
+    std::vector<std::pair<Tensor, size_t>>& same_address = seen_[t.data_ptr()];
+    std::optional<size_t> out;
+    for (const auto& [earlier, i] : same_address) {
+      if (same_view(earlier, t)) {
+        out = i;
+        break;
+      }
+    }
+    same_address.emplace_back(t, index);
+    return out;
+  }
+
+ private:
+  static bool same_view(const Tensor& a, const Tensor& b) {
+    return a.data_ptr() == b.data_ptr() && a.device() == b.device() && a.dtype() == b.dtype() &&
+           a.shape() == b.shape() && a.strides() == b.strides();
+  }
+  std::unordered_map<const void*, std::vector<std::pair<Tensor, size_t>>> seen_;
+};
 
 }  // namespace
 
@@ -369,8 +391,7 @@ HfExportReport export_hugging_face(const std::string& checkpoint, const std::str
   HfExportReport report;
   std::vector<ExportItem> items;
   std::unordered_map<std::string, std::string> path_of_name;
-  // Items of plain tensors by address, to find tied weights (Note [Tied weights in an export]).
-  std::unordered_map<const void*, std::vector<size_t>> items_at;
+  TiedViews tied;  // items of plain tensors
   for_each_leaf(state, [&](const std::string& path, Value& v) {
     if (!path.starts_with(options.prefix)) return;
     const auto skip = [&](const std::string& why) { report.skipped.emplace_back(path, why); };
@@ -396,16 +417,10 @@ HfExportReport export_hugging_face(const std::string& checkpoint, const std::str
       skip("its name would be '" + name + "', which safetensors cannot hold");
       return;
     }
-    if (v.is_tensor() && t->nbytes() > 0) {
-      std::vector<size_t>& same_address = items_at[t->data_ptr()];
-      for (const size_t i : same_address) {
-        if (same_view(items[i].source, *t)) {
-          skip("the same tensor as '" + items[i].path + "' (tied weights), exported once as '" + items[i].name +
-               "', as transformers' save_pretrained does");
-          return;
-        }
-      }
-      same_address.push_back(items.size());
+    if (const auto i = v.is_tensor() ? tied.tie(*t, items.size()) : std::nullopt) {
+      skip("the same tensor as '" + items[*i].path + "' (tied weights), exported once as '" + items[*i].name +
+           "', as transformers' save_pretrained does");
+      return;
     }
     const auto [it, fresh] = path_of_name.emplace(name, path);
     if (!fresh) {
@@ -419,9 +434,7 @@ HfExportReport export_hugging_face(const std::string& checkpoint, const std::str
     if (v.is_tensor()) item.source = *t;
     item.shape = v.is_tensor() ? t->shape() : v.as_sharded().global_shape;
     item.dtype = options.dtype && hf::is_castable_float(dtype) ? *options.dtype : dtype;
-    int64_t numel = 1;
-    for (const int64_t d : item.shape) numel *= d;
-    item.nbytes = dtype_storage_bytes(item.dtype, static_cast<uint64_t>(numel));
+    item.nbytes = *contiguous_nbytes(item.dtype, item.shape);  // the shape of a tensor or a checked index entry
     items.push_back(std::move(item));
   });
   if (items.empty()) {
@@ -865,17 +878,11 @@ LoadResult load_hugging_face(const std::string& path, Value& target, const HfImp
   std::vector<Target> targets;
   std::vector<std::string> keys;
   std::unordered_map<std::string, std::string> tied_to;
-  std::unordered_map<const void*, std::vector<size_t>> targets_at;  // plain targets by address
+  TiedViews tied;  // plain targets
   for_each_leaf(target, [&](const std::string& key, Value& v) {
     if (v.is_tensor()) {
       const Tensor& t = v.as_tensor();
-      if (t.nbytes() > 0) {
-        std::vector<size_t>& same_address = targets_at[t.data_ptr()];
-        const auto tie = std::find_if(same_address.begin(), same_address.end(),
-                                      [&](size_t i) { return same_view(targets[i].dst, t); });
-        if (tie != same_address.end()) tied_to.emplace(key, targets[*tie].key);
-        same_address.push_back(targets.size());
-      }
+      if (const auto i = tied.tie(t, targets.size())) tied_to.emplace(key, targets[*i].key);
       targets.push_back({key, t, Dims::zeros(t.dim()), t.shape()});
       keys.push_back(key);
     } else if (v.is_sharded()) {
