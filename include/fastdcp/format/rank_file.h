@@ -139,7 +139,7 @@ class RankFileHeader {
   };
   std::vector<ShardedRecord> sharded() const;
 
-  struct Impl;  // defined in rank_file.cpp
+  struct Impl;  // defined in rank_file_header.cpp
 
  private:
   explicit RankFileHeader(std::unique_ptr<Impl> impl);
