@@ -9,6 +9,7 @@
 #include <array>
 #include <chrono>
 #include <optional>
+#include <variant>
 
 #include "fastdcp/checkpoint/checkpoint.h"
 #include "fastdcp/checkpoint/shared_state_dict.h"
@@ -304,13 +305,13 @@ class PyCheckpointIO {
   nb::dict write_shared(const std::string& path, nb::bytes message, const std::vector<int>& fds, bool overwrite,
                         int io_threads, bool direct_io, const std::string& io_engine, double barrier_timeout_s,
                         nb::object barrier, nb::object pre_commit, nb::object post_commit) {
-    Value tree;
+    std::optional<RankFilePlan> plan;
     {
       const std::string_view bytes(message.c_str(), message.size());
       nb::gil_scoped_release release;
-      tree = attach_state_dict(bytes, fds);
+      plan = attach_plan(bytes, fds);
     }
-    return write_tree(path, std::move(tree), overwrite, io_threads, direct_io, io_engine, barrier_timeout_s,
+    return write_tree(path, std::move(*plan), overwrite, io_threads, direct_io, io_engine, barrier_timeout_s,
                       std::move(barrier), std::move(pre_commit), std::move(post_commit));
   }
 
@@ -414,7 +415,8 @@ class PyCheckpointIO {
     return options;
   }
 
-  nb::dict write_tree(const std::string& path, Value source, bool overwrite, int io_threads, bool direct_io,
+  // `source`: a tree, or a plan made in another process (Note [Shared state dicts]).
+  nb::dict write_tree(const std::string& path, std::variant<Value, RankFilePlan> source, bool overwrite, int io_threads, bool direct_io,
                       const std::string& io_engine, double barrier_timeout_s, nb::object barrier, nb::object pre_commit,
                       nb::object post_commit) {
     WriterOptions options = commit_options(overwrite, barrier_timeout_s);
@@ -429,7 +431,8 @@ class PyCheckpointIO {
     WriteStats stats;
     {
       nb::gil_scoped_release release;
-      if (!all_tensors_on_cpu(source)) {
+      Value* tree = std::get_if<Value>(&source);
+      if (tree && !all_tensors_on_cpu(*tree)) {
         // Device tensors are copied to host first, through a stager kept for later saves.
         if (!device_stager_) {
           StagingOptions staging;
@@ -437,9 +440,10 @@ class PyCheckpointIO {
           staging.use_async_staging = false;
           device_stager_.emplace(staging, CudaRuntime::instance());
         }
-        source = device_stager_->stage_now(source);
+        *tree = device_stager_->stage_now(*tree);
       }
-      stats = CheckpointWriter(rank_, options, native_barrier, hook).write(path, source);
+      CheckpointWriter writer(rank_, options, native_barrier, hook);
+      stats = tree ? writer.write(path, *tree) : writer.write(path, std::get<RankFilePlan>(std::move(source)));
     }
     nb::dict d;
     d["file"] = stats.file;

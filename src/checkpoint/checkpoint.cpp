@@ -209,6 +209,14 @@ struct CheckpointWriter::Save {
 };
 
 WriteStats CheckpointWriter::write(const std::string& path, const Value& state_dict) {
+  return write_planned(path, [&] { return RankFilePlan::make(state_dict); });  // bad values fail before anything is written
+}
+
+WriteStats CheckpointWriter::write(const std::string& path, RankFilePlan plan) {
+  return write_planned(path, [&] { return std::move(plan); });
+}
+
+WriteStats CheckpointWriter::write_planned(const std::string& path, const std::function<RankFilePlan()>& make_plan) {
   const auto start = Clock::now();
   const Save save = begin_save(path);
   const uint64_t generation = save.generation;
@@ -220,7 +228,7 @@ WriteStats CheckpointWriter::write(const std::string& path, const Value& state_d
   std::optional<std::string> failure;
   try {
     ManifestRank receipt;
-    stats = write_rank_file(save.dir, state_dict, generation, receipt);
+    stats = write_rank_file(save.dir, make_plan(), generation, receipt);
     if (hook_) hook_->pre_commit(path);
     write_small_file_atomically(save.dir, receipt_file_name(rank, generation), render_receipt(receipt, generation));
   } catch (const std::exception& e) {
@@ -307,11 +315,10 @@ void CheckpointWriter::finish_save(const Save& save, const std::optional<std::st
   }
 }
 
-WriteStats CheckpointWriter::write_rank_file(const Directory& dir, const Value& state_dict, uint64_t generation,
+WriteStats CheckpointWriter::write_rank_file(const Directory& dir, RankFilePlan plan, uint64_t generation,
                                              ManifestRank& receipt) {
   const auto start = Clock::now();
   const int rank = rank_.global_rank;
-  RankFilePlan plan = RankFilePlan::make(state_dict);  // bad values fail before anything is written
   WriteStats stats;
   stats.file = rank_file_name(rank, generation);
   {

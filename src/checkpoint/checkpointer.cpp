@@ -249,9 +249,8 @@ int run_writer_process(int socket_fd, const WriterProcessSetup& setup) {
           const std::string path = frame.payload.substr(sizeof path_length, path_length);
           std::vector<int> fds = std::move(frame.fds);
           frame.fds.clear();
-          const Value state_dict = attach_state_dict(
-              std::string_view(frame.payload).substr(sizeof path_length + path_length), fds);
-          const WriteStats stats = writer->write(path, state_dict);
+          const WriteStats stats = writer->write(
+              path, attach_plan(std::string_view(frame.payload).substr(sizeof path_length + path_length), fds));
           reply = pod_bytes(WriteResult{stats.bytes_written, stats.seconds_data, stats.seconds_total}) + stats.file;
           break;
         }

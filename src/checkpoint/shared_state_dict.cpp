@@ -7,6 +7,7 @@
 #include <cerrno>
 #include <algorithm>
 #include <cstring>
+#include <limits>
 #include <memory>
 #include <optional>
 #include <unordered_map>
@@ -17,15 +18,17 @@
 namespace fastdcp {
 namespace {
 
-// The message: magic, data size, entry count, one EntryPlace per entry, then the rank-file
-// header with its 8-byte length prefix. Both ends are one machine, so integers are native.
-constexpr char kMagic[8] = {'F', 'D', 'C', 'P', 'S', 'H', 'M', '1'};
+// The message: magic, then one section for the rank file (the plan this rank's file holds), and a
+// second one for the whole tree when the file leaves other replicas' chunks out (Note [Shared state
+// dicts]). A section: data size, entry count, one EntryPlace per entry, then the plan's header with
+// its 8-byte length prefix. Both ends are one machine, so integers are native.
+constexpr char kMagic[8] = {'F', 'D', 'C', 'P', 'S', 'H', 'M', '2'};
+constexpr char kName[] = "shared state dict";
 struct EntryPlace {
   uint32_t fd_index;
   uint32_t reserved;
   uint64_t offset;
 };
-constexpr size_t kFixedBytes = sizeof kMagic + 2 * sizeof(uint64_t);
 
 [[noreturn]] void malformed(const std::string& what) {
   throw Error(ErrorCode::kInvalidArgument, "malformed shared state dict message: " + what);
@@ -43,6 +46,57 @@ T load(std::string_view bytes, size_t at) {
   return value;
 }
 
+void append_section(std::string& out, const RankFilePlan& plan, const std::vector<EntryPlace>& places) {
+  append(out, plan.file_size() - plan.data_offset());
+  append(out, static_cast<uint64_t>(places.size()));
+  for (const EntryPlace& place : places) append(out, place);
+  out += plan.header();
+}
+
+struct Section {
+  uint64_t data_size = 0;
+  std::string_view places;  // count() EntryPlaces
+  std::string_view header;  // its length prefix included
+  size_t count() const { return places.size() / sizeof(EntryPlace); }
+  EntryPlace place(size_t i) const { return load<EntryPlace>(places, i * sizeof(EntryPlace)); }
+};
+
+// The section at message[at...]; moves `at` past it.
+Section read_section(std::string_view message, size_t& at) {
+  Section s;
+  if (message.size() - at < 2 * sizeof(uint64_t)) malformed("a section is truncated");
+  s.data_size = load<uint64_t>(message, at);
+  if (s.data_size > std::numeric_limits<uint64_t>::max() - message.size()) malformed("its data size is out of range");
+  const auto count = load<uint64_t>(message, at + sizeof(uint64_t));
+  at += 2 * sizeof(uint64_t);
+  if (count > (message.size() - at) / sizeof(EntryPlace)) malformed("its entry table is truncated");
+  s.places = message.substr(at, count * sizeof(EntryPlace));
+  at += s.places.size();
+  if (message.size() - at < sizeof(uint64_t)) malformed("the header is missing");
+  const auto length = load<uint64_t>(message, at);  // little-endian, as the file has it
+  if (length > message.size() - at - sizeof(uint64_t)) malformed("the header is truncated");
+  s.header = message.substr(at, sizeof(uint64_t) + length);
+  at += s.header.size();
+  return s;
+}
+
+struct Message {
+  Section file;                  // what the rank file holds
+  std::optional<Section> whole;  // every replica's chunks, when `file` leaves some out
+  const Section& tree() const { return whole ? *whole : file; }
+};
+
+Message read_message(std::string_view message) {
+  if (message.size() < sizeof kMagic || std::memcmp(message.data(), kMagic, sizeof kMagic) != 0) {
+    malformed("it does not start with the magic bytes");
+  }
+  size_t at = sizeof kMagic;
+  Message m{read_section(message, at), std::nullopt};
+  if (at < message.size()) m.whole = read_section(message, at);
+  if (at != message.size()) malformed("it has trailing bytes");
+  return m;
+}
+
 // One private mapping of a received memfd; unmapped with the last storage that views it.
 struct Mapping {
   void* data = nullptr;
@@ -52,20 +106,69 @@ struct Mapping {
   }
 };
 
-struct FdCloser {
-  const std::vector<int>& fds;
-  ~FdCloser() {
-    for (int fd : fds) close(fd);
+// The received memfds: each is mapped on first use, and closed with this (also on error).
+class ReceivedFds {
+ public:
+  explicit ReceivedFds(const std::vector<int>& fds) : fds_(fds), mappings_(fds.size()) {}
+  ReceivedFds(const ReceivedFds&) = delete;
+  ReceivedFds& operator=(const ReceivedFds&) = delete;
+  ~ReceivedFds() {
+    for (int fd : fds_) close(fd);
   }
+
+  // The bytes of entry i of `section`, checked to lie inside their memfd.
+  Storage storage(const Section& section, size_t i, const StoredEntry& entry) {
+    if (i >= section.count()) {
+      malformed("the header has more entries than the table's " + std::to_string(section.count()));
+    }
+    const EntryPlace place = section.place(i);
+    if (place.fd_index >= fds_.size()) {
+      malformed("entry '" + entry.name + "' names file descriptor " + std::to_string(place.fd_index) + " of " +
+                std::to_string(fds_.size()));
+    }
+    auto& mapping = mappings_[place.fd_index];
+    if (!mapping) {
+      const int fd = fds_[place.fd_index];
+      struct stat st {};
+      if (fstat(fd, &st) != 0) throw_system_error("fstat of a shared state dict's memfd", errno);
+      auto map = std::make_shared<Mapping>();
+      map->size = static_cast<size_t>(st.st_size);
+      if (map->size) {
+        void* data = mmap(nullptr, map->size, PROT_READ | PROT_WRITE, MAP_PRIVATE, fd, 0);
+        if (data == MAP_FAILED) throw_system_error("mapping a shared state dict's memfd", errno);
+        map->data = data;
+      }
+      mapping = std::move(map);
+    }
+    if (place.offset > mapping->size || entry.nbytes > mapping->size - place.offset) {
+      malformed("entry '" + entry.name + "' lies outside its memfd");
+    }
+    return Storage::wrap(static_cast<char*>(mapping->data) + place.offset, entry.nbytes, Device::cpu(), mapping);
+  }
+
+ private:
+  const std::vector<int>& fds_;
+  std::vector<std::shared_ptr<const Mapping>> mappings_;
 };
+
+void check_count(const Section& section, size_t entries) {
+  if (entries != section.count()) {
+    malformed("the header has " + std::to_string(entries) + " entries, the table " + std::to_string(section.count()));
+  }
+}
 
 }  // namespace
 
 SharedStateDict share_state_dict(const Value& staged) {
-  // Every chunk of every replica: the writer process assigns the writing (Note [Writing replicas]).
-  const RankFilePlan plan = RankFilePlan::make(staged, RankFilePlan::Replicas::kAll);
-  const auto& entries = plan.entries();
-  const auto& storages = plan.storages();
+  // The rank file's plan, rendered here once: the writer writes this header as it is. A file
+  // leaves replicated chunks to the replica that writes them (Note [Writing replicas]), but a
+  // writer of another kind gets the whole tree: only then is it planned a second time.
+  const RankFilePlan plan = RankFilePlan::make(staged);
+  std::optional<RankFilePlan> whole;
+  if (plan.omits_replicas()) whole = RankFilePlan::make(staged, RankFilePlan::Replicas::kAll);
+  const RankFilePlan& all = whole ? *whole : plan;  // every storage
+  const auto& entries = all.entries();
+  const auto& storages = all.storages();
   SharedStateDict out;
   std::vector<std::optional<SharedMemoryRange>> ranges(entries.size());  // none yet for empty storages
   uint64_t copy_bytes = 0;
@@ -117,63 +220,43 @@ SharedStateDict share_state_dict(const Value& staged) {
   for (size_t i = 0; i < entries.size(); ++i) {
     places[i] = ranges[i] ? EntryPlace{index_of(ranges[i]->fd), 0, ranges[i]->offset} : EntryPlace{index_of(*empty_fd), 0, 0};
   }
-  out.message.reserve(kFixedBytes + places.size() * sizeof(EntryPlace) + plan.header().size());
   out.message.append(kMagic, sizeof kMagic);
-  append(out.message, plan.file_size() - plan.data_offset());
-  append(out.message, static_cast<uint64_t>(places.size()));
-  for (const EntryPlace& place : places) append(out.message, place);
-  out.message += plan.header();
+  if (!whole) {
+    append_section(out.message, plan, places);
+    return out;
+  }
+  // The file's storages are some of the whole tree's.
+  std::unordered_map<const StorageImpl*, size_t> whole_index;
+  for (size_t i = 0; i < storages.size(); ++i) whole_index.emplace(storages[i].identity(), i);
+  std::vector<EntryPlace> file_places;
+  file_places.reserve(plan.storages().size());
+  for (const Storage& storage : plan.storages()) file_places.push_back(places[whole_index.at(storage.identity())]);
+  append_section(out.message, plan, file_places);
+  append_section(out.message, *whole, places);
   return out;
 }
 
 Value attach_state_dict(std::string_view message, const std::vector<int>& fds) {
-  FdCloser closer{fds};
-  if (message.size() < kFixedBytes || std::memcmp(message.data(), kMagic, sizeof kMagic) != 0) {
-    malformed("it does not start with the magic bytes");
-  }
-  const auto data_size = load<uint64_t>(message, sizeof kMagic);
-  const auto count = load<uint64_t>(message, sizeof kMagic + sizeof(uint64_t));
-  if (count > (message.size() - kFixedBytes) / sizeof(EntryPlace)) malformed("its entry table is truncated");
-  const size_t header_at = kFixedBytes + count * sizeof(EntryPlace);
-  const std::string_view header_bytes = message.substr(header_at);
-  if (header_bytes.size() < 8) malformed("the header is missing");
-  const uint64_t file_size = header_bytes.size() + data_size;
-  const RankFileHeader header = RankFileHeader::parse(header_bytes.substr(8), file_size, "shared state dict");
+  ReceivedFds received(fds);
+  const Message m = read_message(message);
+  const Section& section = m.tree();
+  const RankFileHeader header = RankFileHeader::parse(section.header.substr(sizeof(uint64_t)),
+                                                      section.header.size() + section.data_size, kName);
   const auto& entries = header.entries();
-  if (entries.size() != count) {
-    malformed("the header has " + std::to_string(entries.size()) + " entries, the table " + std::to_string(count));
-  }
-
-  std::vector<std::shared_ptr<const Mapping>> mappings(fds.size());
+  check_count(section, entries.size());
   std::vector<Storage> storages;
   storages.reserve(entries.size());
-  for (size_t i = 0; i < entries.size(); ++i) {
-    const auto place = load<EntryPlace>(message, kFixedBytes + i * sizeof(EntryPlace));
-    if (place.fd_index >= fds.size()) {
-      malformed("entry '" + entries[i].name + "' names file descriptor " + std::to_string(place.fd_index) + " of " +
-                std::to_string(fds.size()));
-    }
-    auto& mapping = mappings[place.fd_index];
-    if (!mapping) {
-      const int fd = fds[place.fd_index];
-      struct stat st {};
-      if (fstat(fd, &st) != 0) throw_system_error("fstat of a shared state dict's memfd", errno);
-      auto map = std::make_shared<Mapping>();
-      map->size = static_cast<size_t>(st.st_size);
-      if (map->size) {
-        void* data = mmap(nullptr, map->size, PROT_READ | PROT_WRITE, MAP_PRIVATE, fd, 0);
-        if (data == MAP_FAILED) throw_system_error("mapping a shared state dict's memfd", errno);
-        map->data = data;
-      }
-      mapping = std::move(map);
-    }
-    const uint64_t nbytes = entries[i].nbytes;
-    if (place.offset > mapping->size || nbytes > mapping->size - place.offset) {
-      malformed("entry '" + entries[i].name + "' lies outside its memfd");
-    }
-    storages.push_back(Storage::wrap(static_cast<char*>(mapping->data) + place.offset, nbytes, Device::cpu(), mapping));
-  }
+  for (size_t i = 0; i < entries.size(); ++i) storages.push_back(received.storage(section, i, entries[i]));
   return header.build_tree(storages);
+}
+
+RankFilePlan attach_plan(std::string_view message, const std::vector<int>& fds) {
+  ReceivedFds received(fds);
+  const Message m = read_message(message);
+  RankFilePlan plan = RankFilePlan::adopt(std::string(m.file.header), m.file.data_size, kName,
+                                          [&](size_t i, const StoredEntry& e) { return received.storage(m.file, i, e); });
+  check_count(m.file, plan.entries().size());
+  return plan;
 }
 
 }  // namespace fastdcp

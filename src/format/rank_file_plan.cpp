@@ -2,6 +2,8 @@
 // layout].
 
 #include <algorithm>
+#include <cstring>
+#include <limits>
 #include <unordered_map>
 #include <unordered_set>
 
@@ -372,6 +374,55 @@ RankFilePlan RankFilePlan::make(const Value& state_dict, Replicas replicas) {
   for (int k = 0; k < 8; ++k) plan.header_[k] = static_cast<char>((padded >> (8 * k)) & 0xFF);
   plan.header_ += text;
   plan.checksums_at_ = 8 + checksums_at;
+  plan.omits_replicas_ = !unwritten.empty();
+  return plan;
+}
+
+RankFilePlan RankFilePlan::adopt(std::string header, uint64_t data_size, const std::string& name,
+                                 const std::function<Storage(size_t, const StoredEntry&)>& storage_for) {
+  auto corrupt = [&](const std::string& what) -> Error {
+    return Error(ErrorCode::kDataLoss, "corrupt checkpoint header in '" + name + "': " + what);
+  };
+  unsigned char prefix[8] = {};
+  if (header.size() < sizeof prefix || data_size > std::numeric_limits<uint64_t>::max() - header.size()) {
+    throw corrupt("it is truncated, or its data size is out of range");
+  }
+  std::memcpy(prefix, header.data(), sizeof prefix);
+  const uint64_t file_size = header.size() + data_size;
+  if (parse_header_length(prefix, file_size, name) != header.size() - sizeof prefix) {
+    throw corrupt("its length prefix does not match its size");
+  }
+  const RankFileHeader parsed = RankFileHeader::parse(std::string_view(header).substr(sizeof prefix), file_size, name);
+  if (!parsed.has_checksums()) throw corrupt("it has no fastdcp metadata");
+  RankFilePlan plan;
+  plan.entries_ = parsed.entries();
+  plan.storages_.reserve(plan.entries_.size());
+  plan.first_chunk_.reserve(plan.entries_.size());
+  size_t total_chunks = 0;
+  for (size_t i = 0; i < plan.entries_.size(); ++i) {
+    plan.storages_.push_back(storage_for(i, plan.entries_[i]));
+    if (plan.storages_.back().nbytes() < plan.entries_[i].nbytes) {
+      throw Error(ErrorCode::kInternal, "RankFilePlan::adopt: a storage smaller than its entry");
+    }
+    plan.first_chunk_.push_back(total_chunks);
+    total_chunks += plan.entries_[i].num_chunks();
+  }
+  // The checksum table, which make() renders first among the quoted keys of this text: a quote in
+  // any JSON string is escaped, so the key's text with its quotes is never inside one. (A header
+  // crafted with the key inside an entry's record too gets its checksums there: a load refuses it.)
+  const std::string key = '"' + std::string(kChecksumsKey) + "\":\"";
+  const size_t at = header.find(key);
+  const size_t digits = total_chunks * 8;
+  if (at == std::string::npos || header.size() - (at + key.size()) <= digits || header[at + key.size() + digits] != '"') {
+    throw corrupt("its checksum table is not where it should be");
+  }
+  plan.checksums_at_ = at + key.size();
+  for (const RankFileHeader::ShardedRecord& r : parsed.sharded()) {
+    IndexEntry& entry = plan.sharded_.emplace_back(IndexEntry{r.path, r.dtype, r.global_shape, {}});
+    for (const auto& [offset, view] : r.chunks) entry.chunks.push_back({0, offset, view.shape});
+  }
+  plan.data_size_ = data_size;
+  plan.header_ = std::move(header);
   return plan;
 }
 

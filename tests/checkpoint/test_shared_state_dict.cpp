@@ -7,7 +7,11 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <cmath>
 #include <cstring>
+#include <fstream>
+#include <iterator>
+#include <tuple>
 
 #include "fastdcp/common/error.h"
 #include "fastdcp/staging/stager.h"
@@ -166,6 +170,203 @@ TEST(SharedStateDict, MalformedMessagesAreClearErrorsAndCloseTheirFds) {
   // A memfd smaller than the entries it should hold.
   std::vector<int> small{::memfd_create("small", MFD_CLOEXEC)};
   expect_error(shared.message, small, "outside its memfd");
+}
+
+
+// ---- the writer writes the plan the sender rendered (Note [Shared state dicts]) ----------------
+
+// A sharded leaf of `rows` x 6 floats held as two chunks (its top and bottom rows), views of one
+// local storage.
+ShardedTensor two_chunks(int64_t rows, int seed, int replica_index, int replica_count) {
+  const Tensor local = patterned_tensor(DType::kF32, {rows * 6}, seed);
+  ShardedTensor s;
+  s.global_shape = Dims{rows, 6};
+  s.dtype = DType::kF32;
+  const int64_t top = rows / 2;
+  s.chunks.push_back({Dims{0, 0}, local.view_as({top, 6}, {6, 1}, 0)});
+  s.chunks.push_back({Dims{top, 0}, local.view_as({rows - top, 6}, {6, 1}, top * 6)});
+  s.replica_index = replica_index;
+  s.replica_count = replica_count;
+  return s;
+}
+
+// Everything a tree may hold: views of one storage, an empty tensor, a large tensor of two
+// checksum chunks, non-tensor values, a tensor with traits and sharded leaves, replicated
+// `replica_count` times, of which this rank holds copy `replica_index`. With two replicas, each
+// writes one of the two equal leaves (Note [Writing replicas]).
+Value mixed_state(int replica_index, int replica_count) {
+  Value sd = model_state();
+  Tensor param = patterned_tensor(DType::kBF16, {3, 5}, 9);
+  param.set_traits(TensorTraits{.requires_grad = true, .parameter = true});
+  sd.insert("param", Value(param));
+  sd.insert("blob", Value(Bytes{std::string("\x00\xff\x10", 3)}));
+  sd.insert("nan", Value(std::nan("")));
+  Value layers = Value::list();
+  layers.items().push_back(Value(two_chunks(8, 3, replica_index, replica_count)));
+  layers.items().push_back(Value(two_chunks(8, 4, replica_index, replica_count)));
+  sd.insert("layers", std::move(layers));
+  return sd;
+}
+
+RankFilePlan shared_plan(const Value& sd) {
+  const SharedStateDict shared = share_state_dict(sd);
+  return attach_plan(shared.message, dup_all(shared.fds));
+}
+
+TEST(SharedStateDict, TheWritersPlanIsTheOneADirectWriteMakes) {
+  for (const auto& [index, count] : {std::pair{0, 1}, std::pair{0, 2}, std::pair{1, 2}}) {
+    SCOPED_TRACE("replica " + std::to_string(index) + " of " + std::to_string(count));
+    const Value sd = mixed_state(index, count);
+    const RankFilePlan direct = RankFilePlan::make(sd);
+    EXPECT_EQ(direct.omits_replicas(), count > 1);
+    const RankFilePlan shared = shared_plan(sd);
+    EXPECT_EQ(shared.header(), direct.header());
+    EXPECT_EQ(shared.file_size(), direct.file_size());
+    ASSERT_EQ(shared.entries().size(), direct.entries().size());
+    for (size_t i = 0; i < direct.entries().size(); ++i) {
+      const StoredEntry& a = shared.entries()[i];
+      const StoredEntry& b = direct.entries()[i];
+      EXPECT_EQ(a.name, b.name);
+      EXPECT_EQ(std::tie(a.begin, a.end, a.nbytes), std::tie(b.begin, b.end, b.nbytes)) << a.name;
+      ASSERT_GE(shared.storages()[i].nbytes(), b.nbytes);
+      if (b.nbytes) EXPECT_EQ(std::memcmp(shared.storages()[i].data(), direct.storages()[i].data(), b.nbytes), 0) << a.name;
+    }
+    ASSERT_EQ(shared.sharded().size(), direct.sharded().size());
+    for (size_t i = 0; i < direct.sharded().size(); ++i) {
+      const IndexEntry& a = shared.sharded()[i];
+      const IndexEntry& b = direct.sharded()[i];
+      EXPECT_EQ(std::tie(a.key, a.dtype, a.global_shape), std::tie(b.key, b.dtype, b.global_shape));
+      ASSERT_EQ(a.chunks.size(), b.chunks.size()) << a.key;
+      for (size_t k = 0; k < a.chunks.size(); ++k) EXPECT_EQ(a.chunks[k].box(), b.chunks[k].box()) << a.key;
+    }
+  }
+}
+
+std::string file_bytes(const std::string& path) {
+  std::ifstream in(path, std::ios::binary);
+  return std::string(std::istreambuf_iterator<char>(in), {});
+}
+
+TEST(SharedStateDict, AWriteOfTheSharedPlanIsByteForByteADirectWrite) {
+  testing::TempDir dir;
+  DefaultStager stager(testing::cpu_staging(/*async=*/false, /*shared=*/true), CudaRuntime::unavailable("CPU-only test"));
+  const Value sd = mixed_state(0, 1);
+  const Value staged = staged_in_shared_memory(stager, sd);
+  const WriteStats direct = CheckpointWriter().write(dir.path() + "/direct", sd);
+  const WriteStats planned = CheckpointWriter().write(dir.path() + "/planned", shared_plan(staged));
+  const std::string want = file_bytes(dir.path() + "/direct/" + direct.file);
+  ASSERT_GT(want.size(), uint64_t{6} << 20);
+  EXPECT_EQ(planned.bytes_written, want.size());
+  EXPECT_TRUE(file_bytes(dir.path() + "/planned/" + planned.file) == want);
+  EXPECT_EQ(read_manifest(dir.path() + "/planned").index.size(), 2u);
+  const Value loaded = CheckpointReader().read(dir.path() + "/planned");
+  expect_same_tree(loaded, sd);
+  EXPECT_TRUE(loaded.at("param").as_tensor().traits().requires_grad);
+}
+
+// A replica's file leaves out the leaves another replica writes; a writer that takes the tree
+// itself still gets every chunk.
+TEST(SharedStateDict, AttachGivesEveryReplicasChunksWhereTheFileLeavesThemOut) {
+  const Value sd = mixed_state(1, 2);
+  const SharedStateDict shared = share_state_dict(sd);
+  const Value attached = attach_state_dict(shared.message, dup_all(shared.fds));
+  for (size_t leaf = 0; leaf < 2; ++leaf) {
+    const ShardedTensor& got = attached.at("layers").items()[leaf].as_sharded();
+    const ShardedTensor& want = sd.at("layers").items()[leaf].as_sharded();
+    EXPECT_EQ(got.replica_index, 1);
+    ASSERT_EQ(got.chunks.size(), 2u);
+    for (size_t k = 0; k < 2; ++k) {
+      EXPECT_EQ(got.chunks[k].box(), want.chunks[k].box());
+      EXPECT_EQ(std::memcmp(got.chunks[k].data.data_ptr(), want.chunks[k].data.data_ptr(), want.chunks[k].data.nbytes()), 0);
+    }
+  }
+  const RankFilePlan plan = attach_plan(shared.message, dup_all(shared.fds));
+  ASSERT_EQ(plan.sharded().size(), 2u);
+  EXPECT_EQ(plan.sharded()[0].chunks.size() + plan.sharded()[1].chunks.size(), 2u);  // one leaf of two
+  expect_same_tree(attached, sd);
+}
+
+// Calls attach(message, fds) on copies of `fds` (closing `fds` after): it must throw an Error of
+// `code` whose message contains `what`, and close every descriptor it was given.
+template <class Attach>
+void expect_refused(Attach&& attach, const std::string& message, const std::vector<int>& fds, ErrorCode code,
+                    const std::string& what) {
+  std::vector<int> copies = dup_all(fds);
+  try {
+    attach(message, copies);
+    ADD_FAILURE() << "no error for " << what;
+  } catch (const Error& e) {
+    EXPECT_EQ(e.code(), code) << e.what();
+    EXPECT_NE(std::string(e.what()).find(what), std::string::npos) << e.what();
+  }
+  for (int fd : copies) EXPECT_EQ(::fcntl(fd, F_GETFD), -1) << "fd " << fd << " left open";
+}
+
+// The message comes from another process: whatever it says, the writer refuses it with an error
+// naming what is wrong, reads nothing outside the memfds, and closes every descriptor.
+TEST(SharedStateDict, CorruptPlansAreRefusedAndCloseTheirFds) {
+  const SharedStateDict shared = share_state_dict(mixed_state(0, 1));  // one section: the file is the tree
+  const std::string& good = shared.message;
+  uint64_t data_size, count;
+  std::memcpy(&data_size, good.data() + 8, 8);
+  std::memcpy(&count, good.data() + 16, 8);
+  const size_t table_at = 24;
+  const size_t header_at = table_at + count * 16;
+  auto with = [&](size_t at, std::string_view bytes) {
+    std::string m = good;
+    m.replace(at, bytes.size(), bytes);
+    return m;
+  };
+  auto as_bytes = [](const auto& value) { return std::string_view(reinterpret_cast<const char*>(&value), sizeof value); };
+  auto expect_error = [&](const std::string& message, ErrorCode code, const std::string& what,
+                          std::vector<int> fds = {}) {
+    if (fds.empty()) fds = dup_all(shared.fds);
+    expect_refused([](std::string_view m, const std::vector<int>& f) { attach_plan(m, f); }, message, fds, code, what);
+    expect_refused([](std::string_view m, const std::vector<int>& f) { attach_state_dict(m, f); }, message, fds, code, what);
+    for (int fd : fds) ::close(fd);
+  };
+  const auto invalid = ErrorCode::kInvalidArgument;
+  expect_error(good + "x", invalid, "a section is truncated");
+  const uint64_t huge = ~uint64_t{0} - 4;
+  expect_error(with(8, as_bytes(huge)), invalid, "data size is out of range");
+  expect_error(with(16, as_bytes(huge)), invalid, "entry table is truncated");
+  expect_error(with(header_at, as_bytes(uint64_t{good.size()})), invalid, "header is truncated");
+  expect_error(with(table_at, as_bytes(uint32_t{7})), invalid, "names file descriptor 7 of 1");
+  expect_error(with(table_at + 8, as_bytes(uint64_t{1} << 40)), invalid, "outside its memfd");
+  expect_error(good, invalid, "outside its memfd", {::memfd_create("small", MFD_CLOEXEC)});
+  // The header itself: checked as a load checks a file's.
+  const auto data_loss = ErrorCode::kDataLoss;
+  expect_error(with(8, as_bytes(data_size + 64)), data_loss, "truncated or has trailing bytes");
+  const size_t json_at = header_at + 8;
+  expect_error(with(json_at, "["), data_loss, "not valid JSON");
+  const std::string key = "\"fastdcp.crc32c\":\"";
+  const size_t key_at = good.find(key, header_at);
+  ASSERT_NE(key_at, std::string::npos);
+  expect_error(with(key_at + 1, "X"), data_loss, "lacks the string 'fastdcp.crc32c'");
+  const size_t offsets = good.find("\"data_offsets\":[0,", header_at);
+  ASSERT_NE(offsets, std::string::npos);
+  expect_error(with(offsets + 16, "1"), data_loss, "for its shape and dtype");
+  // The checksum key spelled with an escape: valid JSON that a load reads, but not where the
+  // renderer puts it, so the writer would not know where to put the checksums.
+  std::string escaped = good;
+  escaped.replace(key_at, key.size(), "\"fastdcp.crc32\\u0063\":\"");
+  ASSERT_EQ(escaped.substr(escaped.size() - 5), "     ");  // the header's padding takes it back
+  escaped.resize(escaped.size() - 5);
+  expect_refused([](std::string_view m, const std::vector<int>& f) { attach_plan(m, f); }, escaped, shared.fds,
+                 data_loss, "checksum table is not where it should be");
+  expect_same_tree(attach_state_dict(escaped, dup_all(shared.fds)), model_state());
+}
+
+// With two sections, a writer that takes the tree reads the second one.
+TEST(SharedStateDict, TheWholeTreeSectionIsCheckedToo) {
+  const SharedStateDict shared = share_state_dict(mixed_state(1, 2));
+  const size_t file_json = shared.message.find("{\"__metadata__\"");
+  const size_t tree_json = shared.message.find("{\"__metadata__\"", file_json + 1);
+  ASSERT_NE(tree_json, std::string::npos);
+  std::string bad = shared.message;
+  bad[tree_json] = '[';
+  expect_refused([](std::string_view m, const std::vector<int>& f) { attach_state_dict(m, f); }, bad, shared.fds,
+                 ErrorCode::kDataLoss, "not valid JSON");
 }
 
 }  // namespace

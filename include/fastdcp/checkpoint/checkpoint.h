@@ -42,6 +42,7 @@
 #include <vector>
 
 #include "fastdcp/format/manifest.h"
+#include "fastdcp/format/rank_file.h"
 #include "fastdcp/io/file.h"
 #include "fastdcp/io/io_ring.h"
 #include "fastdcp/tensor/value.h"
@@ -103,6 +104,9 @@ class CheckpointWriter {
   // and commits it; see Note [Commit protocol]. On failure nothing is committed and the previous
   // checkpoint at `path`, if any, is untouched.
   WriteStats write(const std::string& path, const Value& state_dict);
+  // The same for a state dict already planned (attach_plan: Note [Shared state dicts]): its header
+  // is written as it was rendered, with the checksums filled in.
+  WriteStats write(const std::string& path, RankFilePlan plan);
 
   // This rank cannot take part in the save at `path` (its state could not even be prepared): votes
   // against it, so that every rank's save fails at once, and returns with rank 0's decision.
@@ -115,8 +119,8 @@ class CheckpointWriter {
   struct Save;  // one save: its directory, this rank's lock on it, its generation (checkpoint.cpp)
   Save begin_save(const std::string& path) const;
   void finish_save(const Save& save, const std::optional<std::string>& failure);
-  WriteStats write_rank_file(const Directory& dir, const Value& state_dict, uint64_t generation,
-                             ManifestRank& receipt);
+  WriteStats write_planned(const std::string& path, const std::function<RankFilePlan()>& make_plan);
+  WriteStats write_rank_file(const Directory& dir, RankFilePlan plan, uint64_t generation, ManifestRank& receipt);
   void vote_failed(const Directory& dir, uint64_t generation, const std::string& error) noexcept;
   // Rank 0: the votes of ranks first_rank.. (within the barrier timeout); why the save cannot commit, if it cannot.
   std::optional<std::string> collect_votes(const Directory& dir, uint64_t generation, Manifest& manifest,

@@ -3,10 +3,16 @@
 // serializing a byte of tensor data.
 //
 // Note [Shared state dicts]
-// The tree travels as a rank-file header (the very JSON the data file will carry, so the same
-// parser checks it on arrival, docs/format.md), followed by a table that gives, for each of the
-// header's entries, the memfd and the offset in it that hold the entry's bytes. The memfds travel
-// beside the message (SCM_RIGHTS over a Unix socket). Staged buffers in fastdcp's shared memory go
+// The tree travels as the rank file's plan (RankFilePlan), rendered once, by the sender: its header
+// is the very JSON the data file will carry (docs/format.md), with a table that gives, for each of
+// the header's entries, the memfd and the offset in it that hold the entry's bytes. The writer
+// process writes that plan as it is (attach_plan, CheckpointWriter::write of a plan): it checks the
+// header with the parser a load uses, and every entry against its memfd, but builds no tree and
+// renders nothing again, which for 100,000 small tensors was most of a save's time. A rank file
+// leaves the chunks of replicated sharded leaves to the replica that writes them (Note [Writing
+// replicas]); when it leaves any out, a second plan of the whole tree follows, for writers that
+// take the tree itself (attach_state_dict). The memfds travel beside the message (SCM_RIGHTS over a
+// Unix socket). Staged buffers in fastdcp's shared memory go
 // as they are; any other storage is first copied into one memfd owned by the SharedStateDict. The
 // receiver maps each memfd privately (copy-on-write: a writer that scribbles on its tensors cannot
 // change the sender's buffers) and closes it at once, so an attached tree holds mappings, not
@@ -16,6 +22,7 @@
 #include <string_view>
 #include <vector>
 
+#include "fastdcp/format/rank_file.h"
 #include "fastdcp/memory/host_buffer.h"
 #include "fastdcp/tensor/value.h"
 
@@ -39,7 +46,13 @@ struct SharedStateDict {
 SharedStateDict share_state_dict(const Value& staged);
 
 // Builds the tree of a share_state_dict message over the memfds `fds`, which it takes over and
-// closes (also on error). Throws Error(kInvalidArgument) for a malformed message.
+// closes (also on error). Throws Error(kInvalidArgument) for a malformed message, Error(kDataLoss)
+// for a header that does not parse.
 Value attach_state_dict(std::string_view message, const std::vector<int>& fds);
+
+// The rank-file plan of a share_state_dict message, over the memfds `fds` (taken over as above),
+// for CheckpointWriter::write: what a write of the shared tree itself would write, byte for byte.
+// The same errors as attach_state_dict.
+RankFilePlan attach_plan(std::string_view message, const std::vector<int>& fds);
 
 }  // namespace fastdcp

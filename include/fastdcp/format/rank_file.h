@@ -18,6 +18,7 @@
 
 #include <cstdint>
 #include <cstring>
+#include <functional>
 #include <memory>
 #include <string>
 #include <string_view>
@@ -69,6 +70,16 @@ class RankFilePlan {
   // non-finite number is fine; a string that is not UTF-8 is not; two sharded leaves with one key
   // path are not; nor is a sharded leaf that ShardedTensor::validate refuses or of a sub-byte dtype).
   static RankFilePlan make(const Value& state_dict, Replicas replicas = Replicas::kOwnShare);
+  // The plan that make() rendered in another process (Note [Shared state dicts]), taken as it is:
+  // `header` is that plan's header() with zero checksums, `data_size` its file_size() -
+  // data_offset(), and storage_for(i, entries()[i]) returns the bytes of entry i (at least its
+  // nbytes). Nothing is rendered again: the header is parsed and checked as a load checks a file's
+  // (entries tiling the data, the checksum table, the tree's JSON; Error(kDataLoss) naming `name`),
+  // and the sharded index is read from it.
+  static RankFilePlan adopt(std::string header, uint64_t data_size, const std::string& name,
+                            const std::function<Storage(size_t, const StoredEntry&)>& storage_for);
+  // Whether make() left the chunks of some replicated sharded leaf to another replica (kOwnShare).
+  bool omits_replicas() const { return omits_replicas_; }
 
   const std::vector<StoredEntry>& entries() const { return entries_; }
   const std::vector<Storage>& storages() const { return storages_; }  // parallel to entries()
@@ -90,6 +101,7 @@ class RankFilePlan {
   uint64_t data_size_ = 0;
   uint64_t checksums_at_ = 0;       // offset in header_ of the first hex digit of the checksums
   std::vector<size_t> first_chunk_;  // per entry, the index of its first checksum
+  bool omits_replicas_ = false;
 };
 
 // A parsed rank file header. Parsing checks everything the format promises (types, offsets inside
