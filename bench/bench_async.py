@@ -40,6 +40,7 @@ those per-process peaks (shared memory mapped by two processes counts twice: an 
 include the state dict itself.
 
 Usage: .venv/bin/python bench/bench_async.py [--runs 5] [--budget 60] [--cases 1gib,llama,small]
+       [--small-tensors 50000] [--small-floats 1024]
        [--dir DIR] [--step 0.5] [--systems fastdcp,torch_exp,dcp_thread,dcp_process] [--json PATH]
        [--quick]   (--quick: tiny state dicts, 2 saves, under 2 minutes; its JSON goes to DIR)
 """
@@ -100,9 +101,9 @@ def case_llama(quick):
             ("model", "layers.0.attention.wq.weight"))
 
 
-def case_small(quick):
-    n = 50_000 if not quick else 500
-    return {f"t{i}": torch.randn(1024) for i in range(n)}, ("t0",)
+def case_small(quick, n=50_000, floats=1024):
+    n = n if not quick else 500
+    return {f"t{i}": torch.randn(floats) for i in range(n)}, ("t0",)
 
 
 CASES = {"1gib": case_1gib, "llama": case_llama, "small": case_small}
@@ -671,7 +672,8 @@ def run_case(case, args, root):
     systems = args.systems.split(",")
     if "dcp_process" in systems:
         init_one_rank_group()
-    sd, key_path = CASES[case](args.quick)
+    sd, key_path = (case_small(args.quick, args.small_tensors, args.small_floats) if case == "small"
+                    else CASES[case](args.quick))
     ts = list(tensors(sd))
     nbytes = sum(t.numel() * t.element_size() for t in ts)
     mutate = Mutator(sd)
@@ -698,6 +700,8 @@ def main():
                              "took longer than budget/runs gets fewer measured saves (at least 1)")
     parser.add_argument("--cases", default="1gib,llama,small")
     parser.add_argument("--systems", default=",".join(ALL_SYSTEMS))
+    parser.add_argument("--small-tensors", type=int, default=50_000, help="tensors in the small case")
+    parser.add_argument("--small-floats", type=int, default=1024, help="float32 elements per small-case tensor")
     parser.add_argument("--dir", default="/work/bench_tmp", help="where checkpoints are written")
     parser.add_argument("--step", type=float, default=0.5, help="seconds of 'training' after each stage")
     parser.add_argument("--json", default=None, help="raw results (default bench/results/async.json; "
@@ -740,7 +744,8 @@ def main():
     # setting, such as dcp's single writer process) cannot leak into the next case's figures, and
     # a case that crashes is reported without losing the others.
     forwarded = ["--runs", str(args.runs), "--budget", str(args.budget), "--systems", args.systems,
-                 "--step", str(args.step), "--timeout", str(args.timeout), "--dir", args.dir]
+                 "--step", str(args.step), "--timeout", str(args.timeout), "--dir", args.dir,
+                 "--small-tensors", str(args.small_tensors), "--small-floats", str(args.small_floats)]
     if args.quick:
         forwarded.append("--quick")
     try:

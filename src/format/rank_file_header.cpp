@@ -168,6 +168,8 @@ RankFileHeader RankFileHeader::parse(std::string_view text, uint64_t file_size, 
   // Entries: every key but __metadata__.
   std::unordered_map<std::string_view, size_t> by_name;
   std::vector<StoredEntry> entries;
+  by_name.reserve(header.size());  // 100,000 entries: growing costs as much as the rest of the loop
+  entries.reserve(header.size());
   std::optional<simdjson::dom::object> metadata;
   for (const simdjson::dom::key_value_pair field : header) {
     const std::string_view name = field.key;
@@ -211,6 +213,7 @@ RankFileHeader RankFileHeader::parse(std::string_view text, uint64_t file_size, 
   }
   // Entries tile the data region, which ends where the file ends.
   std::vector<const StoredEntry*> sorted;
+  sorted.reserve(entries.size());
   for (const auto& e : entries) sorted.push_back(&e);
   std::sort(sorted.begin(), sorted.end(), [](auto* a, auto* b) {
     return a->begin != b->begin ? a->begin < b->begin : a->end < b->end;  // empty entries first
@@ -254,15 +257,21 @@ RankFileHeader RankFileHeader::parse(std::string_view text, uint64_t file_size, 
   const std::vector<element> storages = items_of(parse_json(*storages_parser, storages_text, "the storage list", *impl));
   if (storages.size() != entries.size()) impl->corrupt("the storage list does not match the entries");
   std::vector<bool> named(entries.size(), false);
+  impl->entries.reserve(entries.size());
   for (const element& s : storages) {
     const auto record = fixed_items<2>(s);
     std::string_view name;
     if (!record || (*record)[0].get_string().get(name) != simdjson::SUCCESS) impl->corrupt("a storage record is malformed");
-    const auto it = by_name.find(name);
-    if (it == by_name.end()) impl->corrupt("a storage names a missing entry '" + std::string(name) + "'");
-    if (named[it->second]) impl->corrupt("two storages name the entry '" + std::string(name) + "'");
-    named[it->second] = true;
-    StoredEntry e = entries[it->second];
+    // fastdcp renders the entries in storage order: storage k names entry k, found without hashing.
+    size_t index = impl->entries.size();
+    if (named[index] || entries[index].name != name) {
+      const auto it = by_name.find(name);
+      if (it == by_name.end()) impl->corrupt("a storage names a missing entry '" + std::string(name) + "'");
+      index = it->second;
+    }
+    if (named[index]) impl->corrupt("two storages name the entry '" + std::string(name) + "'");
+    named[index] = true;
+    StoredEntry e = std::move(entries[index]);  // each entry is taken once
     const uint64_t nbytes = to_u64((*record)[1], "a storage size", *impl);
     if (nbytes > e.end - e.begin) impl->corrupt("storage '" + e.name + "' is larger than its entry");
     e.nbytes = nbytes;

@@ -274,7 +274,8 @@ RankFilePlan RankFilePlan::make(const Value& state_dict, Replicas replicas) {
     }
   });
 
-  std::unordered_set<std::string> names;
+  std::unordered_set<std::string_view> names;  // views of uses[i].first_path
+  names.reserve(uses.size());
   std::vector<bool> plain(uses.size());
   for (size_t i = 0; i < uses.size(); ++i) {
     const StorageUse& u = uses[i];
@@ -292,10 +293,10 @@ RankFilePlan RankFilePlan::make(const Value& state_dict, Replicas replicas) {
   plan.storages_.resize(uses.size());
   for (size_t i = 0; i < uses.size(); ++i) {
     StoredEntry& e = plan.entries_[i];
-    const StorageUse& u = uses[i];
+    StorageUse& u = uses[i];
     e.nbytes = u.storage.nbytes();
     if (plain[i]) {
-      e.name = u.first_path;
+      e.name = std::move(u.first_path);  // its last use
       e.dtype = u.first->dtype();
       e.shape = u.first->shape();
     } else {
@@ -337,14 +338,18 @@ RankFilePlan RankFilePlan::make(const Value& state_dict, Replicas replicas) {
   // Rendered by hand, like the tree: a JSON library's DOM costs more than the rest of the plan
   // for tens of thousands of tensors. Every string in it is valid UTF-8 (render_tree checked).
   std::string text = "{\"__metadata__\":{";
+  int version = 1;
+  std::string tree = render_tree(state_dict, index_of, unwritten, version);
+  // Growing a header of megabytes would copy it over and over: room for about what it takes (the
+  // tree and the storage list escaped, and some 80 bytes an entry).
+  text.reserve(tree.size() + tree.size() / 4 + storages.size() + storages.size() / 4 + total_chunks * 8 +
+               plan.entries_.size() * 96 + kDataAlignment);
   const auto field = [&](std::string_view key, std::string_view value) {
     append_json_string(text, key);
     text += ':';
     append_json_string(text, value);
     text += ',';
   };
-  int version = 1;
-  std::string tree = render_tree(state_dict, index_of, unwritten, version);
   field(kVersionKey, std::to_string(version));
   field(kChunkBytesKey, std::to_string(kChecksumChunkBytes));
   field(kStoragesKey, storages);

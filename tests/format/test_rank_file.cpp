@@ -411,6 +411,37 @@ TEST(RankFileHeader, ANewerFormatVersionIsRefusedWithAdvice) {
   }
 }
 
+// fastdcp lists the storages in the order of their entries, which the parser takes without a lookup;
+// another order (another writer's) reads the same way, and a storage list naming an entry twice is
+// refused either way.
+TEST(RankFileHeader, StoragesInAnotherOrderThanTheirEntriesParse) {
+  Value root = Value::dict();
+  root.insert("a", testing::patterned_tensor(DType::kF32, {4}, 1));
+  root.insert("b", testing::patterned_tensor(DType::kF32, {4}, 2));
+  const RankFilePlan plan = RankFilePlan::make(root);
+  const std::string good = plan.header().substr(8);
+  const std::string in_order = R"([[\"a\",16],[\"b\",16]])";
+  const size_t at = good.find(in_order);
+  ASSERT_NE(at, std::string::npos);
+  std::string swapped = good;
+  swapped.replace(at, in_order.size(), R"([[\"b\",16],[\"a\",16]])");
+  const RankFileHeader header = RankFileHeader::parse(swapped, plan.file_size(), "f.safetensors");
+  ASSERT_EQ(header.entries().size(), 2u);
+  EXPECT_EQ(header.entries()[0].name, "b");
+  EXPECT_EQ(header.entries()[1].name, "a");
+  const Value tree = header.build_tree({plan.storages()[1], plan.storages()[0]});  // storage 0 is b's now
+  EXPECT_EQ(std::memcmp(tree.at("a").as_tensor().data_ptr(), plan.storages()[1].data(), 16), 0);  // tree: storage 0
+  std::string twice = good;
+  twice.replace(at, in_order.size(), R"([[\"a\",16],[\"a\",16]])");
+  try {
+    RankFileHeader::parse(twice, plan.file_size(), "f.safetensors");
+    FAIL();
+  } catch (const Error& e) {
+    EXPECT_EQ(e.code(), ErrorCode::kDataLoss);
+    EXPECT_NE(std::string(e.what()).find("two storages name the entry 'a'"), std::string::npos) << e.what();
+  }
+}
+
 TEST(RankFileHeader, ATruncatedFileIsNamed) {
   RankFilePlan plan = RankFilePlan::make(sample());
   try {
