@@ -416,9 +416,9 @@ class PyCheckpointIO {
   }
 
   // `source`: a tree, or a plan made in another process (Note [Shared state dicts]).
-  nb::dict write_tree(const std::string& path, std::variant<Value, RankFilePlan> source, bool overwrite, int io_threads, bool direct_io,
-                      const std::string& io_engine, double barrier_timeout_s, nb::object barrier, nb::object pre_commit,
-                      nb::object post_commit) {
+  nb::dict write_tree(const std::string& path, std::variant<Value, RankFilePlan> source, bool overwrite, int io_threads,
+                      bool direct_io, const std::string& io_engine, double barrier_timeout_s, nb::object barrier,
+                      nb::object pre_commit, nb::object post_commit) {
     WriterOptions options = commit_options(overwrite, barrier_timeout_s);
     options.io_threads = io_threads;
     options.direct_io = direct_io;
