@@ -27,6 +27,8 @@ run_suite() {  # run_suite NAME BUILD_DIR CTEST_ARGS... -- CMAKE_ARGS...
 python_suite() {
   echo "=== fastdcp tests: python ==="
   bash scripts/python_env.sh
+  # The checked-in type stubs of the native module match its bindings.
+  bash scripts/update_stubs.sh --check
   # The differential test's C++ leg runs a program of the release build above.
   (cd tests/python && FASTDCP_CPP_API_ROUND_TRIP="$root/build/tests/test_cpp_api_round_trip" \
     ../../.venv/bin/python -m pytest -q -p no:cacheprovider .)

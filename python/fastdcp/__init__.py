@@ -4,12 +4,14 @@ The framework-neutral API stages trees of numpy arrays; ``fastdcp.torch`` is the
 replacement for ``torch.distributed.checkpoint._experimental``.
 """
 
-from fastdcp import _C
+from fastdcp import _C, errors
 from fastdcp._adapters import NumpyAdapter
-from fastdcp._C import DataLossError, StagingOptions, cuda_available
+from fastdcp._C import StagingOptions, WriteStats, cuda_available
 from fastdcp._C import Stager as _NativeStager
+from fastdcp.errors import *  # noqa: F403 (one name per error code: fastdcp.errors)
 
-__all__ = ["DataLossError", "Stager", "StagingOptions", "cuda_available", "load", "save", "verify"]
+__all__ = ["Stager", "StagingOptions", "WriteStats", "cuda_available", "errors", "load", "save", "verify",
+           *errors.__all__]
 
 
 class Stager:
@@ -46,22 +48,26 @@ class Stager:
         self.close()
 
 
-def save(path, tree, *, overwrite=False, io_threads=0, direct_io=False, io_engine="threads"):
+def save(path, tree, *, overwrite=False, io_threads=0, direct_io=False, io_engine="threads") -> WriteStats:
     """Writes a tree of numpy arrays (or other host DLPack producers) and plain values as a
     one-rank fastdcp checkpoint (docs/format.md); a committed checkpoint at ``path`` is replaced
     only with ``overwrite``."""
-    io = _C.CheckpointIO(NumpyAdapter(), 0, 1)
-    return io.write(str(path), tree, overwrite, io_threads, direct_io, io_engine, 600.0, None, None, None)
+    options = _C.WriteOptions(overwrite=overwrite, overwrite_option="overwrite=True", io_threads=io_threads,
+                              direct_io=direct_io, io_engine=io_engine)
+    return _C.CheckpointIO(NumpyAdapter(), 0, 1).write(str(path), tree, options)
 
 
 def load(path, template=None, *, strict=False, verify=True, mmap=False, io_threads=0, direct_io=True,
          io_engine="threads"):
     """Loads a one-rank checkpoint as numpy arrays; with a ``template``, fills its arrays in place
     and returns ``(template, missing_keys, unexpected_keys)``."""
+    options = _C.ReadOptions(verify_checksums=verify, use_mmap=mmap, io_threads=io_threads, direct_io=direct_io,
+                             io_engine=io_engine)
     io = _C.CheckpointIO(NumpyAdapter(), 0, 1)
     if template is None:
-        return io.read(str(path), verify, mmap, io_threads, direct_io, io_engine)
-    return io.read_into(str(path), template, strict, verify, io_threads)
+        return io.read(str(path), options)
+    result = io.read_into(str(path), template, options, strict=strict)
+    return result.state_dict, result.missing_keys, result.unexpected_keys
 
 
 def verify(path):

@@ -6,6 +6,7 @@
 #include <nanobind/stl/string.h>
 #include <nanobind/stl/vector.h>
 
+#include <algorithm>
 #include <array>
 #include <chrono>
 #include <optional>
@@ -25,34 +26,119 @@ using fastdcp::python::TreeConverter;
 
 namespace {
 
-// fastdcp.DataLossError: a checkpoint whose stored bytes are truncated or corrupt (kDataLoss).
-// A RuntimeError, what torch.load raises for a damaged file.
-PyObject* data_loss_error = nullptr;
+// Note [Python exception types]
+// Every ErrorCode is one Python type, fastdcp.errors.<Name> (re-exported as fastdcp.<Name>), made
+// here and nowhere else. Each subclasses the built-in a caller already catches (the table in
+// make_error_types) and fastdcp.errors.Error, and carries its code as the class attribute `code`
+// (a fastdcp.ErrorCode). kDataLoss has a subclass, ChecksumError, for a C++ ChecksumError. An
+// OSError's subclass follows its errno (EACCES: PermissionError), which OSError(errno, message)
+// picks only for OSError itself: so kIoError has one subclass per such built-in,
+// Io<Builtin>(IoError, <Builtin>), made up front. All are attributes of the module, so that an
+// exception pickled in the writer process (Note [Errors across the writer process]) unpickles to
+// the same type.
+struct ErrorTypes {
+  std::array<PyObject*, static_cast<size_t>(ErrorCode::kInternal) + 1> by_code{};
+  PyObject* checksum = nullptr;
+  std::vector<std::pair<PyObject*, PyObject*>> io_by_builtin;  // (OSError subclass, IoError subclass)
+};
+ErrorTypes error_types;  // owned by the module, whose attributes they are
 
-// Error codes become Python exception types, here only; see Note [Error policy]. (The writer
-// process sends the exception object itself to the trainer: Note [Errors across the writer process].)
+// A new exception type fastdcp.errors.<name> on `m`, deriving from `bases` (a tuple).
+PyObject* new_error_type(nb::module_& m, const std::string& name, const char* doc, nb::handle bases, nb::handle code) {
+  nb::dict attributes;
+  if (code.is_valid()) attributes["code"] = code;
+  nb::object type = nb::steal(
+      PyErr_NewExceptionWithDoc(("fastdcp.errors." + name).c_str(), doc, bases.ptr(), attributes.ptr()));
+  if (!type.is_valid()) throw nb::python_error();
+  m.attr(name.c_str()) = type;
+  return type.ptr();
+}
+
+// The subclass OSError(errnum, ...) is (PermissionError for EACCES), or OSError itself.
+nb::handle oserror_type_for(int errnum) { return nb::handle(PyExc_OSError)(errnum, "").type(); }
+
+void make_error_types(nb::module_& m) {
+  const nb::handle root =
+      new_error_type(m, "Error", "Any error fastdcp reports; `code` says which (fastdcp.ErrorCode).",
+                     nb::make_tuple(nb::handle(PyExc_Exception)), nb::handle());
+  const nb::handle value_error(PyExc_ValueError), runtime_error(PyExc_RuntimeError), os_error(PyExc_OSError);
+  const nb::object cancelled = nb::module_::import_("concurrent.futures").attr("CancelledError");
+  // kAlreadyExists and kCancelled are RuntimeErrors too, what they were before they had types of
+  // their own, so that handlers written then still catch them.
+  const struct {
+    ErrorCode code;
+    const char* name;
+    nb::object bases;
+    const char* doc;
+  } specs[] = {
+      {ErrorCode::kInvalidArgument, "InvalidArgumentError", nb::make_tuple(value_error, root),
+       "A value or option fastdcp cannot use; the message names the key or option."},
+      {ErrorCode::kFailedPrecondition, "FailedPreconditionError", nb::make_tuple(runtime_error, root),
+       "An object or checkpoint in the wrong state (closed, not committed)."},
+      {ErrorCode::kResourceExhausted, "ResourceExhaustedError", nb::make_tuple(nb::handle(PyExc_MemoryError), root),
+       "A memory budget, shared memory or address space is exhausted."},
+      {ErrorCode::kUnavailable, "UnavailableError", nb::make_tuple(runtime_error, root),
+       "An optional facility (CUDA, io_uring, a peer within its timeout) is absent."},
+      {ErrorCode::kCudaError, "CudaError", nb::make_tuple(runtime_error, root),
+       "A CUDA runtime call failed; the message names the call and its error."},
+      {ErrorCode::kIoError, "IoError", nb::make_tuple(os_error, root),
+       "An operating-system call failed; errno and strerror are set."},
+      {ErrorCode::kNotFound, "NotFoundError", nb::make_tuple(nb::handle(PyExc_FileNotFoundError), root),
+       "A checkpoint, rank file or key that should exist does not."},
+      {ErrorCode::kAlreadyExists, "AlreadyExistsError",
+       nb::make_tuple(nb::handle(PyExc_FileExistsError), runtime_error, root), "A name that must be new is taken."},
+      {ErrorCode::kDataLoss, "DataLossError", nb::make_tuple(runtime_error, root),
+       "A checkpoint's stored bytes are truncated or corrupt; the message names the file."},
+      {ErrorCode::kCancelled, "CancelledError", nb::make_tuple(cancelled, runtime_error, root),
+       "The work was abandoned before it completed (a save another rank voted against)."},
+      {ErrorCode::kInternal, "InternalError", nb::make_tuple(runtime_error, root), "A broken invariant inside fastdcp."},
+  };
+  for (const auto& spec : specs) {
+    error_types.by_code[static_cast<size_t>(spec.code)] =
+        new_error_type(m, spec.name, spec.doc, spec.bases, nb::cast(spec.code));
+  }
+  const nb::handle data_loss = error_types.by_code[static_cast<size_t>(ErrorCode::kDataLoss)];
+  error_types.checksum =
+      new_error_type(m, "ChecksumError", "Stored bytes do not match their recorded CRC32C; the message names the chunk.",
+                     nb::make_tuple(data_loss), nb::cast(ErrorCode::kDataLoss));
+  const nb::handle io_error = error_types.by_code[static_cast<size_t>(ErrorCode::kIoError)];
+  for (int errnum = 1; errnum < 256; ++errnum) {
+    const nb::handle builtin = oserror_type_for(errnum);
+    if (builtin.is(os_error)) continue;
+    auto known = [&](const auto& entry) { return builtin.is(entry.first); };
+    if (std::any_of(error_types.io_by_builtin.begin(), error_types.io_by_builtin.end(), known)) continue;
+    const std::string name = "Io" + nb::cast<std::string>(builtin.attr("__name__"));
+    error_types.io_by_builtin.emplace_back(
+        builtin.ptr(), new_error_type(m, name, "fastdcp.IoError with the errno of this OSError subclass.",
+                                      nb::make_tuple(io_error, builtin), nb::cast(ErrorCode::kIoError)));
+  }
+}
+
+// Sets the Python exception for `e`, as Note [Python exception types] describes.
+void raise_error(const Error& e) {
+  PyObject* type = dynamic_cast<const ChecksumError*>(&e) ? error_types.checksum
+                                                          : error_types.by_code[static_cast<size_t>(e.code())];
+  if (e.errnum() == 0 || !PyObject_IsSubclass(type, PyExc_OSError)) {
+    PyErr_SetString(type, e.what());
+    return;
+  }
+  // OSError(errno, message): errno stays readable, and the subclass follows it.
+  nb::object args = nb::make_tuple(e.errnum(), e.what());
+  if (e.code() == ErrorCode::kIoError) {
+    const nb::handle builtin = oserror_type_for(e.errnum());
+    for (auto [os_type, io_type] : error_types.io_by_builtin) {
+      if (builtin.is(os_type)) type = io_type;
+    }
+  }
+  PyErr_SetObject(type, args.ptr());
+}
+
 void translate_errors() {
   nb::register_exception_translator([](const std::exception_ptr& p, void*) {
     try {
       std::rethrow_exception(p);
     } catch (const Error& e) {
-      switch (e.code()) {
-        case ErrorCode::kInvalidArgument: PyErr_SetString(PyExc_ValueError, e.what()); break;
-        case ErrorCode::kResourceExhausted: PyErr_SetString(PyExc_MemoryError, e.what()); break;
-        case ErrorCode::kFailedPrecondition: PyErr_SetString(PyExc_RuntimeError, e.what()); break;
-        case ErrorCode::kIoError:
-          if (e.errnum() != 0) {
-            // OSError(errno, message): errno stays readable, and OSError picks its subclass.
-            nb::object args = nb::make_tuple(e.errnum(), e.what());
-            PyErr_SetObject(PyExc_OSError, args.ptr());
-          } else {
-            PyErr_SetString(PyExc_OSError, e.what());
-          }
-          break;
-        case ErrorCode::kNotFound: PyErr_SetString(PyExc_FileNotFoundError, e.what()); break;
-        case ErrorCode::kDataLoss: PyErr_SetString(data_loss_error, e.what()); break;
-        default: PyErr_SetString(PyExc_RuntimeError, e.what()); break;
-      }
+      raise_error(e);
     }
   });
 }
@@ -271,18 +357,37 @@ class PyStateDictChannel {
   TreeConverter converter_;
 };
 
+// The io_engine option of WriterOptions and ReadOptions, as Python spells it ("threads", ...).
+template <typename Options>
+std::string io_engine_name(const Options& options) {
+  return to_string(options.io_engine);
+}
+template <typename Options>
+void set_io_engine(Options& options, const std::string& name) {
+  options.io_engine = io_engine_from_string(name);
+}
+
+// WriterOptions::barrier_timeout as Python spells it, in seconds.
+double timeout_seconds(std::chrono::milliseconds timeout) { return std::chrono::duration<double>(timeout).count(); }
+std::chrono::milliseconds timeout_from_seconds(double seconds) {
+  return std::chrono::milliseconds(static_cast<int64_t>(seconds * 1000));
+}
+
+// What read_into, load_into and load_hugging_face return to Python: the filled template (a new
+// object where a tuple in it was rebuilt) and the key report.
+struct PyLoadResult : LoadResult {
+  nb::object state_dict;
+};
+
 // Checkpoint writing and reading for one rank, with a framework adapter for the Python side.
 class PyCheckpointIO {
  public:
-  // `overwrite_option`: how the Python API spells overwriting, for the error that asks for it.
-  PyCheckpointIO(nb::object adapter, int rank, int world_size, std::string overwrite_option)
-      : converter_(std::move(adapter)), rank_{rank, world_size}, overwrite_option_(std::move(overwrite_option)) {
+  PyCheckpointIO(nb::object adapter, int rank, int world_size) : converter_(std::move(adapter)), rank_{rank, world_size} {
     CheckpointReader check(rank_);  // validates the rank
   }
 
-  nb::dict write(const std::string& path, nb::handle state_dict, bool overwrite, int io_threads, bool direct_io,
-                 const std::string& io_engine, double barrier_timeout_s, nb::object barrier, nb::object pre_commit,
-                 nb::object post_commit) {
+  WriteStats write(const std::string& path, nb::handle state_dict, const WriterOptions& options, nb::object barrier,
+                   nb::object pre_commit, nb::object post_commit) {
     Value tree;
     try {
       tree = checkpointable_tree(converter_, state_dict);
@@ -290,44 +395,40 @@ class PyCheckpointIO {
       // This rank's state cannot be saved at all: vote against the save as the async path does,
       // so that the other ranks fail now instead of waiting out the barrier timeout.
       try {
-        abandon(path, e.what(), overwrite, barrier_timeout_s, barrier);
+        abandon(path, e.what(), options, barrier);
       } catch (const std::exception& vote_error) {
         warn("could not vote against the save to '" + path + "': " + vote_error.what());
       }
       throw;
     }
-    return write_tree(path, std::move(tree), overwrite, io_threads, direct_io, io_engine, barrier_timeout_s,
-                      std::move(barrier), std::move(pre_commit), std::move(post_commit));
+    return write_tree(path, std::move(tree), options, std::move(barrier), std::move(pre_commit),
+                      std::move(post_commit));
   }
 
   // The same for a state dict that another process shared (Note [Shared state dicts]): the writer
   // process writes it without making framework tensors of it first. Takes the fds over.
-  nb::dict write_shared(const std::string& path, nb::bytes message, const std::vector<int>& fds, bool overwrite,
-                        int io_threads, bool direct_io, const std::string& io_engine, double barrier_timeout_s,
-                        nb::object barrier, nb::object pre_commit, nb::object post_commit) {
+  WriteStats write_shared(const std::string& path, nb::bytes message, const std::vector<int>& fds,
+                          const WriterOptions& options, nb::object barrier, nb::object pre_commit,
+                          nb::object post_commit) {
     std::optional<RankFilePlan> plan;
     {
       const std::string_view bytes(message.c_str(), message.size());
       nb::gil_scoped_release release;
       plan = attach_plan(bytes, fds);
     }
-    return write_tree(path, std::move(*plan), overwrite, io_threads, direct_io, io_engine, barrier_timeout_s,
-                      std::move(barrier), std::move(pre_commit), std::move(post_commit));
+    return write_tree(path, std::move(*plan), options, std::move(barrier), std::move(pre_commit),
+                      std::move(post_commit));
   }
 
   // This rank's part of the save cannot be written: votes against it (CheckpointWriter::abandon).
   // With `barrier`, this rank joins the save's barrier as a writer that failed would.
-  void abandon(const std::string& path, const std::string& error, bool overwrite, double barrier_timeout_s,
-               nb::object barrier) {
-    const WriterOptions options = commit_options(overwrite, barrier_timeout_s);
+  void abandon(const std::string& path, const std::string& error, const WriterOptions& options, nb::object barrier) {
     std::shared_ptr<Barrier> native_barrier = PyBarrier::from(std::move(barrier));
     nb::gil_scoped_release release;
     CheckpointWriter(rank_, options, native_barrier).abandon(path, error);
   }
 
-  nb::object read(const std::string& path, bool verify, bool use_mmap, int io_threads, bool direct_io,
-                  const std::string& io_engine) {
-    const ReadOptions options{verify, io_threads, use_mmap, direct_io, io_engine_from_string(io_engine)};
+  nb::object read(const std::string& path, const ReadOptions& options) {
     Value loaded;
     {
       nb::gil_scoped_release release;
@@ -338,22 +439,10 @@ class PyCheckpointIO {
   }
 
   // A Hugging Face model directory into the template's tensors (Note [Hugging Face model directories]).
-  nb::tuple load_hugging_face(const std::string& path, nb::handle target, bool strict, bool cast,
-                              const std::string& strip_prefix, const std::string& add_prefix, int io_threads) {
-    Value tree;
-    {
-      CyclicGcPause gc_pause;
-      tree = converter_.from_python(target);
-    }
+  PyLoadResult load_hugging_face(const std::string& path, nb::handle target, bool strict, bool cast,
+                                 const std::string& strip_prefix, const std::string& add_prefix, int io_threads) {
     const HfImportOptions options{strip_prefix, add_prefix, strict, cast, std::nullopt, io_threads};
-    LoadResult result;
-    {
-      nb::gil_scoped_release release;
-      result = fastdcp::load_hugging_face(path, tree, options);
-    }
-    CyclicGcPause gc_pause;
-    nb::object out = converter_.write_back(target, tree);
-    return nb::make_tuple(out, result.missing_keys, result.unexpected_keys);
+    return fill(target, [&](Value& tree) { return fastdcp::load_hugging_face(path, tree, options); });
   }
 
   // The same as a flat dict; `dtype` ("" for none) is what floating tensors become.
@@ -370,103 +459,91 @@ class PyCheckpointIO {
     return converter_.loaded_to_python(loaded);
   }
 
-  nb::tuple read_into(const std::string& path, nb::handle target, bool strict, bool verify, int io_threads) {
+  PyLoadResult read_into(const std::string& path, nb::handle target, const ReadOptions& options, bool strict) {
+    return fill(target, [&](Value& tree) { return CheckpointReader(rank_, options).read_into(path, tree, strict); });
+  }
+
+  // read_into's counterpart for a state dict already in memory (a checkpoint of another format,
+  // read in Python: fastdcp/torch/migrate.py), through the same matching (fastdcp::load_into).
+  PyLoadResult load_into(nb::handle source, nb::handle target, bool strict, const std::string& source_name) {
+    Value source_tree;
+    {
+      CyclicGcPause gc_pause;
+      source_tree = checkpointable_tree(converter_, source);
+    }
+    return fill(target, [&](Value& tree) { return fastdcp::load_into(tree, source_tree, strict, source_name); });
+  }
+
+ private:
+  // Runs `load(tree)` (without the GIL) on the template's tree and writes the result back into it.
+  template <typename Load>
+  PyLoadResult fill(nb::handle target, Load&& load) {
     Value tree;
     {
       CyclicGcPause gc_pause;
       tree = converter_.from_python(target);
     }
-    LoadResult result;
+    PyLoadResult result;
     {
       nb::gil_scoped_release release;
-      result = CheckpointReader(rank_, ReadOptions{verify, io_threads, false}).read_into(path, tree, strict);
+      static_cast<LoadResult&>(result) = load(tree);
     }
     CyclicGcPause gc_pause;
-    nb::object out = converter_.write_back(target, tree);
-    return nb::make_tuple(out, result.missing_keys, result.unexpected_keys);
-  }
-
-  // read_into's counterpart for a state dict already in memory (a checkpoint of another format,
-  // read in Python: fastdcp/torch/migrate.py), through the same matching (fastdcp::load_into).
-  nb::tuple load_into(nb::handle source, nb::handle target, bool strict, const std::string& source_name) {
-    Value source_tree, tree;
-    {
-      CyclicGcPause gc_pause;
-      source_tree = checkpointable_tree(converter_, source);
-      tree = converter_.from_python(target);
-    }
-    LoadResult result;
-    {
-      nb::gil_scoped_release release;
-      result = fastdcp::load_into(tree, source_tree, strict, source_name);
-    }
-    CyclicGcPause gc_pause;
-    nb::object out = converter_.write_back(target, tree);
-    return nb::make_tuple(out, result.missing_keys, result.unexpected_keys);
-  }
-
- private:
-  // The options every save and vote shares.
-  WriterOptions commit_options(bool overwrite, double barrier_timeout_s) const {
-    WriterOptions options;
-    options.overwrite = overwrite;
-    options.overwrite_option = overwrite_option_;
-    options.barrier_timeout = std::chrono::milliseconds(static_cast<int64_t>(barrier_timeout_s * 1000));
-    return options;
+    result.state_dict = converter_.write_back(target, tree);
+    return result;
   }
 
   // `source`: a tree, or a plan made in another process (Note [Shared state dicts]).
-  nb::dict write_tree(const std::string& path, std::variant<Value, RankFilePlan> source, bool overwrite, int io_threads,
-                      bool direct_io, const std::string& io_engine, double barrier_timeout_s, nb::object barrier,
-                      nb::object pre_commit, nb::object post_commit) {
-    WriterOptions options = commit_options(overwrite, barrier_timeout_s);
-    options.io_threads = io_threads;
-    options.direct_io = direct_io;
-    options.io_engine = io_engine_from_string(io_engine);
+  WriteStats write_tree(const std::string& path, std::variant<Value, RankFilePlan> source, const WriterOptions& options,
+                        nb::object barrier, nb::object pre_commit, nb::object post_commit) {
     std::shared_ptr<Barrier> native_barrier = PyBarrier::from(std::move(barrier));
     std::shared_ptr<WriterHook> hook;
     if (!pre_commit.is_none() || !post_commit.is_none()) {
       hook = std::make_shared<PyHook>(std::move(pre_commit), std::move(post_commit));
     }
-    WriteStats stats;
-    {
-      nb::gil_scoped_release release;
-      Value* tree = std::get_if<Value>(&source);
-      if (tree && !all_tensors_on_cpu(*tree)) {
-        // Device tensors are copied to host first, through a stager kept for later saves.
-        if (!device_stager_) {
-          StagingOptions staging;
-          staging.use_shared_memory = false;
-          staging.use_async_staging = false;
-          device_stager_.emplace(staging, CudaRuntime::instance());
-        }
-        *tree = device_stager_->stage_now(*tree);
+    nb::gil_scoped_release release;
+    Value* tree = std::get_if<Value>(&source);
+    if (tree && !all_tensors_on_cpu(*tree)) {
+      // Device tensors are copied to host first, through a stager kept for later saves.
+      if (!device_stager_) {
+        StagingOptions staging;
+        staging.use_shared_memory = false;
+        staging.use_async_staging = false;
+        device_stager_.emplace(staging, CudaRuntime::instance());
       }
-      CheckpointWriter writer(rank_, options, native_barrier, hook);
-      stats = tree ? writer.write(path, *tree) : writer.write(path, std::get<RankFilePlan>(std::move(source)));
+      *tree = device_stager_->stage_now(*tree);
     }
-    nb::dict d;
-    d["file"] = stats.file;
-    d["bytes_written"] = stats.bytes_written;
-    d["seconds_data"] = stats.seconds_data;
-    d["seconds_total"] = stats.seconds_total;
-    return d;
+    CheckpointWriter writer(rank_, options, native_barrier, hook);
+    return tree ? writer.write(path, *tree) : writer.write(path, std::get<RankFilePlan>(std::move(source)));
   }
 
   TreeConverter converter_;
   RankInfo rank_;
-  std::string overwrite_option_;
   std::optional<DefaultStager> device_stager_;
 };
 
 }  // namespace
 
 NB_MODULE(_C, m) {
-  data_loss_error = PyErr_NewExceptionWithDoc(
-      "fastdcp.DataLossError", "A checkpoint's stored bytes are truncated or corrupt; the message names the file.",
-      PyExc_RuntimeError, nullptr);
-  m.attr("DataLossError") = nb::handle(data_loss_error);
+  nb::enum_<ErrorCode>(m, "ErrorCode", "What went wrong, as fastdcp's C++ core classifies it (Note [Error policy]).")
+      .value("INVALID_ARGUMENT", ErrorCode::kInvalidArgument)
+      .value("FAILED_PRECONDITION", ErrorCode::kFailedPrecondition)
+      .value("RESOURCE_EXHAUSTED", ErrorCode::kResourceExhausted)
+      .value("UNAVAILABLE", ErrorCode::kUnavailable)
+      .value("CUDA_ERROR", ErrorCode::kCudaError)
+      .value("IO_ERROR", ErrorCode::kIoError)
+      .value("NOT_FOUND", ErrorCode::kNotFound)
+      .value("ALREADY_EXISTS", ErrorCode::kAlreadyExists)
+      .value("DATA_LOSS", ErrorCode::kDataLoss)
+      .value("CANCELLED", ErrorCode::kCancelled)
+      .value("INTERNAL", ErrorCode::kInternal);
+  make_error_types(m);
   translate_errors();
+  // For tests of the codes that no call reachable from Python raises (tests/python/test_errors.py).
+  m.def(
+      "_raise_error",
+      [](ErrorCode code, const std::string& message, int errnum) { throw Error(code, message, errnum); },
+      nb::arg("code"), nb::arg("message"), nb::arg("errnum") = 0);
   nb::class_<StagingOptions>(m, "StagingOptions")
       .def(nb::init<>())
       .def_rw("use_pinned_memory", &StagingOptions::use_pinned_memory)
@@ -490,28 +567,96 @@ NB_MODULE(_C, m) {
       .def("close", &PyStager::close)
       .def_prop_ro("pinning_downgraded", &PyStager::pinning_downgraded)
       .def("stats", &PyStager::stats);
+  const WriterOptions write_defaults;
+  nb::class_<WriterOptions>(m, "WriteOptions", "How CheckpointIO.write saves (WriterOptions in checkpoint.h).")
+      .def(
+          "__init__",
+          [](WriterOptions* self, bool overwrite, const std::string& overwrite_option, int io_threads, bool direct_io,
+             const std::string& io_engine, double barrier_timeout_s) {
+            new (self) WriterOptions{
+                .overwrite = overwrite,
+                .overwrite_option = overwrite_option,
+                .io_threads = io_threads,
+                .direct_io = direct_io,
+                .io_engine = io_engine_from_string(io_engine),
+                .barrier_timeout = timeout_from_seconds(barrier_timeout_s)};
+          },
+          nb::kw_only(), nb::arg("overwrite") = write_defaults.overwrite,
+          nb::arg("overwrite_option") = write_defaults.overwrite_option, nb::arg("io_threads") = write_defaults.io_threads,
+          nb::arg("direct_io") = write_defaults.direct_io, nb::arg("io_engine") = to_string(write_defaults.io_engine),
+          nb::arg("barrier_timeout_s") = timeout_seconds(write_defaults.barrier_timeout))
+      .def_rw("overwrite", &WriterOptions::overwrite, "replace a committed checkpoint")
+      .def_rw("overwrite_option", &WriterOptions::overwrite_option,
+              "how the caller's API spells overwriting, for the error that asks for it")
+      .def_rw("io_threads", &WriterOptions::io_threads, "0: one per core, at least 4")
+      .def_rw("direct_io", &WriterOptions::direct_io)
+      .def_prop_rw("io_engine", &io_engine_name<WriterOptions>, &set_io_engine<WriterOptions>,
+                   "'threads', 'io_uring' or 'auto'")
+      .def_prop_rw(
+          "barrier_timeout_s", [](const WriterOptions& o) { return timeout_seconds(o.barrier_timeout); },
+          [](WriterOptions& o, double seconds) { o.barrier_timeout = timeout_from_seconds(seconds); },
+          "how long the barrier and rank 0's wait for every rank may take");
+  const ReadOptions read_defaults;
+  nb::class_<ReadOptions>(m, "ReadOptions", "How CheckpointIO reads (ReadOptions in checkpoint.h).")
+      .def(
+          "__init__",
+          [](ReadOptions* self, bool verify_checksums, int io_threads, bool use_mmap, bool direct_io,
+             const std::string& io_engine, bool assemble_sharded) {
+            new (self) ReadOptions{.verify_checksums = verify_checksums,
+                                   .io_threads = io_threads,
+                                   .use_mmap = use_mmap,
+                                   .direct_io = direct_io,
+                                   .io_engine = io_engine_from_string(io_engine),
+                                   .assemble_sharded = assemble_sharded};
+          },
+          nb::kw_only(), nb::arg("verify_checksums") = read_defaults.verify_checksums,
+          nb::arg("io_threads") = read_defaults.io_threads, nb::arg("use_mmap") = read_defaults.use_mmap,
+          nb::arg("direct_io") = read_defaults.direct_io, nb::arg("io_engine") = to_string(read_defaults.io_engine),
+          nb::arg("assemble_sharded") = read_defaults.assemble_sharded)
+      .def_rw("verify_checksums", &ReadOptions::verify_checksums)
+      .def_rw("io_threads", &ReadOptions::io_threads, "0: one per core, at least 4")
+      .def_rw("use_mmap", &ReadOptions::use_mmap, "whole reads: map the file instead of reading it")
+      .def_rw("direct_io", &ReadOptions::direct_io, "whole reads: O_DIRECT where the file system allows it")
+      .def_prop_rw("io_engine", &io_engine_name<ReadOptions>, &set_io_engine<ReadOptions>,
+                   "'threads', 'io_uring' or 'auto'")
+      .def_rw("assemble_sharded", &ReadOptions::assemble_sharded);
+  nb::class_<WriteStats>(m, "WriteStats", "What one rank's write did.")
+      .def_ro("file", &WriteStats::file, "this rank's data file")
+      .def_ro("bytes_written", &WriteStats::bytes_written)
+      .def_ro("seconds_data", &WriteStats::seconds_data, "writing and syncing the data file")
+      .def_ro("seconds_total", &WriteStats::seconds_total, "including the commit");
+  nb::class_<PyLoadResult>(m, "LoadResult", "A template filled in place, and the keys that did not match.")
+      .def_ro("state_dict", &PyLoadResult::state_dict, "the template (rebuilt where it held tuples)")
+      .def_ro("missing_keys", &PyLoadResult::missing_keys, "in the template, not in the checkpoint")
+      .def_ro("unexpected_keys", &PyLoadResult::unexpected_keys, "in the checkpoint, not in the template");
   nb::class_<PyCheckpointIO>(m, "CheckpointIO")
-      .def(nb::init<nb::object, int, int, std::string>(), nb::arg("adapter"), nb::arg("rank"), nb::arg("world_size"),
-           nb::arg("overwrite_option") = "overwrite=True")
-      .def("write", &PyCheckpointIO::write, nb::arg("path"), nb::arg("state_dict"), nb::arg("overwrite"),
-           nb::arg("io_threads"), nb::arg("direct_io"), nb::arg("io_engine"), nb::arg("barrier_timeout_s"),
-           nb::arg("barrier").none(), nb::arg("pre_commit").none(), nb::arg("post_commit").none())
+      .def(nb::init<nb::object, int, int>(), nb::arg("adapter"), nb::arg("rank"), nb::arg("world_size"))
+      .def("write", &PyCheckpointIO::write, nb::arg("path"), nb::arg("state_dict"), nb::arg("options"), nb::kw_only(),
+           nb::arg("barrier").none() = nb::none(), nb::arg("pre_commit").none() = nb::none(),
+           nb::arg("post_commit").none() = nb::none(),
+           nb::sig("def write(self, path: str, state_dict: object, options: WriteOptions, *, "
+                   "barrier: collections.abc.Callable[[float], None] | None = None, "
+                   "pre_commit: collections.abc.Callable[[str], None] | None = None, "
+                   "post_commit: collections.abc.Callable[[str], None] | None = None) -> WriteStats"))
       .def("write_shared", &PyCheckpointIO::write_shared, nb::arg("path"), nb::arg("message"), nb::arg("fds"),
-           nb::arg("overwrite"), nb::arg("io_threads"), nb::arg("direct_io"), nb::arg("io_engine"),
-           nb::arg("barrier_timeout_s"), nb::arg("barrier").none(), nb::arg("pre_commit").none(),
-           nb::arg("post_commit").none())
-      .def("abandon", &PyCheckpointIO::abandon, nb::arg("path"), nb::arg("error"), nb::arg("overwrite"),
-           nb::arg("barrier_timeout_s"), nb::arg("barrier").none() = nb::none())
-      .def("read", &PyCheckpointIO::read, nb::arg("path"), nb::arg("verify"), nb::arg("use_mmap"), nb::arg("io_threads"),
-           nb::arg("direct_io"), nb::arg("io_engine"))
-      .def("read_into", &PyCheckpointIO::read_into, nb::arg("path"), nb::arg("target"), nb::arg("strict"),
-           nb::arg("verify"), nb::arg("io_threads"))
-      .def("load_into", &PyCheckpointIO::load_into, nb::arg("source"), nb::arg("target"), nb::arg("strict"),
-           nb::arg("source_name"))
-
-      .def("load_hugging_face", &PyCheckpointIO::load_hugging_face, nb::arg("path"), nb::arg("target"),
+           nb::arg("options"), nb::kw_only(), nb::arg("barrier").none() = nb::none(),
+           nb::arg("pre_commit").none() = nb::none(), nb::arg("post_commit").none() = nb::none(),
+           nb::sig("def write_shared(self, path: str, message: bytes, fds: collections.abc.Sequence[int], "
+                   "options: WriteOptions, *, barrier: collections.abc.Callable[[float], None] | None = None, "
+                   "pre_commit: collections.abc.Callable[[str], None] | None = None, "
+                   "post_commit: collections.abc.Callable[[str], None] | None = None) -> WriteStats"))
+      .def("abandon", &PyCheckpointIO::abandon, nb::arg("path"), nb::arg("error"), nb::arg("options"), nb::kw_only(),
+           nb::arg("barrier").none() = nb::none(),
+           nb::sig("def abandon(self, path: str, error: str, options: WriteOptions, *, "
+                   "barrier: collections.abc.Callable[[float], None] | None = None) -> None"))
+      .def("read", &PyCheckpointIO::read, nb::arg("path"), nb::arg("options"))
+      .def("read_into", &PyCheckpointIO::read_into, nb::arg("path"), nb::arg("target"), nb::arg("options"),
+           nb::kw_only(), nb::arg("strict") = false)
+      .def("load_into", &PyCheckpointIO::load_into, nb::arg("source"), nb::arg("target"), nb::kw_only(),
+           nb::arg("strict"), nb::arg("source_name"))
+      .def("load_hugging_face", &PyCheckpointIO::load_hugging_face, nb::arg("path"), nb::arg("target"), nb::kw_only(),
            nb::arg("strict"), nb::arg("cast"), nb::arg("strip_prefix"), nb::arg("add_prefix"), nb::arg("io_threads"))
-      .def("read_hugging_face", &PyCheckpointIO::read_hugging_face, nb::arg("path"), nb::arg("dtype"),
+      .def("read_hugging_face", &PyCheckpointIO::read_hugging_face, nb::arg("path"), nb::kw_only(), nb::arg("dtype"),
            nb::arg("strip_prefix"), nb::arg("add_prefix"), nb::arg("io_threads"));
   nb::class_<SharedStateDict>(m, "SharedStateDict")
       .def_prop_ro("message", [](const SharedStateDict& s) { return nb::bytes(s.message.data(), s.message.size()); })
@@ -533,7 +678,7 @@ NB_MODULE(_C, m) {
     d["chunks"] = report.chunks;
     d["files_without_checksums"] = report.files_without_checksums;
     return d;
-  });
+  }, nb::arg("path"), nb::sig("def verify(path: str) -> dict[str, int]"));
   m.def(
       "export_hugging_face",
       [](const std::string& checkpoint, const std::string& out, const std::string& max_shard_size,
@@ -562,15 +707,19 @@ NB_MODULE(_C, m) {
         d["peak_sharded_bytes"] = report.peak_sharded_bytes;
         return d;
       },
-      nb::arg("checkpoint"), nb::arg("out"), nb::arg("max_shard_size"), nb::arg("dtype"), nb::arg("prefix"),
-      nb::arg("strip_prefix"), nb::arg("overwrite"), nb::arg("rank"), nb::arg("verify"), nb::arg("io_threads"));
+      nb::arg("checkpoint"), nb::arg("out"), nb::kw_only(), nb::arg("max_shard_size"), nb::arg("dtype"),
+      nb::arg("prefix"), nb::arg("strip_prefix"), nb::arg("overwrite"), nb::arg("rank"), nb::arg("verify"),
+      nb::arg("io_threads"),
+      nb::sig("def export_hugging_face(checkpoint: str, out: str, *, max_shard_size: str, dtype: str, prefix: str, "
+              "strip_prefix: bool, overwrite: bool, rank: int, verify: bool, io_threads: int) "
+              "-> dict[str, int | str | list[str] | list[tuple[str, str]]]"));
   m.def("cuda_available", [] { return CudaRuntime::instance()->available(); });
   m.def("set_warning_handler", [](nb::object handler) {
     set_warning_sink([handler](const std::string& message) {
       nb::gil_scoped_acquire gil;
       handler(message);
     });
-  });
+  }, nb::arg("handler"), nb::sig("def set_warning_handler(handler: collections.abc.Callable[[str], None]) -> None"));
   // The sink holds a Python object: release it while the interpreter still exists.
   nb::module_::import_("atexit").attr("register")(nb::cpp_function([] { set_warning_sink({}); }));
 }

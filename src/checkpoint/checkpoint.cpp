@@ -20,6 +20,7 @@
 
 #include "checkpoint/rank_file_io.h"
 #include "checkpoint/reshard.h"
+#include "fastdcp/checkpoint/device_targets.h"
 #include "fastdcp/common/error.h"
 #include "fastdcp/common/logging.h"
 #include "fastdcp/common/parallel.h"
@@ -130,7 +131,7 @@ OpenedRankFile open_rank_file(const std::string& path, const Manifest& manifest,
   const std::string head =
       read_header_bytes([&](void* dst, uint64_t offset, uint64_t n) { file.read_at(dst, n, offset); }, size, file_path);
   if (crc32c(head.data(), head.size()) != record.header_crc32c) {
-    throw Error(ErrorCode::kDataLoss, "the header of '" + file_path + "' does not match the manifest's checksum");
+    throw ChecksumError("the header of '" + file_path + "' does not match the manifest's checksum");
   }
   if (header_read) header_read(file, head.size());
   RankFileHeader header = RankFileHeader::parse(std::string_view(head).substr(8), size, file_path);
@@ -1129,6 +1130,7 @@ void check_strict(const LoadResult& result, bool strict, const std::string& path
 }  // namespace
 
 LoadResult CheckpointReader::read_into(const std::string& path, Value& target, bool strict) const {
+  DeviceTargets device_targets(target, options_.cuda);  // Note [Loading into device tensors]
   const Manifest manifest = manifest_for_rank(path, rank_);
   const int source_file = source_rank(manifest, rank_);
   OpenedRankFile opened = open_rank_file(path, manifest, source_file);
@@ -1169,10 +1171,12 @@ LoadResult CheckpointReader::read_into(const std::string& path, Value& target, b
   // Sharded leaves under a None target load whole.
   for (auto& [t, p] : plan.taken_roots) take_sharded_whole(*t, p, plan.sharded);
   fill_sharded(path, manifest, plan.sharded, options_, threads, &opened, source_file);
+  device_targets.copy_back();
   return std::move(plan.result);
 }
 
 LoadResult load_into(Value& target, const Value& source, bool strict, const std::string& source_name) {
+  DeviceTargets device_targets(target, nullptr);  // Note [Loading into device tensors]
   LoadPlan plan;
   plan_load(target, source, plan);
   check_strict(plan.result, strict, source_name);
@@ -1201,6 +1205,7 @@ LoadResult load_into(Value& target, const Value& source, bool strict, const std:
       v = Value(std::move(moved));
     });
   }
+  device_targets.copy_back();
   return std::move(plan.result);
 }
 

@@ -26,9 +26,9 @@ namespace {
                                           size_t num_chunks, uint32_t expected, uint32_t actual) {
   char crcs[64];
   std::snprintf(crcs, sizeof crcs, "CRC32C %08x, expected %08x", actual, expected);
-  throw Error(ErrorCode::kDataLoss, "corrupt data in '" + file + "': " + entry + ", chunk " + std::to_string(chunk) +
-                                        " of " + std::to_string(num_chunks) + " (bytes " +
-                                        std::to_string(chunk * kChecksumChunkBytes) + "+): " + crcs);
+  throw ChecksumError("corrupt data in '" + file + "': " + entry + ", chunk " + std::to_string(chunk) + " of " +
+                      std::to_string(num_chunks) + " (bytes " + std::to_string(chunk * kChecksumChunkBytes) +
+                      "+): " + crcs);
 }
 
 const char kZeros[64] = {};

@@ -13,6 +13,7 @@
 #include <unordered_map>
 #include <unordered_set>
 
+#include "fastdcp/checkpoint/device_targets.h"
 #include "fastdcp/common/error.h"
 #include "fastdcp/common/parallel.h"
 #include "fastdcp/format/rank_file.h"
@@ -874,6 +875,7 @@ LoadResult load_targets(const HfFiles& source, const std::vector<Target>& target
 }  // namespace
 
 LoadResult load_hugging_face(const std::string& path, Value& target, const HfImportOptions& options) {
+  DeviceTargets device_targets(target, nullptr);  // Note [Loading into device tensors]
   const HfFiles source = open_hugging_face(path);
   std::vector<Target> targets;
   std::vector<std::string> keys;
@@ -892,7 +894,9 @@ LoadResult load_hugging_face(const std::string& path, Value& target, const HfImp
       keys.push_back(key);
     }
   });
-  return load_targets(source, targets, keys, options, tied_to);
+  LoadResult result = load_targets(source, targets, keys, options, tied_to);
+  device_targets.copy_back();
+  return result;
 }
 
 Value read_hugging_face(const std::string& path, const HfImportOptions& options) {

@@ -244,3 +244,24 @@ def test_the_fastdcp_command_is_installed_with_the_package(tmp_path):
     path.write_bytes(bytes(data))
     verified = subprocess.run([command, "verify", str(tmp_path / "ck")], capture_output=True, text=True)
     assert verified.returncode == 1 and "model.w" in verified.stderr
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU (torch.cuda.is_available() is false)")
+def test_a_gpu_template_is_filled_in_place_by_the_native_reader(tmp_path):
+    # Note [Loading into device tensors]: a strided view keeps the bytes between its elements,
+    # views of one storage stay views of it, and a refused load changes nothing on the device.
+    saved = {"w": torch.arange(12.0).reshape(3, 4), "b": torch.arange(6.0) + 100, "h": torch.arange(4.0)}
+    save(tmp_path / "ck", saved)
+    storage = torch.full((20,), -1.0, device="cuda")
+    template = {"w": storage[:12].view(3, 4), "b": storage[12:18], "h": torch.full((9,), -1.0, device="cuda")[::2][:4]}
+    holder_of_h = template["h"]
+    out, missing = load(tmp_path / "ck", template)
+    assert missing == [] and out["w"] is template["w"] and out["h"] is holder_of_h
+    assert torch.equal(storage[:18].cpu(), torch.cat([saved["w"].flatten(), saved["b"]]))
+    assert torch.equal(storage[18:].cpu(), torch.full((2,), -1.0))
+    assert torch.equal(holder_of_h._base[1::2].cpu(), torch.full((4,), -1.0))  # the gaps
+    assert torch.equal(holder_of_h.cpu(), saved["h"])
+    before = storage.clone()
+    with pytest.raises(RuntimeError, match="strict"):
+        load(tmp_path / "ck", {**template, "extra": torch.zeros(2, device="cuda")}, strict=True)
+    assert torch.equal(storage, before)

@@ -1,6 +1,7 @@
 """Errors that say what happened (issue 14): the exception type a caller catches, on the sync path,
 across the writer process and across ranks, and messages that name the key, the option and the fix."""
 
+import concurrent.futures
 import errno
 import glob
 import multiprocessing
@@ -280,9 +281,10 @@ def test_sync_rank_that_cannot_save_fails_every_rank_at_once(tmp_path):
     for (rank, name), (kind, seconds, message) in outcomes.items():
         details = f"rank {rank}, {name}: {kind} after {seconds:.1f}s: {message}"
         if rank == FAILING_RANK:
-            assert kind == "ValueError" and "cannot save the value at 'bad'" in message, details
+            # fastdcp.InvalidArgumentError, a ValueError
+            assert kind == "InvalidArgumentError" and "cannot save the value at 'bad'" in message, details
         else:
-            assert kind == "RuntimeError", details
+            assert kind == "CancelledError", details  # fastdcp.CancelledError, a RuntimeError too
             assert f"rank {FAILING_RANK} failed: cannot save the value at 'bad'" in message, details
         assert seconds < 10, details  # not the write_barrier_timeout_secs of 30 s
     for name in ("no_barrier", "dist_barrier"):
@@ -317,3 +319,130 @@ def test_out_of_address_space_says_what_and_how_to_fix(tmp_path):
     assert "the address-space limit (ulimit -v) is" in result.stdout and "ulimit -v unlimited" in result.stdout, output
     # Threads that could not start: which, the stack each reserves, and the fix (as warnings).
     assert re.search(r"thread: Resource temporarily unavailable\. Each thread reserves \d+ MiB of address space", result.stderr), output
+
+
+# --- one exception type per error code (issue 16), raised by the C++ core ------------------------------
+from fastdcp import ErrorCode, _C  # noqa: E402
+from fastdcp._adapters import NumpyAdapter  # noqa: E402
+
+EXPECTED_TYPES = {  # code: (type, the built-ins it is also)
+    ErrorCode.INVALID_ARGUMENT: (fastdcp.InvalidArgumentError, (ValueError,)),
+    ErrorCode.FAILED_PRECONDITION: (fastdcp.FailedPreconditionError, (RuntimeError,)),
+    ErrorCode.RESOURCE_EXHAUSTED: (fastdcp.ResourceExhaustedError, (MemoryError,)),
+    ErrorCode.UNAVAILABLE: (fastdcp.UnavailableError, (RuntimeError,)),
+    ErrorCode.CUDA_ERROR: (fastdcp.CudaError, (RuntimeError,)),
+    ErrorCode.IO_ERROR: (fastdcp.IoError, (OSError,)),
+    ErrorCode.NOT_FOUND: (fastdcp.NotFoundError, (FileNotFoundError,)),
+    ErrorCode.ALREADY_EXISTS: (fastdcp.AlreadyExistsError, (FileExistsError, RuntimeError)),
+    ErrorCode.DATA_LOSS: (fastdcp.DataLossError, (RuntimeError,)),
+    ErrorCode.CANCELLED: (fastdcp.CancelledError, (concurrent.futures.CancelledError, RuntimeError)),
+    ErrorCode.INTERNAL: (fastdcp.InternalError, (RuntimeError,)),
+}
+
+
+def test_every_error_code_has_one_type_that_is_the_builtin_a_caller_catches():
+    assert set(EXPECTED_TYPES) == set(ErrorCode)
+    for code, (error_type, builtins) in EXPECTED_TYPES.items():
+        assert error_type.code == code and issubclass(error_type, fastdcp.Error), error_type
+        assert all(issubclass(error_type, builtin) for builtin in builtins), error_type
+        assert error_type.__module__ == "fastdcp.errors" and getattr(fastdcp.errors, error_type.__name__) is error_type
+    assert issubclass(fastdcp.ChecksumError, fastdcp.DataLossError)
+
+
+def raised_by(call, code, error_type=None):
+    """The exception `call` raises: of the type of `code` (or `error_type`), with `code`."""
+    with pytest.raises(fastdcp.Error) as raised:
+        call()
+    error = raised.value
+    assert type(error) is (error_type or EXPECTED_TYPES[code][0]), repr(error)
+    assert error.code == code
+    return error
+
+
+def native_write(path, tree, rank=0, world_size=1, barrier_timeout_s=60.0):
+    options = _C.WriteOptions(barrier_timeout_s=barrier_timeout_s)
+    return _C.CheckpointIO(NumpyAdapter(), rank, world_size).write(str(path), tree, options)
+
+
+def test_invalid_argument_from_an_unsaveable_value(tmp_path):
+    error = raised_by(lambda: fastdcp.save(tmp_path / "ck", {"x": object()}), ErrorCode.INVALID_ARGUMENT)
+    assert "cannot save the value at 'x'" in str(error)
+    raised_by(lambda: setattr(_C.WriteOptions(), "io_engine", "carrier pigeon"), ErrorCode.INVALID_ARGUMENT)
+
+
+def test_failed_precondition_from_a_directory_without_a_checkpoint(tmp_path):
+    error = raised_by(lambda: fastdcp.load(tmp_path), ErrorCode.FAILED_PRECONDITION)
+    assert "holds no committed checkpoint" in str(error)
+
+
+def test_resource_exhausted_from_a_memory_budget():
+    with fastdcp.Stager(memory_budget_bytes=1 << 20) as stager:
+        error = raised_by(lambda: stager.stage({"w": np.zeros(1 << 20)}), ErrorCode.RESOURCE_EXHAUSTED)
+    assert "budget" in str(error)
+
+
+def test_unavailable_from_a_rank_whose_commit_never_comes(tmp_path):
+    # Rank 1 of 2 writes its part; rank 0 never commits within the timeout.
+    error = raised_by(lambda: native_write(tmp_path / "ck", {"a": np.ones(3)}, rank=1, world_size=2,
+                                           barrier_timeout_s=0.2), ErrorCode.UNAVAILABLE)
+    assert "rank 0 did not commit" in str(error)
+
+
+def test_io_errors_keep_errno_and_take_its_oserror_subclass(tmp_path):
+    (tmp_path / "file").write_bytes(b"")
+    error = raised_by(lambda: fastdcp.save(tmp_path / "file" / "ck", {"a": np.ones(3)}), ErrorCode.IO_ERROR,
+                      fastdcp.errors.IoNotADirectoryError)
+    assert isinstance(error, NotADirectoryError) and isinstance(error, fastdcp.IoError)
+    assert error.errno == errno.ENOTDIR and str(tmp_path / "file") in str(error)
+    # An errno without a subclass of its own: the IoError itself.
+    error = raised_by(lambda: fastdcp.save(tmp_path / ("n" * 300), {"a": np.ones(3)}), ErrorCode.IO_ERROR)
+    assert error.errno == errno.ENAMETOOLONG
+
+
+def test_not_found_from_a_missing_checkpoint(tmp_path):
+    error = raised_by(lambda: fastdcp.load(tmp_path / "missing"), ErrorCode.NOT_FOUND)
+    assert isinstance(error, FileNotFoundError) and str(tmp_path / "missing") in str(error)
+
+
+@pytest.mark.parametrize("how", ["data", "header", "truncated"])
+def test_data_loss_says_whether_a_checksum_found_it(tmp_path, how):
+    path = str(tmp_path / "ck")
+    fastdcp.save(path, {"w": np.arange(1 << 16, dtype=np.float32)})
+    damage(path, how)
+    expected = fastdcp.DataLossError if how == "truncated" else fastdcp.ChecksumError
+    raised_by(lambda: fastdcp.load(path), ErrorCode.DATA_LOSS, expected)
+    raised_by(lambda: fastdcp.verify(path), ErrorCode.DATA_LOSS, expected)
+
+
+def test_cancelled_from_a_save_another_rank_abandoned(tmp_path):
+    path = str(tmp_path / "ck")
+    options = _C.WriteOptions(barrier_timeout_s=60.0)
+    # Rank 1 votes against the save (and waits for rank 0's decision); rank 0's write then fails.
+    voter = threading.Thread(target=_C.CheckpointIO(NumpyAdapter(), 1, 2).abandon,
+                             args=(path, "rank 1 ran out of patience", options))
+    voter.start()
+    error = raised_by(lambda: native_write(path, {"a": np.ones(3)}, rank=0, world_size=2), ErrorCode.CANCELLED)
+    voter.join(60)
+    assert "rank 1 ran out of patience" in str(error) and not os.path.exists(os.path.join(path, "manifest.json"))
+
+
+@pytest.mark.parametrize("code", [ErrorCode.ALREADY_EXISTS, ErrorCode.CUDA_ERROR, ErrorCode.INTERNAL])
+def test_codes_no_python_call_reaches_map_too(code):
+    # No call from Python raises these without a GPU or a broken store: a test-only binding throws
+    # the C++ error itself.
+    raised_by(lambda: _C._raise_error(code, "what happened", errno.EEXIST if code == ErrorCode.ALREADY_EXISTS else 0),
+              code)
+
+
+def test_error_types_survive_pickling_as_the_writer_process_sends_them(tmp_path):
+    import pickle
+
+    (tmp_path / "file").write_bytes(b"")
+    for call in (lambda: fastdcp.save(tmp_path / "file" / "ck", {"a": np.ones(3)}),
+                 lambda: fastdcp.load(tmp_path / "missing"),
+                 lambda: _C._raise_error(ErrorCode.CANCELLED, "gone")):
+        with pytest.raises(fastdcp.Error) as raised:
+            call()
+        copy = pickle.loads(pickle.dumps(raised.value))
+        assert type(copy) is type(raised.value) and str(copy) == str(raised.value)
+        assert getattr(copy, "errno", None) == getattr(raised.value, "errno", None)

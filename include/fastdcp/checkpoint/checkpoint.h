@@ -45,6 +45,7 @@
 #include "fastdcp/format/rank_file.h"
 #include "fastdcp/io/file.h"
 #include "fastdcp/io/io_ring.h"
+#include "fastdcp/memory/cuda_runtime.h"
 #include "fastdcp/tensor/value.h"
 
 namespace fastdcp {
@@ -150,6 +151,9 @@ struct ReadOptions {
   // this rank's chunks (a ShardedTensor), for a caller that assembles a few at a time with
   // CheckpointReader::read_sharded (an export of a checkpoint larger than memory).
   bool assemble_sharded = true;
+  // Copies into a read_into target's CUDA tensors (Note [Loading into device tensors]); null:
+  // CudaRuntime::instance().
+  std::shared_ptr<CudaRuntime> cuda;
 };
 
 struct LoadResult {

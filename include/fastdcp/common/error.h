@@ -3,8 +3,14 @@
 // fastdcp reports every failure by throwing fastdcp::Error (derived from std::runtime_error).
 // The message names what went wrong and what to change: the key path, the option, the file or
 // the CUDA call. ErrorCode classifies the failure so that bindings can map it onto their own
-// exception types (Python: ValueError for kInvalidArgument, MemoryError for kResourceExhausted,
-// ...). Asynchronous work delivers the same exceptions through fastdcp::Future.
+// exception types. Python has one type per code, made in one place (translate_errors in
+// python/src/bindings.cpp, re-exported by fastdcp.errors), each a subclass of the built-in a caller
+// already catches: kInvalidArgument -> ValueError, kIoError -> OSError (with errno, so a
+// PermissionError or NotADirectoryError where the errno says so), kNotFound -> FileNotFoundError,
+// kAlreadyExists -> FileExistsError, kResourceExhausted -> MemoryError, kCancelled ->
+// concurrent.futures.CancelledError, kDataLoss -> fastdcp.DataLossError (a RuntimeError; a
+// ChecksumError below is its fastdcp.ChecksumError subclass), every other code a RuntimeError.
+// Asynchronous work delivers the same exceptions through fastdcp::Future.
 // Destructors never throw; they release what they own and report nothing.
 
 #include <stdexcept>
@@ -39,6 +45,13 @@ class Error : public std::runtime_error {
  private:
   ErrorCode code_;
   int errnum_;
+};
+
+// kDataLoss found by a checksum: stored bytes that do not match the CRC32C recorded for them (a
+// chunk's, or a header's in the manifest), as opposed to a file that is truncated or unparsable.
+class ChecksumError : public Error {
+ public:
+  explicit ChecksumError(const std::string& message) : Error(ErrorCode::kDataLoss, message) {}
 };
 
 // For errors of memory that could not be reserved: "the address-space limit (ulimit -v) is N MiB;

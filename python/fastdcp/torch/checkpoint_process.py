@@ -40,7 +40,7 @@ from enum import Enum
 from multiprocessing.reduction import recvfds, sendfds
 from typing import Any, Callable
 
-from fastdcp.torch.checkpoint_writer import CheckpointWriter, CheckpointWriterConfig, _native_io
+from fastdcp.torch.checkpoint_writer import CheckpointWriter, CheckpointWriterConfig, _native_io, _native_options
 from fastdcp.torch.types import STATE_DICT, RankInfo
 
 __all__ = ["CheckpointProcess", "CheckpointProcessConfig", "RequestType", "WorkerRequest", "WorkerResponse"]
@@ -361,8 +361,7 @@ class CheckpointProcess:
         if not isinstance(config, CheckpointWriterConfig):
             config = CheckpointWriterConfig()
         try:
-            _native_io(self._rank_info).abandon(
-                path, message, config.overwrite, float(config.write_barrier_timeout_secs))
+            _native_io(self._rank_info).abandon(path, message, _native_options(config))
         except Exception as vote_error:  # noqa: BLE001 - the save's own error is what the caller gets
             logger.warning("could not vote against the save to %s: %s", path, vote_error)
 

@@ -16,20 +16,6 @@ __all__ = ["CheckpointReader"]
 logger = logging.getLogger(__name__)
 
 
-def _device_tensors(tree, out, parent=None, key=None):
-    """(container, key, tensor) for every non-CPU tensor of a template (dicts and lists)."""
-    if isinstance(tree, torch.Tensor):
-        if tree.device.type != "cpu":
-            out.append((parent, key, tree))
-    elif isinstance(tree, dict):
-        for k, v in tree.items():
-            _device_tensors(v, out, tree, k)
-    elif isinstance(tree, list):
-        for i, v in enumerate(tree):
-            _device_tensors(v, out, tree, i)
-    return out
-
-
 def _to_device(tree, device):
     if isinstance(tree, torch.Tensor):
         return tree.to(device)
@@ -39,24 +25,6 @@ def _to_device(tree, device):
         items = [_to_device(v, device) for v in tree]
         return items if isinstance(tree, list) else tuple(items)
     return tree
-
-
-def _read_through_host(state_dict, read):
-    """Runs ``read()``, which fills the template in place, with the template's GPU tensors swapped
-    for host copies, then copies those over. (Without CUDA there are none, and the template is not
-    walked in Python.)"""
-    on_device = _device_tensors(state_dict, []) if torch.cuda.is_available() else []
-    hosts = [torch.empty_like(tensor, device="cpu") for _, _, tensor in on_device]
-    for (parent, key, _), host in zip(on_device, hosts):
-        parent[key] = host
-    try:
-        result = read()
-    finally:
-        for parent, key, tensor in on_device:
-            parent[key] = tensor
-    for (_, _, tensor), host in zip(on_device, hosts):
-        tensor.copy_(host)
-    return result
 
 
 class CheckpointReader:
@@ -87,28 +55,26 @@ class CheckpointReader:
         # A template takes only what it names: a mapped file reads only those pages.
         source = None if fmt == migrate.FASTDCP else migrate.read_state_dict(
             path, fmt, self._rank_info.global_rank, mmap=mmap or state_dict is not None)
+        options = _C.ReadOptions(verify_checksums=verify, use_mmap=mmap, io_threads=io_threads, direct_io=direct_io,
+                                 io_engine=io_engine)
         if state_dict is None:
-            loaded = source if source is not None else self._io.read(path, verify, mmap, io_threads, direct_io,
-                                                                     io_engine)
+            loaded = source if source is not None else self._io.read(path, options)
             if map_location is not None and torch.device(map_location).type != "cpu":
                 loaded = _to_device(loaded, map_location)
             return loaded, []
+        # CUDA tensors of the template are filled by the native reader (Note [Loading into device tensors]).
         if source is None:
-            def fill():
-                return self._io.read_into(path, state_dict, strict, verify, io_threads)
+            result = self._io.read_into(path, state_dict, options, strict=strict)
         else:
             migrate.adopt_key_types(source, state_dict)
             restore = migrate.stand_in_for_bytes_io(source, state_dict)
-
-            def fill():
-                out = None
-                try:
-                    out = self._io.load_into(source, state_dict, strict, path)
-                    return out
-                finally:
-                    restore(out and out[0])
-        out, missing, unexpected = _read_through_host(state_dict, fill)
-        self.last_unexpected_keys = unexpected
+            result = None
+            try:
+                result = self._io.load_into(source, state_dict, strict=strict, source_name=path)
+            finally:
+                restore(None if result is None else result.state_dict)
+        out, missing = result.state_dict, result.missing_keys
+        self.last_unexpected_keys = result.unexpected_keys
         if missing:
             shown = ", ".join(missing[:10]) + (f" (and {len(missing) - 10} more)" if len(missing) > 10 else "")
             logger.warning("keys missing from checkpoint %s: %s", path, shown)

@@ -44,10 +44,16 @@ class CheckpointWriterConfig:
     io_engine: str = "threads"
 
 
-def _native_io(rank_info: RankInfo):
-    """The native writer of one rank; its errors spell the overwrite option as this API does."""
-    return _C.CheckpointIO(TorchAdapter(), rank_info.global_rank, rank_info.global_world_size,
-                           overwrite_option="CheckpointWriterConfig(overwrite=True)")
+def _native_io(rank_info: RankInfo) -> _C.CheckpointIO:
+    """The native writer of one rank."""
+    return _C.CheckpointIO(TorchAdapter(), rank_info.global_rank, rank_info.global_world_size)
+
+
+def _native_options(config: CheckpointWriterConfig) -> _C.WriteOptions:
+    """The config as the native writer takes it; its errors spell the overwrite option as this API does."""
+    return _C.WriteOptions(overwrite=config.overwrite, overwrite_option="CheckpointWriterConfig(overwrite=True)",
+                           io_threads=config.io_threads, direct_io=config.direct_io, io_engine=config.io_engine,
+                           barrier_timeout_s=float(config.write_barrier_timeout_secs))
 
 
 class CheckpointWriter:
@@ -61,38 +67,37 @@ class CheckpointWriter:
         self._barrier = barrier
         self._commit_hook = commit_hook
         self._io = _native_io(rank_info)
+        self._last_stats: _C.WriteStats | None = None
 
     def write(self, path: str, state_dict: STATE_DICT, **kwargs: Any) -> Future[None] | None:
-        self._last_stats = self._io.write(str(path), state_dict, *self._native_options(kwargs))
+        self._last_stats = self._io.write(str(path), state_dict, _native_options(self._config), **self._callbacks(kwargs))
         return None
 
     def _write_shared(self, path: str, message: bytes, fds: list[int], **kwargs: Any) -> None:
         """write() of a state dict shared by the training process (Note [Writer process]), without
         making torch tensors of it first; takes the descriptors over."""
-        self._last_stats = self._io.write_shared(str(path), message, fds, *self._native_options(kwargs))
+        self._last_stats = self._io.write_shared(str(path), message, fds, _native_options(self._config),
+                                                 **self._callbacks(kwargs))
 
     def _abandon(self, path: str, error: str) -> None:
         """This rank's save to ``path`` never reached the writer: votes against it and joins its
         barrier, as a failed write would (Note [Commit protocol]), so that no rank waits for this one
         and this writer's barrier stays in step with the others'."""
-        self._io.abandon(str(path), error, self._config.overwrite, float(self._config.write_barrier_timeout_secs),
-                         self._barrier_callback())
+        self._io.abandon(str(path), error, _native_options(self._config), barrier=self._barrier_callback())
 
     def _barrier_callback(self):
         """The barrier as the native writer calls it (with its timeout), or None."""
         barrier = self._barrier
         return None if barrier is None else (lambda timeout: barrier.execute_barrier())
 
-    def _native_options(self, kwargs: dict) -> tuple:
+    def _callbacks(self, kwargs: dict) -> dict:
+        """The barrier and the commit hook (given write's keyword arguments) as the native writer calls them."""
         hook = self._commit_hook
-        config = self._config
-        return (
-            config.overwrite, config.io_threads, config.direct_io, config.io_engine,
-            float(config.write_barrier_timeout_secs),
-            self._barrier_callback(),
-            None if hook is None else (lambda p: hook.pre_commit(p, **kwargs)),
-            None if hook is None else (lambda p: hook.post_commit(p, **kwargs)),
-        )
+        return {
+            "barrier": self._barrier_callback(),
+            "pre_commit": None if hook is None else (lambda p: hook.pre_commit(p, **kwargs)),
+            "post_commit": None if hook is None else (lambda p: hook.post_commit(p, **kwargs)),
+        }
 
     def close(self) -> None:
         """Nothing to release: files are closed when each write returns."""

@@ -58,7 +58,7 @@ def convert(src: str, dst: str, *, overwrite: bool = False) -> dict:
                 raise
             migrate.bytes_io_as_bytes(state)  # a fastdcp checkpoint holds bytes, not io.BytesIO
             writer.write(dst, state)
-            written[rank] = writer._last_stats["bytes_written"]
+            written[rank] = writer._last_stats.bytes_written
         except BaseException as error:  # reported below, on the caller's thread
             errors[rank] = error
 

@@ -9,7 +9,6 @@ import torch
 
 from fastdcp import _C
 from fastdcp.torch._adapter import TorchAdapter
-from fastdcp.torch.checkpoint_reader import _read_through_host
 from fastdcp.torch.types import STATE_DICT
 
 __all__ = ["HuggingFaceLoadResult", "export_hugging_face", "load_hugging_face"]
@@ -48,8 +47,9 @@ def export_hugging_face(checkpoint: str, out: str, *, max_shard_size: "int | str
     they held at once."""
     if strip_prefix and not prefix:
         raise ValueError("strip_prefix needs a prefix")
-    return _C.export_hugging_face(str(checkpoint), str(out), str(max_shard_size), _dtype_name(dtype), prefix,
-                                  strip_prefix, overwrite, rank, verify, io_threads)
+    return _C.export_hugging_face(str(checkpoint), str(out), max_shard_size=str(max_shard_size),
+                                  dtype=_dtype_name(dtype), prefix=prefix, strip_prefix=strip_prefix,
+                                  overwrite=overwrite, rank=rank, verify=verify, io_threads=io_threads)
 
 
 def load_hugging_face(path: str, state_dict: STATE_DICT | None = None, *, strict: bool = True, cast: bool = False,
@@ -67,11 +67,11 @@ def load_hugging_face(path: str, state_dict: STATE_DICT | None = None, *, strict
     read."""
     io = _C.CheckpointIO(TorchAdapter(), 0, 1)
     if state_dict is None:
-        return io.read_hugging_face(str(path), _dtype_name(dtype), strip_prefix, add_prefix, io_threads)
+        return io.read_hugging_face(str(path), dtype=_dtype_name(dtype), strip_prefix=strip_prefix,
+                                    add_prefix=add_prefix, io_threads=io_threads)
     if dtype is not None:
         raise ValueError("dtype applies to loads without a state_dict; a template's tensors keep their dtype "
                          "(pass cast=True to convert into them)")
-    _, missing, unexpected = _read_through_host(
-        state_dict, lambda: io.load_hugging_face(str(path), state_dict, strict, cast, strip_prefix, add_prefix,
-                                                 io_threads))
-    return HuggingFaceLoadResult(missing, unexpected)
+    result = io.load_hugging_face(str(path), state_dict, strict=strict, cast=cast, strip_prefix=strip_prefix,
+                                  add_prefix=add_prefix, io_threads=io_threads)
+    return HuggingFaceLoadResult(result.missing_keys, result.unexpected_keys)
