@@ -153,7 +153,7 @@ def test_async_save_returns_staging_and_write_futures_and_loads_back(tmp_path):
         assert_same(checkpointer.load(str(tmp_path / "a")), state)
     finally:
         checkpointer.close()
-    assert checkpointer._process.process is None
+    assert checkpointer._process.pid == 0
 
 
 @pytest.mark.parametrize("copy_on_write", [True, False])
@@ -274,7 +274,7 @@ def test_a_killed_worker_fails_its_write_and_the_next_save_restarts_it(tmp_path)
         checkpointer.save(str(tmp_path / "good"), first, sleep=0)[1].result(timeout=120)
         _, doomed = checkpointer.save(str(tmp_path / "doomed"), model_state(8))
         time.sleep(1.0)  # the worker is inside pre_commit now
-        os.kill(checkpointer._process.process.pid, signal.SIGKILL)
+        os.kill(checkpointer._process.pid, signal.SIGKILL)
         with pytest.raises(RuntimeError, match="SIGKILL"):
             doomed.result(timeout=60)
         with pytest.raises(RuntimeError, match="no committed checkpoint"):
@@ -312,7 +312,7 @@ def test_init_timeout_and_init_failure_are_reported_on_the_write_future(tmp_path
     try:
         with pytest.raises(TimeoutError, match="Timed out after 1s waiting for checkpoint subprocess to initialize"):
             slow._process.process_creation_future.result(timeout=120)
-        assert slow._process.process is None  # the late worker was not left running
+        assert slow._process.pid == 0  # the late worker was not left running
     finally:
         slow.close()
     failing = async_checkpointer(tmp_path, subprocess_init_fn=failing_init)
@@ -327,12 +327,13 @@ def test_init_timeout_and_init_failure_are_reported_on_the_write_future(tmp_path
 def test_close_ends_the_worker_and_is_idempotent(tmp_path):
     checkpointer = async_checkpointer(tmp_path)
     checkpointer._process.process_creation_future.result(timeout=120)
-    worker = checkpointer._process.process
-    assert worker.is_alive()
+    worker = checkpointer._process.pid
+    os.kill(worker, 0)  # running
     checkpointer.close()
     checkpointer.close()
-    assert not worker.is_alive()
-    assert worker.exitcode == 0
+    assert checkpointer._process.pid == 0
+    with pytest.raises(ProcessLookupError):
+        os.kill(worker, 0)  # ended and reaped
     with pytest.raises(RuntimeError, match="after close"):
         checkpointer.save(str(tmp_path / "late"), model_state(13))
 

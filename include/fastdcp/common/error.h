@@ -24,6 +24,7 @@ enum class ErrorCode {
   kDataLoss,            // stored data is truncated or corrupt (names the file, tensor and chunk)
   kCancelled,           // the work was abandoned before it ran
   kInternal,            // a broken invariant inside fastdcp
+  kDeadlineExceeded,    // a wait ran past its timeout (names the timeout option); Python: TimeoutError
 };
 
 const char* to_string(ErrorCode code) noexcept;
