@@ -668,10 +668,10 @@ def init_one_rank_group():
 
 def gil_probe(sd, root, timeout, quiet_s=None):
     """How long fastdcp holds the GIL during one async save (after a warm-up save): a Python thread
-    ticks with sys.setswitchinterval(1e-4) while the main thread saves and waits; every gap between
-    ticks over 0.5 ms counts as a stall, less the time the ticker waited for a CPU (run_delay in
-    /proc/thread-self/schedstat), which a loaded machine adds but the GIL does not. The same ticker
-    over an idle stretch of the same length shows what is left of the machine's noise."""
+    ticks with sys.setswitchinterval(1e-4) while the main thread saves and waits; a gap between
+    ticks over 50 us in which the ticker blocked counts as a stall, less the time it waited for a
+    CPU (/proc/thread-self/sched and schedstat). The same ticker over an idle stretch of the same
+    length shows what is left of the machine's noise."""
     system = make_system("fastdcp")
     system.start()
     try:
@@ -682,15 +682,26 @@ def gil_probe(sd, root, timeout, quiet_s=None):
             stalls, stop = [], threading.Event()
 
             def tick():
-                fd = os.open("/proc/thread-self/schedstat", os.O_RDONLY)
-                delay = lambda: int(os.pread(fd, 100, 0).split()[1]) * 1e-9  # noqa: E731
-                last, last_delay = time.perf_counter(), delay()
+                # A gap in which this thread blocked (a voluntary context switch: the GIL's wait),
+                # less the time it then waited for a CPU, is a stall; preemption and page faults
+                # of a loaded machine are not.
+                sched = os.open("/proc/thread-self/sched", os.O_RDONLY)
+                stat = os.open("/proc/thread-self/schedstat", os.O_RDONLY)
+
+                def sample():
+                    text = os.pread(sched, 4096, 0).decode()
+                    waits = int(text.split("nr_voluntary_switches")[1].split(":")[1].split()[0])
+                    return time.perf_counter(), int(os.pread(stat, 100, 0).split()[1]) * 1e-9, waits
+
+                last = sample()
                 while not stop.is_set():
-                    now, now_delay = time.perf_counter(), delay()
-                    if now - last - (now_delay - last_delay) > 5e-4:
-                        stalls.append(now - last - (now_delay - last_delay))
-                    last, last_delay = now, now_delay
-                os.close(fd)
+                    now = sample()
+                    stall = now[0] - last[0] - (now[1] - last[1])
+                    if now[2] > last[2] and stall > 5e-5:
+                        stalls.append(stall)
+                    last = now
+                os.close(sched)
+                os.close(stat)
 
             old = sys.getswitchinterval()
             sys.setswitchinterval(1e-4)

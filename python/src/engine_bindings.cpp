@@ -366,11 +366,16 @@ class PyAsyncCheckpointer {
     std::string args(call_args.c_str(), call_args.size());
     if (!staging_) throw Error(ErrorCode::kFailedPrecondition, "AsyncCheckpointer.save: no stager of fastdcp's");
     std::shared_ptr<const Value> tree;
+    std::exception_ptr error;
     try {
       tree = std::make_shared<const Value>(staging_->from_python(state_dict, true));
+    } catch (nb::python_error& e) {  // e.g. a str that is not valid Unicode
+      error = std::make_exception_ptr(PyErrorHolder(e));
     } catch (const Error&) {
+      error = std::current_exception();
+    }
+    if (error) {
       // This rank cannot save it: both futures fail, and the save is voted against.
-      const std::exception_ptr error = std::current_exception();
       Future<WriteStats> written;
       {
         nb::gil_scoped_release release;
