@@ -40,8 +40,7 @@ _CHILD = "import sys; from fastdcp import _C; sys.exit(_C.serve_writer(int(sys.a
 
 
 class CheckpointProcess:
-    """Starts this rank's writer process at once (``process_creation_future``) and writes in the
-    order of ``write()`` calls. ``pid`` (0 when none runs) and ``restarts`` describe the writer."""
+    """This rank's writer process, started at once (``process_creation_future``); ``pid`` 0: none runs."""
 
     def __init__(self, rank_info: RankInfo, config: CheckpointProcessConfig,
                  subprocess_init_fn: Callable[..., None], subprocess_init_args: tuple,
