@@ -790,6 +790,10 @@ void AsyncCheckpointer::close() {
   if (stager_) stager_->close();  // stages what was queued: every release and staged future is posted by now
   notifier_->close();  // runs those
   process_->close();
+  // Every write has ended: drop them, and with them what their errors hold (a Python exception
+  // whose traceback may reach this checkpointer's owner).
+  std::lock_guard lock(mutex_);
+  pending_.clear();
 }
 
 // ---- builders -------------------------------------------------------------------------------------

@@ -238,6 +238,51 @@ def test_writer_kwargs_reach_the_hooks_and_stage_options_the_stager(tmp_path):
         checkpointer.close()
 
 
+class CloningStager(fdt.CheckpointStager):
+    """A stager that is not fastdcp's: it clones on a thread of its own and returns a future, or
+    raises the error it was given."""
+
+    def __init__(self, probe):
+        from concurrent.futures import ThreadPoolExecutor
+        self.pool, self.probe, self.seen = ThreadPoolExecutor(1), probe, []
+
+    def stage(self, state_dict, fail=None):
+        self.seen.append(self.probe())
+        if fail is not None:
+            return self.pool.submit(lambda: (_ for _ in ()).throw(fail))
+        def clone():
+            weight = state_dict["model"]["weight"].clone()
+            return {"model": {"weight": weight, "weight_t": weight.t(), "bias": state_dict["model"]["bias"].clone()},
+                    "optim": state_dict["optim"]}
+
+        return self.pool.submit(clone)
+
+    def close(self):
+        self.pool.shutdown()
+
+
+def test_a_stager_that_is_not_fastdcps_stages_each_save_after_the_previous_write(tmp_path):
+    process = fdt.CheckpointProcess(fdt.RankInfo(0, 1), CheckpointProcessConfig(), fdt.builder.default_subprocess_init_fn,
+                                    (), writer_with_hook, {"seconds": 0.5})
+    stager = CloningStager(lambda: (tmp_path / "x1" / "manifest.json").exists())
+    checkpointer = AsyncCheckpointer(stager, process, fdt.CheckpointReader(fdt.RankInfo(0, 1)))
+    try:
+        first, second = model_state(21), model_state(22)
+        _, write1 = checkpointer.save(str(tmp_path / "x1"), first)
+        staging2, write2 = checkpointer.save(str(tmp_path / "x2"), second)
+        assert staging2.result(timeout=60) is None and write2.result(timeout=120) is None
+        assert_same(checkpointer.load(str(tmp_path / "x1")), first)
+        assert_same(checkpointer.load(str(tmp_path / "x2")), second)
+        staging3, write3 = checkpointer.save(str(tmp_path / "x3"), first, stage_options={"fail": KeyError("lost")})
+        for future in (staging3, write3):  # the stager's own error, on both futures
+            with pytest.raises(KeyError, match="lost"):
+                future.result(timeout=120)
+        # Such a stager reuses its buffers: each save staged once the previous one was committed.
+        assert stager.seen == [False, True, True]
+    finally:
+        checkpointer.close()
+
+
 def test_a_failed_write_fails_once_and_later_saves_work(tmp_path):
     checkpointer = async_checkpointer(tmp_path)
     try:
