@@ -186,34 +186,40 @@ struct StagedInput {
 StagedInput staged_input(nb::object adapter, nb::handle staged) {
   auto promise = std::make_shared<Promise<Value>>();
   auto source = std::make_shared<Held>();
-  auto convert = [adapter, promise, source](nb::handle state_dict) {
+  Future<Value> tree = promise->get_future();
+  auto convert = [adapter, source](Promise<Value>& out, nb::handle state_dict) {
     try {
       TreeConverter converter(adapter);
-      Value tree = checkpointable_tree(converter, state_dict);
+      Value value = checkpointable_tree(converter, state_dict);
       *source = hold(nb::borrow(state_dict));
-      promise->set_value(std::move(tree));
+      out.set_value(std::move(value));
     } catch (nb::python_error& e) {
-      promise->set_exception(std::make_exception_ptr(PyErrorHolder(e)));
+      out.set_exception(std::make_exception_ptr(PyErrorHolder(e)));
     } catch (...) {
-      promise->set_exception(std::current_exception());
+      out.set_exception(std::current_exception());
     }
   };
   nb::object future_type = nb::module_::import_("concurrent.futures").attr("Future");
   if (PyObject_IsInstance(staged.ptr(), future_type.ptr()) == 1) {
-    staged.attr("add_done_callback")(nb::cpp_function([convert, promise](nb::handle done) {
+    // The future keeps its done-callbacks: this one lets go of the promise once it ran, or an error
+    // (whose traceback reaches that future) would hold itself through it, out of the GC's sight.
+    auto slot = std::make_shared<std::shared_ptr<Promise<Value>>>(promise);
+    staged.attr("add_done_callback")(nb::cpp_function([convert, slot](nb::handle done) {
+      const std::shared_ptr<Promise<Value>> out = std::move(*slot);
+      if (!out) return;
       nb::object result;
       try {
         result = done.attr("result")();
       } catch (nb::python_error& e) {
-        promise->set_exception(std::make_exception_ptr(PyErrorHolder(e)));
+        out->set_exception(std::make_exception_ptr(PyErrorHolder(e)));
         return;
       }
-      convert(result);
+      convert(*out, result);
     }));
   } else {
-    convert(staged);
+    convert(*promise, staged);
   }
-  return {promise->get_future(), [source](const Future<WriteStats>&) { source->reset(); }};
+  return {tree, [source](const Future<WriteStats>&) { source->reset(); }};
 }
 
 // fastdcp.torch's CheckpointWriterConfig as WriterOptions.
