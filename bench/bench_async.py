@@ -667,6 +667,79 @@ def init_one_rank_group():
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
 
 
+def gil_probe(sd, root, timeout, quiet_s=None):
+    """How long fastdcp holds the GIL during one async save (after a warm-up save): a Python thread
+    ticks with sys.setswitchinterval(1e-4) while the main thread saves and waits; a gap between
+    ticks over 50 us in which the ticker blocked counts as a stall, less the time it waited for a
+    CPU (/proc/thread-self/sched and schedstat). The same ticker over an idle stretch of the same
+    length shows what is left of the machine's noise."""
+    system = make_system("fastdcp")
+    system.start()
+    try:
+        timed_path = os.path.join(root, "gil_probe")
+        system.save(timed_path + "_warm", sd)[1].result(timeout)
+
+        def ticking(body):
+            stalls, stop = [], threading.Event()
+
+            def tick():
+                # A gap in which this thread blocked (a voluntary context switch: the GIL's wait),
+                # less the time it then waited for a CPU, is a stall; preemption and page faults
+                # of a loaded machine are not.
+                sched = os.open("/proc/thread-self/sched", os.O_RDONLY)
+                stat = os.open("/proc/thread-self/schedstat", os.O_RDONLY)
+
+                def sample():
+                    text = os.pread(sched, 4096, 0).decode()
+                    waits = int(text.split("nr_voluntary_switches")[1].split(":")[1].split()[0])
+                    return time.perf_counter(), int(os.pread(stat, 100, 0).split()[1]) * 1e-9, waits
+
+                last = sample()
+                while not stop.is_set():
+                    now = sample()
+                    stall = now[0] - last[0] - (now[1] - last[1])
+                    if now[2] > last[2] and stall > 5e-5:
+                        stalls.append(stall)
+                    last = now
+                os.close(sched)
+                os.close(stat)
+
+            old = sys.getswitchinterval()
+            sys.setswitchinterval(1e-4)
+            ticker = threading.Thread(target=tick, daemon=True)
+            ticker.start()
+            started = time.perf_counter()
+            try:
+                body()
+            finally:
+                stop.set()
+                ticker.join()
+                sys.setswitchinterval(old)
+            return {"seconds": time.perf_counter() - started, "stalls": len(stalls),
+                    "longest_stall_ms": 1e3 * max(stalls, default=0.0), "total_stall_ms": 1e3 * sum(stalls)}
+
+        call = []
+
+        def save():
+            started = time.perf_counter()
+            staged, written = system.save(timed_path, sd)
+            call.append(time.perf_counter() - started)
+            staged.result(timeout)
+            written.result(timeout)
+
+        out = {"save": ticking(save)}
+        # save() on the calling thread: an upper bound of the GIL held there (it releases it inside).
+        out["save_call_ms"] = 1e3 * call[0]
+        out["idle"] = ticking(lambda: time.sleep(quiet_s or out["save"]["seconds"]))
+    finally:
+        system.close()
+    print(f"GIL probe (fastdcp async save): save() returned in {out['save_call_ms']:.2f} ms; "
+          f"longest stall {out['save']['longest_stall_ms']:.2f} ms, total "
+          f"{out['save']['total_stall_ms']:.2f} ms over {out['save']['seconds']:.2f} s; idle ticker: longest "
+          f"{out['idle']['longest_stall_ms']:.2f} ms, total {out['idle']['total_stall_ms']:.2f} ms", flush=True)
+    return out
+
+
 def run_case(case, args, root):
     """One case, in its own process (see main): the hardware limits, then every system."""
     systems = args.systems.split(",")
@@ -687,6 +760,8 @@ def run_case(case, args, root):
         res["systems"].update(run_system_with_fallback(name, sd, key_path, mutate, root, args.runs, args.step,
                                                        args.timeout, args.budget))
     res["disk_s"].append(disk_limit(root, nbytes))
+    if args.gil:
+        res["gil"] = gil_probe(sd, root, args.timeout)
     if dist.is_initialized():
         dist.destroy_process_group()
     return res
@@ -708,6 +783,7 @@ def main():
                                                        "with --quick, <dir>/async_quick.json)")
     parser.add_argument("--timeout", type=float, default=900, help="seconds before one save counts as hung")
     parser.add_argument("--quick", action="store_true", help="tiny state dicts, 2 saves (CI)")
+    parser.add_argument("--gil", action="store_true", help="also probe the GIL held during one fastdcp save")
     parser.add_argument("--case-process", nargs=2, metavar=("CASE", "OUT"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.quick:
@@ -748,6 +824,8 @@ def main():
                  "--small-tensors", str(args.small_tensors), "--small-floats", str(args.small_floats)]
     if args.quick:
         forwarded.append("--quick")
+    if args.gil:
+        forwarded.append("--gil")
     try:
         for case in args.cases.split(","):
             out = os.path.join(root, f"{case}.json")

@@ -15,6 +15,7 @@ NOT_FOUND                NotFoundError                  FileNotFoundError
 ALREADY_EXISTS           AlreadyExistsError             FileExistsError
 DATA_LOSS                DataLossError, ChecksumError   RuntimeError
 CANCELLED                CancelledError                 concurrent.futures.CancelledError
+DEADLINE_EXCEEDED        DeadlineExceededError          TimeoutError
 INTERNAL                 InternalError                  RuntimeError
 ======================== ============================== ==============================
 
@@ -22,15 +23,15 @@ An ``IoError`` whose errno has its own OSError subclass is an ``Io<Subclass>`` o
 (``IoPermissionError`` for EACCES, ``IoNotADirectoryError`` for ENOTDIR, ...)."""
 
 from fastdcp import _C
-from fastdcp._C import (AlreadyExistsError, CancelledError, ChecksumError, CudaError, DataLossError, Error,
-                        ErrorCode, FailedPreconditionError, InternalError, InvalidArgumentError, IoError,
-                        NotFoundError, ResourceExhaustedError, UnavailableError)
+from fastdcp._C import (AlreadyExistsError, CancelledError, ChecksumError, CudaError, DataLossError,
+                        DeadlineExceededError, Error, ErrorCode, FailedPreconditionError, InternalError,
+                        InvalidArgumentError, IoError, NotFoundError, ResourceExhaustedError, UnavailableError)
 
 # The Io<Subclass> types live here too, so that a pickled one (an error of the writer process)
 # unpickles as fastdcp.errors.<name>.
 globals().update({name: value for name, value in vars(_C).items()
                   if isinstance(value, type) and issubclass(value, IoError)})
 
-__all__ = ["AlreadyExistsError", "CancelledError", "ChecksumError", "CudaError", "DataLossError", "Error", "ErrorCode",
-           "FailedPreconditionError", "InternalError", "InvalidArgumentError", "IoError", "NotFoundError",
-           "ResourceExhaustedError", "UnavailableError"]
+__all__ = ["AlreadyExistsError", "CancelledError", "ChecksumError", "CudaError", "DataLossError",
+           "DeadlineExceededError", "Error", "ErrorCode", "FailedPreconditionError", "InternalError",
+           "InvalidArgumentError", "IoError", "NotFoundError", "ResourceExhaustedError", "UnavailableError"]

@@ -17,11 +17,15 @@
 #include "fastdcp/common/logging.h"
 #include "fastdcp/interop/hugging_face.h"
 #include "fastdcp/staging/stager.h"
+#include "py_callbacks.h"
 #include "tree_converter.h"
 
 namespace nb = nanobind;
 using namespace fastdcp;
+using fastdcp::python::checkpointable_tree;
 using fastdcp::python::CyclicGcPause;
+using fastdcp::python::PyBarrier;
+using fastdcp::python::PyHook;
 using fastdcp::python::TreeConverter;
 
 namespace {
@@ -91,6 +95,8 @@ void make_error_types(nb::module_& m) {
        "A checkpoint's stored bytes are truncated or corrupt; the message names the file."},
       {ErrorCode::kCancelled, "CancelledError", nb::make_tuple(cancelled, runtime_error, root),
        "The work was abandoned before it completed (a save another rank voted against)."},
+      {ErrorCode::kDeadlineExceeded, "DeadlineExceededError", nb::make_tuple(nb::handle(PyExc_TimeoutError), root),
+       "A wait ran past its timeout (a write, the writer's start); the message names the timeout option."},
       {ErrorCode::kInternal, "InternalError", nb::make_tuple(runtime_error, root), "A broken invariant inside fastdcp."},
   };
   for (const auto& spec : specs) {
@@ -154,7 +160,8 @@ class PyStager {
  public:
   PyStager(StagingOptions options, bool use_cuda, nb::object adapter)
       : converter_(std::move(adapter)),
-        stager_(options, use_cuda ? CudaRuntime::instance() : CudaRuntime::unavailable("CUDA disabled by the caller")) {}
+        stager_(std::make_shared<DefaultStager>(
+            options, use_cuda ? CudaRuntime::instance() : CudaRuntime::unavailable("CUDA disabled by the caller"))) {}
 
   // `on_released`, when given, is called (with the GIL) as soon as the sources may change again,
   // before stage() returns; see Note [Copy-on-write staging]. `producer_streams`: (device,
@@ -187,7 +194,7 @@ class PyStager {
     Value staged;
     {
       nb::gil_scoped_release release;
-      staged = stager_.stage_now(source, call);
+      staged = stager_->stage_now(source, call);
     }
     const auto t2 = Clock::now();
     nb::object out = converter_.to_python(state_dict, staged, autograd_traits);
@@ -199,13 +206,15 @@ class PyStager {
 
   void close() {
     nb::gil_scoped_release release;
-    stager_.close();
+    stager_->close();
   }
-  bool pinning_downgraded() const { return stager_.pinning_downgraded(); }
+  // The stager itself, for fastdcp.torch's asynchronous staging and checkpointer (engine_bindings.cpp).
+  std::shared_ptr<DefaultStager> native() const { return stager_; }
+  bool pinning_downgraded() const { return stager_->pinning_downgraded(); }
   // (available, why not)
   std::pair<bool, std::string> copy_on_write_available() const {
     std::string why_not;
-    const bool available = stager_.copy_on_write_available(&why_not);
+    const bool available = stager_->copy_on_write_available(&why_not);
     return {available, why_not};
   }
   nb::dict stats() const {
@@ -215,8 +224,8 @@ class PyStager {
       // Without the GIL: a stage() on another thread takes it for on_released while holding the
       // stager's lock, which stats() waits for (Note [Completing futures outside locks]).
       nb::gil_scoped_release release;
-      s = stager_.stats();
-      m = stager_.memory_stats();
+      s = stager_->stats();
+      m = stager_->memory_stats();
     }
     nb::dict d;
     d["stage_calls"] = s.stage_calls;
@@ -240,50 +249,8 @@ class PyStager {
 
  private:
   TreeConverter converter_;
-  DefaultStager stager_;
+  std::shared_ptr<DefaultStager> stager_;
   std::array<double, 3> last_phases_{};
-};
-
-// A Python callable as the writer's barrier: called as barrier(timeout_seconds).
-class PyBarrier : public Barrier {
- public:
-  explicit PyBarrier(nb::object fn) : fn_(std::move(fn)) {}
-  // None: no barrier.
-  static std::shared_ptr<Barrier> from(nb::object fn) {
-    if (fn.is_none()) return nullptr;
-    return std::make_shared<PyBarrier>(std::move(fn));
-  }
-  ~PyBarrier() override {
-    nb::gil_scoped_acquire gil;
-    fn_.reset();
-  }
-  void execute(std::chrono::milliseconds timeout) override {
-    nb::gil_scoped_acquire gil;
-    fn_(static_cast<double>(timeout.count()) / 1000.0);
-  }
-
- private:
-  nb::object fn_;
-};
-
-// Python callables as the writer's hooks: pre_commit(path), post_commit(path); either may be None.
-class PyHook : public WriterHook {
- public:
-  PyHook(nb::object pre, nb::object post) : pre_(std::move(pre)), post_(std::move(post)) {}
-  ~PyHook() override {
-    nb::gil_scoped_acquire gil;
-    pre_.reset();
-    post_.reset();
-  }
-  void pre_commit(const std::string& path) override { call(pre_, path); }
-  void post_commit(const std::string& path) override { call(post_, path); }
-
- private:
-  static void call(const nb::object& fn, const std::string& path) {
-    nb::gil_scoped_acquire gil;
-    if (!fn.is_none()) fn(path);
-  }
-  nb::object pre_, post_;
 };
 
 bool all_tensors_on_cpu(const Value& root) {
@@ -305,57 +272,6 @@ bool all_tensors_on_cpu(const Value& root) {
   }
   return true;
 }
-
-// A state dict as a tree the checkpoint format can hold; an error names any other leaf.
-Value checkpointable_tree(TreeConverter& converter, nb::handle state_dict) {
-  Value tree;
-  {
-    CyclicGcPause gc_pause;
-    tree = converter.from_python(state_dict);
-  }
-  if (!converter.opaque_leaves().empty()) {
-    nb::handle leaf = converter.opaque_leaves().front();
-    const std::string where = "cannot save the value at '" + TreeConverter::path_of(state_dict, leaf) + "'";
-    if (PyLong_CheckExact(leaf.ptr())) {
-      throw Error(ErrorCode::kInvalidArgument,
-                  where + ": the int " + nb::cast<std::string>(nb::repr(leaf)) +
-                      " exceeds 64 bits (checkpoints hold ints from -2**63 to 2**63-1); store it as a str or bytes");
-    }
-    throw Error(ErrorCode::kInvalidArgument,
-                where + " (a " + Py_TYPE(leaf.ptr())->tp_name +
-                    "): checkpoints hold tensors, dicts, lists, tuples, None, bool, int, float, str and bytes");
-  }
-  return tree;
-}
-
-// Staged state dicts handed to the writer process and back into framework tensors there; see
-// Note [Shared state dicts].
-class PyStateDictChannel {
- public:
-  explicit PyStateDictChannel(nb::object adapter) : converter_(std::move(adapter)) {}
-
-  // The message and memfds for attach() in another process. The result owns any copies it made;
-  // the staged tensors themselves must stay alive until the receiver has attached.
-  std::shared_ptr<SharedStateDict> share(nb::handle state_dict) {
-    Value tree = checkpointable_tree(converter_, state_dict);
-    nb::gil_scoped_release release;
-    return std::make_shared<SharedStateDict>(share_state_dict(tree));
-  }
-
-  nb::object attach(nb::bytes message, const std::vector<int>& fds) {
-    Value tree;
-    {
-      const std::string_view bytes(message.c_str(), message.size());
-      nb::gil_scoped_release release;
-      tree = attach_state_dict(bytes, fds);
-    }
-    CyclicGcPause gc_pause;
-    return converter_.loaded_to_python(tree);
-  }
-
- private:
-  TreeConverter converter_;
-};
 
 // The io_engine option of WriterOptions and ReadOptions, as Python spells it ("threads", ...).
 template <typename Options>
@@ -402,21 +318,6 @@ class PyCheckpointIO {
       throw;
     }
     return write_tree(path, std::move(tree), options, std::move(barrier), std::move(pre_commit),
-                      std::move(post_commit));
-  }
-
-  // The same for a state dict that another process shared (Note [Shared state dicts]): the writer
-  // process writes it without making framework tensors of it first. Takes the fds over.
-  WriteStats write_shared(const std::string& path, nb::bytes message, const std::vector<int>& fds,
-                          const WriterOptions& options, nb::object barrier, nb::object pre_commit,
-                          nb::object post_commit) {
-    std::optional<RankFilePlan> plan;
-    {
-      const std::string_view bytes(message.c_str(), message.size());
-      nb::gil_scoped_release release;
-      plan = attach_plan(bytes, fds);
-    }
-    return write_tree(path, std::move(*plan), options, std::move(barrier), std::move(pre_commit),
                       std::move(post_commit));
   }
 
@@ -524,6 +425,8 @@ class PyCheckpointIO {
 
 }  // namespace
 
+void register_engine(nb::module_& m);  // engine_bindings.cpp
+
 NB_MODULE(_C, m) {
   nb::enum_<ErrorCode>(m, "ErrorCode", "What went wrong, as fastdcp's C++ core classifies it (Note [Error policy]).")
       .value("INVALID_ARGUMENT", ErrorCode::kInvalidArgument)
@@ -536,6 +439,7 @@ NB_MODULE(_C, m) {
       .value("ALREADY_EXISTS", ErrorCode::kAlreadyExists)
       .value("DATA_LOSS", ErrorCode::kDataLoss)
       .value("CANCELLED", ErrorCode::kCancelled)
+      .value("DEADLINE_EXCEEDED", ErrorCode::kDeadlineExceeded)
       .value("INTERNAL", ErrorCode::kInternal);
   make_error_types(m);
   translate_errors();
@@ -566,6 +470,7 @@ NB_MODULE(_C, m) {
       .def("copy_on_write_available", &PyStager::copy_on_write_available)
       .def("close", &PyStager::close)
       .def_prop_ro("pinning_downgraded", &PyStager::pinning_downgraded)
+      .def_prop_ro("native", &PyStager::native)
       .def("stats", &PyStager::stats);
   const WriterOptions write_defaults;
   nb::class_<WriterOptions>(m, "WriteOptions", "How CheckpointIO.write saves (WriterOptions in checkpoint.h).")
@@ -638,13 +543,6 @@ NB_MODULE(_C, m) {
                    "barrier: collections.abc.Callable[[float], None] | None = None, "
                    "pre_commit: collections.abc.Callable[[str], None] | None = None, "
                    "post_commit: collections.abc.Callable[[str], None] | None = None) -> WriteStats"))
-      .def("write_shared", &PyCheckpointIO::write_shared, nb::arg("path"), nb::arg("message"), nb::arg("fds"),
-           nb::arg("options"), nb::kw_only(), nb::arg("barrier").none() = nb::none(),
-           nb::arg("pre_commit").none() = nb::none(), nb::arg("post_commit").none() = nb::none(),
-           nb::sig("def write_shared(self, path: str, message: bytes, fds: collections.abc.Sequence[int], "
-                   "options: WriteOptions, *, barrier: collections.abc.Callable[[float], None] | None = None, "
-                   "pre_commit: collections.abc.Callable[[str], None] | None = None, "
-                   "post_commit: collections.abc.Callable[[str], None] | None = None) -> WriteStats"))
       .def("abandon", &PyCheckpointIO::abandon, nb::arg("path"), nb::arg("error"), nb::arg("options"), nb::kw_only(),
            nb::arg("barrier").none() = nb::none(),
            nb::sig("def abandon(self, path: str, error: str, options: WriteOptions, *, "
@@ -662,10 +560,6 @@ NB_MODULE(_C, m) {
       .def_prop_ro("message", [](const SharedStateDict& s) { return nb::bytes(s.message.data(), s.message.size()); })
       .def_ro("fds", &SharedStateDict::fds)
       .def_ro("bytes_copied", &SharedStateDict::bytes_copied);
-  nb::class_<PyStateDictChannel>(m, "StateDictChannel")
-      .def(nb::init<nb::object>(), nb::arg("adapter"))
-      .def("share", &PyStateDictChannel::share, nb::arg("state_dict"))
-      .def("attach", &PyStateDictChannel::attach, nb::arg("message"), nb::arg("fds"));
   m.def("verify", [](const std::string& path) {
     VerifyReport report;
     {
@@ -713,6 +607,7 @@ NB_MODULE(_C, m) {
       nb::sig("def export_hugging_face(checkpoint: str, out: str, *, max_shard_size: str, dtype: str, prefix: str, "
               "strip_prefix: bool, overwrite: bool, rank: int, verify: bool, io_threads: int) "
               "-> dict[str, int | str | list[str] | list[tuple[str, str]]]"));
+  register_engine(m);
   m.def("cuda_available", [] { return CudaRuntime::instance()->available(); });
   m.def("set_warning_handler", [](nb::object handler) {
     set_warning_sink([handler](const std::string& message) {

@@ -33,7 +33,7 @@ using Clock = std::chrono::steady_clock;
 // ---- the wire: frames over a SOCK_STREAM Unix socket ---------------------------------------
 // A frame is a FrameHeader, then `length` payload bytes. A frame's file descriptors ride on its
 // header (SCM_RIGHTS), at most kFdsPerMessage per sendmsg; more follow in one-byte messages.
-enum class Request : uint32_t { kInit = 1, kPing, kWrite, kTerminate };
+enum class Request : uint32_t { kInit = 1, kPing, kWrite, kTerminate, kAbandon };
 constexpr uint32_t kFrameMagic = 0x46445752;  // "FDWR"
 constexpr size_t kFdsPerMessage = 200;         // the kernel's limit is 253 (SCM_MAX_FD)
 
@@ -42,8 +42,13 @@ struct FrameHeader {
   uint32_t type = 0;
   uint64_t length = 0;
   uint32_t fd_count = 0;
-  uint32_t failed = 0;  // responses: the ErrorCode + 1 of the error message in the payload; 0: success
+  uint32_t failed = 0;  // responses: the ErrorCode + 1 of the error in the payload; 0: success
 };
+// Payloads (strings are length-prefixed, put_string; "rest" is what follows):
+//   kInit: InitPayload, rest: CheckpointProcessOptions::init_blob
+//   kWrite: path, call_args, rest: the share_state_dict message; its memfds ride on the frame
+//   kAbandon: path, error message, call_args
+//   a failed reply: int32 errno, message, rest: a CarriedError's blob
 
 struct Frame {
   FrameHeader header;
@@ -178,6 +183,36 @@ std::string pod_bytes(const T& value) {
   return std::string(reinterpret_cast<const char*>(&value), sizeof value);
 }
 
+void put_string(std::string& out, std::string_view s) {
+  out += pod_bytes(static_cast<uint64_t>(s.size()));
+  out += s;
+}
+
+// Takes a length-prefixed string off the front of `in`.
+std::string take_string(std::string_view& in) {
+  uint64_t n = 0;
+  if (in.size() < sizeof n) throw Error(ErrorCode::kInternal, "a checkpoint writer message is truncated");
+  std::memcpy(&n, in.data(), sizeof n);
+  in.remove_prefix(sizeof n);
+  if (n > in.size()) throw Error(ErrorCode::kInternal, "a checkpoint writer message is truncated");
+  std::string out(in.substr(0, n));
+  in.remove_prefix(n);
+  return out;
+}
+
+std::string error_payload(int errnum, const std::string& message, const std::string& blob) {
+  std::string out = pod_bytes(static_cast<int32_t>(errnum));
+  put_string(out, message);
+  return out + blob;
+}
+
+// "5", "0.25": a timeout in seconds, as the Python API spells it.
+std::string seconds_text(std::chrono::milliseconds ms) {
+  char text[32];
+  std::snprintf(text, sizeof text, "%g", static_cast<double>(ms.count()) / 1000.0);
+  return text;
+}
+
 template <class T>
 T pod_from(const std::string& bytes) {
   if (bytes.size() != sizeof(T)) throw Error(ErrorCode::kInternal, "a checkpoint writer message has the wrong size");
@@ -205,13 +240,30 @@ std::string default_writer_executable() {
   return "fastdcp-writer";
 }
 
-}  // namespace
 
 // ---- the writer process -------------------------------------------------------------------------
 
+// The default handler: fastdcp's own writer, with the setup's hook and barrier.
+class NativeWriterHandler final : public WriterProcessHandler {
+ public:
+  NativeWriterHandler(const WriterProcessInit& init, const WriterProcessSetup& setup)
+      : writer_(init.rank, init.writer, setup.barrier, setup.hook) {}
+  WriteStats write(const std::string& path, SharedWrite shared, const std::string&) override {
+    return writer_.write(path, attach_plan(shared.message, shared.fds));
+  }
+  void abandon(const std::string& path, const std::string& error, const std::string&) override {
+    writer_.abandon(path, error);
+  }
+
+ private:
+  CheckpointWriter writer_;
+};
+
+}  // namespace
+
 int run_writer_process(int socket_fd, const WriterProcessSetup& setup) {
   ::signal(SIGINT, SIG_IGN);  // Ctrl-C reaches the whole process group; the trainer decides
-  std::optional<CheckpointWriter> writer;
+  std::unique_ptr<WriterProcessHandler> handler;
   Frame frame;
   for (;;) {
     try {
@@ -224,46 +276,56 @@ int run_writer_process(int socket_fd, const WriterProcessSetup& setup) {
     std::string reply;
     std::optional<ErrorCode> error;
     try {
+      std::string_view payload(frame.payload);
+      if (type != Request::kInit && type != Request::kPing && !handler) {
+        throw Error(ErrorCode::kFailedPrecondition, "the checkpoint writer was not initialized");
+      }
       switch (type) {
         case Request::kInit: {
-          const auto init = pod_from<InitPayload>(frame.payload);
-          WriterOptions options;
-          options.overwrite = init.overwrite != 0;
-          options.io_threads = init.io_threads;
-          options.direct_io = init.direct_io != 0;
-          options.io_engine = static_cast<IoEngine>(init.io_engine);
-          options.barrier_timeout = std::chrono::milliseconds(init.barrier_timeout_ms);
+          if (payload.size() < sizeof(InitPayload)) throw Error(ErrorCode::kInternal, "an init request is truncated");
+          const auto init = pod_from<InitPayload>(frame.payload.substr(0, sizeof(InitPayload)));
+          WriterProcessInit what{RankInfo{init.rank, init.world_size}, WriterOptions{},
+                                 frame.payload.substr(sizeof(InitPayload))};
+          what.writer.overwrite = init.overwrite != 0;
+          what.writer.io_threads = init.io_threads;
+          what.writer.direct_io = init.direct_io != 0;
+          what.writer.io_engine = static_cast<IoEngine>(init.io_engine);
+          what.writer.barrier_timeout = std::chrono::milliseconds(init.barrier_timeout_ms);
           if (setup.init) setup.init();
-          writer.emplace(RankInfo{init.rank, init.world_size}, options, setup.barrier, setup.hook);
+          handler = setup.make_handler ? setup.make_handler(what) : std::make_unique<NativeWriterHandler>(what, setup);
+          if (!handler) throw Error(ErrorCode::kInternal, "the writer process's setup made no handler");
           break;
         }
         case Request::kPing: break;
         case Request::kWrite: {
-          if (!writer) throw Error(ErrorCode::kFailedPrecondition, "the checkpoint writer was not initialized");
-          if (frame.payload.size() < sizeof(uint64_t)) throw Error(ErrorCode::kInternal, "a write request is truncated");
-          uint64_t path_length;
-          std::memcpy(&path_length, frame.payload.data(), sizeof path_length);
-          if (path_length > frame.payload.size() - sizeof path_length) {
-            throw Error(ErrorCode::kInternal, "a write request is truncated");
-          }
-          const std::string path = frame.payload.substr(sizeof path_length, path_length);
+          const std::string path = take_string(payload);
+          const std::string call_args = take_string(payload);
           std::vector<int> fds = std::move(frame.fds);
           frame.fds.clear();
-          const WriteStats stats = writer->write(
-              path, attach_plan(std::string_view(frame.payload).substr(sizeof path_length + path_length), fds));
+          const WriteStats stats = handler->write(path, SharedWrite{payload, std::move(fds)}, call_args);
           reply = pod_bytes(WriteResult{stats.bytes_written, stats.seconds_data, stats.seconds_total}) + stats.file;
           break;
         }
+        case Request::kAbandon: {
+          const std::string path = take_string(payload);
+          const std::string message = take_string(payload);
+          handler->abandon(path, message, take_string(payload));
+          break;
+        }
         case Request::kTerminate:
+          if (handler) handler->close();
           send_frame(socket_fd, type, {});
           return 0;
       }
-    } catch (const Error& e) {
+    } catch (const CarriedError& e) {
       error = e.code();  // this request failed; the writer goes on
-      reply = e.what();
+      reply = error_payload(e.errnum(), e.what(), e.blob());
+    } catch (const Error& e) {
+      error = e.code();
+      reply = error_payload(e.errnum(), e.what(), {});
     } catch (const std::exception& e) {
       error = ErrorCode::kInternal;
-      reply = e.what();
+      reply = error_payload(0, e.what(), {});
     }
     for (int fd : frame.fds) ::close(fd);
     frame.fds.clear();
@@ -272,8 +334,10 @@ int run_writer_process(int socket_fd, const WriterProcessSetup& setup) {
     } catch (const std::exception&) {
       return 0;  // the trainer is gone
     }
+    if (type == Request::kTerminate) return 0;  // a close() that failed: reported, and done
   }
 }
+
 
 // ---- CheckpointProcess ----------------------------------------------------------------------
 
@@ -322,8 +386,8 @@ struct CheckpointProcess::Worker {
       if (r > 0) break;
       if (r < 0 && errno != EINTR) throw_system_error("waiting for the checkpoint writer", errno);
       if (Clock::now() >= deadline) {
-        throw Error(ErrorCode::kUnavailable, "the checkpoint writer process did not finish " + what + " within " +
-                                                 std::to_string(timeout.count()) + " ms");
+        throw Error(ErrorCode::kDeadlineExceeded, "the checkpoint writer process did not finish " + what +
+                                                      " within " + seconds_text(timeout) + "s");
       }
     }
     Frame reply;
@@ -341,10 +405,23 @@ struct CheckpointProcess::Worker {
   }
 };
 
-// The writer's own error, as it reported it.
+namespace {
+
+// The writer's own error, as it reported it: code, errno, message and any carried blob. Always a
+// CarriedError, so that callers can tell the writer's errors from the trainer's own.
 void throw_if_failed(const Frame& reply) {
-  if (reply.header.failed) throw Error(static_cast<ErrorCode>(reply.header.failed - 1), reply.payload);
+  if (!reply.header.failed) return;
+  const auto code = static_cast<ErrorCode>(reply.header.failed - 1);
+  std::string_view payload(reply.payload);
+  int32_t errnum = 0;
+  if (payload.size() < sizeof errnum) throw Error(ErrorCode::kInternal, "a checkpoint writer reply is truncated");
+  std::memcpy(&errnum, payload.data(), sizeof errnum);
+  payload.remove_prefix(sizeof errnum);
+  const std::string message = take_string(payload);
+  throw CarriedError(code, message, errnum, std::string(payload));
 }
+
+}  // namespace
 
 CheckpointProcess::CheckpointProcess(RankInfo rank, WriterOptions writer, CheckpointProcessOptions options)
     : rank_(rank), writer_(writer), options_(std::move(options)) {
@@ -352,8 +429,9 @@ CheckpointProcess::CheckpointProcess(RankInfo rank, WriterOptions writer, Checkp
   comms_ = start_thread("checkpoint writer connection", [this] { comms_loop(); });
   // The writer starts now, in the background, like upstream's; its failure goes to the first write.
   Promise<WriteStats> start;
+  started_future_ = start.get_future().then([](const WriteStats&) {});
   std::lock_guard lock(mutex_);
-  queue_.push_back(Job{Future<Value>(), std::string(), std::move(start)});
+  queue_.push_back(Job{Future<Value>(), std::string(), std::string(), std::move(start)});
   queue_cv_.notify_one();
 }
 
@@ -379,8 +457,9 @@ void CheckpointProcess::ensure_worker() {
   posix_spawn_file_actions_init(&actions);
   posix_spawn_file_actions_adddup2(&actions, sockets[1], sockets[1]);
   const std::string fd_arg = std::to_string(sockets[1]);
-  std::vector<char*> argv{const_cast<char*>(options_.writer_executable.c_str()), const_cast<char*>("--socket"),
-                          const_cast<char*>(fd_arg.c_str()), nullptr};
+  std::vector<char*> argv{const_cast<char*>(options_.writer_executable.c_str())};
+  for (const std::string& argument : options_.writer_arguments) argv.push_back(const_cast<char*>(argument.c_str()));
+  argv.insert(argv.end(), {const_cast<char*>("--socket"), const_cast<char*>(fd_arg.c_str()), nullptr});
   pid_t pid = 0;
   const bool search_path = options_.writer_executable.find('/') == std::string::npos;
   const int err = (search_path ? ::posix_spawnp : ::posix_spawn)(&pid, options_.writer_executable.c_str(), &actions,
@@ -404,8 +483,19 @@ void CheckpointProcess::ensure_worker() {
                          0,
                          static_cast<int64_t>(writer_.barrier_timeout.count())};
   try {
-    send_frame(worker_->socket, Request::kInit, pod_bytes(init));
-    throw_if_failed(worker_->await_reply(options_.init_timeout, "initializing"));
+    send_frame(worker_->socket, Request::kInit, pod_bytes(init) + options_.init_blob);
+    Frame reply;
+    try {
+      reply = worker_->await_reply(options_.init_timeout, "initializing");
+    } catch (const Error& e) {
+      if (e.code() != ErrorCode::kDeadlineExceeded) throw;
+      // Upstream's words first, then ours.
+      throw Error(ErrorCode::kDeadlineExceeded,
+                  "Timed out after " + seconds_text(options_.init_timeout) +
+                      "s waiting for checkpoint subprocess to initialize: " + e.what() +
+                      " (subprocess_init_timeout_secs, CheckpointProcessOptions::init_timeout)");
+    }
+    throw_if_failed(reply);
   } catch (...) {
     drop_worker();  // kills a writer that is late or broken
     throw;
@@ -423,6 +513,7 @@ void CheckpointProcess::comms_loop() {
       job = std::move(queue_.front());
       queue_.pop_front();
     }
+    std::exception_ptr error;
     try {
       if (!job.staged.valid()) {
         ensure_worker();  // the start-up job
@@ -431,8 +522,45 @@ void CheckpointProcess::comms_loop() {
         job.promise.set_value(run_write(job));
       }
     } catch (...) {
-      job.promise.set_exception(std::current_exception());
+      error = std::current_exception();
     }
+    // Published once this thread is out of the handler, whose hold on the exception would
+    // otherwise end after the waiter may have dropped its own (and the waiter's reads of it would
+    // race with its destruction here, as libstdc++'s count is invisible to TSan).
+    if (error) job.promise.set_exception(std::move(error));
+  }
+}
+
+// The writer never got this save: vote against it, so that no rank waits for this one. (Not once
+// the request is sent: the writer may have voted already.) The writer process votes when it can:
+// it also joins the save's barrier, which may live in the writer processes (one made there), where
+// the other ranks wait for it. Otherwise this process votes, and such a barrier waits out its timeout.
+void CheckpointProcess::vote_against(const Job& job, const std::string& error) {
+  if (worker_) {
+    std::string payload;
+    put_string(payload, job.path);
+    put_string(payload, error);
+    put_string(payload, job.call_args);
+    try {
+      Frame reply;
+      try {
+        send_frame(worker_->socket, Request::kAbandon, payload);
+        reply = worker_->await_reply(options_.write_timeout, "voting against '" + job.path + "'");
+      } catch (const Error&) {
+        drop_worker();
+        throw;
+      }
+      throw_if_failed(reply);
+      return;
+    } catch (const std::exception& e) {
+      warn("the writer process could not vote against the save to '" + job.path + "' (" + e.what() +
+           "); voting from the trainer");
+    }
+  }
+  try {
+    CheckpointWriter(rank_, writer_).abandon(job.path, error);
+  } catch (const std::exception& vote_error) {
+    warn("could not vote against the save to '" + job.path + "': " + vote_error.what());
   }
 }
 
@@ -440,18 +568,23 @@ WriteStats CheckpointProcess::run_write(Job& job) {
   SharedStateDict shared;
   try {
     shared = share_state_dict(job.staged.get());
-    ensure_worker();
   } catch (const std::exception& e) {
-    // The writer never got this save: vote against it here, so that no rank waits for this one.
-    // (Not once the request is sent: the writer may have voted already.)
     try {
-      CheckpointWriter(rank_, writer_).abandon(job.path, e.what());
-    } catch (const std::exception& vote_error) {
-      warn("could not vote against the save to '" + job.path + "': " + vote_error.what());
+      ensure_worker();  // a writer votes where it can: one that died since is started again
+    } catch (const std::exception&) {
     }
+    vote_against(job, e.what());
     throw;
   }
-  std::string payload = pod_bytes(static_cast<uint64_t>(job.path.size())) + job.path;
+  try {
+    ensure_worker();
+  } catch (const std::exception& e) {
+    vote_against(job, e.what());
+    throw;
+  }
+  std::string payload;
+  put_string(payload, job.path);
+  put_string(payload, job.call_args);
   payload += shared.message;
   Frame reply;
   try {
@@ -459,6 +592,11 @@ WriteStats CheckpointProcess::run_write(Job& job) {
     reply = worker_->await_reply(options_.write_timeout, "writing '" + job.path + "'");
   } catch (const Error& e) {
     drop_worker();  // dead or hung: killed; the next write starts a new one
+    if (e.code() == ErrorCode::kDeadlineExceeded) {
+      throw Error(ErrorCode::kDeadlineExceeded,
+                  std::string(e.what()) + " (subprocess_write_timeout_secs=" + seconds_text(options_.write_timeout) +
+                      ", CheckpointProcessOptions::write_timeout); it was killed and the next write starts a new one");
+    }
     throw Error(ErrorCode::kUnavailable, std::string(e.what()) + "; the next write starts a new writer process");
   }
   throw_if_failed(reply);  // the writer's own error: it goes on serving
@@ -471,9 +609,9 @@ WriteStats CheckpointProcess::run_write(Job& job) {
   return stats;
 }
 
-Future<WriteStats> CheckpointProcess::write(Future<Value> staged, std::string path) {
+Future<WriteStats> CheckpointProcess::write(Future<Value> staged, std::string path, std::string call_args) {
   if (!staged.valid()) throw Error(ErrorCode::kInvalidArgument, "CheckpointProcess::write: the staged future is empty");
-  Job job{std::move(staged), std::move(path), Promise<WriteStats>()};
+  Job job{std::move(staged), std::move(path), std::move(call_args), Promise<WriteStats>()};
   Future<WriteStats> out = job.promise.get_future();
   {
     std::lock_guard lock(mutex_);
@@ -536,7 +674,7 @@ AsyncCheckpointer::AsyncCheckpointer(std::shared_ptr<DefaultStager> stager, std:
                                      CheckpointReader reader, int max_pending_saves)
     : stager_(std::move(stager)), process_(std::move(process)), reader_(std::move(reader)),
       max_pending_(max_pending_saves) {
-  if (!stager_ || !process_) throw Error(ErrorCode::kInvalidArgument, "AsyncCheckpointer needs a stager and a process");
+  if (!process_) throw Error(ErrorCode::kInvalidArgument, "AsyncCheckpointer needs a process");
   if (max_pending_ < 1) {
     throw Error(ErrorCode::kInvalidArgument,
                 "max_pending_saves must be at least 1, not " + std::to_string(max_pending_saves));
@@ -545,20 +683,40 @@ AsyncCheckpointer::AsyncCheckpointer(std::shared_ptr<DefaultStager> stager, std:
 
 AsyncCheckpointer::~AsyncCheckpointer() { close(); }
 
-std::pair<Future<void>, Future<WriteStats>> AsyncCheckpointer::save(const std::string& path,
-                                                                    std::shared_ptr<const Value> state_dict,
-                                                                    const StageCallOptions& call) {
-  // Back-pressure: at most max_pending_ saves in flight (Note [Saves in flight]).
+// Back-pressure: at most `room_for` - 1 saves stay in flight (Note [Saves in flight]).
+void AsyncCheckpointer::wait_for_room(int room_for) {
   for (;;) {
     Future<WriteStats> oldest;
     {
       std::lock_guard lock(mutex_);
       while (!pending_.empty() && pending_.front().second.ready()) pending_.pop_front();
-      if (static_cast<int>(pending_.size()) < max_pending_) break;
+      if (static_cast<int>(pending_.size()) < room_for) return;
       oldest = pending_.front().second;
     }
     oldest.wait();  // its error, if any, belongs to its own future
   }
+}
+
+void AsyncCheckpointer::add_pending(const std::string& path, const Future<WriteStats>& written) {
+  std::lock_guard lock(mutex_);
+  pending_.emplace_back(std::filesystem::absolute(path).lexically_normal().string(), written);
+}
+
+Future<WriteStats> AsyncCheckpointer::save_staged_by(const std::string& path,
+                                                     const std::function<Future<Value>()>& stage,
+                                                     std::string call_args) {
+  wait_for_room(1);
+  Future<WriteStats> written = process_->write(stage(), path, std::move(call_args));
+  add_pending(path, written);
+  return written;
+}
+
+std::pair<Future<void>, Future<WriteStats>> AsyncCheckpointer::save(const std::string& path,
+                                                                    std::shared_ptr<const Value> state_dict,
+                                                                    const StageCallOptions& call,
+                                                                    std::string call_args) {
+  if (!stager_) throw Error(ErrorCode::kFailedPrecondition, "AsyncCheckpointer::save: this checkpointer has no stager");
+  wait_for_room(max_pending_);
   StageCallOptions leased = call;
   auto lease = std::make_shared<int>(0);
   leased.lease = lease;
@@ -598,13 +756,10 @@ std::pair<Future<void>, Future<WriteStats>> AsyncCheckpointer::save(const std::s
       });
     });
   }
-  Future<WriteStats> written = process_->write(staged, path);
+  Future<WriteStats> written = process_->write(staged, path, std::move(call_args));
   // The lease ends with the write: its buffers may then be staged into again.
   written.on_ready([lease = std::move(lease)](const Future<WriteStats>&) mutable { lease.reset(); });
-  {
-    std::lock_guard lock(mutex_);
-    pending_.emplace_back(std::filesystem::absolute(path).lexically_normal().string(), written);
-  }
+  add_pending(path, written);
   return {staged_done, written};
 }
 
@@ -631,9 +786,13 @@ LoadResult AsyncCheckpointer::load_into(const std::string& path, Value& target, 
 }
 
 void AsyncCheckpointer::close() {
-  stager_->close();    // stages what was queued: every release and staged future is posted by now
+  if (stager_) stager_->close();  // stages what was queued: every release and staged future is posted by now
   notifier_->close();  // runs those
   process_->close();
+  // Every write has ended: drop them, and with them what their errors hold (a Python exception
+  // whose traceback may reach this checkpointer's owner).
+  std::lock_guard lock(mutex_);
+  pending_.clear();
 }
 
 // ---- builders -------------------------------------------------------------------------------------

@@ -19,6 +19,7 @@ const char* to_string(ErrorCode code) noexcept {
     case ErrorCode::kDataLoss: return "data loss";
     case ErrorCode::kCancelled: return "cancelled";
     case ErrorCode::kInternal: return "internal error";
+    case ErrorCode::kDeadlineExceeded: return "deadline exceeded";
   }
   return "unknown error";
 }

@@ -4,8 +4,10 @@
 #include <signal.h>
 #include <stdlib.h>
 
+#include <cerrno>
 #include <cstring>
 #include <fstream>
+#include <iterator>
 #include <thread>
 
 #include "fastdcp/common/error.h"
@@ -262,6 +264,103 @@ TEST_F(CheckpointerTest, CloseEndsTheWriterProcess) {
   EXPECT_EQ(process->pid(), 0);
   EXPECT_NE(::kill(pid, 0), 0);  // gone and reaped
   EXPECT_THROW(process->write(make_ready_future(Value()), at("late")), Error);
+}
+
+// ---- the frame protocol, through a writer program with its own handler ----------------------------
+
+std::string read_file(const std::string& path) {
+  std::ifstream in(path);
+  return std::string(std::istreambuf_iterator<char>(in), {});
+}
+
+Future<Value> ready_state(float value, int64_t step) { return make_ready_future(std::move(*model_state(value, step))); }
+
+CheckpointProcessOptions handler_writer(const std::string& tag, std::string init_blob = "INIT") {
+  CheckpointProcessOptions options;
+  options.writer_executable = FASTDCP_HANDLER_WRITER;
+  options.writer_arguments = {"--tag", tag};
+  options.init_blob = std::move(init_blob);
+  return options;
+}
+
+TEST_F(CheckpointerTest, ArgumentsInitBlobAndCallArgsReachTheWritersHandler) {
+  CheckpointProcess process(RankInfo{}, WriterOptions{}, handler_writer("T1", std::string("in\0it", 5)));
+  const WriteStats stats = process.write(ready_state(1, 1), at("k"), "kw=1").get();
+  EXPECT_EQ(stats.file, at("k") + ".args");
+  EXPECT_EQ(read_file(at("k.args")), std::string("T1|in\0it|kw=1", 13));
+  process.close();
+}
+
+TEST_F(CheckpointerTest, AWritersErrnoAndCarriedBlobCrossTheProcess) {
+  CheckpointProcess process(RankInfo{}, WriterOptions{}, handler_writer("T2"));
+  // The futures outlive the handlers: an exception's last owner is then this thread, as TSan,
+  // which does not see libstdc++'s exception counts, needs.
+  Future<WriteStats> full = process.write(ready_state(1, 1), at("full"), "enospc");
+  Future<WriteStats> carried = process.write(ready_state(1, 1), at("carried"), "carry");
+  try {
+    full.get();
+    ADD_FAILURE() << "no error";
+  } catch (const CarriedError& e) {
+    EXPECT_EQ(e.code(), ErrorCode::kIoError);
+    EXPECT_EQ(e.errnum(), ENOSPC);
+    EXPECT_EQ(std::string(e.what()), "no room for " + at("full"));
+    EXPECT_EQ(e.blob(), "");
+  }
+  try {
+    carried.get();
+    ADD_FAILURE() << "no error";
+  } catch (const CarriedError& e) {
+    EXPECT_EQ(e.code(), ErrorCode::kInvalidArgument);
+    EXPECT_EQ(std::string(e.what()), "carried");
+    EXPECT_EQ(e.blob(), "BLOB");
+  }
+  EXPECT_EQ(process.restarts(), 0);  // the writer went on serving
+  process.write(ready_state(1, 1), at("after"), "ok").get();
+  process.close();  // the writer's thread is done with every future
+}
+
+TEST_F(CheckpointerTest, ASaveThatNeverReachesTheWriterIsAbandonedByTheWriterProcess) {
+  CheckpointProcess process(RankInfo{}, WriterOptions{}, handler_writer("T3"));
+  Promise<Value> staging;
+  staging.set_exception(std::make_exception_ptr(Error(ErrorCode::kResourceExhausted, "staging ran out")));
+  EXPECT_THROW(process.write(staging.get_future(), at("lost"), "kw=3").get(), Error);
+  EXPECT_EQ(read_file(at("lost.abandoned")), "staging ran out|kw=3");
+  process.close();
+}
+
+TEST_F(CheckpointerTest, TimeoutsAreDeadlineExceededNamingTheOption) {
+  ::setenv("SLOW_WRITER_INIT_MS", "30000", 1);
+  CheckpointProcessOptions options;
+  options.writer_executable = FASTDCP_SLOW_WRITER;
+  options.init_timeout = 300ms;
+  CheckpointProcess process(RankInfo{}, WriterOptions{}, options);
+  try {
+    process.started().get();
+    ADD_FAILURE() << "no error";
+  } catch (const Error& e) {
+    EXPECT_EQ(e.code(), ErrorCode::kDeadlineExceeded);
+    EXPECT_NE(std::string(e.what()).find("Timed out after 0.3s"), std::string::npos) << e.what();
+    EXPECT_NE(std::string(e.what()).find("init_timeout"), std::string::npos) << e.what();
+  }
+  ::unsetenv("SLOW_WRITER_INIT_MS");
+  process.close();
+}
+
+TEST_F(CheckpointerTest, ASaveStagedElsewhereWaitsForTheWriteBeforeIt) {
+  ::setenv("SLOW_WRITER_MS", "500", 1);
+  auto process = std::make_shared<CheckpointProcess>(RankInfo{}, WriterOptions{}, cpu_options(FASTDCP_SLOW_WRITER).process);
+  AsyncCheckpointer checkpointer(nullptr, process, CheckpointReader());
+  auto first = checkpointer.save_staged_by(at("slow1"), [&] { return ready_state(1, 1); });
+  bool first_done_when_staging = false;
+  auto second = checkpointer.save_staged_by(at("k2"), [&] {
+    first_done_when_staging = first.ready();
+    return ready_state(2, 2);
+  });
+  second.get();
+  EXPECT_TRUE(first_done_when_staging);  // such a stager reuses its buffers: as upstream
+  EXPECT_THROW(checkpointer.save(at("k3"), model_state(3, 3)), Error);  // no stager of its own
+  expect_state(checkpointer.load(at("slow1")), 1, 1);
+  checkpointer.close();
 }
 
 }  // namespace

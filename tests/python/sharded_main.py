@@ -34,17 +34,18 @@ from torch.distributed.tensor import DTensor, Partial, Replicate, Shard
 from torch.distributed.tensor import distribute_tensor as _distribute_tensor
 from torch.distributed.tensor.placement_types import _StridedShard
 
-from fastdcp import _C
 from fastdcp.torch import (
     CheckpointerConfig,
+    CheckpointProcess,
+    CheckpointProcessConfig,
     CheckpointStagerConfig,
     DefaultStager,
     RankInfo,
     make_async_checkpointer,
     make_sync_checkpointer,
 )
-from fastdcp.torch._adapter import TorchAdapter
 from fastdcp.torch._dtensor import describe_sharded
+from fastdcp.torch.builder import default_subprocess_init_fn
 
 def distribute_tensor(full, mesh, placements):
     """DTensor's own cut of `full`, which every rank holds (uneven strided shards included)."""
@@ -135,6 +136,16 @@ def check_boxes(dt: DTensor, full: torch.Tensor, what: str) -> None:
         assert indices == set(range(replica_count)), (what, key, indices)
 
 
+class TorchObjectsWriter:
+    """A writer process's writer that is not fastdcp's: it asks for torch objects."""
+
+    def __init__(self, rank_info):
+        pass
+
+    def write(self, path, state_dict, **kwargs):
+        pass
+
+
 def phase_boxes(out: str, report: dict) -> None:
     world = dist.get_world_size()
     rng = random.Random(15)
@@ -187,14 +198,15 @@ def phase_boxes(out: str, report: dict) -> None:
 
     # The staged tree crosses to the writer process as a Value with the DTensors as sharded leaves;
     # a writer that asks for torch objects there (not fastdcp's) cannot have them without a mesh.
-    channel = _C.StateDictChannel(TorchAdapter())
+    process = CheckpointProcess(RankInfo(dist.get_rank(), world), CheckpointProcessConfig(),
+                                default_subprocess_init_fn, (), TorchObjectsWriter, {})
     staged = stager.stage({"model": {"w": distribute_tensor(torch.ones(8), meshes[(world,)], [Shard(0)])}})
-    shared = channel.share(staged)
     try:
-        channel.attach(shared.message, [os.dup(fd) for fd in shared.fds])  # attach takes its fds over
+        process.write(staged, f"{out}/torch_objects").result(timeout=120)
         raise AssertionError("a sharded leaf became a torch object without its mesh (wrong)")
     except ValueError as error:
         assert "'model.w'" in str(error) and "device mesh" in str(error), str(error)
+    process.close()
     stager.close()
 
     # Refusals, by key, before anything is written.

@@ -153,7 +153,7 @@ def test_async_save_returns_staging_and_write_futures_and_loads_back(tmp_path):
         assert_same(checkpointer.load(str(tmp_path / "a")), state)
     finally:
         checkpointer.close()
-    assert checkpointer._process.process is None
+    assert checkpointer._process.pid == 0
 
 
 @pytest.mark.parametrize("copy_on_write", [True, False])
@@ -238,6 +238,51 @@ def test_writer_kwargs_reach_the_hooks_and_stage_options_the_stager(tmp_path):
         checkpointer.close()
 
 
+class CloningStager(fdt.CheckpointStager):
+    """A stager that is not fastdcp's: it clones on a thread of its own and returns a future, or
+    raises the error it was given."""
+
+    def __init__(self, probe):
+        from concurrent.futures import ThreadPoolExecutor
+        self.pool, self.probe, self.seen = ThreadPoolExecutor(1), probe, []
+
+    def stage(self, state_dict, fail=None):
+        self.seen.append(self.probe())
+        if fail is not None:
+            return self.pool.submit(lambda: (_ for _ in ()).throw(fail))
+        def clone():
+            weight = state_dict["model"]["weight"].clone()
+            return {"model": {"weight": weight, "weight_t": weight.t(), "bias": state_dict["model"]["bias"].clone()},
+                    "optim": state_dict["optim"]}
+
+        return self.pool.submit(clone)
+
+    def close(self):
+        self.pool.shutdown()
+
+
+def test_a_stager_that_is_not_fastdcps_stages_each_save_after_the_previous_write(tmp_path):
+    process = fdt.CheckpointProcess(fdt.RankInfo(0, 1), CheckpointProcessConfig(), fdt.builder.default_subprocess_init_fn,
+                                    (), writer_with_hook, {"seconds": 0.5})
+    stager = CloningStager(lambda: (tmp_path / "x1" / "manifest.json").exists())
+    checkpointer = AsyncCheckpointer(stager, process, fdt.CheckpointReader(fdt.RankInfo(0, 1)))
+    try:
+        first, second = model_state(21), model_state(22)
+        _, write1 = checkpointer.save(str(tmp_path / "x1"), first)
+        staging2, write2 = checkpointer.save(str(tmp_path / "x2"), second)
+        assert staging2.result(timeout=60) is None and write2.result(timeout=120) is None
+        assert_same(checkpointer.load(str(tmp_path / "x1")), first)
+        assert_same(checkpointer.load(str(tmp_path / "x2")), second)
+        staging3, write3 = checkpointer.save(str(tmp_path / "x3"), first, stage_options={"fail": KeyError("lost")})
+        for future in (staging3, write3):  # the stager's own error, on both futures
+            with pytest.raises(KeyError, match="lost"):
+                future.result(timeout=120)
+        # Such a stager reuses its buffers: each save staged once the previous one was committed.
+        assert stager.seen == [False, True, True]
+    finally:
+        checkpointer.close()
+
+
 def test_a_failed_write_fails_once_and_later_saves_work(tmp_path):
     checkpointer = async_checkpointer(tmp_path)
     try:
@@ -274,7 +319,7 @@ def test_a_killed_worker_fails_its_write_and_the_next_save_restarts_it(tmp_path)
         checkpointer.save(str(tmp_path / "good"), first, sleep=0)[1].result(timeout=120)
         _, doomed = checkpointer.save(str(tmp_path / "doomed"), model_state(8))
         time.sleep(1.0)  # the worker is inside pre_commit now
-        os.kill(checkpointer._process.process.pid, signal.SIGKILL)
+        os.kill(checkpointer._process.pid, signal.SIGKILL)
         with pytest.raises(RuntimeError, match="SIGKILL"):
             doomed.result(timeout=60)
         with pytest.raises(RuntimeError, match="no committed checkpoint"):
@@ -312,7 +357,7 @@ def test_init_timeout_and_init_failure_are_reported_on_the_write_future(tmp_path
     try:
         with pytest.raises(TimeoutError, match="Timed out after 1s waiting for checkpoint subprocess to initialize"):
             slow._process.process_creation_future.result(timeout=120)
-        assert slow._process.process is None  # the late worker was not left running
+        assert slow._process.pid == 0  # the late worker was not left running
     finally:
         slow.close()
     failing = async_checkpointer(tmp_path, subprocess_init_fn=failing_init)
@@ -327,12 +372,13 @@ def test_init_timeout_and_init_failure_are_reported_on_the_write_future(tmp_path
 def test_close_ends_the_worker_and_is_idempotent(tmp_path):
     checkpointer = async_checkpointer(tmp_path)
     checkpointer._process.process_creation_future.result(timeout=120)
-    worker = checkpointer._process.process
-    assert worker.is_alive()
+    worker = checkpointer._process.pid
+    os.kill(worker, 0)  # running
     checkpointer.close()
     checkpointer.close()
-    assert not worker.is_alive()
-    assert worker.exitcode == 0
+    assert checkpointer._process.pid == 0
+    with pytest.raises(ProcessLookupError):
+        os.kill(worker, 0)  # ended and reaped
     with pytest.raises(RuntimeError, match="after close"):
         checkpointer.save(str(tmp_path / "late"), model_state(13))
 

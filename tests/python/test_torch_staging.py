@@ -347,62 +347,45 @@ def test_native_tensor_ops_are_used_only_with_the_torch_they_were_built_for(monk
     assert _adapter._native_ops() is None
 
 
-class _RecordingNative:
-    """Stands in for the native stager: records the producer streams each stage() was given."""
-
-    def __init__(self):
-        self.calls = []
-
-    def stage(self, state_dict, lease, on_released, producer_streams, autograd_traits=False):
-        self.calls.append(producer_streams)
-        return state_dict
-
-    def close(self):
-        pass
-
-
-@pytest.mark.parametrize("use_async_staging", [False, True])
-@pytest.mark.parametrize("leased", [False, True])
-def test_device_copies_wait_for_the_callers_stream_not_the_staging_threads(monkeypatch, use_async_staging,
-                                                                           leased):
+@pytest.mark.parametrize("path", ["sync", "async", "checkpointer"])
+def test_device_copies_wait_for_the_callers_stream_not_the_staging_threads(monkeypatch, tmp_path, path):
     # torch keeps the current device and stream per thread: under torchrun a rank works on cuda:r,
     # perhaps on a side stream, while the staging thread's current stream is cuda:0's default one.
-    # The streams the copies wait for must be read in the thread that calls stage().
+    # The streams the copies wait for must be read in the thread that calls stage() or save().
     import threading
-    caller = threading.get_ident()
+    readers = []
 
     class Stream:
-        def __init__(self, index, handle):
-            self.device, self.cuda_stream = torch.device("cuda", index), handle
+        device, cuda_stream = torch.device("cuda", 3), 0xCAFE
 
+    def current_stream(device=None):
+        readers.append(threading.get_ident())
+        return Stream()
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # a host with an accelerator
     monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
-    monkeypatch.setattr(torch.cuda, "current_stream",
-                        lambda device=None: Stream(3, 0xCAFE) if threading.get_ident() == caller else Stream(0, 0))
-    stager = DefaultStager(CheckpointStagerConfig(use_async_staging=use_async_staging, use_pinned_memory=False,
-                                                  use_non_blocking_copy=False))
-    stager._accelerator = True
-    stager._native.close()
-    stager._native = native = _RecordingNative()
-    if leased:
-        stager._stage_leased({"w": torch.zeros(4)}).result()
+    monkeypatch.setattr(torch.cuda, "current_stream", current_stream)
+    config = CheckpointStagerConfig(use_async_staging=path != "sync", use_pinned_memory=False,
+                                    use_non_blocking_copy=False)
+    if path == "checkpointer":
+        checkpointer = fdt.make_async_checkpointer(fdt.CheckpointerConfig(staging_config=config))
+        try:
+            checkpointer.save(str(tmp_path / "ck"), {"w": torch.zeros(4)})[1].result(timeout=120)
+        finally:
+            checkpointer.close()
     else:
-        result = stager.stage({"w": torch.zeros(4)})
-        if use_async_staging:
-            result.result()
-    stager.close()
-    assert native.calls == [[(3, 0xCAFE)]]
+        with DefaultStager(config) as stager:
+            result = stager.stage({"w": torch.zeros(4)})
+            assert torch.equal((result.result() if path == "async" else result)["w"], torch.zeros(4))
+    assert readers == [threading.get_ident()]
 
 
 def test_no_producer_streams_before_cuda_is_initialized(monkeypatch):
+    # Reading the current stream would initialize CUDA in a process that has not used it.
     monkeypatch.setattr(torch.cuda, "is_initialized", lambda: False)
-    stager = DefaultStager(CheckpointStagerConfig(use_pinned_memory=False, use_non_blocking_copy=False))
-    native_stage = stager._native
-    recorded = _RecordingNative()
-    stager._native = recorded
-    stager.stage({"w": torch.zeros(4)}).result()
-    stager._native = native_stage
-    stager.close()
-    assert recorded.calls == [[]]
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: pytest.fail("read the current stream"))
+    with DefaultStager(CheckpointStagerConfig(use_pinned_memory=False, use_non_blocking_copy=False)) as stager:
+        assert torch.equal(stager.stage({"w": torch.ones(4)}).result()["w"], torch.ones(4))
 
 
 def test_stats_while_another_thread_stages_and_its_release_callback_runs():
@@ -411,14 +394,17 @@ def test_stats_while_another_thread_stages_and_its_release_callback_runs():
     # process, so that a regression fails here instead of hanging the suite.
     script = textwrap.dedent("""
         import threading, time, torch
-        from fastdcp.torch import CheckpointStagerConfig, DefaultStager
-        stager = DefaultStager(CheckpointStagerConfig(use_pinned_memory=False, use_shared_memory=False,
-                                                      use_async_staging=False, use_non_blocking_copy=False))
+        from fastdcp import _C
+        from fastdcp.torch._adapter import TorchAdapter
+        options = _C.StagingOptions()
+        options.use_pinned_memory = options.use_shared_memory = options.use_async_staging = False
+        options.use_non_blocking_copy = False
+        stager = _C.Stager(options, False, TorchAdapter())
         inside = threading.Event()
         def on_released():
             inside.set()
             time.sleep(0.5)  # lets the main thread call stats() while the stager's lock is held
-        worker = threading.Thread(target=lambda: stager._stage({"w": torch.ones(1 << 20)}, on_released=on_released))
+        worker = threading.Thread(target=lambda: stager.stage({"w": torch.ones(1 << 20)}, on_released=on_released))
         worker.start()
         inside.wait()
         assert stager.stats()["stage_calls"] >= 0

@@ -8,7 +8,7 @@
 // already catches: kInvalidArgument -> ValueError, kIoError -> OSError (with errno, so a
 // PermissionError or NotADirectoryError where the errno says so), kNotFound -> FileNotFoundError,
 // kAlreadyExists -> FileExistsError, kResourceExhausted -> MemoryError, kCancelled ->
-// concurrent.futures.CancelledError, kDataLoss -> fastdcp.DataLossError (a RuntimeError; a
+// concurrent.futures.CancelledError, kDeadlineExceeded -> TimeoutError, kDataLoss -> fastdcp.DataLossError (a RuntimeError; a
 // ChecksumError below is its fastdcp.ChecksumError subclass), every other code a RuntimeError.
 // Asynchronous work delivers the same exceptions through fastdcp::Future.
 // Destructors never throw; they release what they own and report nothing.
@@ -29,7 +29,8 @@ enum class ErrorCode {
   kAlreadyExists,       // a create-if-absent found the name taken (names it)
   kDataLoss,            // stored data is truncated or corrupt (names the file, tensor and chunk)
   kCancelled,           // the work was abandoned before it ran
-  kInternal,            // a broken invariant inside fastdcp
+  kDeadlineExceeded,    // a wait ran past its timeout (names the timeout option)
+  kInternal,            // a broken invariant inside fastdcp (the last code: bindings size tables by it)
 };
 
 const char* to_string(ErrorCode code) noexcept;

@@ -80,6 +80,16 @@ class TorchAdapter:
             torch._C._set_neg(view, True)
 
     @staticmethod
+    def producer_streams():
+        """The caller's current CUDA stream, which device-to-host copies wait for: read on the thread
+        that stages or saves, as torch keeps it per thread (a staging thread's is cuda:0's default
+        stream, not the rank's); none before CUDA is initialized, which reading would do."""
+        if not torch.cuda.is_available() or not torch.cuda.is_initialized():
+            return []
+        stream = torch.cuda.current_stream()
+        return [(stream.device.index, stream.cuda_stream)]
+
+    @staticmethod
     def view_dtype(byte_tensor, dtype):
         return byte_tensor.view(dtype)
 

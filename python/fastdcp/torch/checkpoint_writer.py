@@ -73,12 +73,6 @@ class CheckpointWriter:
         self._last_stats = self._io.write(str(path), state_dict, _native_options(self._config), **self._callbacks(kwargs))
         return None
 
-    def _write_shared(self, path: str, message: bytes, fds: list[int], **kwargs: Any) -> None:
-        """write() of a state dict shared by the training process (Note [Writer process]), without
-        making torch tensors of it first; takes the descriptors over."""
-        self._last_stats = self._io.write_shared(str(path), message, fds, _native_options(self._config),
-                                                 **self._callbacks(kwargs))
-
     def _abandon(self, path: str, error: str) -> None:
         """This rank's save to ``path`` never reached the writer: votes against it and joins its
         barrier, as a failed write would (Note [Commit protocol]), so that no rank waits for this one

@@ -1,0 +1,80 @@
+#pragma once
+// Python callables behind the writer's C++ interfaces, and the check that a state dict can be
+// saved; shared by bindings.cpp and engine_bindings.cpp.
+
+#include <nanobind/nanobind.h>
+
+#include <chrono>
+#include <memory>
+#include <string>
+
+#include "fastdcp/checkpoint/checkpoint.h"
+#include "tree_converter.h"
+
+namespace fastdcp::python {
+
+// A Python callable as the writer's barrier: called as barrier(timeout_seconds).
+class PyBarrier : public Barrier {
+ public:
+  explicit PyBarrier(nb::object fn) : fn_(std::move(fn)) {}
+  // None: no barrier.
+  static std::shared_ptr<Barrier> from(nb::object fn) {
+    if (fn.is_none()) return nullptr;
+    return std::make_shared<PyBarrier>(std::move(fn));
+  }
+  ~PyBarrier() override {
+    nb::gil_scoped_acquire gil;
+    fn_.reset();
+  }
+  void execute(std::chrono::milliseconds timeout) override {
+    nb::gil_scoped_acquire gil;
+    fn_(static_cast<double>(timeout.count()) / 1000.0);
+  }
+
+ private:
+  nb::object fn_;
+};
+
+// Python callables as the writer's hooks: pre_commit(path), post_commit(path); either may be None.
+class PyHook : public WriterHook {
+ public:
+  PyHook(nb::object pre, nb::object post) : pre_(std::move(pre)), post_(std::move(post)) {}
+  ~PyHook() override {
+    nb::gil_scoped_acquire gil;
+    pre_.reset();
+    post_.reset();
+  }
+  void pre_commit(const std::string& path) override { call(pre_, path); }
+  void post_commit(const std::string& path) override { call(post_, path); }
+
+ private:
+  static void call(const nb::object& fn, const std::string& path) {
+    nb::gil_scoped_acquire gil;
+    if (!fn.is_none()) fn(path);
+  }
+  nb::object pre_, post_;
+};
+
+// A state dict as a tree the checkpoint format can hold; an error names any other leaf.
+inline Value checkpointable_tree(TreeConverter& converter, nb::handle state_dict) {
+  Value tree;
+  {
+    CyclicGcPause gc_pause;
+    tree = converter.from_python(state_dict);
+  }
+  if (!converter.opaque_leaves().empty()) {
+    nb::handle leaf = converter.opaque_leaves().front();
+    const std::string where = "cannot save the value at '" + TreeConverter::path_of(state_dict, leaf) + "'";
+    if (PyLong_CheckExact(leaf.ptr())) {
+      throw Error(ErrorCode::kInvalidArgument,
+                  where + ": the int " + nb::cast<std::string>(nb::repr(leaf)) +
+                      " exceeds 64 bits (checkpoints hold ints from -2**63 to 2**63-1); store it as a str or bytes");
+    }
+    throw Error(ErrorCode::kInvalidArgument,
+                where + " (a " + Py_TYPE(leaf.ptr())->tp_name +
+                    "): checkpoints hold tensors, dicts, lists, tuples, None, bool, int, float, str and bytes");
+  }
+  return tree;
+}
+
+}  // namespace fastdcp::python
