@@ -488,8 +488,8 @@ class NativeHandler final : public WriterProcessHandler {
     }
     hook_ = hold(spec.hook);
   }
-  WriteStats write(const std::string& path, SharedWrite shared, const std::string& call_args) override {
-    RankFilePlan plan = attach_plan(shared.message, shared.fds);  // called without the GIL
+  WriteStats write(const std::string& path, SharedWrite& shared, const std::string& call_args) override {
+    RankFilePlan plan = attach_plan(shared.message(), shared.take_fds());  // called without the GIL
     std::shared_ptr<WriterHook> hook;
     {
       nb::gil_scoped_acquire gil;
@@ -532,8 +532,8 @@ class NativeHandler final : public WriterProcessHandler {
 class PythonWriterHandler final : public WriterProcessHandler {
  public:
   PythonWriterHandler(nb::object writer, nb::object adapter) : writer_(hold(std::move(writer))), adapter_(hold(std::move(adapter))) {}
-  WriteStats write(const std::string& path, SharedWrite shared, const std::string& call_args) override {
-    const Value state_dict = attach_state_dict(shared.message, shared.fds);
+  WriteStats write(const std::string& path, SharedWrite& shared, const std::string& call_args) override {
+    const Value state_dict = attach_state_dict(shared.message(), shared.take_fds());
     nb::gil_scoped_acquire gil;
     try {
       TreeConverter converter(*adapter_);

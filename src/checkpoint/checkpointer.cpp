@@ -248,8 +248,8 @@ class NativeWriterHandler final : public WriterProcessHandler {
  public:
   NativeWriterHandler(const WriterProcessInit& init, const WriterProcessSetup& setup)
       : writer_(init.rank, init.writer, setup.barrier, setup.hook) {}
-  WriteStats write(const std::string& path, SharedWrite shared, const std::string&) override {
-    return writer_.write(path, attach_plan(shared.message, shared.fds));
+  WriteStats write(const std::string& path, SharedWrite& shared, const std::string&) override {
+    return writer_.write(path, attach_plan(shared.message(), shared.take_fds()));
   }
   void abandon(const std::string& path, const std::string& error, const std::string&) override {
     writer_.abandon(path, error);
@@ -260,6 +260,10 @@ class NativeWriterHandler final : public WriterProcessHandler {
 };
 
 }  // namespace
+
+SharedWrite::~SharedWrite() {
+  for (int fd : fds_) ::close(fd);
+}
 
 int run_writer_process(int socket_fd, const WriterProcessSetup& setup) {
   ::signal(SIGINT, SIG_IGN);  // Ctrl-C reaches the whole process group; the trainer decides
@@ -302,7 +306,8 @@ int run_writer_process(int socket_fd, const WriterProcessSetup& setup) {
           const std::string call_args = take_string(payload);
           std::vector<int> fds = std::move(frame.fds);
           frame.fds.clear();
-          const WriteStats stats = handler->write(path, SharedWrite{payload, std::move(fds)}, call_args);
+          SharedWrite shared(payload, std::move(fds));
+          const WriteStats stats = handler->write(path, shared, call_args);
           reply = pod_bytes(WriteResult{stats.bytes_written, stats.seconds_data, stats.seconds_total}) + stats.file;
           break;
         }

@@ -29,6 +29,7 @@
 #include <mutex>
 #include <optional>
 #include <string>
+#include <string_view>
 #include <thread>
 #include <utility>
 #include <vector>
@@ -70,18 +71,29 @@ class CarriedError : public Error {
 // that write (CheckpointProcess::write); errors reach the trainer's future with their ErrorCode,
 // errno and message, and a CarriedError's blob.
 // One write request as the writer process receives it: the shared state dict's message and the
-// memfds it names (Note [Shared state dicts]), which the handler owns. It attaches them as it
-// needs: attach_plan for fastdcp's writer, which writes the trainer's plan without building a
-// tree; attach_state_dict for a writer that takes a tree.
-struct SharedWrite {
-  std::string_view message;
-  std::vector<int> fds;
+// memfds it names (Note [Shared state dicts]). The handler attaches them as it needs: attach_plan
+// for fastdcp's writer, which writes the trainer's plan without building a tree; attach_state_dict
+// for a writer that takes a tree. Both take the memfds over (take_fds); any not taken are closed
+// with the request.
+class SharedWrite {
+ public:
+  SharedWrite(std::string_view message, std::vector<int> fds) : message_(message), fds_(std::move(fds)) {}
+  ~SharedWrite();
+  SharedWrite(const SharedWrite&) = delete;
+  SharedWrite& operator=(const SharedWrite&) = delete;
+
+  std::string_view message() const { return message_; }
+  std::vector<int> take_fds() { return std::exchange(fds_, {}); }
+
+ private:
+  std::string_view message_;
+  std::vector<int> fds_;
 };
 
 class WriterProcessHandler {
  public:
   virtual ~WriterProcessHandler() = default;
-  virtual WriteStats write(const std::string& path, SharedWrite shared, const std::string& call_args) = 0;
+  virtual WriteStats write(const std::string& path, SharedWrite& shared, const std::string& call_args) = 0;
   // The trainer could not hand this save over: vote against it and join its barrier, as a failed
   // write would (CheckpointWriter::abandon), so that no rank waits for this one.
   virtual void abandon(const std::string& path, const std::string& error, const std::string& call_args) = 0;

@@ -16,7 +16,7 @@ namespace {
 class RecordingHandler final : public fastdcp::WriterProcessHandler {
  public:
   RecordingHandler(std::string tag, std::string init_blob) : tag_(std::move(tag)), init_blob_(std::move(init_blob)) {}
-  fastdcp::WriteStats write(const std::string& path, const fastdcp::Value&, const std::string& call_args) override {
+  fastdcp::WriteStats write(const std::string& path, fastdcp::SharedWrite&, const std::string& call_args) override {
     if (call_args == "enospc") throw fastdcp::Error(fastdcp::ErrorCode::kIoError, "no room for " + path, ENOSPC);
     if (call_args == "carry") throw fastdcp::CarriedError(fastdcp::ErrorCode::kInvalidArgument, "carried", 0, "BLOB");
     std::ofstream(path + ".args") << tag_ << "|" << init_blob_ << "|" << call_args;
