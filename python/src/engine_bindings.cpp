@@ -44,6 +44,7 @@
 #include <vector>
 
 #include "fastdcp/checkpoint/checkpointer.h"
+#include "fastdcp/checkpoint/shared_state_dict.h"
 #include "fastdcp/io/io_ring.h"
 #include "py_callbacks.h"
 #include "tree_converter.h"
