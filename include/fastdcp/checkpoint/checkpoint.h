@@ -44,6 +44,7 @@
 #include "fastdcp/format/manifest.h"
 #include "fastdcp/io/file.h"
 #include "fastdcp/io/io_ring.h"
+#include "fastdcp/storage/store.h"
 #include "fastdcp/tensor/value.h"
 
 namespace fastdcp {
@@ -112,17 +113,17 @@ class CheckpointWriter {
   const WriterOptions& options() const { return options_; }
 
  private:
-  struct Save;  // one save: its directory, this rank's lock on it, its generation (checkpoint.cpp)
+  struct Save;  // one save: its store, this rank's lock on it, its generation (checkpoint.cpp)
   Save begin_save(const std::string& path) const;
   void finish_save(const Save& save, const std::optional<std::string>& failure);
-  WriteStats write_rank_file(const Directory& dir, const Value& state_dict, uint64_t generation,
+  WriteStats write_rank_file(storage::Store& store, const Value& state_dict, uint64_t generation,
                              ManifestRank& receipt);
-  void vote_failed(const Directory& dir, uint64_t generation, const std::string& error) noexcept;
+  void vote_failed(storage::Store& store, uint64_t generation, const std::string& error) noexcept;
   // Rank 0: the votes of ranks first_rank.. (within the barrier timeout); why the save cannot commit, if it cannot.
-  std::optional<std::string> collect_votes(const Directory& dir, uint64_t generation, Manifest& manifest,
+  std::optional<std::string> collect_votes(storage::Store& store, uint64_t generation, Manifest& manifest,
                                            int first_rank) const;
-  void commit(const Directory& dir, uint64_t generation, std::optional<std::string> why);
-  void await_commit(const std::string& path, uint64_t generation) const;
+  void commit(storage::Store& store, uint64_t generation, std::optional<std::string> why);
+  void await_commit(storage::Store& store, uint64_t generation) const;
 
   RankInfo rank_;
   WriterOptions options_;
