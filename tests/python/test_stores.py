@@ -57,7 +57,8 @@ def test_plain_save_and_load_in_memory_never_touch_the_disk(tmp_path, monkeypatc
 
 
 @pytest.mark.parametrize("kind", ["mem", "shm", "file"])
-def test_sync_checkpointer_saves_and_loads_in_every_store(kind, tmp_path, shm_path):
+def test_sync_checkpointer_saves_and_loads_in_every_store(kind, tmp_path, shm_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # where a spec taken for a relative path would land
     path = {"mem": mem_path(), "shm": shm_path, "file": str(tmp_path / "ckpt")}[kind]
     checkpointer = make_sync_checkpointer(CPU)
     checkpointer.save(path, state(1))
@@ -65,6 +66,9 @@ def test_sync_checkpointer_saves_and_loads_in_every_store(kind, tmp_path, shm_pa
     target = state(5)
     assert_state(checkpointer.load(path, target), 1)
     checkpointer.close()
+    assert os.listdir(tmp_path) == (["ckpt"] if kind == "file" else [])
+    if kind == "shm":
+        assert "manifest.json" in os.listdir("/dev/shm/fastdcp/" + shm_path[len("shm://"):])
 
 
 def test_async_checkpointer_writes_shared_memory_from_its_writer_process(shm_path):
