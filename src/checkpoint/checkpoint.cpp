@@ -9,6 +9,7 @@
 #include <chrono>
 #include <cstdlib>
 #include <cstring>
+#include <filesystem>
 #include <functional>
 #include <future>
 #include <map>
@@ -40,53 +41,57 @@ double seconds_since(Clock::time_point start) {
   return std::chrono::duration<double>(Clock::now() - start).count();
 }
 
-std::string read_small_file(const std::string& path) {
-  const File file = File::open(path, File::Mode::kRead);
-  std::string text(file.size(), '\0');
-  file.read_at(text.data(), text.size(), 0);
+using storage::Store;
+
+// The bytes of the blob `name`, or nothing if the store has none of that name.
+std::optional<std::string> read_blob(Store& store, const std::string& name) {
+  std::unique_ptr<storage::BlobReader> blob;
+  try {
+    blob = store.open_reader(name);
+  } catch (const Error& e) {
+    if (e.code() != ErrorCode::kNotFound) throw;
+    return std::nullopt;
+  }
+  std::string text(blob->size(), '\0');
+  blob->read_at(text.data(), text.size(), 0);
   return text;
 }
 
-std::string temporary_name(const std::string& name) { return "." + name + ".tmp"; }
+// How errors name the blob `name` of a checkpoint's store: for the file backend, its path.
+std::string blob_path(const Store& store, const std::string& name) { return join_path(store.spec(), name); }
 
 // Whether `name` is a file a save writes, of a generation other than `generation`, or a vote of
 // it: what the commit removes.
 bool replaced_by_commit(std::string_view name, uint64_t generation) {
-  if (name.starts_with(".") && name.ends_with(".tmp")) {
-    const std::string_view inner = name.substr(1, name.size() - 5);
-    return inner == kManifestName || generation_of(inner) != 0;  // a crashed save's temporary
-  }
   const uint64_t g = generation_of(name);
   return (g != 0 && g != generation) || (g == generation && name.starts_with("rank_"));
 }
 
-// Writes a small file durably under its final name: a temporary name created new, fsync, rename.
-// Any earlier file of the temporary name is a crashed save's (this save holds the lock).
-void write_small_file_atomically(const Directory& dir, const std::string& name, const std::string& text) {
-  const std::string temporary = temporary_name(name);
-  dir.remove(temporary);
-  try {
-    File file = dir.create(temporary);
-    file.write_at(text.data(), text.size(), 0);
-    file.sync();
-    file.close();
-    dir.rename(temporary, name);
-  } catch (...) {
-    try {
-      dir.remove(temporary);
-    } catch (const Error&) {
-      // the next save's commit removes it
-    }
-    throw;
-  }
+// Writes a small blob durably under its name, replacing any (Note [Stores]: the file backend
+// writes a temporary of its own, syncs it and renames it into place).
+void write_small_blob(Store& store, const std::string& name, const std::string& text) {
+  const std::unique_ptr<storage::BlobWriter> blob = store.open_writer(name);
+  blob->append(text.data(), text.size());
+  blob->commit();
 }
 
 std::string lock_file_name(int rank) { return "rank_" + std::to_string(rank) + ".lock"; }
 
-std::optional<Manifest> committed_manifest(const std::string& path) {
-  const std::string file = join_path(path, kManifestName);
-  if (!path_exists(file)) return std::nullopt;
-  return parse_manifest(read_small_file(file), file);
+std::optional<Manifest> committed_manifest(Store& store) {
+  const std::optional<std::string> text = read_blob(store, kManifestName);
+  if (!text) return std::nullopt;
+  return parse_manifest(*text, blob_path(store, kManifestName));
+}
+
+// The store of the checkpoint at `path` (a directory, or a store spec: Note [Stores]), to read.
+std::shared_ptr<Store> checkpoint_store(const std::string& path) {
+  if (path.empty()) throw Error(ErrorCode::kInvalidArgument, "the checkpoint path is empty");
+  try {
+    return storage::open_store(path);
+  } catch (const Error& e) {
+    if (e.code() != ErrorCode::kNotFound) throw;
+    throw Error(ErrorCode::kNotFound, "no checkpoint at '" + path + "': the directory does not exist");
+  }
 }
 
 void check_rank(const RankInfo& rank) {
@@ -109,20 +114,25 @@ Storage allocate_for_reading(size_t nbytes) {
 
 // An opened, committed rank file: its header checked against the manifest.
 struct OpenedRankFile {
-  File file;
+  std::unique_ptr<storage::BlobReader> blob;
+  std::string path;  // as errors name it
   RankFileHeader header;
 };
 
-// `header_read(file, data_offset)` runs once the header's bytes are read and match the manifest,
+// `header_read(blob, data_offset)` runs once the header's bytes are read and match the manifest,
 // before they are parsed.
-OpenedRankFile open_rank_file(const std::string& path, const Manifest& manifest, int rank,
-                              const std::function<void(const File&, uint64_t)>& header_read = {}) {
+OpenedRankFile open_rank_file(Store& store, const Manifest& manifest, int rank,
+                              const std::function<void(const storage::BlobReader&, uint64_t)>& header_read = {}) {
   const ManifestRank& record = manifest.ranks.at(static_cast<size_t>(rank));
-  const std::string file_path = join_path(path, record.file);
-  if (!path_exists(file_path)) {
+  const std::string file_path = blob_path(store, record.file);
+  std::unique_ptr<storage::BlobReader> blob;
+  try {
+    blob = store.open_reader(record.file);
+  } catch (const Error& e) {
+    if (e.code() != ErrorCode::kNotFound) throw;
     throw Error(ErrorCode::kNotFound, "the data file of rank " + std::to_string(rank) + " is missing: '" + file_path + "'");
   }
-  File file = File::open(file_path, File::Mode::kRead);
+  const storage::BlobReader& file = *blob;
   const uint64_t size = file.size();
   if (size != record.size) {
     throw Error(ErrorCode::kDataLoss, "'" + file_path + "' has " + std::to_string(size) + " bytes; the manifest says " +
@@ -135,7 +145,7 @@ OpenedRankFile open_rank_file(const std::string& path, const Manifest& manifest,
   }
   if (header_read) header_read(file, head.size());
   RankFileHeader header = RankFileHeader::parse(std::string_view(head).substr(8), size, file_path);
-  return {std::move(file), std::move(header)};
+  return {std::move(blob), file_path, std::move(header)};
 }
 
 // Note [Reading while the header parses]
@@ -147,20 +157,23 @@ OpenedRankFile open_rank_file(const std::string& path, const Manifest& manifest,
 // while still in cache.
 constexpr uint64_t kParseWhileReadingHeaderBytes = uint64_t{1} << 20;
 
-// The data region of a rank file in one allocation: where it goes, and a handle of its own to read
-// it with (O_DIRECT where that works).
+// The data region of a rank file in one allocation: where it goes, and, for a blob that is a POSIX
+// file, a handle of its own to read it with (O_DIRECT where that works).
 struct FileImage {
   std::shared_ptr<HostBuffer> memory;
+  const storage::BlobReader* blob;
   File file;
   bool direct = false;
   size_t alignment = 1;
 
-  FileImage(const File& rank_file, const std::string& dir, uint64_t data_offset, bool direct_io) {
-    if (direct_io) {
+  FileImage(const storage::BlobReader& rank_file, uint64_t data_offset, bool direct_io) : blob(&rank_file) {
+    const File* posix = rank_file.file();
+    if (direct_io && posix) {
       try {
-        const size_t needed = std::max<size_t>(direct_io_alignment(dir), 512);
+        const std::string dir = std::filesystem::path(posix->path()).parent_path();
+        const size_t needed = std::max<size_t>(direct_io_alignment(dir.empty() ? "." : dir), 512);
         if (needed <= page_size() && data_offset % needed == 0) {
-          file = File::open(rank_file.path(), File::Mode::kRead, File::Options{.direct_io = true});
+          file = File::open(posix->path(), File::Mode::kRead, File::Options{.direct_io = true});
           direct = true;
           alignment = needed;
         }
@@ -168,16 +181,23 @@ struct FileImage {
         // e.g. a file system without O_DIRECT: buffered reads
       }
     }
-    if (!direct) file = File::open(rank_file.path(), File::Mode::kRead);
+    if (!direct && posix) file = File::open(posix->path(), File::Mode::kRead);
     const uint64_t data_size = rank_file.size() - data_offset;
     memory = std::make_shared<HostBuffer>(
         HostBuffer::allocate((data_size + alignment - 1) / alignment * alignment, HostMemoryTraits{}));
   }
   char* data() const { return static_cast<char*>(memory->data()); }
-  void read(uint64_t data_offset, const std::vector<StoredEntry>& entries, int threads, IoEngine engine, bool verify,
-            const std::function<std::string(size_t)>& describe_entry) const {
-    detail::read_file_image(file, direct, data_offset, file.size() - data_offset, alignment, data(), entries, threads,
+  // Reads the region; `verify` checks each chunk as it lands where the blob is a file, else it
+  // returns false and the caller verifies the image afterwards.
+  bool read(const std::string& name, uint64_t data_offset, const std::vector<StoredEntry>& entries, int threads,
+            IoEngine engine, bool verify, const std::function<std::string(size_t)>& describe_entry) const {
+    if (!file.is_open()) {
+      detail::read_blob_image(*blob, data_offset, blob->size() - data_offset, data(), threads);
+      return false;
+    }
+    detail::read_file_image(file, name, direct, data_offset, file.size() - data_offset, alignment, data(), entries, threads,
                             engine, verify, describe_entry);
+    return verify;
   }
 };
 
@@ -204,8 +224,8 @@ CheckpointWriter::CheckpointWriter(RankInfo rank, WriterOptions options, std::sh
 }
 
 struct CheckpointWriter::Save {
-  Directory dir;
-  std::optional<DirectoryLock> lock;  // Note [One writer per checkpoint path]; none without flock
+  std::shared_ptr<Store> store;
+  std::shared_ptr<void> lock;  // Note [One writer per checkpoint path]; none without flock
   uint64_t generation;
 };
 
@@ -229,9 +249,9 @@ WriteStats CheckpointWriter::write_planned(const std::string& path, const std::f
   std::optional<std::string> failure;
   try {
     ManifestRank receipt;
-    stats = write_rank_file(save.dir, make_plan(), generation, receipt);
+    stats = write_rank_file(*save.store, make_plan(), generation, receipt);
     if (hook_) hook_->pre_commit(path);
-    write_small_file_atomically(save.dir, receipt_file_name(rank, generation), render_receipt(receipt, generation));
+    write_small_blob(*save.store, receipt_file_name(rank, generation), render_receipt(receipt, generation));
   } catch (const std::exception& e) {
     error = std::current_exception();
     failure = "rank " + std::to_string(rank) + " failed: " + e.what();
@@ -249,14 +269,14 @@ void CheckpointWriter::abandon(const std::string& path, const std::string& error
 
 CheckpointWriter::Save CheckpointWriter::begin_save(const std::string& path) const {
   if (path.empty()) throw Error(ErrorCode::kInvalidArgument, "the checkpoint path is empty");
-  create_directories(path);
-  Directory dir = Directory::open(path);  // a link to a directory is the user's: saved into
+  // A link to a directory is the user's: saved into.
+  std::shared_ptr<Store> store = storage::open_store(path, storage::OpenOptions{.create = true});
   const int rank = rank_.global_rank;
-  std::optional<DirectoryLock> lock;
+  std::shared_ptr<void> lock;
   bool locked = false;
   try {
-    lock = dir.try_lock(lock_file_name(rank));
-    locked = lock.has_value();
+    lock = store->try_lock(lock_file_name(rank));
+    locked = lock != nullptr;
   } catch (const Error& e) {
     if (e.code() != ErrorCode::kUnavailable) throw;
     warn("saving to '" + path + "' without its one-writer lock: " + e.what() +
@@ -266,11 +286,11 @@ CheckpointWriter::Save CheckpointWriter::begin_save(const std::string& path) con
   if (!locked) {
     throw Error(ErrorCode::kFailedPrecondition,
                 "another process is saving rank " + std::to_string(rank) + " to '" + path + "' (it holds the lock '" +
-                    dir.path_of(lock_file_name(rank)) +
+                    blob_path(*store, lock_file_name(rank)) +
                     "'); a checkpoint path has one writer at a time: wait for that save to finish, stop that "
                     "process (an earlier run of this job may still be saving), or save to another path");
   }
-  const std::optional<Manifest> committed = committed_manifest(path);
+  const std::optional<Manifest> committed = committed_manifest(*store);
   if (committed && !options_.overwrite) {
     throw Error(ErrorCode::kFailedPrecondition, "'" + path + "' already holds a committed checkpoint (generation " +
                                                     std::to_string(committed->generation) +
@@ -278,20 +298,20 @@ CheckpointWriter::Save CheckpointWriter::begin_save(const std::string& path) con
   }
   uint64_t generation = committed ? committed->generation + 1 : 1;
   // An abandoned save's generation is not used again (Note [Commit protocol]).
-  while (dir.contains(failure_file_name(0, generation))) ++generation;
+  while (read_blob(*store, failure_file_name(0, generation))) ++generation;
   // Votes of a crashed attempt at this generation are this rank's to take back; its other files
   // are replaced as they are written.
-  dir.remove(receipt_file_name(rank, generation));
-  dir.remove(failure_file_name(rank, generation));
-  return Save{std::move(dir), std::move(lock), generation};
+  store->remove(receipt_file_name(rank, generation));
+  store->remove(failure_file_name(rank, generation));
+  return Save{std::move(store), std::move(lock), generation};
 }
 
 void CheckpointWriter::finish_save(const Save& save, const std::optional<std::string>& failure) {
-  const std::string& path = save.dir.path();
+  const std::string& path = save.store->spec();
   const uint64_t generation = save.generation;
   const int rank = rank_.global_rank;
   // Rank 0 records its own failure only once every rank has voted: its record ends the attempt.
-  if (failure && rank != 0) vote_failed(save.dir, generation, *failure);
+  if (failure && rank != 0) vote_failed(*save.store, generation, *failure);
   if (barrier_) {
     try {
       barrier_->execute(options_.barrier_timeout);
@@ -307,16 +327,16 @@ void CheckpointWriter::finish_save(const Save& save, const std::optional<std::st
   // that failed reports its own error, whatever the decision.
   try {
     if (rank == 0) {
-      commit(save.dir, generation, failure);
+      commit(*save.store, generation, failure);
     } else {
-      await_commit(path, generation);
+      await_commit(*save.store, generation);
     }
   } catch (...) {
     if (!failure) throw;
   }
 }
 
-WriteStats CheckpointWriter::write_rank_file(const Directory& dir, RankFilePlan plan, uint64_t generation,
+WriteStats CheckpointWriter::write_rank_file(Store& store, RankFilePlan plan, uint64_t generation,
                                              ManifestRank& receipt) {
   const auto start = Clock::now();
   const int rank = rank_.global_rank;
@@ -324,23 +344,29 @@ WriteStats CheckpointWriter::write_rank_file(const Directory& dir, RankFilePlan 
   stats.file = rank_file_name(rank, generation);
   {
     const int threads = io_thread_count(options_.io_threads);
-    File file;
-    bool direct = options_.direct_io;
-    // A file of this name is a crashed save's, or anyone's link: this save holds the lock, so it
-    // goes, and the file is created new (Note [Files the writer creates]).
-    dir.remove(stats.file);
+    // The blob replaces whatever has its name (a crashed save's file, anyone's link) only when
+    // committed; the file backend writes a file it created new (Note [Files the writer creates]).
+    std::unique_ptr<storage::BlobWriter> blob;
+    bool direct = options_.direct_io && store.capabilities().direct_io;
     if (direct) {
       try {
-        file = dir.create(stats.file, File::Options{.direct_io = true});
+        blob = store.open_writer(stats.file, storage::WriteOptions{.direct_io = true});
       } catch (const Error&) {
         direct = false;  // a file system without O_DIRECT (tmpfs): buffered writes
-        dir.remove(stats.file);  // the failed open may have created it
       }
     }
-    if (!direct) file = dir.create(stats.file);
-    file.reserve(plan.file_size());  // a full disk fails here, before any data is written
-    if (direct) {
-      const size_t alignment = direct_io_alignment(dir.path());
+    if (!direct) blob = store.open_writer(stats.file);
+    // The file backend hands out its file, for the engines of rank_file_io.h; other stores take
+    // the bytes through the BlobWriter.
+    const File* posix = blob->file();
+    if (posix) posix->reserve(plan.file_size());  // a full disk fails here, before any data is written
+    if (!posix) {
+      const auto crcs = detail::write_entries(*blob, plan.entries(), plan.storages(), plan.data_offset());
+      for (size_t i = 0; i < crcs.size(); ++i) plan.set_checksums(i, crcs[i]);
+      blob->write_at(plan.header().data(), plan.header().size(), 0);
+    } else if (direct) {
+      const File& file = *posix;
+      const size_t alignment = store.capabilities().direct_io_alignment;
       const auto crcs = detail::write_entries_direct(
           file, plan.entries(), plan.storages(), plan.data_offset(), plan.file_size() - plan.data_offset(), alignment,
           options_.io_threads > 0 ? options_.io_threads : detail::kDirectWritesInFlight, options_.io_engine);
@@ -353,15 +379,18 @@ WriteStats CheckpointWriter::write_rank_file(const Directory& dir, RankFilePlan 
       file.write_at(header.get(), plan.header().size(), 0);
       file.truncate(plan.file_size());  // the last window was padded
     } else {
+      const File& file = *posix;
       const auto crcs = detail::write_entries(file, plan.entries(), plan.storages(), plan.data_offset(), threads);
       for (size_t i = 0; i < crcs.size(); ++i) plan.set_checksums(i, crcs[i]);
       file.write_at(plan.header().data(), plan.header().size(), 0);
     }
-    file.sync();
-    // Note [Buffered writes]: once durable, the file's pages are clean and drop at no cost, so a
-    // checkpoint does not crowd the training job out of the page cache.
-    if (!direct) ::posix_fadvise(file.fd(), 0, 0, POSIX_FADV_DONTNEED);
-    file.close();
+    if (posix && !direct) {
+      posix->sync();
+      // Note [Buffered writes]: once durable, the file's pages are clean and drop at no cost, so a
+      // checkpoint does not crowd the training job out of the page cache.
+      ::posix_fadvise(posix->fd(), 0, 0, POSIX_FADV_DONTNEED);
+    }
+    blob->commit();  // durable under its name
   }
   stats.bytes_written = plan.file_size();
   stats.seconds_data = seconds_since(start);
@@ -373,30 +402,31 @@ WriteStats CheckpointWriter::write_rank_file(const Directory& dir, RankFilePlan 
   return stats;
 }
 
-void CheckpointWriter::vote_failed(const Directory& dir, uint64_t generation, const std::string& error) noexcept {
+void CheckpointWriter::vote_failed(Store& store, uint64_t generation, const std::string& error) noexcept {
   try {
-    write_small_file_atomically(dir, failure_file_name(rank_.global_rank, generation),
+    write_small_blob(store, failure_file_name(rank_.global_rank, generation),
                                 render_failure(rank_.global_rank, generation, error));
   } catch (...) {
     // The directory itself may be what failed; the others then wait out their timeout.
   }
 }
 
-std::optional<std::string> CheckpointWriter::collect_votes(const Directory& dir, uint64_t generation,
+std::optional<std::string> CheckpointWriter::collect_votes(Store& store, uint64_t generation,
                                                            Manifest& manifest, int first_rank) const {
-  const std::string& path = dir.path();
+  const std::string& path = store.spec();
   const auto deadline = Clock::now() + options_.barrier_timeout;
   std::optional<std::string> why;
   for (int r = first_rank; r < rank_.global_world_size; ++r) {
-    const std::string receipt = dir.path_of(receipt_file_name(r, generation));
-    const std::string failure = dir.path_of(failure_file_name(r, generation));
+    const std::string receipt = receipt_file_name(r, generation);
     for (;;) {
-      if (r != 0 && dir.contains(failure_file_name(r, generation))) {
-        if (!why) why = parse_failure(read_small_file(failure));  // "rank <r> failed: ..."
-        break;
+      if (r != 0) {
+        if (const std::optional<std::string> failure = read_blob(store, failure_file_name(r, generation))) {
+          if (!why) why = parse_failure(*failure);  // "rank <r> failed: ..."
+          break;
+        }
       }
-      if (dir.contains(receipt_file_name(r, generation))) {
-        if (!why) manifest.ranks.push_back(parse_receipt(read_small_file(receipt), generation, receipt));
+      if (const std::optional<std::string> text = read_blob(store, receipt)) {
+        if (!why) manifest.ranks.push_back(parse_receipt(*text, generation, blob_path(store, receipt)));
         break;
       }
       if (Clock::now() > deadline) {
@@ -409,50 +439,55 @@ std::optional<std::string> CheckpointWriter::collect_votes(const Directory& dir,
   return why;
 }
 
-void CheckpointWriter::commit(const Directory& dir, uint64_t generation, std::optional<std::string> why) {
-  const std::string& path = dir.path();
+void CheckpointWriter::commit(Store& store, uint64_t generation, std::optional<std::string> why) {
+  const std::string& path = store.spec();
   Manifest manifest;
   manifest.generation = generation;
   manifest.world_size = rank_.global_world_size;
   // Every rank's vote, even when this save is lost already: a rank that has not voted may not have
   // picked its generation yet, and must not see this one abandoned before it does.
-  const std::optional<std::string> votes = collect_votes(dir, generation, manifest, /*first_rank=*/why ? 1 : 0);
+  const std::optional<std::string> votes = collect_votes(store, generation, manifest, /*first_rank=*/why ? 1 : 0);
   if (!why) why = votes;
   if (why) {
-    vote_failed(dir, generation, *why);  // rank 0's failure record: the attempt is abandoned
+    vote_failed(store, generation, *why);  // rank 0's failure record: the attempt is abandoned
     throw Error(ErrorCode::kCancelled, "the save to '" + path + "' was abandoned: " + *why + "; nothing was committed");
   }
   try {
     build_index(manifest);  // Note [Global index]
   } catch (const Error& e) {
-    vote_failed(dir, generation, e.what());
+    vote_failed(store, generation, e.what());
     throw Error(e.code(), "the save to '" + path + "' was abandoned: " + e.what() + "; nothing was committed");
   }
+  // The commit: the manifest put if absent, so that of racing savers exactly one commits, or put
+  // in place of the one this save replaces (every data file is durable under its name already).
   try {
-    dir.sync();  // every data file's directory entry is durable before the commit
-    write_small_file_atomically(dir, kManifestName, render_manifest(manifest));
+    const std::string text = render_manifest(manifest);
+    const auto blob = store.open_writer(kManifestName, storage::WriteOptions{.if_absent = !options_.overwrite});
+    blob->append(text.data(), text.size());
+    blob->commit();
   } catch (const std::exception& e) {
     // Not committed: the other ranks learn it now rather than at their timeout.
-    vote_failed(dir, generation, "rank 0 failed to commit: " + std::string(e.what()));
+    vote_failed(store, generation, "rank 0 failed to commit: " + std::string(e.what()));
     throw;
   }
-  dir.sync();
   // Committed. Files of other generations (the replaced checkpoint, failed saves) go now, and
-  // this generation's votes: by name only, never following a link (Note [Files the writer creates]).
-  for (const std::string& name : dir.list()) {
-    if (replaced_by_commit(name, generation)) dir.remove(name);
+  // this generation's votes, and what crashed writers left: by name only, never following a link
+  // (Note [Files the writer creates]).
+  for (const std::string& name : store.list()) {
+    if (replaced_by_commit(name, generation)) store.remove(name);
   }
+  store.remove_leftovers(
+      [](const std::string& blob) { return blob == kManifestName || generation_of(blob) != 0; });
 }
 
-void CheckpointWriter::await_commit(const std::string& path, uint64_t generation) const {
+void CheckpointWriter::await_commit(Store& store, uint64_t generation) const {
+  const std::string& path = store.spec();
   const auto deadline = Clock::now() + options_.barrier_timeout;
-  const std::string abandoned = join_path(path, failure_file_name(0, generation));
   for (auto pause = std::chrono::milliseconds(1);; pause = std::min(pause * 2, std::chrono::milliseconds(20))) {
-    const std::optional<Manifest> manifest = committed_manifest(path);
+    const std::optional<Manifest> manifest = committed_manifest(store);
     if (manifest && manifest->generation >= generation) return;
-    if (path_exists(abandoned)) {
-      throw Error(ErrorCode::kCancelled, "the save to '" + path + "' was not committed: " +
-                                             parse_failure(read_small_file(abandoned)));
+    if (const std::optional<std::string> abandoned = read_blob(store, failure_file_name(0, generation))) {
+      throw Error(ErrorCode::kCancelled, "the save to '" + path + "' was not committed: " + parse_failure(*abandoned));
     }
     if (Clock::now() > deadline) {
       throw Error(ErrorCode::kUnavailable, "rank 0 did not commit '" + path +
@@ -464,9 +499,11 @@ void CheckpointWriter::await_commit(const std::string& path, uint64_t generation
 
 // ---- reading -------------------------------------------------------------------------------
 
-Manifest read_manifest(const std::string& path) {
-  if (!path_exists(path)) throw Error(ErrorCode::kNotFound, "no checkpoint at '" + path + "': the directory does not exist");
-  std::optional<Manifest> manifest = committed_manifest(path);
+namespace {
+
+Manifest read_manifest(Store& store) {
+  const std::string& path = store.spec();
+  std::optional<Manifest> manifest = committed_manifest(store);
   if (!manifest) {
     throw Error(ErrorCode::kFailedPrecondition, "'" + path + "' holds no committed checkpoint (no " +
                                                     std::string(kManifestName) +
@@ -474,6 +511,10 @@ Manifest read_manifest(const std::string& path) {
   }
   return std::move(*manifest);
 }
+
+}  // namespace
+
+Manifest read_manifest(const std::string& path) { return read_manifest(*checkpoint_store(path)); }
 
 CheckpointReader::CheckpointReader(RankInfo rank, ReadOptions options) : rank_(rank), options_(options) {
   check_rank(rank_);
@@ -487,8 +528,9 @@ namespace {
 // replicated, as DCP does: rank r reads them from its own file if the checkpoint has one
 // (r < the saved world size), else from rank 0's. A checkpoint without an index holds only
 // per-rank values, and loads only at its own world size.
-Manifest manifest_for_rank(const std::string& path, const RankInfo& rank) {
-  Manifest manifest = read_manifest(path);
+Manifest manifest_for_rank(Store& store, const RankInfo& rank) {
+  const std::string& path = store.spec();
+  Manifest manifest = read_manifest(store);
   // A checkpoint of one rank is a whole state dict: every rank may read it (its tensors fill
   // sharded targets box by box). Other checkpoints without an index hold per-rank parts.
   if (manifest.world_size != rank.global_world_size && manifest.index.empty() && manifest.world_size != 1) {
@@ -628,7 +670,7 @@ constexpr uint64_t kMergeGapBytes = uint64_t{64} << 10;
 // Fills every target from the saved chunks of its key (Note [Resharded loads]); `own` is the
 // already opened file of rank `own_rank`, if any, and `own_data` its data region when the caller
 // has read and verified it whole (its chunks are then copied from there, not read again).
-void fill_sharded(const std::string& path, const Manifest& manifest, const std::vector<ShardedTarget>& targets,
+void fill_sharded(Store& store, const Manifest& manifest, const std::vector<ShardedTarget>& targets,
                   const ReadOptions& options, int threads, const OpenedRankFile* own, int own_rank,
                   const Storage* own_data = nullptr) {
   if (targets.empty()) return;
@@ -654,10 +696,10 @@ void fill_sharded(const std::string& path, const Manifest& manifest, const std::
         s.file = own;
         s.data = own_data;
       } else {
-        s.opened.emplace(open_rank_file(path, manifest, rank));
+        s.opened.emplace(open_rank_file(store, manifest, rank));
         s.file = &*s.opened;
       }
-      s.records = checked_sharded_records(s.file->header, index, rank, s.file->file.path());
+      s.records = checked_sharded_records(s.file->header, index, rank, s.file->path);
     }
     return s;
   };
@@ -836,7 +878,7 @@ void fill_sharded(const std::string& path, const Manifest& manifest, const std::
       p.iov_base = scratch.data() + used;
       used += p.iov_len;
     }
-    r.source->file->file.read_vectored_at(pieces, header.data_offset() + stored.begin + r.begin);
+    detail::read_vectored(*r.source->file->blob, pieces, header.data_offset() + stored.begin + r.begin);
     if (!r.verify) return;
     // Each chunk's CRC over its pieces, in order.
     size_t p = 0;
@@ -851,7 +893,7 @@ void fill_sharded(const std::string& path, const Manifest& manifest, const std::
         into += n;
         if (into == pieces[p].iov_len) ++p, into = 0;
       }
-      detail::check_chunk_crc(r.source->file->file.path(), header.entries(), r.entry,
+      detail::check_chunk_crc(r.source->file->path, header.entries(), r.entry,
                               chunk_begin / kChecksumChunkBytes, crc, [&](size_t e) { return describe_entry(header, e); });
     }
   });
@@ -884,20 +926,21 @@ std::shared_ptr<void> map_file(const File& file, uint64_t size) {
 }  // namespace
 
 Value CheckpointReader::read(const std::string& path) const {
-  const Manifest manifest = manifest_for_rank(path, rank_);
+  const std::shared_ptr<Store> store = checkpoint_store(path);
+  const Manifest manifest = manifest_for_rank(*store, rank_);
   const int source = source_rank(manifest, rank_);
   const int threads = io_thread_count(options_.io_threads);
   // A large header parses while the data is read (Note [Reading while the header parses]).
   std::optional<FileImage> image;
   std::future<void> reading;  // declared after `image`: joined before the image goes
-  const auto read_while_parsing = [&](const File& file, uint64_t data_offset) {
+  const auto read_while_parsing = [&](const storage::BlobReader& file, uint64_t data_offset) {
     if (options_.use_mmap || data_offset < kParseWhileReadingHeaderBytes) return;
-    image.emplace(file, path, data_offset, options_.direct_io);
+    image.emplace(file, data_offset, options_.direct_io);
     reading = std::async(std::launch::async, [&, data_offset] {
-      image->read(data_offset, {}, threads, options_.io_engine, /*verify=*/false, {});
+      image->read(path, data_offset, {}, threads, options_.io_engine, /*verify=*/false, {});
     });
   };
-  OpenedRankFile opened = open_rank_file(path, manifest, source, read_while_parsing);
+  OpenedRankFile opened = open_rank_file(*store, manifest, source, read_while_parsing);
   const RankFileHeader& header = opened.header;
   const auto& entries = header.entries();
   auto namer = [&](size_t e) { return describe_entry(header, e); };
@@ -907,22 +950,25 @@ Value CheckpointReader::read(const std::string& path) const {
   if (reading.valid()) {
     reading.get();
     if (verify) {
-      verify_entries(opened.file.path(), entries, [&](size_t e) { return image->data() + entries[e].begin; }, threads,
-                     namer);
+      verify_entries(opened.path, entries, [&](size_t e) { return image->data() + entries[e].begin; }, threads, namer);
     }
     memory = image->memory;
     base = image->data();
-  } else if (options_.use_mmap && opened.file.size() > 0) {
-    memory = map_file(opened.file, opened.file.size());
+  } else if (options_.use_mmap && opened.blob->file() && opened.blob->size() > 0) {
+    // A private, copy-on-write mapping: only a file's can be that (a store's shared mapping
+    // would let a tensor write into the stored blob), so other stores' blobs are read.
+    memory = map_file(*opened.blob->file(), opened.blob->size());
     base = static_cast<const char*>(memory.get()) + header.data_offset();
     if (verify) {
-      verify_entries(opened.file.path(), entries, [&](size_t e) { return base + entries[e].begin; }, threads, namer);
+      verify_entries(opened.path, entries, [&](size_t e) { return base + entries[e].begin; }, threads, namer);
     }
   } else {
     // The whole data region into one allocation (Note [File-image reads]), each chunk verified
     // as its last window lands.
-    image.emplace(opened.file, path, header.data_offset(), options_.direct_io);
-    image->read(header.data_offset(), entries, threads, options_.io_engine, verify, namer);
+    image.emplace(*opened.blob, header.data_offset(), options_.direct_io);
+    if (!image->read(opened.path, header.data_offset(), entries, threads, options_.io_engine, verify, namer) && verify) {
+      verify_entries(opened.path, entries, [&](size_t e) { return image->data() + entries[e].begin; }, threads, namer);
+    }
     memory = image->memory;
     base = image->data();
   }
@@ -941,12 +987,13 @@ Value CheckpointReader::read(const std::string& path) const {
   uint64_t data_size = 0;
   for (const StoredEntry& e : entries) data_size = std::max(data_size, e.begin + e.nbytes);
   const Storage data = Storage::wrap(const_cast<char*>(base), data_size, Device::cpu(), memory);
-  fill_sharded(path, manifest, targets, options_, threads, &opened, source, &data);
+  fill_sharded(*store, manifest, targets, options_, threads, &opened, source, &data);
   return tree;
 }
 
 std::vector<Tensor> CheckpointReader::read_sharded(const std::string& path, const std::vector<std::string>& keys) const {
-  const Manifest manifest = manifest_for_rank(path, rank_);
+  const std::shared_ptr<Store> store = checkpoint_store(path);
+  const Manifest manifest = manifest_for_rank(*store, rank_);
   std::unordered_map<std::string_view, const IndexEntry*> entry_of;
   for (const IndexEntry& e : manifest.index) entry_of.emplace(e.key, &e);
   std::vector<Tensor> out;
@@ -959,7 +1006,7 @@ std::vector<Tensor> CheckpointReader::read_sharded(const std::string& path, cons
     out.push_back(Tensor::empty_cpu(it->second->dtype, it->second->global_shape));
     targets.push_back({key, {{Box::whole(out.back().shape()), out.back()}}});
   }
-  fill_sharded(path, manifest, targets, options_, io_thread_count(options_.io_threads), nullptr, -1);
+  fill_sharded(*store, manifest, targets, options_, io_thread_count(options_.io_threads), nullptr, -1);
   return out;
 }
 
@@ -1131,9 +1178,10 @@ void check_strict(const LoadResult& result, bool strict, const std::string& path
 
 LoadResult CheckpointReader::read_into(const std::string& path, Value& target, bool strict) const {
   DeviceTargets device_targets(target, options_.cuda);  // Note [Loading into device tensors]
-  const Manifest manifest = manifest_for_rank(path, rank_);
+  const std::shared_ptr<Store> store = checkpoint_store(path);
+  const Manifest manifest = manifest_for_rank(*store, rank_);
   const int source_file = source_rank(manifest, rank_);
-  OpenedRankFile opened = open_rank_file(path, manifest, source_file);
+  OpenedRankFile opened = open_rank_file(*store, manifest, source_file);
   const RankFileHeader& header = opened.header;
   const auto& entries = header.entries();
   // Storages are allocated but not touched: only the entries the target needs are read.
@@ -1161,7 +1209,7 @@ LoadResult CheckpointReader::read_into(const std::string& path, Value& target, b
     selected[e] = true;
   }
   const int threads = io_thread_count(options_.io_threads);
-  detail::read_entries(opened.file, entries, storages, detail::plan_io(entries, header.data_offset(), selected), threads,
+  detail::read_entries(*opened.blob, opened.path, entries, storages, detail::plan_io(entries, header.data_offset(), selected), threads,
                        options_.verify_checksums && header.has_checksums(),
                        [&](size_t e) { return describe_entry(header, e); });
   for (size_t c = 0; c < plan.copies.size(); ++c) {
@@ -1170,7 +1218,7 @@ LoadResult CheckpointReader::read_into(const std::string& path, Value& target, b
   for (auto& [t, s] : plan.leaves) *t = s->clone();
   // Sharded leaves under a None target load whole.
   for (auto& [t, p] : plan.taken_roots) take_sharded_whole(*t, p, plan.sharded);
-  fill_sharded(path, manifest, plan.sharded, options_, threads, &opened, source_file);
+  fill_sharded(*store, manifest, plan.sharded, options_, threads, &opened, source_file);
   device_targets.copy_back();
   return std::move(plan.result);
 }
@@ -1212,18 +1260,19 @@ LoadResult load_into(Value& target, const Value& source, bool strict, const std:
 // ---- verification --------------------------------------------------------------------------
 
 VerifyReport verify_checkpoint(const std::string& path, const std::function<void(uint64_t, uint64_t)>& progress) {
-  const Manifest manifest = read_manifest(path);
+  const std::shared_ptr<Store> store = checkpoint_store(path);
+  const Manifest manifest = read_manifest(*store);
   VerifyReport report;
   uint64_t total = 0;
   for (const ManifestRank& r : manifest.ranks) total += r.size;
   uint64_t done = 0;
   const IndexLookup index(manifest);
   for (int rank = 0; rank < manifest.world_size; ++rank) {
-    OpenedRankFile opened = open_rank_file(path, manifest, rank);
+    OpenedRankFile opened = open_rank_file(*store, manifest, rank);
     // The tree too, as a load checks it (nesting, keys, every view inside its storage), and its
     // sharded leaves against the index: every indexed box is in its rank's file, and only those.
     (void)opened.header.tensors();
-    (void)checked_sharded_records(opened.header, index, rank, opened.file.path());
+    (void)checked_sharded_records(opened.header, index, rank, opened.path);
     const auto& entries = opened.header.entries();
     report.bytes += manifest.ranks[static_cast<size_t>(rank)].size;
     ++report.files;
@@ -1238,8 +1287,8 @@ VerifyReport verify_checkpoint(const std::string& path, const std::function<void
       const detail::Piece& piece = plan.pieces[p];
       thread_local std::vector<char> buffer;
       buffer.resize(piece.size);
-      opened.file.read_at(buffer.data(), piece.size, piece.file_offset);
-      detail::check_chunk(opened.file.path(), entries, piece.entry, piece.chunk, buffer.data(),
+      opened.blob->read_at(buffer.data(), piece.size, piece.file_offset);
+      detail::check_chunk(opened.path, entries, piece.entry, piece.chunk, buffer.data(),
                           [&](size_t e) { return describe_entry(opened.header, e); });
       if (progress) {
         std::lock_guard lock(progress_mutex);

@@ -616,6 +616,7 @@ WriteStats CheckpointProcess::run_write(Job& job) {
 
 Future<WriteStats> CheckpointProcess::write(Future<Value> staged, std::string path, std::string call_args) {
   if (!staged.valid()) throw Error(ErrorCode::kInvalidArgument, "CheckpointProcess::write: the staged future is empty");
+  storage::require_shared_between_processes(path, "the writer process");  // not mem://
   Job job{std::move(staged), std::move(path), std::move(call_args), Promise<WriteStats>()};
   Future<WriteStats> out = job.promise.get_future();
   {

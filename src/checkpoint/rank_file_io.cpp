@@ -127,6 +127,23 @@ std::vector<std::vector<uint32_t>> write_entries(const File& file, const std::ve
   return crcs;
 }
 
+std::vector<std::vector<uint32_t>> write_entries(storage::BlobWriter& blob, const std::vector<StoredEntry>& entries,
+                                                 const std::vector<Storage>& storages, uint64_t data_offset) {
+  std::vector<std::vector<uint32_t>> crcs(entries.size());
+  for (size_t i = 0; i < entries.size(); ++i) crcs[i].assign(entries[i].num_chunks(), 0);
+  const IoPlan plan = plan_io(entries, data_offset);
+  for (const Piece& piece : plan.pieces) {
+    const StoredEntry& entry = entries[piece.entry];
+    const char* data = chunk_data(storages[piece.entry], piece.chunk);
+    crcs[piece.entry][piece.chunk] = crc32c(data, piece.size);
+    blob.write_at(data, piece.size, piece.file_offset);
+    if (piece.chunk + 1 == entry.num_chunks() && entry.end - entry.begin > entry.nbytes) {
+      blob.write_at(kZeros, entry.end - entry.begin - entry.nbytes, data_offset + entry.begin + entry.nbytes);
+    }
+  }
+  return crcs;
+}
+
 std::vector<std::vector<uint32_t>> write_entries_direct(const File& file, const std::vector<StoredEntry>& entries,
                                                         const std::vector<Storage>& storages, uint64_t data_offset,
                                                         uint64_t data_size, size_t alignment, int threads,
@@ -187,8 +204,17 @@ std::vector<std::vector<uint32_t>> write_entries_direct(const File& file, const 
   return crcs;
 }
 
-void read_entries(const File& file, const std::vector<StoredEntry>& entries, const std::vector<Storage>& storages,
-                  const IoPlan& plan, int threads, bool verify, const std::function<std::string(size_t)>& describe_entry) {
+void read_vectored(const storage::BlobReader& blob, std::vector<iovec> iov, uint64_t offset) {
+  if (const File* file = blob.file()) return file->read_vectored_at(std::move(iov), offset);
+  for (const iovec& v : iov) {
+    blob.read_at(v.iov_base, v.iov_len, offset);
+    offset += v.iov_len;
+  }
+}
+
+void read_entries(const storage::BlobReader& blob, const std::string& file, const std::vector<StoredEntry>& entries,
+                  const std::vector<Storage>& storages, const IoPlan& plan, int threads, bool verify,
+                  const std::function<std::string(size_t)>& describe_entry) {
   parallel_for(plan.batches.size(), threads, [&](size_t b) {
     const Batch& batch = plan.batches[b];
     std::vector<iovec> iov;
@@ -204,11 +230,11 @@ void read_entries(const File& file, const std::vector<StoredEntry>& entries, con
         iov.push_back({padding, entry.end - entry.begin - entry.nbytes});
       }
     }
-    file.read_vectored_at(std::move(iov), plan.pieces[batch.first_piece].file_offset);
+    read_vectored(blob, std::move(iov), plan.pieces[batch.first_piece].file_offset);
     if (!verify) return;
     for (size_t p = batch.first_piece; p < batch.first_piece + batch.num_pieces; ++p) {
       const Piece& piece = plan.pieces[p];
-      check_chunk(file.path(), entries, piece.entry, piece.chunk, chunk_data(storages[piece.entry], piece.chunk),
+      check_chunk(file, entries, piece.entry, piece.chunk, chunk_data(storages[piece.entry], piece.chunk),
                   describe_entry);
     }
   });
@@ -233,7 +259,7 @@ void check_chunk_crc(const std::string& file, const std::vector<StoredEntry>& en
   }
 }
 
-void read_file_image(const File& file, bool direct, uint64_t data_offset, uint64_t data_size, size_t alignment,
+void read_file_image(const File& file, const std::string& name, bool direct, uint64_t data_offset, uint64_t data_size, size_t alignment,
                      char* image, const std::vector<StoredEntry>& entries, int threads, IoEngine engine,
                      bool verify, const std::function<std::string(size_t)>& describe_entry) {
   // Every chunk, in data-region offsets and file order, and how many windows each still awaits.
@@ -264,7 +290,7 @@ void read_file_image(const File& file, bool direct, uint64_t data_offset, uint64
     for (; piece != plan.pieces.end() && piece->file_offset < start + needed; ++piece) {
       const size_t p = static_cast<size_t>(piece - plan.pieces.begin());
       if (windows_left[p].fetch_sub(1) != 1) continue;
-      check_chunk(file.path(), entries, piece->entry, piece->chunk, image + piece->file_offset, describe_entry);
+      check_chunk(name, entries, piece->entry, piece->chunk, image + piece->file_offset, describe_entry);
     }
   };
   if (use_io_uring(engine)) {
@@ -302,6 +328,15 @@ void read_file_image(const File& file, bool direct, uint64_t data_offset, uint64
       }
     }
     landed(w);
+  });
+}
+
+void read_blob_image(const storage::BlobReader& blob, uint64_t data_offset, uint64_t data_size, char* image,
+                     int threads) {
+  const uint64_t windows = (data_size + kBatchBytes - 1) / kBatchBytes;
+  parallel_for(static_cast<size_t>(windows), threads, [&](size_t w) {
+    const uint64_t start = w * kBatchBytes;
+    blob.read_at(image + start, std::min(kBatchBytes, data_size - start), data_offset + start);
   });
 }
 

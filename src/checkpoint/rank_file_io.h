@@ -12,6 +12,7 @@
 #include "fastdcp/format/rank_file.h"
 #include "fastdcp/io/file.h"
 #include "fastdcp/io/io_ring.h"
+#include "fastdcp/storage/store.h"
 
 namespace fastdcp::detail {
 
@@ -63,6 +64,11 @@ std::vector<std::vector<uint32_t>> write_entries(const File& file, const std::ve
                                                  const std::vector<Storage>& storages, uint64_t data_offset,
                                                  int threads);
 
+// The same into a blob of a store without a POSIX file (BlobWriter::file() is null), one write
+// per batch on this thread (a BlobWriter takes one writer at a time), padding as zeros.
+std::vector<std::vector<uint32_t>> write_entries(storage::BlobWriter& blob, const std::vector<StoredEntry>& entries,
+                                                 const std::vector<Storage>& storages, uint64_t data_offset);
+
 // The same through O_DIRECT (`file` opened with it): the data region is cut into aligned windows
 // of kDirectWindowBytes, each assembled in an aligned bounce buffer and written with one pwrite; the
 // last window is padded to `alignment` (the caller truncates the file to its size afterwards).
@@ -87,11 +93,16 @@ void check_chunk(const std::string& file, const std::vector<StoredEntry>& entrie
 void check_chunk_crc(const std::string& file, const std::vector<StoredEntry>& entries, size_t entry, size_t chunk,
                      uint32_t actual, const std::function<std::string(size_t)>& describe_entry);
 
+// Reads consecutive bytes at `offset` into the buffers of `iov`: preadv where the blob is a POSIX
+// file, else one read per buffer.
+void read_vectored(const storage::BlobReader& blob, std::vector<iovec> iov, uint64_t offset);
+
 // Reads the planned pieces into storages[piece.entry] (whose memory must hold the entry's
 // nbytes) with preadv on `threads` threads, checking each chunk's CRC32C when `verify`.
-// `describe_entry(i)` names an entry in error messages (the tensors it holds).
-void read_entries(const File& file, const std::vector<StoredEntry>& entries, const std::vector<Storage>& storages,
-                  const IoPlan& plan, int threads, bool verify, const std::function<std::string(size_t)>& describe_entry);
+// `file` names the blob and `describe_entry(i)` an entry in error messages (the tensors it holds).
+void read_entries(const storage::BlobReader& blob, const std::string& file, const std::vector<StoredEntry>& entries,
+                  const std::vector<Storage>& storages, const IoPlan& plan, int threads, bool verify,
+                  const std::function<std::string(size_t)>& describe_entry);
 
 // Note [File-image reads]
 // A full load reads the file's data region as it is into one allocation, and every storage views
@@ -105,11 +116,17 @@ void read_entries(const File& file, const std::vector<StoredEntry>& entries, con
 // Reads the data region of `file` (data_size bytes from data_offset) into `image`, which holds at
 // least data_size rounded up to `alignment` bytes, in windows of kBatchBytes on `threads` threads
 // or, with io_uring, kReadWindowsInFlight at a time from this thread.
-// `direct` says that `file` was opened with O_DIRECT and that `alignment` suits it and the image.
+// `name` names the blob in checksum errors. `direct` says that `file` was opened with O_DIRECT
+// and that `alignment` suits it and the image.
 // With `verify`, each chunk of every entry is checked by the thread that completes the last
 // window it overlaps, while its bytes are still in cache.
-void read_file_image(const File& file, bool direct, uint64_t data_offset, uint64_t data_size, size_t alignment,
+void read_file_image(const File& file, const std::string& name, bool direct, uint64_t data_offset, uint64_t data_size, size_t alignment,
                      char* image, const std::vector<StoredEntry>& entries, int threads, IoEngine engine,
                      bool verify, const std::function<std::string(size_t)>& describe_entry);
+
+// The same from a blob of a store without a POSIX file, unchecked: windows of kBatchBytes read on
+// `threads` threads.
+void read_blob_image(const storage::BlobReader& blob, uint64_t data_offset, uint64_t data_size, char* image,
+                     int threads);
 
 }  // namespace fastdcp::detail

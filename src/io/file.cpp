@@ -252,11 +252,10 @@ void Directory::link_if_absent(const std::string& from, const std::string& to) c
   }
 }
 
-void Directory::remove(const std::string& name) const {
-  if (guarded("unlinkat", [&] { return ::unlinkat(handle_.fd(), name.c_str(), 0); }) != 0 && errno != ENOENT &&
-      errno != EISDIR) {
-    throw_file_error("cannot remove", path_of(name), "unlinkat", errno);
-  }
+bool Directory::remove(const std::string& name) const {
+  if (guarded("unlinkat", [&] { return ::unlinkat(handle_.fd(), name.c_str(), 0); }) == 0) return true;
+  if (errno != ENOENT && errno != EISDIR) throw_file_error("cannot remove", path_of(name), "unlinkat", errno);
+  return false;
 }
 
 bool Directory::contains(const std::string& name) const {

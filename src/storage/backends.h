@@ -8,8 +8,8 @@
 
 namespace fastdcp::storage {
 
-// The `file` backend over the existing directory `path` (file_store.cpp).
-std::shared_ptr<Store> open_file_store(const std::string& path, const std::string& spec);
+// The `file` backend over the directory `path`, created first with `options.create` (file_store.cpp).
+std::shared_ptr<Store> open_file_store(const std::string& path, const std::string& spec, const OpenOptions& options);
 // The in-process store `name`, created on first open (memory_store.cpp).
 std::shared_ptr<Store> open_memory_store(const std::string& name, const std::string& spec);
 

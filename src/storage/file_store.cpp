@@ -27,6 +27,23 @@ std::string temporary_name(const std::string& name) {
   return "." + name + "." + std::to_string(::getpid()) + "." + std::to_string(counter++) + ".tmp";
 }
 
+// A crashed writer's temporary: the blob it was for ('.' name '.' pid '.' counter ".tmp", or an
+// older ".<name>.tmp"), or "" for a name that is none.
+std::string blob_of_temporary(const std::string& entry) {
+  if (entry.size() < 6 || !entry.starts_with(".") || !entry.ends_with(".tmp")) return "";
+  std::string inner = entry.substr(1, entry.size() - 5);
+  const auto numeric_suffix = [&] {
+    const size_t dot = inner.rfind('.');
+    if (dot == std::string::npos || dot + 1 == inner.size()) return false;
+    if (inner.find_first_not_of("0123456789", dot + 1) != std::string::npos) return false;
+    inner.resize(dot);
+    return true;
+  };
+  const std::string whole = inner;
+  if (!(numeric_suffix() && numeric_suffix())) inner = whole;
+  return inner;
+}
+
 class FileBlobWriter final : public BlobWriter {
  public:
   FileBlobWriter(std::shared_ptr<const Directory> directory, const std::string& spec, const std::string& name,
@@ -35,10 +52,28 @@ class FileBlobWriter final : public BlobWriter {
         directory_(std::move(directory)),
         temporary_(temporary_name(name)),
         if_absent_(options.if_absent),
-        file_(directory_->create(temporary_, File::Options{.direct_io = options.direct_io})) {}
+        file_(create(*directory_, temporary_, options)) {}
   ~FileBlobWriter() override { abort(); }
 
+  const File* file() const override { return &file_; }
+
  private:
+  // The temporary, created new; an O_DIRECT open that fails (tmpfs) may have created it first.
+  static File create(const Directory& directory, const std::string& temporary, const WriteOptions& options) {
+    try {
+      return directory.create(temporary, File::Options{.direct_io = options.direct_io});
+    } catch (const Error&) {
+      if (options.direct_io) {
+        try {
+          directory.remove(temporary);
+        } catch (const Error&) {
+          // a '.' name, never listed
+        }
+      }
+      throw;
+    }
+  }
+
   void do_write_at(const void* data, size_t size, uint64_t offset) override { file_.write_at(data, size, offset); }
 
   void do_commit(uint64_t) override {
@@ -86,6 +121,8 @@ class FileBlobReader final : public BlobReader {
   FileBlobReader(const std::string& spec, const std::string& name, File file)
       : BlobReader(spec, name, file.size()), file_(std::move(file)) {}
 
+  const File* file() const override { return &file_; }
+
  private:
   void do_read_at(void* data, size_t size, uint64_t offset) const override { file_.read_at(data, size, offset); }
 
@@ -104,8 +141,8 @@ class FileBlobReader final : public BlobReader {
 
 class FileStore final : public Store {
  public:
-  FileStore(const std::string& path, const std::string& spec)
-      : Store(spec), directory_(std::make_shared<const Directory>(open_directory(path, spec))) {}
+  FileStore(const std::string& path, const std::string& spec, const OpenOptions& options)
+      : Store(spec), directory_(std::make_shared<const Directory>(open_directory(path, spec, options))) {}
 
   Capabilities capabilities() const override {
     return Capabilities{.random_writes = true,
@@ -116,7 +153,8 @@ class FileStore final : public Store {
   }
 
  private:
-  static Directory open_directory(const std::string& path, const std::string& spec) {
+  static Directory open_directory(const std::string& path, const std::string& spec, const OpenOptions& options) {
+    if (options.create) create_directories(path);
     try {
       return Directory::open(path);
     } catch (const Error& e) {
@@ -150,17 +188,32 @@ class FileStore final : public Store {
   }
 
   void do_remove(const std::string& name) override {
-    directory_->remove(name);
-    directory_->sync();
+    if (directory_->remove(name)) directory_->sync();  // nothing removed: nothing to make durable
   }
+
+ public:
+  void remove_leftovers(const std::function<bool(const std::string&)>& owned) override {
+    for (const std::string& entry : directory_->list()) {
+      const std::string blob = blob_of_temporary(entry);
+      if (!blob.empty() && owned(blob)) directory_->remove(entry);  // a link goes itself; a directory stays
+    }
+  }
+
+  std::shared_ptr<void> try_lock(const std::string& name) override {
+    std::optional<DirectoryLock> lock = directory_->try_lock(name);
+    if (!lock) return nullptr;
+    return std::make_shared<DirectoryLock>(std::move(*lock));
+  }
+
+ private:
 
   std::shared_ptr<const Directory> directory_;
 };
 
 }  // namespace
 
-std::shared_ptr<Store> open_file_store(const std::string& path, const std::string& spec) {
-  return std::make_shared<FileStore>(path, spec);
+std::shared_ptr<Store> open_file_store(const std::string& path, const std::string& spec, const OpenOptions& options) {
+  return std::make_shared<FileStore>(path, spec, options);
 }
 
 }  // namespace fastdcp::storage

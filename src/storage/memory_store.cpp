@@ -4,6 +4,7 @@
 #include <cstring>
 #include <map>
 #include <mutex>
+#include <set>
 #include <string_view>
 #include <vector>
 
@@ -21,6 +22,7 @@ using Bytes = std::vector<std::byte>;
 struct Blobs {
   std::mutex mutex;
   std::map<std::string, std::shared_ptr<const Bytes>, std::less<>> by_name;
+  std::set<std::string, std::less<>> locked;
 };
 
 class MemoryBlobWriter final : public BlobWriter {
@@ -78,12 +80,31 @@ class MemoryBlobReader final : public BlobReader {
   std::shared_ptr<const Bytes> bytes_;
 };
 
+// A claim of try_lock, released when destroyed.
+struct NameLock {
+  NameLock(std::shared_ptr<Blobs> b, std::string n) : blobs(std::move(b)), name(std::move(n)) {}
+  NameLock(const NameLock&) = delete;
+  NameLock& operator=(const NameLock&) = delete;
+  ~NameLock() {
+    std::lock_guard lock(blobs->mutex);
+    blobs->locked.erase(name);
+  }
+  std::shared_ptr<Blobs> blobs;
+  std::string name;
+};
+
 class MemoryStore final : public Store {
  public:
   MemoryStore(std::shared_ptr<Blobs> blobs, const std::string& spec) : Store(spec), blobs_(std::move(blobs)) {}
 
   Capabilities capabilities() const override {
-    return Capabilities{.random_writes = true, .mmap = true, .direct_io = false};
+    return Capabilities{.random_writes = true, .mmap = true, .direct_io = false, .shared_between_processes = false};
+  }
+
+  std::shared_ptr<void> try_lock(const std::string& name) override {
+    std::lock_guard lock(blobs_->mutex);
+    if (!blobs_->locked.insert(name).second) return nullptr;
+    return std::make_shared<NameLock>(blobs_, name);
   }
 
  private:

@@ -145,20 +145,31 @@ namespace {
 struct Registry {
   std::mutex mutex;
   std::map<std::string, StoreFactory> factories{
-      {"file", [](const std::string& rest, const std::string& spec) {
+      {"file", [](const std::string& rest, const std::string& spec, const OpenOptions& options) {
          if (!rest.starts_with("/")) {
            throw Error(ErrorCode::kInvalidArgument, "store spec '" + spec +
                                                         "' names no absolute path: write file:///abs/dir, or a "
                                                         "plain path for a relative one");
          }
-         return open_file_store(rest, spec);
+         return open_file_store(rest, spec, options);
        }},
-      {"mem", [](const std::string& rest, const std::string& spec) {
-         if (rest.empty() || rest.find('/') != std::string::npos) {
+      {"mem", [](const std::string& rest, const std::string& spec, const OpenOptions&) {
+         if (rest.empty()) {
            throw Error(ErrorCode::kInvalidArgument,
-                       "store spec '" + spec + "' names no in-memory store: write mem://name (without '/')");
+                       "store spec '" + spec + "' names no in-memory store: write mem://name");
          }
          return open_memory_store(rest, spec);
+       }},
+      // Note [Shared memory stores]
+      {"shm", [](const std::string& rest, const std::string& spec, const OpenOptions& options) {
+         const bool climbs = rest == ".." || rest.starts_with("../") || rest.ends_with("/..") ||
+                             rest.find("/../") != std::string::npos;
+         if (rest.empty() || rest.starts_with("/") || climbs) {
+           throw Error(ErrorCode::kInvalidArgument, "store spec '" + spec +
+                                                        "' names no shared-memory store: write shm://name "
+                                                        "(a relative name, without '..')");
+         }
+         return open_file_store("/dev/shm/fastdcp/" + rest, spec, options);
        }},
   };
 };
@@ -176,11 +187,11 @@ void register_store_scheme(const std::string& scheme, StoreFactory factory) {
   r.factories[scheme] = std::move(factory);
 }
 
-std::shared_ptr<Store> open_store(const std::string& spec) {
+std::shared_ptr<Store> open_store(const std::string& spec, const OpenOptions& options) {
   if (spec.empty()) throw Error(ErrorCode::kInvalidArgument, "the store spec '' is empty: give a path or a URL");
   const size_t colon = spec.find("://");
   // A plain path, even one with "://" after a '/' in it.
-  if (colon == std::string::npos || spec.find('/') < colon) return open_file_store(spec, spec);
+  if (colon == std::string::npos || spec.find('/') < colon) return open_file_store(spec, spec, options);
   const std::string scheme = spec.substr(0, colon);
   StoreFactory factory;
   {
@@ -195,7 +206,21 @@ std::shared_ptr<Store> open_store(const std::string& spec) {
     }
     factory = it->second;
   }
-  return factory(spec.substr(colon + 3), spec);
+  return factory(spec.substr(colon + 3), spec, options);
+}
+
+void require_shared_between_processes(const std::string& spec, const std::string& who) {
+  std::shared_ptr<Store> store;
+  try {
+    store = open_store(spec);
+  } catch (const Error&) {
+    return;  // the writer reports what keeps it from opening the store (e.g. a missing directory)
+  }
+  if (!store->capabilities().shared_between_processes) {
+    throw Error(ErrorCode::kInvalidArgument, "store '" + spec + "' lives in this process's memory, where " + who +
+                                                 " cannot reach it: save to shm://name (shared by the processes "
+                                                 "of a node) or to a directory, or save without " + who);
+  }
 }
 
 }  // namespace fastdcp::storage

@@ -309,7 +309,9 @@ TEST_F(WriterSafetyTest, AFailedCommitFailsTheOtherRanksAtOnce) {
   const auto start = std::chrono::steady_clock::now();
   {
     const fault::Scope faults;
-    fault::inject("fsync", 1, EIO);  // only rank 0's commit syncs the directory
+    // Only the commit links a name into place (the manifest put if absent; votes and data files
+    // are renamed), and only rank 0 commits.
+    fault::inject("linkat", 1, EIO);
     std::string rank1;
     std::thread other([&] {
       try {
@@ -320,7 +322,7 @@ TEST_F(WriterSafetyTest, AFailedCommitFailsTheOtherRanksAtOnce) {
     });
     const Error e = expect_error([&] { CheckpointWriter({0, 2}, options).write(path_, state(10)); });
     other.join();
-    EXPECT_NE(std::string(e.what()).find("fsync"), std::string::npos) << e.what();
+    EXPECT_NE(std::string(e.what()).find("linkat"), std::string::npos) << e.what();
     EXPECT_NE(rank1.find("was not committed: rank 0 failed to commit"), std::string::npos) << rank1;
   }
   EXPECT_LT(std::chrono::steady_clock::now() - start, std::chrono::seconds(20));

@@ -84,6 +84,28 @@ TEST(FileStore, TemporariesAndDirectoriesAreWrittenAsideAndNeverListed) {
   EXPECT_EQ(store->list(), std::vector<std::string>{"blob"});
 }
 
+// What crashed writers left goes for the blobs the caller owns, by name only: others' temporaries,
+// blobs, directories and link targets stay.
+TEST(FileStore, LeftoversOfOwnedBlobsAreRemovedByNameOnly) {
+  TempDir dir;
+  TempDir outside;
+  const std::string target = outside.path() + "/victim";
+  std::ofstream(target) << "keep";
+  auto store = open_store(dir.path());
+  store->put_if_absent("mine", "x", 1);
+  auto writer = store->open_writer("mine");  // a temporary, as a crashed writer leaves it
+  writer->append("y", 1);
+  std::ofstream(dir.path() + "/.mine.tmp") << "x";                 // an older writer's name
+  std::ofstream(dir.path() + "/.theirs.17.3.tmp") << "x";          // someone else's blob
+  ASSERT_EQ(::symlink(target.c_str(), (dir.path() + "/.mine.9.9.tmp").c_str()), 0);
+  std::filesystem::create_directory(dir.path() + "/.mine.1.1.tmp");
+  store->remove_leftovers([](const std::string& blob) { return blob == "mine"; });
+  EXPECT_EQ(entries(dir.path()), (std::vector<std::string>{".mine.1.1.tmp", ".theirs.17.3.tmp", "mine"}));
+  EXPECT_EQ(contents(target), "keep");
+  EXPECT_THROW(writer->commit(), Error);  // its temporary is gone: nothing half-written appears
+  EXPECT_EQ(store->list(), std::vector<std::string>{"mine"});
+}
+
 TEST(FileStore, ACommitReplacesALinkAndNeverWritesThroughIt) {
   TempDir dir;
   TempDir outside;

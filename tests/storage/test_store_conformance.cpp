@@ -1,5 +1,5 @@
 // What every store backend must do (Note [Stores]); instantiated per backend in
-// test_file_store.cpp and test_memory_store.cpp.
+// test_file_store.cpp, test_memory_store.cpp and test_shm_store.cpp.
 
 #include <atomic>
 #include <barrier>
@@ -324,6 +324,22 @@ TEST_P(StoreConformance, BadNamesAreInvalidArguments) {
   const Error e = expect_error([&] { store->open_reader(std::string("nul\0x", 5)); });
   EXPECT_NE(std::string(e.what()).find("'nul\\x00x'"), std::string::npos) << e.what();
   EXPECT_TRUE(store->list().empty());
+}
+
+// The one-writer lock of a checkpoint (Note [One writer per checkpoint path]): one holder per
+// name, among every open of the store, until the token is dropped.
+TEST_P(StoreConformance, ALockHasOneHolderUntilItsTokenIsDropped) {
+  auto home = GetParam().make();
+  auto first = open_store(home->spec);
+  auto second = open_store(home->spec);
+  std::shared_ptr<void> held = first->try_lock("rank_0.lock");
+  ASSERT_NE(held, nullptr);
+  EXPECT_EQ(second->try_lock("rank_0.lock"), nullptr);
+  EXPECT_EQ(first->try_lock("rank_0.lock"), nullptr);
+  std::shared_ptr<void> other = second->try_lock("rank_1.lock");
+  EXPECT_NE(other, nullptr);
+  held.reset();
+  EXPECT_NE(second->try_lock("rank_0.lock"), nullptr);
 }
 
 }  // namespace

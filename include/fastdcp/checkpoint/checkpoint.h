@@ -4,17 +4,16 @@
 //
 // Note [Commit protocol]
 // A save picks generation g = (the committed manifest's generation) + 1, the same on every rank
-// since they read the same manifest. It commits in two phases, through files in the checkpoint
-// directory, which every rank shares:
+// since they read the same manifest. It commits in two phases, through blobs in the checkpoint's
+// store (files in its directory for file://, Note [Stores]), which every rank shares:
 //  1. Each rank writes checkpoint_<rank>.g<g>.safetensors, fsyncs it, runs pre_commit, and votes:
 //     a receipt (rank_<rank>.g<g>.json: its file's size and header checksum) when all went well,
 //     a failure record (rank_<rank>.g<g>.failed.json, with the error) when anything failed. Then
 //     the barrier (a failed rank joins it too, so that no rank waits it out). A vote is final: a
 //     rank that voted to commit takes the commit's outcome, even if the barrier fails.
 //  2. Rank 0 collects every rank's vote (within the barrier timeout). All receipts: it writes
-//     manifest.json under a temporary name, fsyncs it, renames it into place and fsyncs the
-//     directory; that rename is the commit, and only then are the files of other generations
-//     removed. A failure record (its own included), or a vote missing at the timeout: rank 0
+//     manifest.json, put if absent (replaced where overwrite is asked): that put is the commit,
+//     durable when it returns, and only then are the files of other generations removed. A failure record (its own included), or a vote missing at the timeout: rank 0
 //     writes its failure record, which marks the attempt abandoned. Rank 0 decides only once
 //     every rank has voted, because a rank that has not voted may not have picked its generation
 //     yet. Every rank waits (within the same timeout) for the decision before it returns, so
@@ -26,8 +25,8 @@
 // with all of its own; files no manifest names are never read, and the next save removes them.
 //
 // Note [One writer per checkpoint path]
-// Each rank holds an exclusive flock on rank_<rank>.lock in the directory for its whole save, the
-// commit included, so a second process saving the same rank to the same path (a restarted job
+// Each rank holds the store's lock on rank_<rank>.lock (Store::try_lock: a flock for files) for its
+// whole save, the commit included, so a second process saving the same rank to the same path (a restarted job
 // whose old writer still runs) fails at once with Error(kFailedPrecondition) instead of writing
 // over the first one's files. Holding the lock also makes the files of its generation ours to
 // remove: leftovers of a crashed save (whose lock died with it) are removed before being created
@@ -46,6 +45,7 @@
 #include "fastdcp/io/file.h"
 #include "fastdcp/io/io_ring.h"
 #include "fastdcp/memory/cuda_runtime.h"
+#include "fastdcp/storage/store.h"
 #include "fastdcp/tensor/value.h"
 
 namespace fastdcp {
@@ -117,17 +117,17 @@ class CheckpointWriter {
   const WriterOptions& options() const { return options_; }
 
  private:
-  struct Save;  // one save: its directory, this rank's lock on it, its generation (checkpoint.cpp)
+  struct Save;  // one save: its store, this rank's lock on it, its generation (checkpoint.cpp)
   Save begin_save(const std::string& path) const;
   void finish_save(const Save& save, const std::optional<std::string>& failure);
   WriteStats write_planned(const std::string& path, const std::function<RankFilePlan()>& make_plan);
-  WriteStats write_rank_file(const Directory& dir, RankFilePlan plan, uint64_t generation, ManifestRank& receipt);
-  void vote_failed(const Directory& dir, uint64_t generation, const std::string& error) noexcept;
+  WriteStats write_rank_file(storage::Store& store, RankFilePlan plan, uint64_t generation, ManifestRank& receipt);
+  void vote_failed(storage::Store& store, uint64_t generation, const std::string& error) noexcept;
   // Rank 0: the votes of ranks first_rank.. (within the barrier timeout); why the save cannot commit, if it cannot.
-  std::optional<std::string> collect_votes(const Directory& dir, uint64_t generation, Manifest& manifest,
+  std::optional<std::string> collect_votes(storage::Store& store, uint64_t generation, Manifest& manifest,
                                            int first_rank) const;
-  void commit(const Directory& dir, uint64_t generation, std::optional<std::string> why);
-  void await_commit(const std::string& path, uint64_t generation) const;
+  void commit(storage::Store& store, uint64_t generation, std::optional<std::string> why);
+  void await_commit(storage::Store& store, uint64_t generation) const;
 
   RankInfo rank_;
   WriterOptions options_;

@@ -111,8 +111,8 @@ class Directory {
   // linkat(2) within this directory: gives the file `from` the name `to` too, atomically and only
   // if nothing has that name; Error(kAlreadyExists) if something (a link included) has it.
   void link_if_absent(const std::string& from, const std::string& to) const;
-  // unlinkat(2): a link goes itself; a missing name, or a directory, is left as it is.
-  void remove(const std::string& name) const;
+  // unlinkat(2): a link goes itself; a missing name, or a directory, is left as it is (false).
+  bool remove(const std::string& name) const;
   // Whether something (a link included) has this name.
   bool contains(const std::string& name) const;
   std::vector<std::string> list() const;

@@ -18,8 +18,16 @@
 // directories).
 //
 // Specs: "file:///abs/dir" or a plain path (relative to the working directory) is the `file`
-// backend over an existing directory; "mem://name" is the in-process store `name`, shared by
-// every open of that spec in the process. register_store_scheme adds others.
+// backend over a directory; "mem://name" is the in-process store `name`, shared by every open of
+// that spec in the process; "shm://name" is a store shared by the processes of a node (Note [Shared
+// memory stores]). Names may contain '/' ("mem://job/step10"). register_store_scheme adds others.
+//
+// Note [Shared memory stores]
+// shm://name is the `file` backend over the tmpfs directory /dev/shm/fastdcp/name (created on
+// open for writing), not a new format over shm_open segments: tmpfs is the memory POSIX shared
+// memory lives in anyway, and a directory of it gets, from the code that serves disks, atomic
+// renames and links for the commit between processes, flock for the one-writer lock, mmap, and
+// leftovers that a crash leaves under '.' names only; its blobs go when removed (or at reboot).
 
 #include <cstddef>
 #include <cstdint>
@@ -27,6 +35,10 @@
 #include <memory>
 #include <string>
 #include <vector>
+
+namespace fastdcp {
+class File;
+}
 
 namespace fastdcp::storage {
 
@@ -36,6 +48,11 @@ struct Capabilities {
   bool direct_io = false;            // WriteOptions::direct_io is honoured
   size_t direct_io_alignment = 0;    // offsets, sizes and buffers of direct I/O align to this
   uint64_t preferred_part_size = 0;  // the write size the backend prefers; 0: any
+  bool shared_between_processes = true;  // another process opening the spec sees the same blobs
+};
+
+struct OpenOptions {
+  bool create = false;  // create what the store needs to exist (the `file` directory and its parents)
 };
 
 struct WriteOptions {
@@ -63,6 +80,10 @@ class BlobWriter {
   void abort() noexcept;
 
   const std::string& name() const { return name_; }
+  // The POSIX file being written, for the file backend's own I/O engines (O_DIRECT windows,
+  // io_uring, writeback and page-cache advice: rank_file_io.h); nullptr for other backends. Its
+  // bytes count for commit like those written here; size() does not see them.
+  virtual const File* file() const { return nullptr; }
 
  protected:
   BlobWriter(std::string store, std::string name) : store_(std::move(store)), name_(std::move(name)) {}
@@ -105,6 +126,9 @@ class BlobReader {
   std::shared_ptr<const Mapping> map() const;
 
   const std::string& name() const { return name_; }
+  // The POSIX file read, for the file backend's engines (O_DIRECT, io_uring, copy-on-write
+  // mappings); nullptr for other backends.
+  virtual const File* file() const { return nullptr; }
 
  protected:
   BlobReader(std::string store, std::string name, uint64_t size)
@@ -134,6 +158,14 @@ class Store {
   std::vector<std::string> list(const std::string& prefix = "");
   // Removes the blob `name` durably; a missing one is not an error.
   void remove(const std::string& name);
+  // Removes what crashed writers left of the blobs for which `owned(blob name)` holds (the file
+  // backend's '.' temporaries; nothing elsewhere). Never follows a link.
+  virtual void remove_leftovers(const std::function<bool(const std::string&)>& owned) { (void)owned; }
+  // An exclusive claim on `name` among everyone who opens this store (threads and, where the store
+  // is shared, processes), held until the returned token is destroyed or its process dies; nullptr
+  // if someone holds it. Error(kUnavailable) where the backend cannot lock (a file system without
+  // flock). `name` may be a blob name the store shows in listings (the file backend's lock file).
+  virtual std::shared_ptr<void> try_lock(const std::string& name) = 0;
 
  protected:
   explicit Store(std::string spec) : spec_(std::move(spec)) {}
@@ -149,11 +181,18 @@ class Store {
 
 // Opens the store a spec names (see Note [Stores]); Error(kInvalidArgument) for a malformed spec
 // or an unknown scheme (naming the known ones), the backend's errors for a store it cannot open.
-std::shared_ptr<Store> open_store(const std::string& spec);
+std::shared_ptr<Store> open_store(const std::string& spec, const OpenOptions& options = {});
 
-// Makes open_store hand "<scheme>://<rest>" to `factory(rest, spec)`; replaces an earlier
+// Error(kInvalidArgument) naming the spec and the fix unless another process of this node opening
+// `spec` sees the same blobs (Capabilities::shared_between_processes); `who` names that process
+// ("the writer process"). A spec whose store does not open passes (a directory to be created):
+// the writer reports what keeps it from opening the store.
+void require_shared_between_processes(const std::string& spec, const std::string& who);
+
+// Makes open_store hand "<scheme>://<rest>" to `factory(rest, spec, options)`; replaces an earlier
 // registration of the scheme.
-using StoreFactory = std::function<std::shared_ptr<Store>(const std::string& rest, const std::string& spec)>;
+using StoreFactory =
+    std::function<std::shared_ptr<Store>(const std::string& rest, const std::string& spec, const OpenOptions& options)>;
 void register_store_scheme(const std::string& scheme, StoreFactory factory);
 
 }  // namespace fastdcp::storage
