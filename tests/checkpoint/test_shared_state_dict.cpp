@@ -389,6 +389,25 @@ TEST(SharedStateDict, CorruptPlansAreRefusedAndCloseTheirFds) {
                  with(offsets + 16, "1"), shared.fds, data_loss, "for its shape and dtype");
 }
 
+// The writer of a plan writes its header without parsing it (Note [Trusting the plan]): a header
+// that disagrees with its table makes a file that the load refuses, naming what is wrong.
+TEST(SharedStateDict, AHeaderTheWriterDoesNotParseIsCheckedByTheLoad) {
+  testing::TempDir dir;
+  const SharedStateDict shared = share_state_dict(mixed_state(0, 1));
+  std::string bad = shared.message;
+  const size_t offsets = bad.find("\"data_offsets\":[0,");
+  ASSERT_NE(offsets, std::string::npos);
+  bad[offsets + 16] = '1';
+  CheckpointWriter().write(dir.path() + "/c", attach_plan(bad, dup_all(shared.fds)));
+  try {
+    CheckpointReader().read(dir.path() + "/c");
+    ADD_FAILURE() << "a header that disagrees with its data loaded";
+  } catch (const Error& e) {
+    EXPECT_EQ(e.code(), ErrorCode::kDataLoss) << e.what();
+    EXPECT_NE(std::string(e.what()).find("for its shape and dtype"), std::string::npos) << e.what();
+  }
+}
+
 // With two sections, a writer that takes the tree reads the second one.
 TEST(SharedStateDict, TheWholeTreeSectionIsCheckedToo) {
   const SharedStateDict shared = share_state_dict(mixed_state(1, 2));
