@@ -20,14 +20,25 @@ namespace {
 
 // The message: magic, then one section for the rank file (the plan this rank's file holds), and a
 // second one for the whole tree when the file leaves other replicas' chunks out (Note [Shared state
-// dicts]). A section: data size, entry count, one EntryPlace per entry, then the plan's header with
-// its 8-byte length prefix. Both ends are one machine, so integers are native.
-constexpr char kMagic[8] = {'F', 'D', 'C', 'P', 'S', 'H', 'M', '2'};
+// dicts]). A section: data size, checksum table offset, entry count, one EntryRecord per entry,
+// the extras (the entries' names and shapes, then the sharded index) with their size, then the
+// plan's header with its 8-byte length prefix. Both ends are one machine, so integers are native.
+// The writer takes the file's plan from the records, not from its header (Note [Trusting the plan]).
+constexpr char kMagic[8] = {'F', 'D', 'C', 'P', 'S', 'H', 'M', '3'};
 constexpr char kName[] = "shared state dict";
+constexpr uint64_t kMaxRank = 64;  // far beyond any tensor's; bounds a record's shape
 struct EntryPlace {
   uint32_t fd_index;
-  uint32_t reserved;
   uint64_t offset;
+};
+struct EntryRecord {
+  uint32_t fd_index;
+  uint32_t name_size;  // the name opens the entry's extras
+  uint64_t offset;     // in the memfd
+  uint64_t begin, end, nbytes;
+  uint8_t dtype;
+  uint8_t rank;  // its shape's rank int64s follow the name
+  uint8_t reserved[6];
 };
 
 [[noreturn]] void malformed(const std::string& what) {
@@ -46,32 +57,105 @@ T load(std::string_view bytes, size_t at) {
   return value;
 }
 
+void append_dims(std::string& out, const Dims& dims) {
+  append(out, static_cast<uint64_t>(dims.size()));
+  out.append(reinterpret_cast<const char*>(dims.data()), dims.size() * sizeof(int64_t));
+}
+
 void append_section(std::string& out, const RankFilePlan& plan, const std::vector<EntryPlace>& places) {
+  const auto& entries = plan.entries();
   append(out, plan.file_size() - plan.data_offset());
-  append(out, static_cast<uint64_t>(places.size()));
-  for (const EntryPlace& place : places) append(out, place);
+  append(out, plan.checksums_offset());
+  append(out, static_cast<uint64_t>(entries.size()));
+  std::string extras;
+  for (size_t i = 0; i < entries.size(); ++i) {
+    const StoredEntry& e = entries[i];
+    EntryRecord record{places[i].fd_index, static_cast<uint32_t>(e.name.size()), places[i].offset, e.begin, e.end,
+                       e.nbytes, static_cast<uint8_t>(e.dtype), static_cast<uint8_t>(e.shape.size()), {}};
+    append(out, record);
+    extras += e.name;
+    extras.append(reinterpret_cast<const char*>(e.shape.data()), e.shape.size() * sizeof(int64_t));
+  }
+  append(extras, static_cast<uint64_t>(plan.sharded().size()));
+  for (const IndexEntry& s : plan.sharded()) {
+    append(extras, static_cast<uint64_t>(s.key.size()));
+    extras += s.key;
+    append(extras, static_cast<uint8_t>(s.dtype));
+    append_dims(extras, s.global_shape);
+    append(extras, static_cast<uint64_t>(s.chunks.size()));
+    for (const IndexChunk& c : s.chunks) {
+      append_dims(extras, c.offset);
+      append_dims(extras, c.sizes);
+    }
+  }
+  append(out, static_cast<uint64_t>(extras.size()));
+  out += extras;
   out += plan.header();
 }
 
+DType to_dtype(uint8_t d) {
+  if (d >= kNumDTypes) malformed("it names dtype " + std::to_string(d));
+  return static_cast<DType>(d);
+}
+
+// Reads a section's extras front to back, refusing to read past their end.
+class ExtrasReader {
+ public:
+  explicit ExtrasReader(std::string_view bytes) : bytes_(bytes) {}
+  std::string_view take(uint64_t n) {
+    if (n > bytes_.size() - at_) malformed("its extras are truncated");
+    const std::string_view out = bytes_.substr(at_, n);
+    at_ += n;
+    return out;
+  }
+  template <class T>
+  T get() {
+    return load<T>(take(sizeof(T)), 0);
+  }
+  DType dtype() { return to_dtype(get<uint8_t>()); }
+  Dims dims(uint64_t rank) {
+    if (rank > kMaxRank) malformed("a shape has " + std::to_string(rank) + " dimensions");
+    const std::string_view bytes = take(rank * sizeof(int64_t));
+    int64_t values[kMaxRank];
+    std::memcpy(values, bytes.data(), bytes.size());
+    return Dims(std::span<const int64_t>(values, rank));
+  }
+  Dims dims() { return dims(get<uint64_t>()); }
+  bool done() const { return at_ == bytes_.size(); }
+
+ private:
+  std::string_view bytes_;
+  size_t at_ = 0;
+};
+
 struct Section {
   uint64_t data_size = 0;
-  std::string_view places;  // count() EntryPlaces
+  uint64_t checksums_offset = 0;
+  std::string_view records;  // count() EntryRecords
+  std::string_view extras;
   std::string_view header;  // its length prefix included
-  size_t count() const { return places.size() / sizeof(EntryPlace); }
-  EntryPlace place(size_t i) const { return load<EntryPlace>(places, i * sizeof(EntryPlace)); }
+  size_t count() const { return records.size() / sizeof(EntryRecord); }
+  EntryRecord record(size_t i) const { return load<EntryRecord>(records, i * sizeof(EntryRecord)); }
 };
 
 // The section at message[at...]; moves `at` past it.
 Section read_section(std::string_view message, size_t& at) {
   Section s;
-  if (message.size() - at < 2 * sizeof(uint64_t)) malformed("a section is truncated");
+  if (message.size() - at < 3 * sizeof(uint64_t)) malformed("a section is truncated");
   s.data_size = load<uint64_t>(message, at);
   if (s.data_size > std::numeric_limits<uint64_t>::max() - message.size()) malformed("its data size is out of range");
-  const auto count = load<uint64_t>(message, at + sizeof(uint64_t));
-  at += 2 * sizeof(uint64_t);
-  if (count > (message.size() - at) / sizeof(EntryPlace)) malformed("its entry table is truncated");
-  s.places = message.substr(at, count * sizeof(EntryPlace));
-  at += s.places.size();
+  s.checksums_offset = load<uint64_t>(message, at + sizeof(uint64_t));
+  const auto count = load<uint64_t>(message, at + 2 * sizeof(uint64_t));
+  at += 3 * sizeof(uint64_t);
+  if (count > (message.size() - at) / sizeof(EntryRecord)) malformed("its entry table is truncated");
+  s.records = message.substr(at, count * sizeof(EntryRecord));
+  at += s.records.size();
+  if (message.size() - at < sizeof(uint64_t)) malformed("its extras are missing");
+  const auto extras = load<uint64_t>(message, at);
+  at += sizeof(uint64_t);
+  if (extras > message.size() - at) malformed("its extras are truncated");
+  s.extras = message.substr(at, extras);
+  at += extras;
   if (message.size() - at < sizeof(uint64_t)) malformed("the header is missing");
   const auto length = load<uint64_t>(message, at);  // little-endian, as the file has it
   if (length > message.size() - at - sizeof(uint64_t)) malformed("the header is truncated");
@@ -121,7 +205,7 @@ class ReceivedFds {
     if (i >= section.count()) {
       malformed("the header has more entries than the table's " + std::to_string(section.count()));
     }
-    const EntryPlace place = section.place(i);
+    const EntryRecord place = section.record(i);
     if (place.fd_index >= fds_.size()) {
       malformed("entry '" + entry.name + "' names file descriptor " + std::to_string(place.fd_index) + " of " +
                 std::to_string(fds_.size()));
@@ -218,7 +302,7 @@ SharedStateDict share_state_dict(const Value& staged) {
   }
   std::vector<EntryPlace> places(entries.size());
   for (size_t i = 0; i < entries.size(); ++i) {
-    places[i] = ranges[i] ? EntryPlace{index_of(ranges[i]->fd), 0, ranges[i]->offset} : EntryPlace{index_of(*empty_fd), 0, 0};
+    places[i] = ranges[i] ? EntryPlace{index_of(ranges[i]->fd), ranges[i]->offset} : EntryPlace{index_of(*empty_fd), 0};
   }
   out.message.append(kMagic, sizeof kMagic);
   if (!whole) {
@@ -253,10 +337,40 @@ Value attach_state_dict(std::string_view message, const std::vector<int>& fds) {
 RankFilePlan attach_plan(std::string_view message, const std::vector<int>& fds) {
   ReceivedFds received(fds);
   const Message m = read_message(message);
-  RankFilePlan plan = RankFilePlan::adopt(std::string(m.file.header), m.file.data_size, kName,
-                                          [&](size_t i, const StoredEntry& e) { return received.storage(m.file, i, e); });
-  check_count(m.file, plan.entries().size());
-  return plan;
+  const Section& section = m.file;
+  RankFilePlan::Parts parts{std::string(section.header), section.data_size, section.checksums_offset, {}, {}, {}};
+  parts.entries.resize(section.count());
+  parts.storages.reserve(section.count());
+  ExtrasReader extras(section.extras);
+  for (size_t i = 0; i < section.count(); ++i) {
+    const EntryRecord r = section.record(i);
+    StoredEntry& e = parts.entries[i];
+    e.name = extras.take(r.name_size);
+    e.dtype = to_dtype(r.dtype);
+    e.shape = extras.dims(r.rank);
+    e.begin = r.begin;
+    e.end = r.end;
+    e.nbytes = r.nbytes;
+    e.chunk_crc32c.assign(e.num_chunks(), 0);
+    parts.storages.push_back(received.storage(section, i, e));
+  }
+  const auto sharded = extras.get<uint64_t>();
+  if (sharded > section.extras.size()) malformed("its sharded index is truncated");
+  parts.sharded.resize(sharded);
+  for (IndexEntry& s : parts.sharded) {
+    s.key = extras.take(extras.get<uint64_t>());
+    s.dtype = extras.dtype();
+    s.global_shape = extras.dims();
+    const auto chunks = extras.get<uint64_t>();
+    if (chunks > section.extras.size()) malformed("its sharded index is truncated");
+    s.chunks.resize(chunks);
+    for (IndexChunk& c : s.chunks) {
+      c.offset = extras.dims();
+      c.sizes = extras.dims();
+    }
+  }
+  if (!extras.done()) malformed("its extras have trailing bytes");
+  return RankFilePlan::adopt(std::move(parts), kName);
 }
 
 }  // namespace fastdcp

@@ -4,6 +4,7 @@
 #include <algorithm>
 #include <cstring>
 #include <limits>
+#include <tuple>
 #include <unordered_map>
 #include <unordered_set>
 
@@ -383,51 +384,66 @@ RankFilePlan RankFilePlan::make(const Value& state_dict, Replicas replicas) {
   return plan;
 }
 
-RankFilePlan RankFilePlan::adopt(std::string header, uint64_t data_size, const std::string& name,
-                                 const std::function<Storage(size_t, const StoredEntry&)>& storage_for) {
+// Note [Trusting the plan]
+// The writer process takes the trainer's plan without parsing its header (Note [Shared state
+// dicts]): parsing and checking 100,000 entries' JSON cost as much as rendering it. The plan comes
+// from our own trainer over a private socketpair, so what the writer must guard against is not a
+// forged file but a bug that would make it read or write out of bounds: adopt() checks exactly
+// that (entries tiling the data in order, storages as large as their entries, checksum slots
+// inside the header). A header that disagrees with its table would make a file that a load
+// refuses: a load parses and checks every header, and every chunk against its checksum.
+RankFilePlan RankFilePlan::adopt(Parts parts, const std::string& name) {
   auto corrupt = [&](const std::string& what) -> Error {
-    return Error(ErrorCode::kDataLoss, "corrupt checkpoint header in '" + name + "': " + what);
+    return Error(ErrorCode::kDataLoss, "corrupt rank file plan in '" + name + "': " + what);
   };
+  const std::string& header = parts.header;
   unsigned char prefix[8] = {};
-  if (header.size() < sizeof prefix || data_size > std::numeric_limits<uint64_t>::max() - header.size()) {
-    throw corrupt("it is truncated, or its data size is out of range");
+  if (header.size() < sizeof prefix || parts.data_size > std::numeric_limits<uint64_t>::max() - header.size()) {
+    throw corrupt("its header is truncated, or its data size is out of range");
   }
   std::memcpy(prefix, header.data(), sizeof prefix);
-  const uint64_t file_size = header.size() + data_size;
-  if (parse_header_length(prefix, file_size, name) != header.size() - sizeof prefix) {
-    throw corrupt("its length prefix does not match its size");
+  if (parse_header_length(prefix, header.size() + parts.data_size, name) != header.size() - sizeof prefix) {
+    throw corrupt("its length prefix does not match its header's size");
   }
-  const RankFileHeader parsed = RankFileHeader::parse(std::string_view(header).substr(sizeof prefix), file_size, name);
-  if (!parsed.has_checksums()) throw corrupt("it has no fastdcp metadata");
+  if (parts.storages.size() != parts.entries.size()) {
+    throw Error(ErrorCode::kInternal, "RankFilePlan::adopt: storages and entries differ in number");
+  }
   RankFilePlan plan;
-  plan.entries_ = parsed.entries();
-  plan.storages_.reserve(plan.entries_.size());
-  plan.first_chunk_.reserve(plan.entries_.size());
+  plan.first_chunk_.reserve(parts.entries.size());
+  // The entries in file order (an empty one before the one that starts where it is): make() lays
+  // them out without gaps (Note [Rank file layout]).
+  std::vector<std::tuple<uint64_t, uint64_t, size_t>> order;
+  order.reserve(parts.entries.size());
   size_t total_chunks = 0;
-  for (size_t i = 0; i < plan.entries_.size(); ++i) {
-    plan.storages_.push_back(storage_for(i, plan.entries_[i]));
-    if (plan.storages_.back().nbytes() < plan.entries_[i].nbytes) {
+  for (size_t i = 0; i < parts.entries.size(); ++i) {
+    const StoredEntry& e = parts.entries[i];
+    if (e.begin > e.end || e.nbytes > e.end - e.begin || e.chunk_crc32c.size() != e.num_chunks()) {
+      throw corrupt("entry '" + e.name + "' has a range that does not hold its bytes");
+    }
+    if (parts.storages[i].nbytes() < e.nbytes) {
       throw Error(ErrorCode::kInternal, "RankFilePlan::adopt: a storage smaller than its entry");
     }
+    order.emplace_back(e.begin, e.end, i);
     plan.first_chunk_.push_back(total_chunks);
-    total_chunks += plan.entries_[i].num_chunks();
+    total_chunks += e.num_chunks();
   }
-  // The checksum table, which make() renders first among the quoted keys of this text: a quote in
-  // any JSON string is escaped, so the key's text with its quotes is never inside one. (A header
-  // crafted with the key inside an entry's record too gets its checksums there: a load refuses it.)
-  const std::string key = '"' + std::string(kChecksumsKey) + "\":\"";
-  const size_t at = header.find(key);
-  const size_t digits = total_chunks * 8;
-  if (at == std::string::npos || header.size() - (at + key.size()) <= digits || header[at + key.size() + digits] != '"') {
-    throw corrupt("its checksum table is not where it should be");
+  std::sort(order.begin(), order.end());
+  uint64_t at = 0;
+  for (const auto& [begin, end, i] : order) {
+    if (begin != at) throw corrupt("entry '" + parts.entries[i].name + "' does not start where the one before it ends");
+    at = end;
   }
-  plan.checksums_at_ = at + key.size();
-  for (const RankFileHeader::ShardedRecord& r : parsed.sharded()) {
-    IndexEntry& entry = plan.sharded_.emplace_back(IndexEntry{r.path, r.dtype, r.global_shape, {}});
-    for (const auto& [offset, view] : r.chunks) entry.chunks.push_back({0, offset, view.shape});
+  if (at != parts.data_size) throw corrupt("its entries do not fill its data size");
+  if (parts.checksums_offset < sizeof prefix || parts.checksums_offset > header.size() ||
+      total_chunks > (header.size() - parts.checksums_offset) / 8) {
+    throw corrupt("its checksum table lies outside its header");
   }
-  plan.data_size_ = data_size;
-  plan.header_ = std::move(header);
+  plan.entries_ = std::move(parts.entries);
+  plan.storages_ = std::move(parts.storages);
+  plan.sharded_ = std::move(parts.sharded);
+  plan.checksums_at_ = parts.checksums_offset;
+  plan.data_size_ = parts.data_size;
+  plan.header_ = std::move(parts.header);
   return plan;
 }
 

@@ -303,58 +303,109 @@ void expect_refused(Attach&& attach, const std::string& message, const std::vect
 }
 
 // The message comes from another process: whatever it says, the writer refuses it with an error
-// naming what is wrong, reads nothing outside the memfds, and closes every descriptor.
+// naming what is wrong, reads and writes nothing outside the memfds and the file's layout, and
+// closes every descriptor.
 TEST(SharedStateDict, CorruptPlansAreRefusedAndCloseTheirFds) {
   const SharedStateDict shared = share_state_dict(mixed_state(0, 1));  // one section: the file is the tree
   const std::string& good = shared.message;
-  uint64_t data_size, count;
+  uint64_t data_size, count, extras_size;
   std::memcpy(&data_size, good.data() + 8, 8);
-  std::memcpy(&count, good.data() + 16, 8);
-  const size_t table_at = 24;
-  const size_t header_at = table_at + count * 16;
+  std::memcpy(&count, good.data() + 24, 8);
+  const size_t table_at = 32;
+  constexpr size_t kRecord = 48;  // fd index, name size, offset, begin, end, nbytes, dtype, rank, 6 spare
+  const size_t extras_at = table_at + count * kRecord;
+  std::memcpy(&extras_size, good.data() + extras_at, 8);
+  const size_t header_at = extras_at + 8 + extras_size;
+  ASSERT_EQ(good.compare(header_at + 8, 15, "{\"__metadata__\""), 0);
   auto with = [&](size_t at, std::string_view bytes) {
     std::string m = good;
     m.replace(at, bytes.size(), bytes);
     return m;
   };
   auto as_bytes = [](const auto& value) { return std::string_view(reinterpret_cast<const char*>(&value), sizeof value); };
-  auto expect_error = [&](const std::string& message, ErrorCode code, const std::string& what,
+  auto field = [&](size_t entry, size_t at) { return table_at + entry * kRecord + at; };
+  auto get = [&](size_t at) {
+    uint64_t v;
+    std::memcpy(&v, good.data() + at, 8);
+    return v;
+  };
+  // Refused by the writer of a plan; `tree_too`: by the writer of a tree as well.
+  auto expect_error = [&](const std::string& message, ErrorCode code, const std::string& what, bool tree_too = true,
                           std::vector<int> fds = {}) {
     if (fds.empty()) fds = dup_all(shared.fds);
     expect_refused([](std::string_view m, const std::vector<int>& f) { attach_plan(m, f); }, message, fds, code, what);
-    expect_refused([](std::string_view m, const std::vector<int>& f) { attach_state_dict(m, f); }, message, fds, code, what);
+    if (tree_too) {
+      expect_refused([](std::string_view m, const std::vector<int>& f) { attach_state_dict(m, f); }, message, fds, code,
+                     what);
+    }
     for (int fd : fds) ::close(fd);
   };
   const auto invalid = ErrorCode::kInvalidArgument;
   expect_error(good + "x", invalid, "a section is truncated");
   const uint64_t huge = ~uint64_t{0} - 4;
   expect_error(with(8, as_bytes(huge)), invalid, "data size is out of range");
-  expect_error(with(16, as_bytes(huge)), invalid, "entry table is truncated");
+  expect_error(with(24, as_bytes(huge)), invalid, "entry table is truncated");
+  expect_error(with(extras_at, as_bytes(huge)), invalid, "extras are truncated");
   expect_error(with(header_at, as_bytes(uint64_t{good.size()})), invalid, "header is truncated");
-  expect_error(with(table_at, as_bytes(uint32_t{7})), invalid, "names file descriptor 7 of 1");
-  expect_error(with(table_at + 8, as_bytes(uint64_t{1} << 40)), invalid, "outside its memfd");
-  expect_error(good, invalid, "outside its memfd", {::memfd_create("small", MFD_CLOEXEC)});
-  // The header itself: checked as a load checks a file's.
+  expect_error(with(field(0, 0), as_bytes(uint32_t{7})), invalid, "names file descriptor 7 of 1");
+  expect_error(with(field(0, 8), as_bytes(uint64_t{1} << 40)), invalid, "outside its memfd");
+  expect_error(good, invalid, "outside its memfd", true, {::memfd_create("small", MFD_CLOEXEC)});
+  // The table and extras, which only the writer of a plan reads.
+  expect_error(with(field(0, 4), as_bytes(uint32_t{1} << 30)), invalid, "extras are truncated", false);
+  expect_error(with(field(0, 40), as_bytes(uint8_t{200})), invalid, "names dtype 200", false);
+  expect_error(with(field(0, 41), as_bytes(uint8_t{65})), invalid, "65 dimensions", false);
+  size_t sharded_at = extras_at + 8;  // past the names and shapes
+  size_t plain = count;                // an entry that its bytes fill exactly
+  for (size_t i = 0; i < count; ++i) {
+    uint32_t name_size;
+    std::memcpy(&name_size, good.data() + field(i, 4), 4);
+    sharded_at += name_size + 8 * static_cast<uint8_t>(good[field(i, 41)]);
+    if (get(field(i, 24)) - get(field(i, 16)) == get(field(i, 32)) && get(field(i, 32)) > 1) plain = i;
+  }
+  ASSERT_EQ(get(sharded_at), 2u);
+  expect_error(with(sharded_at, as_bytes(uint64_t{3})), invalid, "extras are truncated", false);
+  expect_error(with(sharded_at, as_bytes(huge)), invalid, "sharded index is truncated", false);
+  expect_error(with(sharded_at, as_bytes(uint64_t{1})), invalid, "extras have trailing bytes", false);
+  // A layout that would write outside the file's data, or over another entry's bytes.
   const auto data_loss = ErrorCode::kDataLoss;
-  expect_error(with(8, as_bytes(data_size + 64)), data_loss, "truncated or has trailing bytes");
-  const size_t json_at = header_at + 8;
-  expect_error(with(json_at, "["), data_loss, "not valid JSON");
-  const std::string key = "\"fastdcp.crc32c\":\"";
-  const size_t key_at = good.find(key, header_at);
-  ASSERT_NE(key_at, std::string::npos);
-  expect_error(with(key_at + 1, "X"), data_loss, "lacks the string 'fastdcp.crc32c'");
+  ASSERT_LT(plain, count);
+  const uint64_t begin = get(field(plain, 16)), end = get(field(plain, 24)), nbytes = get(field(plain, 32));
+  expect_error(with(field(plain, 16), as_bytes(begin + 1)), data_loss, "does not hold its bytes", false);
+  expect_error(with(field(plain, 24), as_bytes(end - 1)), data_loss, "does not hold its bytes", false);
+  expect_error(with(field(plain, 16), as_bytes(begin + 1)).replace(field(plain, 24), 8, as_bytes(end + 1)), data_loss,
+               "does not start where the one before it ends", false);
+  expect_error(with(field(plain, 16), as_bytes(huge)).replace(field(plain, 24), 8, as_bytes(huge + nbytes)), data_loss,
+               "does not hold its bytes", false);  // wraps around
+  expect_error(with(8, as_bytes(data_size + 64)), data_loss, "do not fill its data size", false);
+  expect_error(with(16, as_bytes(huge)), data_loss, "checksum table lies outside its header", false);
+  expect_error(with(16, as_bytes(uint64_t{get(header_at)} + 8 - 7)), data_loss, "checksum table lies outside its header",
+               false);
+  // The header itself: the writer of a tree checks it as a load checks a file's.
+  expect_refused([](std::string_view m, const std::vector<int>& f) { attach_state_dict(m, f); },
+                 with(header_at + 8, "["), shared.fds, data_loss, "not valid JSON");
   const size_t offsets = good.find("\"data_offsets\":[0,", header_at);
   ASSERT_NE(offsets, std::string::npos);
-  expect_error(with(offsets + 16, "1"), data_loss, "for its shape and dtype");
-  // The checksum key spelled with an escape: valid JSON that a load reads, but not where the
-  // renderer puts it, so the writer would not know where to put the checksums.
-  std::string escaped = good;
-  escaped.replace(key_at, key.size(), "\"fastdcp.crc32\\u0063\":\"");
-  ASSERT_EQ(escaped.substr(escaped.size() - 5), "     ");  // the header's padding takes it back
-  escaped.resize(escaped.size() - 5);
-  expect_refused([](std::string_view m, const std::vector<int>& f) { attach_plan(m, f); }, escaped, shared.fds,
-                 data_loss, "checksum table is not where it should be");
-  expect_same_tree(attach_state_dict(escaped, dup_all(shared.fds)), model_state());
+  expect_refused([](std::string_view m, const std::vector<int>& f) { attach_state_dict(m, f); },
+                 with(offsets + 16, "1"), shared.fds, data_loss, "for its shape and dtype");
+}
+
+// The writer of a plan writes its header without parsing it (Note [Trusting the plan]): a header
+// that disagrees with its table makes a file that the load refuses, naming what is wrong.
+TEST(SharedStateDict, AHeaderTheWriterDoesNotParseIsCheckedByTheLoad) {
+  testing::TempDir dir;
+  const SharedStateDict shared = share_state_dict(mixed_state(0, 1));
+  std::string bad = shared.message;
+  const size_t offsets = bad.find("\"data_offsets\":[0,");
+  ASSERT_NE(offsets, std::string::npos);
+  bad[offsets + 16] = '1';
+  CheckpointWriter().write(dir.path() + "/c", attach_plan(bad, dup_all(shared.fds)));
+  try {
+    CheckpointReader().read(dir.path() + "/c");
+    ADD_FAILURE() << "a header that disagrees with its data loaded";
+  } catch (const Error& e) {
+    EXPECT_EQ(e.code(), ErrorCode::kDataLoss) << e.what();
+    EXPECT_NE(std::string(e.what()).find("for its shape and dtype"), std::string::npos) << e.what();
+  }
 }
 
 // With two sections, a writer that takes the tree reads the second one.

@@ -4,11 +4,13 @@
 //
 // Note [Shared state dicts]
 // The tree travels as the rank file's plan (RankFilePlan), rendered once, by the sender: its header
-// is the very JSON the data file will carry (docs/format.md), with a table that gives, for each of
-// the header's entries, the memfd and the offset in it that hold the entry's bytes. The writer
-// process writes that plan as it is (attach_plan, CheckpointWriter::write of a plan): it checks the
-// header with the parser a load uses, and every entry against its memfd, but builds no tree and
-// renders nothing again, which for 100,000 small tensors was most of a save's time. A rank file
+// is the very JSON the data file will carry (docs/format.md), with a binary table that gives, for
+// each of the header's entries, its place in the file, its name and shape, and the memfd and the
+// offset in it that hold its bytes, and the plan's sharded index. The writer process writes that
+// plan as it is (attach_plan, CheckpointWriter::write of a plan) from the table: it checks every
+// entry against its memfd and the layout (Note [Trusting the plan]), but neither parses the header
+// nor builds a tree nor renders anything again, which for 100,000 small tensors was most of a
+// save's time. A writer that takes the tree (attach_state_dict) parses the header as a load does. A rank file
 // leaves the chunks of replicated sharded leaves to the replica that writes them (Note [Writing
 // replicas]); when it leaves any out, a second plan of the whole tree follows, for writers that
 // take the tree itself (attach_state_dict). The memfds travel beside the message (SCM_RIGHTS over a
@@ -52,7 +54,8 @@ Value attach_state_dict(std::string_view message, const std::vector<int>& fds);
 
 // The rank-file plan of a share_state_dict message, over the memfds `fds` (taken over as above),
 // for CheckpointWriter::write: what a write of the shared tree itself would write, byte for byte.
-// The same errors as attach_state_dict.
+// Throws Error(kInvalidArgument) for a malformed message, Error(kDataLoss) for a plan whose layout
+// would write outside its bounds (RankFilePlan::adopt).
 RankFilePlan attach_plan(std::string_view message, const std::vector<int>& fds);
 
 }  // namespace fastdcp

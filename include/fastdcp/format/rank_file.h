@@ -70,14 +70,22 @@ class RankFilePlan {
   // non-finite number is fine; a string that is not UTF-8 is not; two sharded leaves with one key
   // path are not; nor is a sharded leaf that ShardedTensor::validate refuses or of a sub-byte dtype).
   static RankFilePlan make(const Value& state_dict, Replicas replicas = Replicas::kOwnShare);
-  // The plan that make() rendered in another process (Note [Shared state dicts]), taken as it is:
-  // `header` is that plan's header() with zero checksums, `data_size` its file_size() -
-  // data_offset(), and storage_for(i, entries()[i]) returns the bytes of entry i (at least its
-  // nbytes). Nothing is rendered again: the header is parsed and checked as a load checks a file's
-  // (entries tiling the data, the checksum table, the tree's JSON; Error(kDataLoss) naming `name`),
-  // and the sharded index is read from it.
-  static RankFilePlan adopt(std::string header, uint64_t data_size, const std::string& name,
-                            const std::function<Storage(size_t, const StoredEntry&)>& storage_for);
+  // The parts of a plan that make() rendered in another process (Note [Shared state dicts]), as
+  // that plan gave them: header() with zero checksums, file_size() - data_offset(),
+  // checksums_offset(), entries(), sharded(), and per entry the bytes to write (at least its nbytes).
+  struct Parts {
+    std::string header;
+    uint64_t data_size = 0;
+    uint64_t checksums_offset = 0;
+    std::vector<StoredEntry> entries;
+    std::vector<Storage> storages;
+    std::vector<IndexEntry> sharded;
+  };
+  // Takes those parts as they are: nothing is parsed or rendered again. It checks what keeps the
+  // write itself inside its bounds (Note [Trusting the plan]): the length prefix, entries tiling
+  // the data in order, each storage holding its entry, the checksum table inside the header; and
+  // throws Error(kDataLoss) naming `name` and what is wrong.
+  static RankFilePlan adopt(Parts parts, const std::string& name);
   // Whether make() left the chunks of some replicated sharded leaf to another replica (kOwnShare).
   bool omits_replicas() const { return omits_replicas_; }
 
@@ -87,6 +95,8 @@ class RankFilePlan {
   uint64_t file_size() const { return data_offset() + data_size_; }
   // The file's first data_offset() bytes.
   const std::string& header() const { return header_; }
+  // The offset in header() of the first checksum's hex digits (set_checksums writes there).
+  uint64_t checksums_offset() const { return checksums_at_; }
   // Patches the checksums of `entry` into the header (crcs.size() == entries()[entry].num_chunks()).
   void set_checksums(size_t entry, const std::vector<uint32_t>& crcs);
   // The sharded leaves, in tree order, with the boxes this plan holds (rank 0 in every chunk: the
