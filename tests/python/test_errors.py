@@ -144,10 +144,8 @@ def test_a_writer_process_that_dies_is_a_runtime_error(tmp_path):
         subprocess_init_fn=os._exit, subprocess_init_args=(3,))
     try:
         _, write = checkpointer.save(str(tmp_path / "ck"), state())
-        with pytest.raises(Exception) as raised:
-            write.result(timeout=60)
-        assert type(raised.value) is RuntimeError, repr(raised.value)  # not the private _WorkerGone
-        assert "exited with status 3" in str(raised.value)
+        error = raised_by(lambda: write.result(timeout=60), ErrorCode.UNAVAILABLE)
+        assert isinstance(error, RuntimeError) and "exited with status 3" in str(error)
     finally:
         checkpointer.close()
 
@@ -336,6 +334,7 @@ EXPECTED_TYPES = {  # code: (type, the built-ins it is also)
     ErrorCode.ALREADY_EXISTS: (fastdcp.AlreadyExistsError, (FileExistsError, RuntimeError)),
     ErrorCode.DATA_LOSS: (fastdcp.DataLossError, (RuntimeError,)),
     ErrorCode.CANCELLED: (fastdcp.CancelledError, (concurrent.futures.CancelledError, RuntimeError)),
+    ErrorCode.DEADLINE_EXCEEDED: (fastdcp.DeadlineExceededError, (TimeoutError,)),
     ErrorCode.INTERNAL: (fastdcp.InternalError, (RuntimeError,)),
 }
 
@@ -424,6 +423,18 @@ def test_cancelled_from_a_save_another_rank_abandoned(tmp_path):
     error = raised_by(lambda: native_write(path, {"a": np.ones(3)}, rank=0, world_size=2), ErrorCode.CANCELLED)
     voter.join(60)
     assert "rank 1 ran out of patience" in str(error) and not os.path.exists(os.path.join(path, "manifest.json"))
+
+
+def test_deadline_exceeded_from_a_writer_process_that_does_not_start_in_time(tmp_path):
+    checkpointer = make_async_checkpointer(
+        CheckpointerConfig(staging_config=CPU, process_config=CheckpointProcessConfig(subprocess_init_timeout_secs=1)),
+        subprocess_init_fn=time.sleep, subprocess_init_args=(30,))
+    try:
+        _, write = checkpointer.save(str(tmp_path / "ck"), state())
+        error = raised_by(lambda: write.result(timeout=60), ErrorCode.DEADLINE_EXCEEDED)
+        assert "subprocess_init_timeout_secs" in str(error) or "initialize" in str(error)
+    finally:
+        checkpointer.close()
 
 
 @pytest.mark.parametrize("code", [ErrorCode.ALREADY_EXISTS, ErrorCode.CUDA_ERROR, ErrorCode.INTERNAL])
