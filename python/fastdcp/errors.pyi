@@ -16,6 +16,7 @@ NOT_FOUND                NotFoundError                  FileNotFoundError
 ALREADY_EXISTS           AlreadyExistsError             FileExistsError
 DATA_LOSS                DataLossError, ChecksumError   RuntimeError
 CANCELLED                CancelledError                 concurrent.futures.CancelledError
+DEADLINE_EXCEEDED        DeadlineExceededError          TimeoutError
 INTERNAL                 InternalError                  RuntimeError
 ======================== ============================== ==============================
 
@@ -59,6 +60,13 @@ class DataLossError(RuntimeError, Error):
     """
 
     code: fastdcp._C.ErrorCode = fastdcp._C.ErrorCode.DATA_LOSS
+
+class DeadlineExceededError(TimeoutError, Error):
+    """
+    A wait ran past its timeout (a write, the writer's start); the message names the timeout option.
+    """
+
+    code: fastdcp._C.ErrorCode = fastdcp._C.ErrorCode.DEADLINE_EXCEEDED
 
 class Error(Exception):
     """Any error fastdcp reports; `code` says which (fastdcp.ErrorCode)."""
@@ -172,4 +180,4 @@ class IoConnectionRefusedError(IoError, ConnectionRefusedError):
 
     code: fastdcp._C.ErrorCode = fastdcp._C.ErrorCode.IO_ERROR
 
-__all__: list = ['AlreadyExistsError', 'CancelledError', 'ChecksumError', 'CudaError', 'DataLossError', 'Error', 'ErrorCode', 'FailedPreconditionError', 'InternalError', 'InvalidArgumentError', 'IoError', 'NotFoundError', 'ResourceExhaustedError', 'UnavailableError']
+__all__: list = ['AlreadyExistsError', 'CancelledError', 'ChecksumError', 'CudaError', 'DataLossError', 'DeadlineExceededError', 'Error', 'ErrorCode', 'FailedPreconditionError', 'InternalError', 'InvalidArgumentError', 'IoError', 'NotFoundError', 'ResourceExhaustedError', 'UnavailableError']
