@@ -144,17 +144,26 @@ TEST_F(CheckpointerTest, TrainingMayWriteOnceStagedEvenBeforeTheCopyIsDone) {
   auto process = std::make_shared<CheckpointProcess>(RankInfo{}, WriterOptions{}, cpu_options().process);
   AsyncCheckpointer checkpointer(stager, process, CheckpointReader());
   auto sd = std::make_shared<Value>(Value::dict());
-  Tensor weight = filled(DType::kF32, {2048, 1024}, 3);  // 8 MiB
-  sd->insert("weight", weight);
+  std::vector<Tensor> weights;
+  for (int i = 0; i < 4; ++i) {
+    weights.push_back(filled(DType::kF32, {512, 1024}, 3 + i));  // 2 MiB each
+    sd->insert("weight" + std::to_string(i), weights.back());
+  }
   auto [staged, written] = checkpointer.save(at("cow"), sd);
   staged.get();
-  std::memset(weight.data_ptr(), 0, weight.nbytes());
+  for (Tensor& weight : weights) std::memset(weight.data_ptr(), 0, weight.nbytes());
   written.get();
-  const Tensor want = filled(DType::kF32, {2048, 1024}, 3);
-  EXPECT_EQ(std::memcmp(checkpointer.load(at("cow")).at("weight").as_tensor().data_ptr(), want.data_ptr(),
-                        want.nbytes()),
-            0);
-  EXPECT_EQ(stager->stats().bytes_copied_after_release, weight.nbytes());
+  const Value loaded = checkpointer.load(at("cow"));
+  for (int i = 0; i < 4; ++i) {
+    const Tensor want = filled(DType::kF32, {512, 1024}, 3 + i);
+    EXPECT_EQ(std::memcmp(loaded.at("weight" + std::to_string(i)).as_tensor().data_ptr(), want.data_ptr(),
+                          want.nbytes()),
+              0);
+  }
+  // A source whose first chunk another thread wrote before the release (malloc's metadata of a
+  // neighbouring block can share a source's edge page) is copied before it and not counted.
+  EXPECT_GT(stager->stats().bytes_copied_after_release, 0u);
+  EXPECT_LE(stager->stats().bytes_copied_after_release, 4 * weights[0].nbytes());
   checkpointer.close();
 }
 

@@ -182,7 +182,13 @@ def test_training_may_write_its_tensors_once_the_staging_future_is_done(tmp_path
                 assert torch.equal(loaded["model"][key], tensor), (step, key)
             expected = {k: v.clone() for k, v in params.items()}
         copied_after = stager.stats()["bytes_copied_after_release"]
-        assert copied_after == (3 * 64 << 20 if copy_on_write else 0)
+        # A source whose first chunk another thread wrote before the release (malloc's metadata of a
+        # neighbouring block shares a source's edge page) is copied first and not counted here, so
+        # with copy-on-write the count is at most every staged byte, not exactly it.
+        if copy_on_write:
+            assert 0 < copied_after <= 3 * 64 << 20
+        else:
+            assert copied_after == 0
     finally:
         checkpointer.close()
 
