@@ -138,14 +138,18 @@ def test_a_bad_value_is_a_value_error_naming_the_key(tmp_path):
             save_with({"opt": {"state": [1, object()]}})
 
 
-def test_a_writer_process_that_dies_is_a_runtime_error(tmp_path):
+@pytest.mark.parametrize("init_fn, init_args, timeout, code, says", [
+    (os._exit, (3,), 30, fastdcp.ErrorCode.UNAVAILABLE, "exited with status 3"),  # a RuntimeError
+    (time.sleep, (30,), 1, fastdcp.ErrorCode.DEADLINE_EXCEEDED, "initialize"),  # a TimeoutError
+])
+def test_a_writer_process_that_dies_or_does_not_start_in_time(tmp_path, init_fn, init_args, timeout, code, says):
     checkpointer = make_async_checkpointer(
-        CheckpointerConfig(staging_config=CPU, process_config=CheckpointProcessConfig(subprocess_init_timeout_secs=30)),
-        subprocess_init_fn=os._exit, subprocess_init_args=(3,))
+        CheckpointerConfig(staging_config=CPU, process_config=CheckpointProcessConfig(subprocess_init_timeout_secs=timeout)),
+        subprocess_init_fn=init_fn, subprocess_init_args=init_args)
     try:
         _, write = checkpointer.save(str(tmp_path / "ck"), state())
-        error = raised_by(lambda: write.result(timeout=60), ErrorCode.UNAVAILABLE)
-        assert isinstance(error, RuntimeError) and "exited with status 3" in str(error)
+        error = raised_by(lambda: write.result(timeout=60), code)
+        assert says in str(error)
     finally:
         checkpointer.close()
 
@@ -423,18 +427,6 @@ def test_cancelled_from_a_save_another_rank_abandoned(tmp_path):
     error = raised_by(lambda: native_write(path, {"a": np.ones(3)}, rank=0, world_size=2), ErrorCode.CANCELLED)
     voter.join(60)
     assert "rank 1 ran out of patience" in str(error) and not os.path.exists(os.path.join(path, "manifest.json"))
-
-
-def test_deadline_exceeded_from_a_writer_process_that_does_not_start_in_time(tmp_path):
-    checkpointer = make_async_checkpointer(
-        CheckpointerConfig(staging_config=CPU, process_config=CheckpointProcessConfig(subprocess_init_timeout_secs=1)),
-        subprocess_init_fn=time.sleep, subprocess_init_args=(30,))
-    try:
-        _, write = checkpointer.save(str(tmp_path / "ck"), state())
-        error = raised_by(lambda: write.result(timeout=60), ErrorCode.DEADLINE_EXCEEDED)
-        assert "subprocess_init_timeout_secs" in str(error) or "initialize" in str(error)
-    finally:
-        checkpointer.close()
 
 
 @pytest.mark.parametrize("code", [ErrorCode.ALREADY_EXISTS, ErrorCode.CUDA_ERROR, ErrorCode.INTERNAL])
