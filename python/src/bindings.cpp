@@ -13,6 +13,7 @@
 #include <variant>
 
 #include "fastdcp/checkpoint/checkpoint.h"
+#include "fastdcp/checkpoint/device_targets.h"
 #include "fastdcp/checkpoint/shared_state_dict.h"
 #include "fastdcp/common/logging.h"
 #include "fastdcp/interop/hugging_face.h"
@@ -253,26 +254,6 @@ class PyStager {
   std::array<double, 3> last_phases_{};
 };
 
-bool all_tensors_on_cpu(const Value& root) {
-  std::vector<const Value*> stack{&root};
-  while (!stack.empty()) {
-    const Value* v = stack.back();
-    stack.pop_back();
-    if (v->is_tensor()) {
-      if (!v->as_tensor().device().is_cpu()) return false;
-    } else if (v->is_sharded()) {
-      for (const ShardChunk& chunk : v->as_sharded().chunks) {
-        if (!chunk.data.device().is_cpu()) return false;
-      }
-    } else if (v->kind() == Value::Kind::kDict) {
-      for (const auto& [key, child] : v->entries()) stack.push_back(&child);
-    } else if (v->kind() == Value::Kind::kList || v->kind() == Value::Kind::kTuple) {
-      for (const Value& child : v->items()) stack.push_back(&child);
-    }
-  }
-  return true;
-}
-
 // The io_engine option of WriterOptions and ReadOptions, as Python spells it ("threads", ...).
 template <typename Options>
 std::string io_engine_name(const Options& options) {
@@ -293,6 +274,42 @@ std::chrono::milliseconds timeout_from_seconds(double seconds) {
 // object where a tuple in it was rebuilt) and the key report.
 struct PyLoadResult : LoadResult {
   nb::object state_dict;
+};
+
+// Device memory for a load, from the framework: the adapter's empty_device(nbytes, device_index)
+// returns a 1-D byte tensor and its data pointer (Note [Loading onto a device]). Each allocation is
+// remembered, so that the loaded tensors are made over the framework's own tensor.
+class PyDeviceAllocator : public DeviceAllocator {
+ public:
+  explicit PyDeviceAllocator(nb::object empty_device) : empty_device_(std::move(empty_device)) {}
+
+  Storage allocate(Device device, uint64_t nbytes) override {
+    nb::gil_scoped_acquire gil;
+    nb::tuple made = nb::cast<nb::tuple>(empty_device_(nbytes, device.index));
+    nb::object bytes = made[0];
+    const auto data = nb::cast<uintptr_t>(made[1]);
+    // The storage keeps the framework's tensor alive; it may be dropped on a thread without the GIL.
+    std::shared_ptr<const void> owner(bytes.inc_ref().ptr(), [](const void* object) {
+      nb::gil_scoped_acquire gil;
+      Py_DECREF(static_cast<PyObject*>(const_cast<void*>(object)));
+    });
+    Storage storage = Storage::wrap(reinterpret_cast<void*>(data), nbytes, device, std::move(owner));
+    made_.emplace_back(storage, std::move(bytes));
+    return storage;
+  }
+
+  // The framework's tensor of every storage allocated, for TreeConverter::adopt_storage.
+  std::vector<std::pair<Storage, nb::object>>& made() { return made_; }
+
+  ~PyDeviceAllocator() override {
+    nb::gil_scoped_acquire gil;
+    made_.clear();
+    empty_device_.reset();
+  }
+
+ private:
+  nb::object empty_device_;
+  std::vector<std::pair<Storage, nb::object>> made_;
 };
 
 // Checkpoint writing and reading for one rank, with a framework adapter for the Python side.
@@ -330,10 +347,20 @@ class PyCheckpointIO {
   }
 
   nb::object read(const std::string& path, const ReadOptions& options) {
+    ReadOptions read_options = options;
+    std::shared_ptr<PyDeviceAllocator> allocator;
+    if (options.device.is_cuda() && !options.device_allocator && nb::hasattr(converter_.adapter(), "empty_device")) {
+      allocator = std::make_shared<PyDeviceAllocator>(converter_.adapter().attr("empty_device"));
+      read_options.device_allocator = allocator;
+    }
     Value loaded;
     {
       nb::gil_scoped_release release;
-      loaded = CheckpointReader(rank_, options).read(path);
+      loaded = CheckpointReader(rank_, read_options).read(path);
+    }
+    if (allocator) {
+      for (auto& [storage, bytes] : allocator->made()) converter_.adopt_storage(storage, std::move(bytes));
+      allocator->made().clear();
     }
     CyclicGcPause gc_pause;
     return converter_.loaded_to_python(loaded);
@@ -404,23 +431,12 @@ class PyCheckpointIO {
     }
     nb::gil_scoped_release release;
     Value* tree = std::get_if<Value>(&source);
-    if (tree && !all_tensors_on_cpu(*tree)) {
-      // Device tensors are copied to host first, through a stager kept for later saves.
-      if (!device_stager_) {
-        StagingOptions staging;
-        staging.use_shared_memory = false;
-        staging.use_async_staging = false;
-        device_stager_.emplace(staging, CudaRuntime::instance());
-      }
-      *tree = device_stager_->stage_now(*tree);
-    }
     CheckpointWriter writer(rank_, options, native_barrier, hook);
     return tree ? writer.write(path, *tree) : writer.write(path, std::get<RankFilePlan>(std::move(source)));
   }
 
   TreeConverter converter_;
   RankInfo rank_;
-  std::optional<DefaultStager> device_stager_;
 };
 
 }  // namespace
@@ -506,25 +522,30 @@ NB_MODULE(_C, m) {
       .def(
           "__init__",
           [](ReadOptions* self, bool verify_checksums, int io_threads, bool use_mmap, bool direct_io,
-             const std::string& io_engine, bool assemble_sharded) {
+             const std::string& io_engine, bool assemble_sharded, const std::string& device) {
             new (self) ReadOptions{.verify_checksums = verify_checksums,
                                    .io_threads = io_threads,
                                    .use_mmap = use_mmap,
                                    .direct_io = direct_io,
                                    .io_engine = io_engine_from_string(io_engine),
-                                   .assemble_sharded = assemble_sharded};
+                                   .assemble_sharded = assemble_sharded,
+                                   .device = Device::parse(device)};
           },
           nb::kw_only(), nb::arg("verify_checksums") = read_defaults.verify_checksums,
           nb::arg("io_threads") = read_defaults.io_threads, nb::arg("use_mmap") = read_defaults.use_mmap,
           nb::arg("direct_io") = read_defaults.direct_io, nb::arg("io_engine") = to_string(read_defaults.io_engine),
-          nb::arg("assemble_sharded") = read_defaults.assemble_sharded)
+          nb::arg("assemble_sharded") = read_defaults.assemble_sharded, nb::arg("device") = read_defaults.device.str())
       .def_rw("verify_checksums", &ReadOptions::verify_checksums)
       .def_rw("io_threads", &ReadOptions::io_threads, "0: one per core, at least 4")
       .def_rw("use_mmap", &ReadOptions::use_mmap, "whole reads: map the file instead of reading it")
       .def_rw("direct_io", &ReadOptions::direct_io, "whole reads: O_DIRECT where the file system allows it")
       .def_prop_rw("io_engine", &io_engine_name<ReadOptions>, &set_io_engine<ReadOptions>,
                    "'threads', 'io_uring' or 'auto'")
-      .def_rw("assemble_sharded", &ReadOptions::assemble_sharded);
+      .def_rw("assemble_sharded", &ReadOptions::assemble_sharded)
+      .def_prop_rw(
+          "device", [](const ReadOptions& o) { return o.device.str(); },
+          [](ReadOptions& o, const std::string& device) { o.device = Device::parse(device); },
+          "whole reads: 'cpu' or 'cuda:<index>', where the loaded tensors go (map_location)");
   nb::class_<WriteStats>(m, "WriteStats", "What one rank's write did.")
       .def_ro("file", &WriteStats::file, "this rank's data file")
       .def_ro("bytes_written", &WriteStats::bytes_written)

@@ -110,12 +110,14 @@ std::optional<at::ScalarType> torch_dtype(DType dtype) {
   }
 }
 
-// A CPU tensor of `dtype` over the storage of `bytes`. As at::empty does for CPU tensors: a
-// TensorImpl over an existing storage, without a dispatch.
+// A tensor of `dtype` over the storage of `bytes`, on its device (CUDA for a load onto a device:
+// Note [Loading onto a device]). As at::empty does: a TensorImpl over an existing storage, without
+// a dispatch.
 at::Tensor view_of(const at::Tensor& bytes, caffe2::TypeMeta dtype, int32_t ndim, const int64_t* shape,
                    const int64_t* strides, int64_t storage_offset) {
   c10::Storage storage = bytes.storage();
-  auto impl = c10::make_intrusive<c10::TensorImpl>(std::move(storage), c10::DispatchKeySet(c10::DispatchKey::CPU), dtype);
+  const c10::DispatchKey backend = bytes.is_cuda() ? c10::DispatchKey::CUDA : c10::DispatchKey::CPU;
+  auto impl = c10::make_intrusive<c10::TensorImpl>(std::move(storage), c10::DispatchKeySet(backend), dtype);
   impl->set_sizes_and_strides(c10::IntArrayRef(shape, static_cast<size_t>(ndim)),
                               c10::IntArrayRef(strides, static_cast<size_t>(ndim)), storage_offset);
   return at::Tensor(std::move(impl));

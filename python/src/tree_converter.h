@@ -185,10 +185,24 @@ class TreeConverter {
   // tensors, not at the reader's next load.
   nb::object loaded_to_python(const Value& v) {
     ++epoch_;
-    nb::object out = build(nb::none(), v, /*mirror=*/false);
-    wrapped_.clear();
-    return out;
+    struct Forget {
+      decltype(wrapped_)& wrapped;
+      ~Forget() { wrapped.clear(); }  // on failure too: adopted device memory is not kept
+    } forget{wrapped_};
+    return build(nb::none(), v, /*mirror=*/false);
   }
+
+  // For the next loaded_to_python: tensors over `s` are made over `framework_bytes`, a 1-D byte
+  // tensor of the framework over the same memory (device memory it allocated for a load: Note
+  // [Loading onto a device]), instead of a new wrapping of the memory.
+  void adopt_storage(const Storage& s, nb::object framework_bytes) {
+    WrappedStorage& wrapped = wrapped_[s.identity()];
+    wrapped.storage = s;
+    wrapped.typed_views.clear();
+    wrapped.py_storage = std::move(framework_bytes);
+  }
+
+  const nb::object& adapter() const { return adapter_; }
 
   // After CheckpointReader::read_into on a tree that from_python made of `template_root`: puts the
   // non-tensor values the checkpoint replaced back into the Python containers (dicts and lists in

@@ -230,7 +230,12 @@ struct CheckpointWriter::Save {
 };
 
 WriteStats CheckpointWriter::write(const std::string& path, const Value& state_dict) {
-  return write_planned(path, [&] { return RankFilePlan::make(state_dict); });  // bad values fail before anything is written
+  // Bad values fail before anything is written; a failed device copy votes against the save.
+  std::optional<Value> on_host;  // outlives the plan made of it
+  return write_planned(path, [&] {
+    on_host = with_device_tensors_on_host(state_dict, options_.cuda);
+    return RankFilePlan::make(on_host ? *on_host : state_dict);
+  });
 }
 
 WriteStats CheckpointWriter::write(const std::string& path, RankFilePlan plan) {
@@ -926,6 +931,7 @@ std::shared_ptr<void> map_file(const File& file, uint64_t size) {
 }  // namespace
 
 Value CheckpointReader::read(const std::string& path) const {
+  check_device(options_.device, options_.cuda, "map_location, ReadOptions::device");  // before anything is read
   const std::shared_ptr<Store> store = checkpoint_store(path);
   const Manifest manifest = manifest_for_rank(*store, rank_);
   const int source = source_rank(manifest, rank_);
@@ -988,6 +994,7 @@ Value CheckpointReader::read(const std::string& path) const {
   for (const StoredEntry& e : entries) data_size = std::max(data_size, e.begin + e.nbytes);
   const Storage data = Storage::wrap(const_cast<char*>(base), data_size, Device::cpu(), memory);
   fill_sharded(*store, manifest, targets, options_, threads, &opened, source, &data);
+  if (options_.device.is_cuda()) move_to_device(tree, options_.device, options_.device_allocator.get(), options_.cuda);
   return tree;
 }
 

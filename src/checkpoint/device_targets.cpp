@@ -4,6 +4,7 @@
 #include <unordered_map>
 
 #include "fastdcp/common/error.h"
+#include "fastdcp/staging/stager.h"
 
 namespace fastdcp {
 namespace {
@@ -12,7 +13,104 @@ namespace {
 // of elements of any dtype.
 constexpr uint64_t kSpanAlignment = 64;
 
+// Plain cudaMalloc on the current device, freed when the last tensor viewing it goes.
+Storage cuda_malloc_storage(const std::shared_ptr<CudaRuntime>& cuda, Device device, uint64_t nbytes) {
+  if (nbytes == 0) return Storage::wrap(nullptr, 0, device);
+  void* data = cuda->device_malloc(nbytes);
+  std::shared_ptr<const void> owner(data, [cuda](const void* p) { cuda->device_free(const_cast<void*>(p)); });
+  return Storage::wrap(data, nbytes, device, std::move(owner));
+}
+
 }  // namespace
+
+void check_device(Device device, const std::shared_ptr<CudaRuntime>& cuda, const std::string& option) {
+  if (device.is_cpu()) return;
+  const std::shared_ptr<CudaRuntime> runtime = cuda ? cuda : CudaRuntime::instance();
+  if (!runtime->available()) {
+    throw Error(ErrorCode::kFailedPrecondition, "cannot load onto " + device.str() + " (" + option +
+                                                    "): no CUDA device (" + runtime->unavailable_reason() +
+                                                    "); load onto the CPU instead");
+  }
+  if (device.index < 0 || device.index >= runtime->device_count()) {
+    throw Error(ErrorCode::kInvalidArgument, "cannot load onto " + device.str() + " (" + option + "): this process sees " +
+                                                 std::to_string(runtime->device_count()) + " CUDA device(s), cuda:0 to cuda:" +
+                                                 std::to_string(runtime->device_count() - 1));
+  }
+}
+
+void move_to_device(Value& tree, Device device, DeviceAllocator* allocator, std::shared_ptr<CudaRuntime> cuda) {
+  std::vector<Tensor*> moving;
+  for_each_leaf(tree, [&](Value& v) {
+    if (v.is_tensor()) {
+      moving.push_back(&v.as_tensor());
+    } else if (v.is_sharded()) {
+      for (ShardChunk& chunk : v.as_sharded().chunks) moving.push_back(&chunk.data);
+    }
+  });
+  std::erase_if(moving, [&](const Tensor* t) { return t->device() == device; });
+  if (moving.empty()) return;
+  if (device.is_cpu()) throw Error(ErrorCode::kInvalidArgument, "move_to_device: only host tensors move, onto a CUDA device");
+  if (!cuda) cuda = CudaRuntime::instance();
+  check_device(device, cuda, "the target device");
+  // Every storage is allocated and filled before any tensor changes: a failure leaves the tree as it was.
+  std::unordered_map<const StorageImpl*, Storage> moved;
+  CudaDeviceGuard guard(*cuda, device.index);
+  for (const Tensor* t : moving) {
+    const Storage& host = t->storage();
+    if (!host.device().is_cpu()) {
+      throw Error(ErrorCode::kInvalidArgument, "move_to_device: a tensor on " + host.device().str() + " cannot move to " +
+                                                   device.str() + "; only host tensors move");
+    }
+    auto [it, fresh] = moved.try_emplace(host.identity());
+    if (!fresh) continue;
+    it->second = allocator ? allocator->allocate(device, host.nbytes()) : cuda_malloc_storage(cuda, device, host.nbytes());
+    if (it->second.nbytes() < host.nbytes() || it->second.device() != device) {
+      throw Error(ErrorCode::kInternal, "the device allocator returned " + std::to_string(it->second.nbytes()) +
+                                            " bytes on " + it->second.device().str() + " for " +
+                                            std::to_string(host.nbytes()) + " bytes on " + device.str());
+    }
+    if (host.nbytes() > 0) cuda->memcpy_host_to_device(it->second.data(), host.data(), host.nbytes());
+  }
+  for (Tensor* t : moving) {
+    Tensor on_device(moved.at(t->storage().identity()), t->dtype(), t->shape(), t->strides(), t->storage_offset());
+    on_device.share_traits(*t);
+    *t = std::move(on_device);
+  }
+}
+
+std::optional<Value> with_device_tensors_on_host(const Value& state_dict, std::shared_ptr<CudaRuntime> cuda) {
+  bool any = false;
+  for_each_leaf(state_dict, [&](const Value& v) {
+    if (v.is_tensor()) {
+      any = any || !v.as_tensor().device().is_cpu();
+    } else if (v.is_sharded()) {
+      for (const ShardChunk& chunk : v.as_sharded().chunks) any = any || !chunk.data.device().is_cpu();
+    }
+  });
+  if (!any) return std::nullopt;
+  Value tree = state_dict.clone();
+  std::vector<Tensor*> places;
+  for_each_leaf(tree, [&](Value& v) {
+    if (v.is_tensor()) {
+      if (!v.as_tensor().device().is_cpu()) places.push_back(&v.as_tensor());
+    } else if (v.is_sharded()) {
+      for (ShardChunk& chunk : v.as_sharded().chunks) {
+        if (!chunk.data.device().is_cpu()) places.push_back(&chunk.data);
+      }
+    }
+  });
+  Value device_tensors = Value::list();
+  for (const Tensor* t : places) device_tensors.append(Value(*t));
+  StagingOptions options;
+  options.use_pinned_memory = false;
+  options.use_shared_memory = false;
+  options.use_async_staging = false;
+  options.copy_on_write = false;
+  DefaultStager stager(options, cuda ? std::move(cuda) : CudaRuntime::instance());
+  const Value staged = stager.stage_now(device_tensors);  // stays valid when the stager goes
+  for (size_t i = 0; i < places.size(); ++i) *places[i] = staged[i].as_tensor();
+  return tree;
+}
 
 DeviceTargets::DeviceTargets(Value& target, std::shared_ptr<CudaRuntime> cuda) : cuda_(std::move(cuda)) {
   std::unordered_map<const StorageImpl*, size_t> span_of;

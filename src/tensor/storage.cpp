@@ -12,6 +12,17 @@ std::string Device::str() const {
   return is_cpu() ? std::string("cpu") : "cuda:" + std::to_string(index);
 }
 
+Device Device::parse(const std::string& text) {
+  if (text == "cpu") return cpu();
+  if (text == "cuda") return cuda(0);
+  if (text.starts_with("cuda:") && text.size() > 5 && text.size() <= 14 &&
+      text.find_first_not_of("0123456789", 5) == std::string::npos) {
+    return cuda(std::stoi(text.substr(5)));
+  }
+  throw Error(ErrorCode::kInvalidArgument,
+              "unknown device '" + text + "': fastdcp's tensors live on 'cpu' or 'cuda:<index>'");
+}
+
 Storage Storage::wrap(void* data, size_t nbytes, Device device, std::shared_ptr<const void> keep_alive,
                       HostMemoryInfo info) {
   if (data == nullptr && nbytes != 0) {

@@ -3,6 +3,9 @@ compatibility, partial loads, hooks and barrier order, and the errors for damage
 
 import json
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -244,6 +247,85 @@ def test_the_fastdcp_command_is_installed_with_the_package(tmp_path):
     path.write_bytes(bytes(data))
     verified = subprocess.run([command, "verify", str(tmp_path / "ck")], capture_output=True, text=True)
     assert verified.returncode == 1 and "model.w" in verified.stderr
+
+
+# The fake CUDA runtime of the C++ tests (tests/fake_cuda), built with them; scripts/test.sh names it.
+FAKE_CUDART = Path(os.environ.get("FASTDCP_FAKE_CUDART") or
+                   Path(__file__).resolve().parents[2] / "build" / "tests" / "libfake_cudart.so")
+
+
+def run_on_fake_devices(tmp_path, mode):
+    """fake_device_main.py on a saved sample state dict, in a process whose fastdcp sees two fake GPUs."""
+    assert FAKE_CUDART.is_file(), f"build the C++ tests first (cmake --build build): no {FAKE_CUDART}"
+    source = savable(sample_state_dict())
+    save(tmp_path / "ck", source)
+    torch.save(source, tmp_path / "oracle.pt")
+    env = {**os.environ, "FASTDCP_CUDART": str(FAKE_CUDART), "FAKE_CUDA_DEVICE_COUNT": "2"}
+    env.pop("FASTDCP_DISABLE_CUDA", None)
+    return subprocess.run([sys.executable, "fake_device_main.py", str(tmp_path / "ck"), str(tmp_path / "oracle.pt"), mode],
+                          cwd=Path(__file__).parent, env=env, capture_output=True, text=True, timeout=300)
+
+
+def test_map_location_copies_each_saved_storage_once_into_memory_the_framework_allocates(tmp_path):
+    # Note [Loading onto a device]: values, views and ties as torch.load gives them, every storage
+    # from torch's allocator on the device asked for, and nothing kept once the tensors go.
+    done = run_on_fake_devices(tmp_path, "load")
+    assert done.returncode == 0 and done.stdout.strip() == "OK", done.stderr
+
+
+def test_a_failed_device_allocation_reaches_the_caller_as_raised_and_frees_the_rest(tmp_path):
+    done = run_on_fake_devices(tmp_path, "fail")
+    assert done.returncode == 0 and done.stdout.strip() == "OK", done.stderr
+
+
+def test_map_location_that_names_no_one_cpu_or_cuda_device_is_refused_before_reading(tmp_path):
+    save(tmp_path / "ck", {"w": torch.arange(4.0)})
+    with pytest.raises(TypeError, match="map_location: fastdcp loads a checkpoint onto one device"):
+        load(tmp_path / "ck", map_location={"cuda:0": "cpu"})
+    with pytest.raises(TypeError, match="not a function"):
+        load(tmp_path / "ck", map_location=lambda storage, location: storage)
+    with pytest.raises(ValueError, match=r"map_location='meta'.*\.to\('meta'\)"):
+        load(tmp_path / "ck", map_location="meta")
+    # A device this process does not have: an invalid argument on a GPU machine, a failed
+    # precondition without CUDA; both name it. Nothing is read: a missing checkpoint says the same.
+    for path in (tmp_path / "ck", tmp_path / "absent"):
+        with pytest.raises((fastdcp.errors.InvalidArgumentError, fastdcp.errors.FailedPreconditionError),
+                           match=r"cannot load onto cuda:99 \(map_location"):
+            load(path, map_location="cuda:99")
+    loaded, _ = load(tmp_path / "ck", map_location=torch.device("cpu"))
+    assert loaded["w"].device.type == "cpu" and torch.equal(loaded["w"], torch.arange(4.0))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU (torch.cuda.is_available() is false)")
+def test_map_location_cuda_loads_as_torch_load_does(tmp_path):
+    source = savable(sample_state_dict())
+    save(tmp_path / "ck", source)
+    torch.save(source, tmp_path / "oracle.pt")
+    oracle = torch.load(tmp_path / "oracle.pt", map_location="cuda:0", weights_only=False)
+    before = torch.cuda.memory_allocated(0)
+    loaded, _ = load(tmp_path / "ck", map_location="cuda")
+    assert torch.cuda.memory_allocated(0) > before  # torch's caching allocator holds the memory
+    mine, theirs = list(leaves(loaded)), list(leaves(oracle))
+    assert [p for p, _ in mine] == [p for p, _ in theirs]
+    for (key, a), (_, b) in zip(mine, theirs):
+        if isinstance(b, torch.Tensor):
+            assert a.device == b.device and a.dtype == b.dtype and a.stride() == b.stride(), key
+            assert torch.equal(a, b), key
+    assert storage_groups(loaded) == storage_groups(oracle)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU (torch.cuda.is_available() is false)")
+def test_a_synchronous_write_takes_gpu_tensors_as_torch_save_does(tmp_path):
+    # Note [Device tensors in a synchronous write]: copied to the host in the write, ties kept.
+    w = torch.randn(4, 4, device="cuda")
+    source = {"w": w, "row": w[1], "host": torch.arange(3)}
+    save(tmp_path / "ck", source)
+    torch.save(source, tmp_path / "oracle.pt")
+    oracle = torch.load(tmp_path / "oracle.pt", map_location="cpu")
+    loaded, _ = load(tmp_path / "ck")
+    for key in source:
+        assert loaded[key].device.type == "cpu" and torch.equal(loaded[key], oracle[key]), key
+    assert storage_groups(loaded) == storage_groups(oracle)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU (torch.cuda.is_available() is false)")

@@ -4,6 +4,7 @@
 
 #include "fastdcp/common/error.h"
 #include "fastdcp/tensor/tensor.h"
+#include "support/test_support.h"
 
 namespace fastdcp {
 namespace {
@@ -137,6 +138,16 @@ TEST(Dims, HeapBeyondInlineCapacity) {
   EXPECT_EQ(moved, big);
   Tensor t = Tensor::empty_cpu(DType::kU8, big);
   EXPECT_EQ(t.numel(), 40320);
+}
+
+TEST(Device, ParsesWhatStrWritesAndNamesAnythingElse) {
+  for (const Device device : {Device::cpu(), Device::cuda(0), Device::cuda(7)}) EXPECT_EQ(Device::parse(device.str()), device);
+  EXPECT_EQ(Device::parse("cuda"), Device::cuda(0));
+  for (const char* bad : {"", "gpu", "meta", "cuda:", "cuda:x", "cuda:-1", "cuda:1x", "cuda:99999999999", "CPU"}) {
+    const Error error = fastdcp::testing::expect_error([&] { Device::parse(bad); });
+    EXPECT_EQ(error.code(), ErrorCode::kInvalidArgument) << bad;
+    EXPECT_NE(std::string(error.what()).find("'" + std::string(bad) + "'"), std::string::npos) << error.what();
+  }
 }
 
 TEST(Storage, ResetReplacesMemoryInPlace) {

@@ -50,6 +50,8 @@
 
 namespace fastdcp {
 
+class DeviceAllocator;  // fastdcp/checkpoint/device_targets.h
+
 struct RankInfo {
   int global_rank = 0;
   int global_world_size = 1;
@@ -87,6 +89,9 @@ struct WriterOptions {
   IoEngine io_engine = IoEngine::kThreads;
   // How long the barrier, and the committing rank's wait for every rank's receipt, may take.
   std::chrono::milliseconds barrier_timeout = std::chrono::seconds(600);
+  // Copies the device tensors of a write (Note [Device tensors in a synchronous write]); null:
+  // CudaRuntime::instance().
+  std::shared_ptr<CudaRuntime> cuda;
 };
 
 struct WriteStats {
@@ -101,8 +106,10 @@ class CheckpointWriter {
   explicit CheckpointWriter(RankInfo rank = {}, WriterOptions options = {}, std::shared_ptr<Barrier> barrier = nullptr,
                             std::shared_ptr<WriterHook> hook = nullptr);
 
-  // Writes `state_dict` (CPU tensors: staged ones) as this rank's part of the checkpoint at `path`
-  // and commits it; see Note [Commit protocol]. On failure nothing is committed and the previous
+  // Writes `state_dict` as this rank's part of the checkpoint at `path` and commits it; see Note
+  // [Commit protocol]. Host tensors are written from where they are (staged ones, for a write that
+  // must not see training change them); CUDA tensors are copied to the host first (Note [Device
+  // tensors in a synchronous write]). On failure nothing is committed and the previous
   // checkpoint at `path`, if any, is untouched.
   WriteStats write(const std::string& path, const Value& state_dict);
   // The same for a state dict already planned (attach_plan: Note [Shared state dicts]): its header
@@ -151,8 +158,12 @@ struct ReadOptions {
   // this rank's chunks (a ShardedTensor), for a caller that assembles a few at a time with
   // CheckpointReader::read_sharded (an export of a checkpoint larger than memory).
   bool assemble_sharded = true;
-  // Copies into a read_into target's CUDA tensors (Note [Loading into device tensors]); null:
-  // CudaRuntime::instance().
+  // Full loads only: where the loaded tensors go, the CPU or a CUDA device (torch's map_location;
+  // Note [Loading onto a device]), their memory from `device_allocator` (null: cudaMalloc).
+  Device device = Device::cpu();
+  std::shared_ptr<DeviceAllocator> device_allocator;
+  // Copies into a read_into target's CUDA tensors (Note [Loading into device tensors]) and onto
+  // `device`; null: CudaRuntime::instance().
   std::shared_ptr<CudaRuntime> cuda;
 };
 

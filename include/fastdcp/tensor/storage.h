@@ -21,6 +21,9 @@ struct Device {
   bool is_cpu() const { return type == DeviceType::kCPU; }
   bool is_cuda() const { return type == DeviceType::kCUDA; }
   std::string str() const;
+  // "cpu", "cuda" (device 0) or "cuda:<index>", as str() writes them; Error(kInvalidArgument)
+  // naming the text otherwise.
+  static Device parse(const std::string& text);
   friend bool operator==(const Device&, const Device&) = default;
 };
 

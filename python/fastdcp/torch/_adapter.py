@@ -150,7 +150,15 @@ class TorchAdapter:
         dtype = _DTYPES.get(dtype_name)
         if dtype is None:
             raise ValueError(f"torch has no dtype for fastdcp dtype {dtype_name}")
-        return torch.empty(0, dtype=dtype).set_(byte_tensor.untyped_storage(), offset, shape, strides)
+        return torch.empty(0, dtype=dtype, device=byte_tensor.device).set_(
+            byte_tensor.untyped_storage(), offset, shape, strides)
+
+    @staticmethod
+    def empty_device(nbytes, device_index):
+        """Device memory for one loaded storage, from torch's caching allocator (Note [Loading onto
+        a device]): the byte tensor and its address."""
+        t = torch.empty(nbytes, dtype=torch.uint8, device=torch.device("cuda", device_index))
+        return t, t.data_ptr()
 
     @staticmethod
     def make_view(byte_tensor, source, shape, strides, offset):

@@ -16,20 +16,31 @@ __all__ = ["CheckpointReader"]
 logger = logging.getLogger(__name__)
 
 
-def _to_device(tree, device):
-    if isinstance(tree, torch.Tensor):
-        return tree.to(device)
-    if isinstance(tree, dict):
-        return {k: _to_device(v, device) for k, v in tree.items()}
-    if isinstance(tree, (list, tuple)):
-        items = [_to_device(v, device) for v in tree]
-        return items if isinstance(tree, list) else tuple(items)
-    return tree
+def _load_device(map_location: Any) -> torch.device:
+    """map_location as the one device a whole load goes to (Note [Loading onto a device])."""
+    if map_location is None:
+        return torch.device("cpu")
+    if isinstance(map_location, dict) or callable(map_location):
+        raise TypeError(f"map_location: fastdcp loads a checkpoint onto one device, given as a device ('cpu', "
+                        f"'cuda:0', torch.device('cuda', 1)), not a {type(map_location).__name__}")
+    device = torch.device(map_location)
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"map_location={map_location!r}: fastdcp loads onto the CPU or a CUDA device; "
+                         f"load onto the CPU and move the tensors with .to('{device}')")
+    if device.type == "cuda" and device.index is None:  # as torch.load: the current device
+        device = torch.device("cuda", torch.cuda.current_device() if torch.cuda.is_available() else 0)
+    return device
 
 
 class CheckpointReader:
     """``read(path)`` loads this rank's state dict; ``read(path, state_dict)`` fills the
     template's tensors in place (CPU, GPU, non-contiguous) and returns it with the missing keys.
+
+    ``map_location`` (whole loads): "cpu" (the default) or a CUDA device ("cuda", "cuda:1",
+    ``torch.device``); the native reader copies each saved storage once into memory from torch's
+    allocator on that device, so views of one storage stay views of one (Note [Loading onto a
+    device]). torch.load's dict and callable forms are refused: a fastdcp checkpoint does not record
+    where its tensors were. A template's tensors are filled where they are, whatever map_location says.
 
     fastdcp extras (keywords): ``strict`` refuses, before changing anything, a template whose keys
     differ from the checkpoint's; ``verify`` (default True) checks every chunk's checksum;
@@ -52,16 +63,16 @@ class CheckpointReader:
              io_engine: str = "threads", **kwargs: Any) -> tuple[STATE_DICT, list[str]]:
         path = str(path)
         fmt = migrate.checkpoint_format(path)
+        # map_location places a whole load; a template's tensors stay where they are.
+        device = _load_device(map_location) if state_dict is None else None
         # A template takes only what it names: a mapped file reads only those pages.
         source = None if fmt == migrate.FASTDCP else migrate.read_state_dict(
-            path, fmt, self._rank_info.global_rank, mmap=mmap or state_dict is not None)
+            path, fmt, self._rank_info.global_rank, mmap=mmap or state_dict is not None,
+            device=None if device is None or device.type == "cpu" else device)
         options = _C.ReadOptions(verify_checksums=verify, use_mmap=mmap, io_threads=io_threads, direct_io=direct_io,
-                                 io_engine=io_engine)
+                                 io_engine=io_engine, device=str(device or "cpu"))
         if state_dict is None:
-            loaded = source if source is not None else self._io.read(path, options)
-            if map_location is not None and torch.device(map_location).type != "cpu":
-                loaded = _to_device(loaded, map_location)
-            return loaded, []
+            return (source if source is not None else self._io.read(path, options)), []
         # CUDA tensors of the template are filled by the native reader (Note [Loading into device tensors]).
         if source is None:
             result = self._io.read_into(path, state_dict, options, strict=strict)

@@ -95,21 +95,22 @@ def _saved_ranks(path: str) -> list[int]:
     return sorted(int(m.group(1)) for m in map(_RANK_FILE.match, os.listdir(path)) if m)
 
 
-def read_state_dict(path: str, fmt: str, rank: int = 0, *, mmap: bool = False) -> dict:
+def read_state_dict(path: str, fmt: str, rank: int = 0, *, mmap: bool = False,
+                    device: torch.device | None = None) -> dict:
     """The whole state dict of a DCP checkpoint (any rank gets all of it, tensors whole), or rank
-    ``rank``'s of an _experimental one, as CPU tensors."""
+    ``rank``'s of an _experimental one, its tensors on ``device`` (None: the CPU)."""
     path = str(path)
     if fmt == DCP:
-        return _read_dcp(path, rank)
+        return _read_dcp(path, rank, device)
     if fmt == EXPERIMENTAL:
-        return _read_experimental(path, rank, mmap)
+        return _read_experimental(path, rank, mmap, device)
     raise ValueError(f"read_state_dict: {fmt!r} is not a format of torch's (use {DCP!r} or {EXPERIMENTAL!r})")
 
 
-def _torch_load(stream, where: str, **kwargs) -> Any:
+def _torch_load(stream, where: str, map_location: Any = "cpu", **kwargs) -> Any:
     """torch.load(weights_only=True), its failures naming ``where``."""
     try:
-        return torch.load(stream, map_location="cpu", weights_only=True, **kwargs)
+        return torch.load(stream, map_location=map_location, weights_only=True, **kwargs)
     except pickle.UnpicklingError as error:
         raise UnsafeCheckpointError(
             f"{where}: torch.load(weights_only=True) refused it (fastdcp never unpickles checkpoints "
@@ -121,7 +122,7 @@ def _torch_load(stream, where: str, **kwargs) -> Any:
 
 # ---- torch's _experimental checkpointer -----------------------------------------------------
 
-def _read_experimental(path: str, rank: int, mmap: bool) -> dict:
+def _read_experimental(path: str, rank: int, mmap: bool, device: torch.device | None) -> dict:
     file = os.path.join(path, f"checkpoint_{rank}.pt")
     if not os.path.isfile(file):
         raise FileNotFoundError(f"no rank file '{file}': the _experimental checkpoint at '{path}' has the files "
@@ -129,7 +130,7 @@ def _read_experimental(path: str, rank: int, mmap: bool) -> dict:
                                 f"world size that saved it")
     with open(file, "rb") as f:
         zipped = f.read(4) == b"PK\x03\x04"  # torch.save's default format; only it can be mapped
-    return _torch_load(file, f"'{file}'", mmap=mmap and zipped)
+    return _torch_load(file, f"'{file}'", map_location=device or "cpu", mmap=mmap and zipped)
 
 
 # ---- DCP ---------------------------------------------------------------------------------------
@@ -588,13 +589,15 @@ def _set_at(root: dict, path: tuple, value: Any) -> None:
             raise DataLossError(f"DCP key path {path!r}: {step!r} holds a value, not a container")
 
 
-def _read_dcp(path: str, rank: int) -> dict:
+def _read_dcp(path: str, rank: int, device: torch.device | None = None) -> dict:
     items, mappings = _read_metadata(path, rank)
 
     def load(entry) -> Any:
         key, item = entry
         if isinstance(item, _TensorItem):
-            return _full_tensor(files, key, item)
+            # DCP stores each tensor on its own: moved one by one, nothing shared is split.
+            tensor = _full_tensor(files, key, item)
+            return tensor if device is None else tensor.to(device)
         return _load_item(files, item.info, key, value=True)
 
     files = _DcpFiles(path)
