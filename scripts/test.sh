@@ -29,8 +29,10 @@ python_suite() {
   bash scripts/python_env.sh
   # The checked-in type stubs of the native module match its bindings.
   bash scripts/update_stubs.sh --check
-  # The differential test's C++ leg runs a program of the release build above.
+  # The differential test's C++ leg runs a program of the release build above, and the map_location
+  # tests load its fake CUDA runtime.
   (cd tests/python && FASTDCP_CPP_API_ROUND_TRIP="$root/build/tests/test_cpp_api_round_trip" \
+    FASTDCP_FAKE_CUDART="$root/build/tests/libfake_cudart.so" \
     ../../.venv/bin/python -m pytest -q -p no:cacheprovider .)
 }
 
