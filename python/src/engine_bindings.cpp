@@ -223,16 +223,11 @@ StagedInput staged_input(nb::object adapter, nb::handle staged) {
   return {tree, [source](const Future<WriteStats>&) { source->reset(); }};
 }
 
-// fastdcp.torch's CheckpointWriterConfig as WriterOptions.
+// fastdcp.torch's CheckpointWriterConfig as WriterOptions, converted where the torch API's
+// synchronous writer converts it (checkpoint_writer._native_options), so both read it alike.
 WriterOptions writer_options(nb::handle config) {
-  WriterOptions options;
-  options.overwrite = nb::cast<bool>(config.attr("overwrite"));
-  options.io_threads = nb::cast<int>(config.attr("io_threads"));
-  options.direct_io = nb::cast<bool>(config.attr("direct_io"));
-  options.io_engine = io_engine_from_string(nb::cast<std::string>(config.attr("io_engine")));
-  options.barrier_timeout = milliseconds(nb::cast<double>(config.attr("write_barrier_timeout_secs")));
-  options.overwrite_option = "CheckpointWriterConfig(overwrite=True)";  // as errors spell it
-  return options;
+  return nb::cast<WriterOptions>(
+      nb::module_::import_("fastdcp.torch.checkpoint_writer").attr("_native_options")(config));
 }
 
 RankInfo rank_info(nb::handle info) {
