@@ -285,9 +285,6 @@ void set_io_engine(Options& options, const std::string& name) {
 
 // WriterOptions::barrier_timeout as Python spells it, in seconds.
 double timeout_seconds(std::chrono::milliseconds timeout) { return std::chrono::duration<double>(timeout).count(); }
-std::chrono::milliseconds timeout_from_seconds(double seconds) {
-  return std::chrono::milliseconds(static_cast<int64_t>(seconds * 1000));
-}
 
 // What read_into, load_into and load_hugging_face return to Python: the filled template (a new
 // object where a tuple in it was rebuilt) and the key report.
@@ -484,7 +481,7 @@ NB_MODULE(_C, m) {
                 .io_threads = io_threads,
                 .direct_io = direct_io,
                 .io_engine = io_engine_from_string(io_engine),
-                .barrier_timeout = timeout_from_seconds(barrier_timeout_s)};
+                .barrier_timeout = python::timeout_from_seconds(barrier_timeout_s, "WriteOptions.barrier_timeout_s")};
           },
           nb::kw_only(), nb::arg("overwrite") = write_defaults.overwrite,
           nb::arg("overwrite_option") = write_defaults.overwrite_option, nb::arg("io_threads") = write_defaults.io_threads,
@@ -499,7 +496,9 @@ NB_MODULE(_C, m) {
                    "'threads', 'io_uring' or 'auto'")
       .def_prop_rw(
           "barrier_timeout_s", [](const WriterOptions& o) { return timeout_seconds(o.barrier_timeout); },
-          [](WriterOptions& o, double seconds) { o.barrier_timeout = timeout_from_seconds(seconds); },
+          [](WriterOptions& o, double seconds) {
+            o.barrier_timeout = python::timeout_from_seconds(seconds, "WriteOptions.barrier_timeout_s");
+          },
           "how long the barrier and rank 0's wait for every rank may take");
   const ReadOptions read_defaults;
   nb::class_<ReadOptions>(m, "ReadOptions", "How CheckpointIO reads (ReadOptions in checkpoint.h).")

@@ -32,7 +32,6 @@
 #include <nanobind/stl/vector.h>
 
 #include <chrono>
-#include <cmath>
 #include <functional>
 #include <limits>
 #include <memory>
@@ -76,10 +75,6 @@ class PyErrorHolder : public std::exception {
   Held error_;
   std::string what_;
 };
-
-std::chrono::milliseconds milliseconds(double seconds) {
-  return std::chrono::milliseconds(static_cast<int64_t>(std::llround(seconds * 1000)));
-}
 
 // The Python exception for a C++ one (with the GIL): a PyErrorHolder's own object; the writer
 // process's own exception, unpickled, with its traceback as a note; anything else as bindings.cpp
@@ -248,12 +243,14 @@ class PyCheckpointProcess {
     options.writer_executable = argv.front();
     options.writer_arguments.assign(argv.begin() + 1, argv.end());
     options.init_blob.assign(init_blob.c_str(), init_blob.size());
-    options.init_timeout = milliseconds(nb::cast<double>(config.attr("subprocess_init_timeout_secs")));
-    options.shutdown_timeout = milliseconds(nb::cast<double>(config.attr("subprocess_shutdown_timeout_secs")));
-    nb::object write_timeout = config.attr("subprocess_write_timeout_secs");
-    // None: no limit (a century).
-    options.write_timeout = write_timeout.is_none() ? std::chrono::hours(24 * 365 * 100)
-                                                    : milliseconds(nb::cast<double>(write_timeout));
+    auto timeout = [&](const char* name) {
+      return timeout_from_seconds(nb::cast<double>(config.attr(name)), std::string("CheckpointProcessConfig.") + name);
+    };
+    options.init_timeout = timeout("subprocess_init_timeout_secs");
+    options.shutdown_timeout = timeout("subprocess_shutdown_timeout_secs");
+    // None: no limit.
+    options.write_timeout =
+        config.attr("subprocess_write_timeout_secs").is_none() ? kNoTimeout : timeout("subprocess_write_timeout_secs");
     process_ = std::make_shared<CheckpointProcess>(rank_info(rank), writer_options(writer_config), std::move(options));
   }
 

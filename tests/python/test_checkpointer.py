@@ -156,6 +156,37 @@ def test_async_save_returns_staging_and_write_futures_and_loads_back(tmp_path):
     assert checkpointer._process.pid == 0
 
 
+@pytest.mark.parametrize("seconds", [-1, -0.5, float("nan"), float("-inf")])
+@pytest.mark.parametrize("option", ["subprocess_init_timeout_secs", "subprocess_shutdown_timeout_secs",
+                                    "subprocess_write_timeout_secs", "write_barrier_timeout_secs"])
+def test_a_timeout_that_is_negative_or_nan_is_a_value_error_naming_it(option, seconds):
+    # Before: NaN and -inf overflowed the cast to milliseconds, and a negative timeout expired at once.
+    if option == "write_barrier_timeout_secs":
+        config = cpu_config(writer_config=CheckpointWriterConfig(**{option: seconds}))
+        named = "barrier_timeout_s"  # as the writer's options spell it
+        with pytest.raises(ValueError, match=named):
+            make_sync_checkpointer(config).save("/nonexistent/never-written", {"x": 1})
+    else:
+        config = cpu_config(process_config=CheckpointProcessConfig(**{option: seconds}))
+        named = f"CheckpointProcessConfig.{option}"
+    with pytest.raises(ValueError, match=named) as raised:
+        make_async_checkpointer(config)
+    assert "seconds >= 0" in str(raised.value)
+
+
+def test_an_infinite_timeout_means_no_limit(tmp_path):
+    century = 100 * 365 * 24 * 3600.0
+    assert fdt.checkpoint_writer._native_options(
+        CheckpointWriterConfig(write_barrier_timeout_secs=float("inf"))).barrier_timeout_s == century
+    config = cpu_config(process_config=CheckpointProcessConfig(subprocess_write_timeout_secs=float("inf")))
+    checkpointer = make_async_checkpointer(config)
+    try:
+        checkpointer.save(str(tmp_path / "ckpt"), {"x": torch.arange(4)})[1].result(timeout=60)
+        assert torch.equal(checkpointer.load(str(tmp_path / "ckpt"))["x"], torch.arange(4))
+    finally:
+        checkpointer.close()
+
+
 @pytest.mark.parametrize("copy_on_write", [True, False])
 def test_training_may_write_its_tensors_once_the_staging_future_is_done(tmp_path, copy_on_write):
     # With copy-on-write staging the tensors are released before they are copied
