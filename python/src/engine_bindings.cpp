@@ -609,17 +609,27 @@ void register_engine(nb::module_& m) {
       .def(nb::init<nb::handle, nb::handle, nb::handle, std::vector<std::string>, nb::bytes, nb::object>(),
            nb::arg("rank_info"), nb::arg("config"), nb::arg("writer_config"), nb::arg("argv"), nb::arg("init_blob"),
            nb::arg("adapter"))
-      .def("write", &PyCheckpointProcess::write, nb::arg("staged"), nb::arg("path"), nb::arg("call_args"))
-      .def("started", &PyCheckpointProcess::started)
+      .def("write", &PyCheckpointProcess::write, nb::arg("staged"), nb::arg("path"), nb::arg("call_args"),
+           nb::sig("def write(self, staged: object, path: str, call_args: bytes) -> concurrent.futures.Future[None]"),
+           "Writes the staged state dict, or what a concurrent.futures.Future of one yields, after earlier writes.")
+      .def("started", &PyCheckpointProcess::started,
+           nb::sig("def started(self) -> concurrent.futures.Future[None]"), "Done once the writer process serves.")
       .def("close", &PyCheckpointProcess::close)
       .def_prop_ro("pid", &PyCheckpointProcess::pid)
       .def_prop_ro("restarts", &PyCheckpointProcess::restarts);
   nb::class_<PyAsyncCheckpointer>(m, "AsyncCheckpointer")
       .def(nb::init<PyStaging*, const PyCheckpointProcess&, int>(), nb::arg("staging").none(), nb::arg("process"),
            nb::arg("max_pending_saves"), nb::keep_alive<1, 2>())
-      .def("save", &PyAsyncCheckpointer::save, nb::arg("path"), nb::arg("state_dict"), nb::arg("call_args"))
+      .def("save", &PyAsyncCheckpointer::save, nb::arg("path"), nb::arg("state_dict"), nb::arg("call_args"),
+           nb::sig("def save(self, path: str, state_dict: object, call_args: bytes) -> "
+                   "tuple[concurrent.futures.Future[None], concurrent.futures.Future[None]]"),
+           "Stages and writes with fastdcp's stager: (staged, written).")
       .def("save_staged_by", &PyAsyncCheckpointer::save_staged_by, nb::arg("path"), nb::arg("stage"),
-           nb::arg("call_args"))
+           nb::arg("call_args"),
+           nb::sig("def save_staged_by(self, path: str, stage: collections.abc.Callable[[], object], "
+                   "call_args: bytes) -> concurrent.futures.Future[None]"),
+           "Writes what stage() returns (a state dict or a concurrent.futures.Future of one), called once "
+           "every earlier write is done: the write's future.")
       .def("wait_for_path", &PyAsyncCheckpointer::wait_for_path, nb::arg("path"))
       .def("close", &PyAsyncCheckpointer::close);
   nb::class_<PyStaging>(m, "Staging")

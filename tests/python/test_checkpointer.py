@@ -224,7 +224,7 @@ def test_training_may_write_its_tensors_once_the_staging_future_is_done(tmp_path
                 assert torch.equal(loaded["model"][key], tensor), (step, key)
             expected = {k: v.clone() for k, v in params.items()}
         # Every staged byte was copied after the release (Note [Counting copies after release]).
-        assert stager.stats()["bytes_copied_after_release"] == (3 * 64 << 20 if copy_on_write else 0)
+        assert stager.stats().bytes_copied_after_release == (3 * 64 << 20 if copy_on_write else 0)
     finally:
         checkpointer.close()
 
@@ -249,7 +249,7 @@ def test_overlapping_saves_to_different_paths_keep_their_own_contents(tmp_path):
             loaded = checkpointer.load(str(tmp_path / f"s{i}"))
             assert torch.equal(loaded["model"]["weight"], want["weight"]), i
             assert loaded["optim"]["step"] == i
-        assert checkpointer._stager.stats()["leased_skips"] > 0
+        assert checkpointer._stager.stats().leased_skips > 0
     finally:
         checkpointer.close()
 
