@@ -1,4 +1,5 @@
 from collections.abc import Callable, Sequence
+import concurrent.futures
 import enum
 
 from fastdcp.errors import (
@@ -121,6 +122,64 @@ class StagingLease:
     @property
     def held(self) -> bool: ...
 
+class StagerStats:
+    """What a Stager has done, over all its stage() calls."""
+
+    @property
+    def stage_calls(self) -> int: ...
+
+    @property
+    def cache_hits(self) -> int:
+        """storages staged into an existing cached buffer"""
+
+    @property
+    def cache_misses(self) -> int:
+        """storages that needed a new buffer"""
+
+    @property
+    def cache_entries(self) -> int: ...
+
+    @property
+    def bytes_copied(self) -> int: ...
+
+    @property
+    def leased_skips(self) -> int:
+        """
+        storages staged into a fresh buffer because their cached one was leased
+        """
+
+    @property
+    def bytes_copied_after_release(self) -> int:
+        """
+        copied once the sources were released (copy-on-write), counted per 2 MiB chunk
+        """
+
+    @property
+    def write_faults(self) -> int:
+        """chunks copied early because the sources were written meanwhile"""
+
+    @property
+    def reserved_bytes(self) -> int:
+        """host memory held, of every kind"""
+
+    @property
+    def pinned_bytes(self) -> int: ...
+
+    @property
+    def shared_bytes(self) -> int: ...
+
+    @property
+    def last_from_python_s(self) -> float:
+        """the last stage(): reading the Python tree (GIL held)"""
+
+    @property
+    def last_native_s(self) -> float:
+        """the last stage(): staging (GIL released)"""
+
+    @property
+    def last_to_python_s(self) -> float:
+        """the last stage(): building the staged Python tree (GIL held)"""
+
 class Stager:
     def __init__(self, options: StagingOptions, use_cuda: bool, adapter: object) -> None: ...
 
@@ -136,7 +195,7 @@ class Stager:
     @property
     def native(self) -> NativeStager: ...
 
-    def stats(self) -> dict: ...
+    def stats(self) -> StagerStats: ...
 
 class WriteOptions:
     """How CheckpointIO.write saves (WriterOptions in checkpoint.h)."""
@@ -301,9 +360,13 @@ class NativeStager:
 class CheckpointProcess:
     def __init__(self, rank_info: object, config: object, writer_config: object, argv: Sequence[str], init_blob: bytes, adapter: object) -> None: ...
 
-    def write(self, staged: object, path: str, call_args: bytes) -> object: ...
+    def write(self, staged: object, path: str, call_args: bytes) -> concurrent.futures.Future[None]:
+        """
+        Writes the staged state dict, or what a concurrent.futures.Future of one yields, after earlier writes.
+        """
 
-    def started(self) -> object: ...
+    def started(self) -> concurrent.futures.Future[None]:
+        """Done once the writer process serves."""
 
     def close(self) -> None: ...
 
@@ -316,9 +379,13 @@ class CheckpointProcess:
 class AsyncCheckpointer:
     def __init__(self, staging: Staging | None, process: CheckpointProcess, max_pending_saves: int) -> None: ...
 
-    def save(self, path: str, state_dict: object, call_args: bytes) -> tuple: ...
+    def save(self, path: str, state_dict: object, call_args: bytes) -> tuple[concurrent.futures.Future[None], concurrent.futures.Future[None]]:
+        """Stages and writes with fastdcp's stager: (staged, written)."""
 
-    def save_staged_by(self, path: str, stage: object, call_args: bytes) -> object: ...
+    def save_staged_by(self, path: str, stage: Callable[[], object], call_args: bytes) -> concurrent.futures.Future[None]:
+        """
+        Writes what stage() returns (a state dict or a concurrent.futures.Future of one), called once every earlier write is done: the write's future.
+        """
 
     def wait_for_path(self, path: str) -> None: ...
 

@@ -157,6 +157,13 @@ struct PyStagingLease {
   bool held() const { return token != nullptr; }
 };
 
+// What Stager.stats() returns: the stager's counters, its host memory, and where the last stage()
+// spent its time.
+struct PyStagerStats : StagerStats {
+  uint64_t reserved_bytes = 0, pinned_bytes = 0, shared_bytes = 0;
+  double last_from_python_s = 0, last_native_s = 0, last_to_python_s = 0;
+};
+
 class PyStager {
  public:
   PyStager(StagingOptions options, bool use_cuda, nb::object adapter)
@@ -218,34 +225,23 @@ class PyStager {
     const bool available = stager_->copy_on_write_available(&why_not);
     return {available, why_not};
   }
-  nb::dict stats() const {
-    StagerStats s;
+  PyStagerStats stats() const {
+    PyStagerStats out;
     HostMemoryStats m;
     {
       // Without the GIL: a stage() on another thread takes it for on_released while holding the
       // stager's lock, which stats() waits for (Note [Completing futures outside locks]).
       nb::gil_scoped_release release;
-      s = stager_->stats();
+      static_cast<StagerStats&>(out) = stager_->stats();
       m = stager_->memory_stats();
     }
-    nb::dict d;
-    d["stage_calls"] = s.stage_calls;
-    d["cache_hits"] = s.cache_hits;
-    d["cache_misses"] = s.cache_misses;
-    d["cache_entries"] = s.cache_entries;
-    d["bytes_copied"] = s.bytes_copied;
-    d["leased_skips"] = s.leased_skips;
-    d["bytes_copied_after_release"] = s.bytes_copied_after_release;
-    d["write_faults"] = s.write_faults;
-    d["reserved_bytes"] = m.total_reserved();
-    d["pinned_bytes"] = m.pinned_bytes();
-    d["shared_bytes"] = m.shared_bytes();
-    // Where the last stage() spent its time: reading the Python tree (GIL held), staging
-    // (GIL released), building the staged Python tree (GIL held).
-    d["last_from_python_s"] = last_phases_[0];
-    d["last_native_s"] = last_phases_[1];
-    d["last_to_python_s"] = last_phases_[2];
-    return d;
+    out.reserved_bytes = m.total_reserved();
+    out.pinned_bytes = m.pinned_bytes();
+    out.shared_bytes = m.shared_bytes();
+    out.last_from_python_s = last_phases_[0];
+    out.last_native_s = last_phases_[1];
+    out.last_to_python_s = last_phases_[2];
+    return out;
   }
 
  private:
@@ -266,9 +262,6 @@ void set_io_engine(Options& options, const std::string& name) {
 
 // WriterOptions::barrier_timeout as Python spells it, in seconds.
 double timeout_seconds(std::chrono::milliseconds timeout) { return std::chrono::duration<double>(timeout).count(); }
-std::chrono::milliseconds timeout_from_seconds(double seconds) {
-  return std::chrono::milliseconds(static_cast<int64_t>(seconds * 1000));
-}
 
 // What read_into, load_into and load_hugging_face return to Python: the filled template (a new
 // object where a tuple in it was rebuilt) and the key report.
@@ -478,6 +471,26 @@ NB_MODULE(_C, m) {
       .def(nb::init<>())
       .def("release", &PyStagingLease::release)
       .def_prop_ro("held", &PyStagingLease::held);
+  nb::class_<PyStagerStats>(m, "StagerStats", "What a Stager has done, over all its stage() calls.")
+      .def_ro("stage_calls", &PyStagerStats::stage_calls)
+      .def_ro("cache_hits", &PyStagerStats::cache_hits, "storages staged into an existing cached buffer")
+      .def_ro("cache_misses", &PyStagerStats::cache_misses, "storages that needed a new buffer")
+      .def_ro("cache_entries", &PyStagerStats::cache_entries)
+      .def_ro("bytes_copied", &PyStagerStats::bytes_copied)
+      .def_ro("leased_skips", &PyStagerStats::leased_skips,
+              "storages staged into a fresh buffer because their cached one was leased")
+      .def_ro("bytes_copied_after_release", &PyStagerStats::bytes_copied_after_release,
+              "copied once the sources were released (copy-on-write), counted per 2 MiB chunk")
+      .def_ro("write_faults", &PyStagerStats::write_faults,
+              "chunks copied early because the sources were written meanwhile")
+      .def_ro("reserved_bytes", &PyStagerStats::reserved_bytes, "host memory held, of every kind")
+      .def_ro("pinned_bytes", &PyStagerStats::pinned_bytes)
+      .def_ro("shared_bytes", &PyStagerStats::shared_bytes)
+      .def_ro("last_from_python_s", &PyStagerStats::last_from_python_s,
+              "the last stage(): reading the Python tree (GIL held)")
+      .def_ro("last_native_s", &PyStagerStats::last_native_s, "the last stage(): staging (GIL released)")
+      .def_ro("last_to_python_s", &PyStagerStats::last_to_python_s,
+              "the last stage(): building the staged Python tree (GIL held)");
   nb::class_<PyStager>(m, "Stager")
       .def(nb::init<StagingOptions, bool, nb::object>(), nb::arg("options"), nb::arg("use_cuda"), nb::arg("adapter"))
       .def("stage", &PyStager::stage, nb::arg("state_dict"), nb::arg("lease").none() = nb::none(),
@@ -500,7 +513,7 @@ NB_MODULE(_C, m) {
                 .io_threads = io_threads,
                 .direct_io = direct_io,
                 .io_engine = io_engine_from_string(io_engine),
-                .barrier_timeout = timeout_from_seconds(barrier_timeout_s)};
+                .barrier_timeout = python::timeout_from_seconds(barrier_timeout_s, "WriteOptions.barrier_timeout_s")};
           },
           nb::kw_only(), nb::arg("overwrite") = write_defaults.overwrite,
           nb::arg("overwrite_option") = write_defaults.overwrite_option, nb::arg("io_threads") = write_defaults.io_threads,
@@ -515,7 +528,9 @@ NB_MODULE(_C, m) {
                    "'threads', 'io_uring' or 'auto'")
       .def_prop_rw(
           "barrier_timeout_s", [](const WriterOptions& o) { return timeout_seconds(o.barrier_timeout); },
-          [](WriterOptions& o, double seconds) { o.barrier_timeout = timeout_from_seconds(seconds); },
+          [](WriterOptions& o, double seconds) {
+            o.barrier_timeout = python::timeout_from_seconds(seconds, "WriteOptions.barrier_timeout_s");
+          },
           "how long the barrier and rank 0's wait for every rank may take");
   const ReadOptions read_defaults;
   nb::class_<ReadOptions>(m, "ReadOptions", "How CheckpointIO reads (ReadOptions in checkpoint.h).")

@@ -32,7 +32,6 @@
 #include <nanobind/stl/vector.h>
 
 #include <chrono>
-#include <cmath>
 #include <functional>
 #include <limits>
 #include <memory>
@@ -76,10 +75,6 @@ class PyErrorHolder : public std::exception {
   Held error_;
   std::string what_;
 };
-
-std::chrono::milliseconds milliseconds(double seconds) {
-  return std::chrono::milliseconds(static_cast<int64_t>(std::llround(seconds * 1000)));
-}
 
 // The Python exception for a C++ one (with the GIL): a PyErrorHolder's own object; the writer
 // process's own exception, unpickled, with its traceback as a note; anything else as bindings.cpp
@@ -223,16 +218,11 @@ StagedInput staged_input(nb::object adapter, nb::handle staged) {
   return {tree, [source](const Future<WriteStats>&) { source->reset(); }};
 }
 
-// fastdcp.torch's CheckpointWriterConfig as WriterOptions.
+// fastdcp.torch's CheckpointWriterConfig as WriterOptions, converted where the torch API's
+// synchronous writer converts it (checkpoint_writer._native_options), so both read it alike.
 WriterOptions writer_options(nb::handle config) {
-  WriterOptions options;
-  options.overwrite = nb::cast<bool>(config.attr("overwrite"));
-  options.io_threads = nb::cast<int>(config.attr("io_threads"));
-  options.direct_io = nb::cast<bool>(config.attr("direct_io"));
-  options.io_engine = io_engine_from_string(nb::cast<std::string>(config.attr("io_engine")));
-  options.barrier_timeout = milliseconds(nb::cast<double>(config.attr("write_barrier_timeout_secs")));
-  options.overwrite_option = "CheckpointWriterConfig(overwrite=True)";  // as errors spell it
-  return options;
+  return nb::cast<WriterOptions>(
+      nb::module_::import_("fastdcp.torch.checkpoint_writer").attr("_native_options")(config));
 }
 
 RankInfo rank_info(nb::handle info) {
@@ -253,12 +243,14 @@ class PyCheckpointProcess {
     options.writer_executable = argv.front();
     options.writer_arguments.assign(argv.begin() + 1, argv.end());
     options.init_blob.assign(init_blob.c_str(), init_blob.size());
-    options.init_timeout = milliseconds(nb::cast<double>(config.attr("subprocess_init_timeout_secs")));
-    options.shutdown_timeout = milliseconds(nb::cast<double>(config.attr("subprocess_shutdown_timeout_secs")));
-    nb::object write_timeout = config.attr("subprocess_write_timeout_secs");
-    // None: no limit (a century).
-    options.write_timeout = write_timeout.is_none() ? std::chrono::hours(24 * 365 * 100)
-                                                    : milliseconds(nb::cast<double>(write_timeout));
+    auto timeout = [&](const char* name) {
+      return timeout_from_seconds(nb::cast<double>(config.attr(name)), std::string("CheckpointProcessConfig.") + name);
+    };
+    options.init_timeout = timeout("subprocess_init_timeout_secs");
+    options.shutdown_timeout = timeout("subprocess_shutdown_timeout_secs");
+    // None: no limit.
+    options.write_timeout =
+        config.attr("subprocess_write_timeout_secs").is_none() ? kNoTimeout : timeout("subprocess_write_timeout_secs");
     process_ = std::make_shared<CheckpointProcess>(rank_info(rank), writer_options(writer_config), std::move(options));
   }
 
@@ -617,17 +609,27 @@ void register_engine(nb::module_& m) {
       .def(nb::init<nb::handle, nb::handle, nb::handle, std::vector<std::string>, nb::bytes, nb::object>(),
            nb::arg("rank_info"), nb::arg("config"), nb::arg("writer_config"), nb::arg("argv"), nb::arg("init_blob"),
            nb::arg("adapter"))
-      .def("write", &PyCheckpointProcess::write, nb::arg("staged"), nb::arg("path"), nb::arg("call_args"))
-      .def("started", &PyCheckpointProcess::started)
+      .def("write", &PyCheckpointProcess::write, nb::arg("staged"), nb::arg("path"), nb::arg("call_args"),
+           nb::sig("def write(self, staged: object, path: str, call_args: bytes) -> concurrent.futures.Future[None]"),
+           "Writes the staged state dict, or what a concurrent.futures.Future of one yields, after earlier writes.")
+      .def("started", &PyCheckpointProcess::started,
+           nb::sig("def started(self) -> concurrent.futures.Future[None]"), "Done once the writer process serves.")
       .def("close", &PyCheckpointProcess::close)
       .def_prop_ro("pid", &PyCheckpointProcess::pid)
       .def_prop_ro("restarts", &PyCheckpointProcess::restarts);
   nb::class_<PyAsyncCheckpointer>(m, "AsyncCheckpointer")
       .def(nb::init<PyStaging*, const PyCheckpointProcess&, int>(), nb::arg("staging").none(), nb::arg("process"),
            nb::arg("max_pending_saves"), nb::keep_alive<1, 2>())
-      .def("save", &PyAsyncCheckpointer::save, nb::arg("path"), nb::arg("state_dict"), nb::arg("call_args"))
+      .def("save", &PyAsyncCheckpointer::save, nb::arg("path"), nb::arg("state_dict"), nb::arg("call_args"),
+           nb::sig("def save(self, path: str, state_dict: object, call_args: bytes) -> "
+                   "tuple[concurrent.futures.Future[None], concurrent.futures.Future[None]]"),
+           "Stages and writes with fastdcp's stager: (staged, written).")
       .def("save_staged_by", &PyAsyncCheckpointer::save_staged_by, nb::arg("path"), nb::arg("stage"),
-           nb::arg("call_args"))
+           nb::arg("call_args"),
+           nb::sig("def save_staged_by(self, path: str, stage: collections.abc.Callable[[], object], "
+                   "call_args: bytes) -> concurrent.futures.Future[None]"),
+           "Writes what stage() returns (a state dict or a concurrent.futures.Future of one), called once "
+           "every earlier write is done: the write's future.")
       .def("wait_for_path", &PyAsyncCheckpointer::wait_for_path, nb::arg("path"))
       .def("close", &PyAsyncCheckpointer::close);
   nb::class_<PyStaging>(m, "Staging")

@@ -5,13 +5,31 @@
 #include <nanobind/nanobind.h>
 
 #include <chrono>
+#include <cmath>
 #include <memory>
+#include <sstream>
 #include <string>
 
 #include "fastdcp/checkpoint/checkpoint.h"
 #include "tree_converter.h"
 
 namespace fastdcp::python {
+
+// A timeout that never ends: a century, which a steady_clock deadline holds without overflow.
+inline constexpr std::chrono::milliseconds kNoTimeout = std::chrono::hours(24 * 365 * 100);
+
+// A timeout option given in seconds, as Python spells them, rounded to the nearest millisecond.
+// `option` names it for the error: NaN or a negative number (which cast to an integer overflowed,
+// or timed out at once) is refused; a century or more, inf included, is kNoTimeout.
+inline std::chrono::milliseconds timeout_from_seconds(double seconds, const std::string& option) {
+  if (!(seconds >= 0)) {
+    std::ostringstream message;
+    message << option << " is " << seconds << ": a timeout must be a number of seconds >= 0";
+    throw Error(ErrorCode::kInvalidArgument, message.str());
+  }
+  if (seconds >= std::chrono::duration<double>(kNoTimeout).count()) return kNoTimeout;
+  return std::chrono::milliseconds(std::llround(seconds * 1000));
+}
 
 // A Python callable as the writer's barrier: called as barrier(timeout_seconds).
 class PyBarrier : public Barrier {

@@ -428,7 +428,7 @@ struct DefaultStager::Impl {
               finish_copies();
             },
             on_sources_released);
-        stats.bytes_copied_after_release += result.protected_bytes;
+        stats.bytes_copied_after_release += result.bytes_copied_after_release;
         stats.write_faults += result.write_faults;
       } else {
         finish_copies();

@@ -259,9 +259,15 @@ struct WriteProtectCopier::Snapshot {
   std::vector<Interval> intervals;    // protected, sorted, disjoint
   std::vector<uint32_t> piece_begin;  // per chunk: its ops are pieces[piece_begin[c], piece_begin[c + 1])
   std::vector<uint32_t> pieces;       // op indices
+  // Written by the fault handler too, so they live in the snapshot's own mapping (Note [Fault handler]).
+  struct Counters {
+    std::atomic<uint64_t> write_faults{0};
+    std::atomic<uint64_t> bytes_after_release{0};  // Note [Counting copies after release]
+    std::atomic<bool> released{false};
+  };
   std::optional<PrivateMapping> state_memory;
   std::atomic<uint8_t>* states = nullptr;
-  std::atomic<uint64_t>* write_faults = nullptr;
+  Counters* counters = nullptr;
 
   size_t chunk_count() const { return piece_begin.empty() ? 0 : piece_begin.size() - 1; }
 
@@ -304,12 +310,16 @@ struct WriteProtectCopier::Snapshot {
     return holds;
   }
 
-  void copy_chunk(size_t chunk) const {
-    for_each_piece(chunk, [](const CopyOp& op, Range part) {
+  // Returns the source bytes copied.
+  uint64_t copy_chunk(size_t chunk) const {
+    uint64_t bytes = 0;
+    for_each_piece(chunk, [&](const CopyOp& op, Range part) {
       const auto src = reinterpret_cast<uintptr_t>(op.src);
       copy_ahead_of_writers(static_cast<char*>(op.dst) + (part.begin - src), reinterpret_cast<const void*>(part.begin),
                             part.end - part.begin);
+      bytes += part.end - part.begin;
     });
+    return bytes;
   }
 
   // Builds the chunk tables of `intervals` (set by the caller) over `ops`.
@@ -338,9 +348,9 @@ struct WriteProtectCopier::Snapshot {
       op_chunks(ops[i], first, last);
       for (size_t c = first; c <= last; ++c) pieces[fill[c]++] = i;
     }
-    state_memory.emplace(sizeof(std::atomic<uint64_t>) + total);
-    write_faults = new (state_memory->data()) std::atomic<uint64_t>(0);
-    states = reinterpret_cast<std::atomic<uint8_t>*>(static_cast<char*>(state_memory->data()) + sizeof(*write_faults));
+    state_memory.emplace(sizeof(Counters) + total);
+    counters = new (state_memory->data()) Counters;
+    states = reinterpret_cast<std::atomic<uint8_t>*>(static_cast<char*>(state_memory->data()) + sizeof(Counters));
     for (size_t c = 0; c < total; ++c) new (&states[c]) std::atomic<uint8_t>(kPending);
   }
 };
@@ -560,7 +570,7 @@ void WriteProtectCopier::serve_fault(uintptr_t address) {
     // to have them copied before it, and left out of bytes_copied_after_release).
     if (chunk != SIZE_MAX && current_->holds_source_bytes(chunk, {page, page + page_bytes()})) {
       if (copy_chunk_and_release(*current_, chunk)) {
-        current_->write_faults->fetch_add(1, std::memory_order_relaxed);
+        current_->counters->write_faults.fetch_add(1, std::memory_order_relaxed);
         return;
       }
       // copy() is copying it, and it never waits for a writer; or it is copied already.
@@ -573,11 +583,20 @@ void WriteProtectCopier::serve_fault(uintptr_t address) {
   release(page, page + page_bytes());
 }
 
+// Note [Counting copies after release]
+// bytes_copied_after_release counts every chunk whose copy was taken on (pending -> copying) once
+// the release flag was set, which copy() does just before it calls `released`, whichever thread
+// copies it: copy() itself, or the handler for a write made by training. A chunk the handler
+// copied earlier, for a write made before the release (malloc's metadata beside a source, by
+// another thread), is not counted, so the figure is exactly the bytes copied while training may
+// run. (It used to be decided per source, by its first chunk at the release.)
 bool WriteProtectCopier::copy_chunk_and_release(Snapshot& snapshot, size_t chunk) {
   std::atomic<uint8_t>& state = snapshot.states[chunk];
   uint8_t expected = kPending;
-  if (!state.compare_exchange_strong(expected, kCopying, std::memory_order_acq_rel)) return false;
-  snapshot.copy_chunk(chunk);
+  if (!state.compare_exchange_strong(expected, kCopying, std::memory_order_seq_cst)) return false;
+  const bool after_release = snapshot.counters->released.load();
+  const uint64_t bytes = snapshot.copy_chunk(chunk);
+  if (after_release) snapshot.counters->bytes_after_release.fetch_add(bytes, std::memory_order_relaxed);
   if (const int error = set_protection(uffd_, snapshot.chunk_range(chunk), false)) {
     // ENOENT: memory between sources in this chunk was unmapped and mapped again meanwhile (it is
     // no longer registered, which fails the whole range). Either way, release the sources' own pages.
@@ -741,12 +760,7 @@ WriteProtectCopier::Result WriteProtectCopier::copy(
     std::exception_ptr failure;
     try {
       copy_unprotected(unprotected);
-      // What the handler has not copied yet is copied after release.
-      for (const CopyOp& op : snapshot.ops) {
-        if (snapshot.states[snapshot.chunk_of(reinterpret_cast<uintptr_t>(op.src))].load() == kPending) {
-          result.protected_bytes += op.nbytes;
-        }
-      }
+      snapshot.counters->released.store(true);  // Note [Counting copies after release]
       released();
     } catch (...) {
       failure = std::current_exception();  // still copy and unprotect everything before reporting it
@@ -758,7 +772,8 @@ WriteProtectCopier::Result WriteProtectCopier::copy(
     for (size_t c = 0; c < chunks; ++c) {
       while (snapshot.states[c].load(std::memory_order_acquire) != kCopied) std::this_thread::yield();
     }
-    result.write_faults = snapshot.write_faults->load();
+    result.write_faults = snapshot.counters->write_faults.load();
+    result.bytes_copied_after_release = snapshot.counters->bytes_after_release.load();
     {
       // The handler reads snapshot.ops (holds_source_bytes): it stops before they are swapped out.
       // Every chunk is copied, so from here a fault is only released, as it would be anyway.

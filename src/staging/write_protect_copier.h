@@ -28,7 +28,7 @@ class WriteProtectCopier {
   static WriteProtectCopier* instance(std::string* why_not = nullptr);
 
   struct Result {
-    uint64_t protected_bytes = 0;  // source bytes copied after `released` ran
+    uint64_t bytes_copied_after_release = 0;  // source bytes copied after `released` ran, exactly
     uint64_t write_faults = 0;     // chunks copied early because something wrote to them
   };
 

@@ -32,7 +32,7 @@ def test_cache_reuse_is_pointer_equal():
 def test_shared_memory_staging():
     with fastdcp.Stager(use_shared_memory=True) as stager:
         staged = stager.stage({"a": np.arange(10)})
-        assert stager.stats()["shared_bytes"] > 0
+        assert stager.stats().shared_bytes > 0
     np.testing.assert_array_equal(staged["a"], np.arange(10))
 
 

@@ -171,7 +171,23 @@ def test_cache_reuses_buffers_and_shows_new_values():
         assert first["t"].data_ptr() == second["t"].data_ptr()
         assert torch.equal(second["t"], t)
         assert torch.equal(first["t"], t)  # same buffer, as upstream
-        assert stager.stats()["cache_hits"] == 1
+        assert stager.stats().cache_hits == 1
+
+
+def test_stats_are_a_read_only_stager_stats_object():
+    # fastdcp's extra (upstream's DefaultStager has no stats): a bound class, no longer a dict.
+    from fastdcp import _C
+    t = torch.randn(1000)
+    with ours() as stager:
+        stager.stage({"t": t, "u": t[:10]})
+        stats = stager.stats()
+        assert type(stats) is _C.StagerStats
+        assert (stats.stage_calls, stats.cache_misses, stats.bytes_copied) == (1, 1, t.nbytes)
+        assert stats.bytes_copied_after_release == 0 and stats.last_native_s >= 0
+        with pytest.raises(AttributeError):
+            stats.stage_calls = 5
+        with pytest.raises(TypeError):
+            stats["stage_calls"]
 
 
 def test_staged_copy_is_independent_of_later_changes():
@@ -407,9 +423,9 @@ def test_stats_while_another_thread_stages_and_its_release_callback_runs():
         worker = threading.Thread(target=lambda: stager.stage({"w": torch.ones(1 << 20)}, on_released=on_released))
         worker.start()
         inside.wait()
-        assert stager.stats()["stage_calls"] >= 0
+        assert stager.stats().stage_calls >= 0
         worker.join()
-        assert stager.stats()["stage_calls"] == 1
+        assert stager.stats().stage_calls == 1
         print("ok")
     """)
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)

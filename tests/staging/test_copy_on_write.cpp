@@ -581,11 +581,37 @@ TEST_F(CopyOnWriteTest, WriteBetweenSourcesBeforeReleaseLeavesThemProtected) {
   const auto result = copier->copy({{a.data(), sources.a, TwoSources::kBytes}, {b.data(), sources.b, TwoSources::kBytes}},
                                    [&](const std::vector<detail::CopyOp>&) { std::memset(sources.gap, 7, TwoSources::kGap); },
                                    [] {});
-  EXPECT_EQ(result.protected_bytes, 2 * TwoSources::kBytes);
+  EXPECT_EQ(result.bytes_copied_after_release, 2 * TwoSources::kBytes);
   EXPECT_EQ(result.write_faults, 0u);  // no chunk was copied early
   EXPECT_TRUE(has_pattern(a.data(), TwoSources::kBytes, 21));
   EXPECT_TRUE(has_pattern(b.data(), TwoSources::kBytes, 22));
   EXPECT_EQ(sources.gap[TwoSources::kGap - 1], 7);
+}
+
+TEST_F(CopyOnWriteTest, BytesCopiedAfterReleaseAreCountedPerChunk) {
+  // Note [Counting copies after release]. Each source is two 2 MiB chunks. A write before the
+  // release has one chunk copied early, by the handler: exactly that chunk is left out, whether it
+  // is a source's first chunk (counted nothing of the source before) or its last (counted all).
+  // A chunk the handler copies for a write after the release counts like any other.
+  Watchdog watchdog(std::chrono::seconds(60));
+  constexpr size_t kChunk = size_t{2} << 20;
+  detail::WriteProtectCopier* copier = detail::WriteProtectCopier::instance();
+  ASSERT_NE(copier, nullptr);
+  for (bool first_chunk : {true, false}) {
+    TwoSources sources;
+    std::vector<unsigned char> a(TwoSources::kBytes), b(TwoSources::kBytes);
+    unsigned char* written_early = first_chunk ? sources.a : sources.a + TwoSources::kBytes - 1;
+    const auto result = copier->copy(
+        {{a.data(), sources.a, TwoSources::kBytes}, {b.data(), sources.b, TwoSources::kBytes}},
+        [&](const std::vector<detail::CopyOp>&) { *written_early = 0xEE; },
+        [&] { sources.b[0] = 0xDD; });
+    EXPECT_EQ(result.bytes_copied_after_release, 2 * TwoSources::kBytes - kChunk) << first_chunk;
+    EXPECT_EQ(result.write_faults, 2u) << first_chunk;
+    EXPECT_TRUE(has_pattern(a.data(), TwoSources::kBytes, 21)) << first_chunk;  // copied before the writes
+    EXPECT_TRUE(has_pattern(b.data(), TwoSources::kBytes, 22)) << first_chunk;
+    EXPECT_EQ(*written_early, 0xEE) << first_chunk;
+    EXPECT_EQ(sources.b[0], 0xDD) << first_chunk;
+  }
 }
 
 TEST_F(CopyOnWriteTest, DestinationBetweenGroupedSourcesIsNotProtected) {

@@ -129,7 +129,9 @@ struct StagerStats {
   uint64_t cache_entries = 0;
   uint64_t bytes_copied = 0;   // over all calls
   uint64_t leased_skips = 0;   // storages staged into a fresh buffer because their cached one was held
-  uint64_t bytes_copied_after_release = 0;  // copied after on_sources_released (copy-on-write)
+  // Copied after on_sources_released (copy-on-write), counted per 2 MiB chunk: a chunk copied
+  // before it, for a write made then, is not counted.
+  uint64_t bytes_copied_after_release = 0;
   uint64_t write_faults = 0;   // chunks copied early because the sources were written meanwhile
 };
 

@@ -56,7 +56,7 @@ class DefaultStager(CheckpointStager):
         options.copy_on_write = config.use_copy_on_write
         self._native = _C.Stager(options, accelerator, TorchAdapter())
         self._staging = _C.Staging(self._native.native, TorchAdapter())
-        # Cache hits and misses, bytes copied, host memory by kind; whether saves stage copy-on-write.
+        # fastdcp's extras: stats() -> _C.StagerStats; copy_on_write_available() -> (available, why not).
         self.stats, self.copy_on_write_available = self._native.stats, self._native.copy_on_write_available
 
     def stage(self, state_dict: STATE_DICT, **kwargs: Any) -> STATE_DICT | Future[STATE_DICT]:
