@@ -248,7 +248,7 @@ class WriteOptions:
 class ReadOptions:
     """How CheckpointIO reads (ReadOptions in checkpoint.h)."""
 
-    def __init__(self, *, verify_checksums: bool = True, io_threads: int = 0, use_mmap: bool = False, direct_io: bool = True, io_engine: str = 'threads', assemble_sharded: bool = True) -> None: ...
+    def __init__(self, *, verify_checksums: bool = True, io_threads: int = 0, use_mmap: bool = False, direct_io: bool = True, io_engine: str = 'threads', assemble_sharded: bool = True, device: str = 'cpu') -> None: ...
 
     @property
     def verify_checksums(self) -> bool: ...
@@ -289,6 +289,15 @@ class ReadOptions:
 
     @assemble_sharded.setter
     def assemble_sharded(self, arg: bool, /) -> None: ...
+
+    @property
+    def device(self) -> str:
+        """
+        whole reads: 'cpu' or 'cuda:<index>', where the loaded tensors go (map_location)
+        """
+
+    @device.setter
+    def device(self, arg: str, /) -> None: ...
 
 class WriteStats:
     """What one rank's write did."""

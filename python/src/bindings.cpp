@@ -27,6 +27,7 @@ using fastdcp::python::checkpointable_tree;
 using fastdcp::python::CyclicGcPause;
 using fastdcp::python::PyBarrier;
 using fastdcp::python::PyHook;
+using fastdcp::python::PythonAccess;
 using fastdcp::python::TreeConverter;
 
 namespace {
@@ -191,7 +192,8 @@ class PyStager {
     }
     if (on_released.is_valid() && !on_released.is_none()) {
       call.on_sources_released = [on_released] {
-        nb::gil_scoped_acquire gil;
+        PythonAccess access;
+        if (!access) return;
         try {
           on_released();
         } catch (nb::python_error& error) {
@@ -283,8 +285,7 @@ class PyDeviceAllocator : public DeviceAllocator {
     const auto data = nb::cast<uintptr_t>(made[1]);
     // The storage keeps the framework's tensor alive; it may be dropped on a thread without the GIL.
     std::shared_ptr<const void> owner(bytes.inc_ref().ptr(), [](const void* object) {
-      nb::gil_scoped_acquire gil;
-      Py_DECREF(static_cast<PyObject*>(const_cast<void*>(object)));
+      PythonAccess::release(static_cast<PyObject*>(const_cast<void*>(object)));
     });
     Storage storage = Storage::wrap(reinterpret_cast<void*>(data), nbytes, device, std::move(owner));
     made_.emplace_back(storage, std::move(bytes));
@@ -647,10 +648,14 @@ NB_MODULE(_C, m) {
   m.def("cuda_available", [] { return CudaRuntime::instance()->available(); });
   m.def("set_warning_handler", [](nb::object handler) {
     set_warning_sink([handler](const std::string& message) {
-      nb::gil_scoped_acquire gil;
-      handler(message);
+      PythonAccess access;
+      if (access) handler(message);
     });
   }, nb::arg("handler"), nb::sig("def set_warning_handler(handler: collections.abc.Callable[[str], None]) -> None"));
-  // The sink holds a Python object: release it while the interpreter still exists.
-  nb::module_::import_("atexit").attr("register")(nb::cpp_function([] { set_warning_sink({}); }));
+  // The sink holds a Python object: release it while the interpreter still exists. Then no thread
+  // of fastdcp's takes the GIL any more (Note [The GIL at exit]).
+  nb::module_::import_("atexit").attr("register")(nb::cpp_function([] {
+    set_warning_sink({});
+    PythonAccess::close();
+  }));
 }

@@ -53,11 +53,11 @@ namespace {
 
 using ProducerStreams = std::vector<std::pair<int, uintptr_t>>;
 
-// A Python object that any thread may drop: its last release takes the GIL.
+// A Python object that any thread may drop: its last release takes the GIL (Note [The GIL at exit]).
 using Held = std::shared_ptr<nb::object>;
 Held hold(nb::object object) {
   return Held(new nb::object(std::move(object)), [](nb::object* p) {
-    nb::gil_scoped_acquire gil;
+    PythonAccess::drop(*p);
     delete p;
   });
 }
@@ -110,40 +110,53 @@ nb::object python_exception(const std::exception_ptr& error) {
   return out;
 }
 
+// Completes `target` (a concurrent.futures.Future, with the GIL) with result(f) or f's error.
+template <class T, class Result>
+void complete_python_future(nb::handle target, Result& result, const Future<T>& f) {
+  try {
+    if (!nb::cast<bool>(target.attr("set_running_or_notify_cancel")())) return;  // cancelled by its user
+    nb::object value;
+    std::exception_ptr error = f.error();
+    if (!error) {
+      try {
+        value = result(f);
+      } catch (nb::python_error& e) {
+        target.attr("set_exception")(nb::borrow(e.value()));
+        return;
+      } catch (...) {
+        error = std::current_exception();
+      }
+    }
+    if (error) {
+      target.attr("set_exception")(python_exception(error));
+    } else {
+      target.attr("set_result")(value);
+    }
+  } catch (nb::python_error& e) {
+    e.discard_as_unraisable("fastdcp: completing a future");
+  }
+}
+
 // A concurrent.futures.Future completed when `future` is, with result(f) (called with the GIL) or
 // its error. `via`: complete it there, for futures completed under their producer's locks.
 template <class T, class Result>
 nb::object to_python_future(const Future<T>& future, Result result, std::shared_ptr<SerialExecutor> via = nullptr) {
   nb::object out = nb::module_::import_("concurrent.futures").attr("Future")();
-  auto complete = [target = hold(out), result = std::move(result)](const Future<T>& f) {
-    nb::gil_scoped_acquire gil;
-    try {
-      if (!nb::cast<bool>(target->attr("set_running_or_notify_cancel")())) return;  // cancelled by its user
-      nb::object value;
-      std::exception_ptr error = f.error();
-      if (!error) {
-        try {
-          value = result(f);
-        } catch (nb::python_error& e) {
-          target->attr("set_exception")(nb::borrow(e.value()));
-          return;
-        } catch (...) {
-          error = std::current_exception();
-        }
-      }
-      if (error) {
-        target->attr("set_exception")(python_exception(error));
-      } else {
-        target->attr("set_result")(value);
-      }
-    } catch (nb::python_error& e) {
-      e.discard_as_unraisable("fastdcp: completing a future");
-    }
+  // Called once, and moved rather than copied on its way, so that what it holds goes in it, while it
+  // may still take the GIL (Note [The GIL at exit]).
+  auto complete = [target = hold(out), result = std::make_shared<Result>(std::move(result))](const Future<T>& f) mutable {
+    PythonAccess access;
+    if (!access) return;  // nobody is left to wait for it
+    complete_python_future(*target, *result, f);
+    target.reset();
+    result.reset();
   };
   if (!via) {
     future.on_ready(std::move(complete));
   } else {
-    future.on_ready([via, complete = std::move(complete)](const Future<T>& f) { via->post([complete, f] { complete(f); }); });
+    future.on_ready([via, complete = std::move(complete)](const Future<T>& f) mutable {
+      via->post([complete = std::move(complete), f]() mutable { complete(f); });
+    });
   }
   return out;
 }
@@ -403,7 +416,8 @@ class PyAsyncCheckpointer {
       written = checkpointer_.save_staged_by(
           path,
           [&] {
-            nb::gil_scoped_acquire gil;
+            PythonAccess access;
+            if (!access) throw Error(ErrorCode::kCancelled, "the save was not staged: Python is exiting");
             StagedInput input = staged_input(adapter_, stage());
             keep = std::move(input.keep_until_written);
             return input.tree;

@@ -11,6 +11,7 @@
 #include <string>
 
 #include "fastdcp/checkpoint/checkpoint.h"
+#include "python_access.h"
 #include "tree_converter.h"
 
 namespace fastdcp::python {
@@ -40,12 +41,10 @@ class PyBarrier : public Barrier {
     if (fn.is_none()) return nullptr;
     return std::make_shared<PyBarrier>(std::move(fn));
   }
-  ~PyBarrier() override {
-    nb::gil_scoped_acquire gil;
-    fn_.reset();
-  }
+  ~PyBarrier() override { PythonAccess::drop(fn_); }
   void execute(std::chrono::milliseconds timeout) override {
-    nb::gil_scoped_acquire gil;
+    PythonAccess access;
+    if (!access) throw Error(ErrorCode::kCancelled, "the barrier was not run: Python is exiting");
     fn_(static_cast<double>(timeout.count()) / 1000.0);
   }
 
@@ -57,17 +56,14 @@ class PyBarrier : public Barrier {
 class PyHook : public WriterHook {
  public:
   PyHook(nb::object pre, nb::object post) : pre_(std::move(pre)), post_(std::move(post)) {}
-  ~PyHook() override {
-    nb::gil_scoped_acquire gil;
-    pre_.reset();
-    post_.reset();
-  }
+  ~PyHook() override { PythonAccess::drop(pre_, post_); }
   void pre_commit(const std::string& path) override { call(pre_, path); }
   void post_commit(const std::string& path) override { call(post_, path); }
 
  private:
   static void call(const nb::object& fn, const std::string& path) {
-    nb::gil_scoped_acquire gil;
+    PythonAccess access;
+    if (!access) throw Error(ErrorCode::kCancelled, "the commit hook was not run: Python is exiting");
     if (!fn.is_none()) fn(path);
   }
   nb::object pre_, post_;

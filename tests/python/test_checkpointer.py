@@ -4,6 +4,9 @@ import mmap
 import os
 import resource
 import signal
+import subprocess
+import sys
+import textwrap
 import time
 from concurrent.futures import Future
 
@@ -450,3 +453,49 @@ def test_two_hundred_async_saves_keep_rss_flat(tmp_path):
         assert loaded["step"] == 199 and torch.equal(loaded["w"], state["w"])
     finally:
         checkpointer.close()
+
+
+# Note [The GIL at exit]: a script may end while fastdcp's threads still hold Python objects.
+EXIT_WHILE_A_CALLBACK_RUNS = textwrap.dedent("""
+    import time
+    import torch
+    from fastdcp.torch import CheckpointStagerConfig, DefaultStager
+    stager = DefaultStager(CheckpointStagerConfig(use_non_blocking_copy=False))
+    future = stager.stage({"w": torch.arange(4.0)})
+    future.add_done_callback(lambda f: time.sleep(0.5))  # still running when the script ends
+    future.result()
+    print("exiting")
+""")
+EXIT_RIGHT_AFTER_STAGING = textwrap.dedent("""
+    import torch
+    from fastdcp.torch import CheckpointStagerConfig, DefaultStager
+    stager = DefaultStager(CheckpointStagerConfig(use_non_blocking_copy=False))
+    stager.stage(torch.nn.Linear(64, 64).state_dict()).result()
+    print("exiting")
+""")
+
+
+def run_script(script):
+    env = {**os.environ, "FASTDCP_DISABLE_CUDA": "1"}
+    return subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
+
+
+def test_a_script_that_ends_while_a_staged_futures_callback_runs_ends_cleanly():
+    # The callback finishes and everything it held is freed: nothing aborts, nothing leaks.
+    done = run_script(EXIT_WHILE_A_CALLBACK_RUNS)
+    assert done.returncode == 0 and done.stdout.strip() == "exiting", done.stderr
+    assert "terminate called" not in done.stderr and "leaked" not in done.stderr, done.stderr
+
+
+def test_a_script_that_ends_right_after_staging_never_aborts():
+    # The notifier drops its references as the interpreter exits; under load that used to take the
+    # GIL during finalization and abort about one run in three.
+    busy = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(2)]
+    try:
+        for _ in range(8):
+            done = run_script(EXIT_RIGHT_AFTER_STAGING)
+            assert done.returncode == 0 and "terminate called" not in done.stderr, done.stderr
+    finally:
+        for process in busy:
+            process.kill()
+            process.wait()
