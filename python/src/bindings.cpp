@@ -25,6 +25,7 @@ namespace nb = nanobind;
 using namespace fastdcp;
 using fastdcp::python::checkpointable_tree;
 using fastdcp::python::CyclicGcPause;
+using fastdcp::python::hold;
 using fastdcp::python::PyBarrier;
 using fastdcp::python::PyHook;
 using fastdcp::python::PythonAccess;
@@ -283,11 +284,8 @@ class PyDeviceAllocator : public DeviceAllocator {
     nb::tuple made = nb::cast<nb::tuple>(empty_device_(nbytes, device.index));
     nb::object bytes = made[0];
     const auto data = nb::cast<uintptr_t>(made[1]);
-    // The storage keeps the framework's tensor alive; it may be dropped on a thread without the GIL.
-    std::shared_ptr<const void> owner(bytes.inc_ref().ptr(), [](const void* object) {
-      PythonAccess::release(static_cast<PyObject*>(const_cast<void*>(object)));
-    });
-    Storage storage = Storage::wrap(reinterpret_cast<void*>(data), nbytes, device, std::move(owner));
+    // The storage keeps the framework's tensor alive, wherever it is dropped.
+    Storage storage = Storage::wrap(reinterpret_cast<void*>(data), nbytes, device, hold(bytes));
     made_.emplace_back(storage, std::move(bytes));
     return storage;
   }
@@ -343,7 +341,7 @@ class PyCheckpointIO {
   nb::object read(const std::string& path, const ReadOptions& options) {
     ReadOptions read_options = options;
     std::shared_ptr<PyDeviceAllocator> allocator;
-    if (options.device.is_cuda() && !options.device_allocator && nb::hasattr(converter_.adapter(), "empty_device")) {
+    if (options.device.is_cuda() && nb::hasattr(converter_.adapter(), "empty_device")) {
       allocator = std::make_shared<PyDeviceAllocator>(converter_.adapter().attr("empty_device"));
       read_options.device_allocator = allocator;
     }

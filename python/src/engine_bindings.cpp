@@ -53,15 +53,6 @@ namespace {
 
 using ProducerStreams = std::vector<std::pair<int, uintptr_t>>;
 
-// A Python object that any thread may drop: its last release takes the GIL (Note [The GIL at exit]).
-using Held = std::shared_ptr<nb::object>;
-Held hold(nb::object object) {
-  return Held(new nb::object(std::move(object)), [](nb::object* p) {
-    PythonAccess::drop(*p);
-    delete p;
-  });
-}
-
 // A Python exception raised on the trainer's side of a future (e.g. by a stager outside fastdcp),
 // kept as itself.
 class PyErrorHolder : public std::exception {

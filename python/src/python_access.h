@@ -54,11 +54,6 @@ class PythonAccess {
     state().left.wait_for(lock, kExitWait, [] { return state().inside == 0; });
   }
 
-  // Drops a reference from any thread (leaked at exit).
-  static void release(PyObject* object) noexcept {
-    PythonAccess access;
-    if (access) Py_XDECREF(object);
-  }
   // Drops objects from any thread (leaked at exit).
   template <class... Objects>
   static void drop(Objects&... objects) noexcept {
@@ -94,5 +89,14 @@ class PythonAccess {
   bool counted_ = false;
   std::optional<nanobind::gil_scoped_acquire> gil_;
 };
+
+// A Python object that any thread may drop: its last release takes the GIL (leaked at exit).
+using Held = std::shared_ptr<nanobind::object>;
+inline Held hold(nanobind::object object) {
+  return Held(new nanobind::object(std::move(object)), [](nanobind::object* p) {
+    PythonAccess::drop(*p);
+    delete p;
+  });
+}
 
 }  // namespace fastdcp::python

@@ -13,6 +13,19 @@ namespace {
 // of elements of any dtype.
 constexpr uint64_t kSpanAlignment = 64;
 
+// Calls visit(tensor) for every tensor of `tree` (a Value or const Value): plain ones and the
+// chunks of sharded ones.
+template <class Tree, class Visit>
+void for_each_tensor_of(Tree& tree, Visit&& visit) {
+  for_each_leaf(tree, [&](auto& v) {
+    if (v.is_tensor()) {
+      visit(v.as_tensor());
+    } else if (v.is_sharded()) {
+      for (auto& chunk : v.as_sharded().chunks) visit(chunk.data);
+    }
+  });
+}
+
 // Plain cudaMalloc on the current device, freed when the last tensor viewing it goes.
 Storage cuda_malloc_storage(const std::shared_ptr<CudaRuntime>& cuda, Device device, uint64_t nbytes) {
   if (nbytes == 0) return Storage::wrap(nullptr, 0, device);
@@ -40,14 +53,9 @@ void check_device(Device device, const std::shared_ptr<CudaRuntime>& cuda, const
 
 void move_to_device(Value& tree, Device device, DeviceAllocator* allocator, std::shared_ptr<CudaRuntime> cuda) {
   std::vector<Tensor*> moving;
-  for_each_leaf(tree, [&](Value& v) {
-    if (v.is_tensor()) {
-      moving.push_back(&v.as_tensor());
-    } else if (v.is_sharded()) {
-      for (ShardChunk& chunk : v.as_sharded().chunks) moving.push_back(&chunk.data);
-    }
+  for_each_tensor_of(tree, [&](Tensor& t) {
+    if (t.device() != device) moving.push_back(&t);
   });
-  std::erase_if(moving, [&](const Tensor* t) { return t->device() == device; });
   if (moving.empty()) return;
   if (device.is_cpu()) throw Error(ErrorCode::kInvalidArgument, "move_to_device: only host tensors move, onto a CUDA device");
   if (!cuda) cuda = CudaRuntime::instance();
@@ -80,24 +88,12 @@ void move_to_device(Value& tree, Device device, DeviceAllocator* allocator, std:
 
 std::optional<Value> with_device_tensors_on_host(const Value& state_dict, std::shared_ptr<CudaRuntime> cuda) {
   bool any = false;
-  for_each_leaf(state_dict, [&](const Value& v) {
-    if (v.is_tensor()) {
-      any = any || !v.as_tensor().device().is_cpu();
-    } else if (v.is_sharded()) {
-      for (const ShardChunk& chunk : v.as_sharded().chunks) any = any || !chunk.data.device().is_cpu();
-    }
-  });
-  if (!any) return std::nullopt;
+  for_each_tensor_of(state_dict, [&](const Tensor& t) { any = any || !t.device().is_cpu(); });
+  if (!any) return std::nullopt;  // the tree is cloned only when something in it moves
   Value tree = state_dict.clone();
   std::vector<Tensor*> places;
-  for_each_leaf(tree, [&](Value& v) {
-    if (v.is_tensor()) {
-      if (!v.as_tensor().device().is_cpu()) places.push_back(&v.as_tensor());
-    } else if (v.is_sharded()) {
-      for (ShardChunk& chunk : v.as_sharded().chunks) {
-        if (!chunk.data.device().is_cpu()) places.push_back(&chunk.data);
-      }
-    }
+  for_each_tensor_of(tree, [&](Tensor& t) {
+    if (!t.device().is_cpu()) places.push_back(&t);
   });
   Value device_tensors = Value::list();
   for (const Tensor* t : places) device_tensors.append(Value(*t));
@@ -125,13 +121,7 @@ DeviceTargets::DeviceTargets(Value& target, std::shared_ptr<CudaRuntime> cuda) :
     span.end = std::max(span.end, end);
     slots_.push_back({&t, t, it->second});
   };
-  for_each_leaf(target, [&](Value& v) {
-    if (v.is_tensor()) {
-      visit(v.as_tensor());
-    } else if (v.is_sharded()) {
-      for (ShardChunk& chunk : v.as_sharded().chunks) visit(chunk.data);
-    }
-  });
+  for_each_tensor_of(target, visit);
   if (slots_.empty()) return;
   if (!cuda_) cuda_ = CudaRuntime::instance();
   for (const Slot& slot : slots_) {
